@@ -1,0 +1,68 @@
+//! The command line: `offload serve` and `offload mock-upstream`.
+
+use crate::config::{ServeArgs, Settings};
+use crate::mock::MockConfig;
+use crate::startup::{Application, shutdown_signal};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "offload",
+    version,
+    about = "Self-hosted OffloadGPT-compatible server for OpenAI Chat Completions"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Run the built-in OpenAI-compatible mock upstream on its own.
+    MockUpstream {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        defaults: MockConfig,
+    },
+}
+
+pub async fn run() -> ExitCode {
+    crate::telemetry::init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::MockUpstream { listen, defaults } => mock_upstream(listen, defaults).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let settings = Settings::resolve(args).map_err(|e| e.to_string())?;
+    let app = Application::build(settings)
+        .await
+        .map_err(|e| e.to_string())?;
+    app.run_until_stopped(shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn mock_upstream(listen: SocketAddr, defaults: MockConfig) -> Result<(), String> {
+    let server = crate::mock::spawn(listen, defaults)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    tracing::info!("mock upstream listening on {}", server.api_base());
+    shutdown_signal().await;
+    Ok(())
+}

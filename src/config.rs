@@ -1,0 +1,242 @@
+//! Settings. Each comes from a flag, else its `OFFLOAD_<NAME>` environment variable, else a key of the TOML file
+//! named by `--config`, else its default.
+
+use crate::domain::UpstreamKey;
+use crate::store::sqlite::Synchronous;
+use clap::Args;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use url::Url;
+
+/// `offload serve` flags; the same names (with underscores) are the keys of the config file.
+#[derive(Args, Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (keys with underscores, e.g. `public_url = "..."`).
+    #[arg(long, env = "OFFLOAD_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "OFFLOAD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Base of every endpoint URL handed out [default: http://<listen address>].
+    #[arg(long, env = "OFFLOAD_PUBLIC_URL")]
+    pub public_url: Option<Url>,
+    /// Directory of the SQLite store [default: ./offload-data].
+    #[arg(long, env = "OFFLOAD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// OpenAI-compatible API base [default: https://api.openai.com/v1].
+    #[arg(long, env = "OFFLOAD_UPSTREAM_URL")]
+    pub upstream_url: Option<Url>,
+    /// Server-side upstream key, used when a caller sends no X-OpenAI-API-Key.
+    #[arg(long, env = "OFFLOAD_UPSTREAM_KEY", hide_env_values = true)]
+    pub upstream_key: Option<String>,
+    /// Model used when a request names none [default: gpt-3.5-turbo].
+    #[arg(long, env = "OFFLOAD_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+    /// Largest `timeout` a request may ask for, in seconds [default: 90].
+    #[arg(long, env = "OFFLOAD_MAX_TIMEOUT")]
+    pub max_timeout: Option<f64>,
+    /// Largest `connect_timeout` a request may ask for, in seconds [default: 10].
+    #[arg(long, env = "OFFLOAD_MAX_CONNECT_TIMEOUT")]
+    pub max_connect_timeout: Option<f64>,
+    /// Run the built-in mock upstream in-process and call it instead of --upstream-url.
+    #[arg(long, env = "OFFLOAD_MOCK_UPSTREAM", num_args = 0..=1, default_missing_value = "true")]
+    pub mock_upstream: Option<bool>,
+    /// Seconds running requests get to finish on shutdown before they end as interrupted [default: 10].
+    #[arg(long, env = "OFFLOAD_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<f64>,
+    /// Longest delay, in milliseconds, before a received chunk is written to the store; 0 writes at once
+    /// [default: 50].
+    #[arg(long, env = "OFFLOAD_FLUSH_INTERVAL_MS")]
+    pub flush_interval_ms: Option<u64>,
+    /// `normal` (a killed process loses nothing) or `full` (also survives power loss, slower) [default: normal].
+    #[arg(long, env = "OFFLOAD_SQLITE_SYNCHRONOUS")]
+    pub sqlite_synchronous: Option<String>,
+    /// Largest create body in bytes [default: 4194304].
+    #[arg(long, env = "OFFLOAD_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Requests running at once before new ones get 503 [default: 20000].
+    #[arg(long, env = "OFFLOAD_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
+    /// Seconds between keep-alive comments on an idle event stream [default: 15].
+    #[arg(long, env = "OFFLOAD_KEEP_ALIVE")]
+    pub keep_alive: Option<f64>,
+}
+
+/// Settings after merging and checking.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub public_url: Option<String>,
+    pub data_dir: PathBuf,
+    pub upstream_url: Url,
+    pub upstream_key: Option<UpstreamKey>,
+    pub default_model: String,
+    pub max_timeout: f64,
+    pub max_connect_timeout: f64,
+    pub mock_upstream: bool,
+    pub shutdown_grace: Duration,
+    pub flush_interval: Duration,
+    pub sqlite_synchronous: Synchronous,
+    pub max_body_bytes: usize,
+    pub max_in_flight: usize,
+    pub keep_alive: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("invalid setting {name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+fn seconds(name: &'static str, value: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(value).map_err(|_| ConfigError::Invalid {
+        name,
+        reason: format!("{value} is not a number of seconds"),
+    })
+}
+
+impl ServeArgs {
+    /// Fills every unset field from `other`.
+    fn or(self, other: ServeArgs) -> ServeArgs {
+        ServeArgs {
+            config: self.config.or(other.config),
+            listen: self.listen.or(other.listen),
+            public_url: self.public_url.or(other.public_url),
+            data_dir: self.data_dir.or(other.data_dir),
+            upstream_url: self.upstream_url.or(other.upstream_url),
+            upstream_key: self.upstream_key.or(other.upstream_key),
+            default_model: self.default_model.or(other.default_model),
+            max_timeout: self.max_timeout.or(other.max_timeout),
+            max_connect_timeout: self.max_connect_timeout.or(other.max_connect_timeout),
+            mock_upstream: self.mock_upstream.or(other.mock_upstream),
+            shutdown_grace: self.shutdown_grace.or(other.shutdown_grace),
+            flush_interval_ms: self.flush_interval_ms.or(other.flush_interval_ms),
+            sqlite_synchronous: self.sqlite_synchronous.or(other.sqlite_synchronous),
+            max_body_bytes: self.max_body_bytes.or(other.max_body_bytes),
+            max_in_flight: self.max_in_flight.or(other.max_in_flight),
+            keep_alive: self.keep_alive.or(other.keep_alive),
+        }
+    }
+}
+
+impl Settings {
+    /// Flags and environment first, then the config file, then defaults.
+    pub fn resolve(args: ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                toml::from_str::<ServeArgs>(&text).map_err(|e| ConfigError::File {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?
+            }
+            None => ServeArgs::default(),
+        };
+        let a = args.or(file);
+        let max_timeout = a.max_timeout.unwrap_or(90.0);
+        let max_connect_timeout = a.max_connect_timeout.unwrap_or(10.0);
+        for (name, value) in [
+            ("max_timeout", max_timeout),
+            ("max_connect_timeout", max_connect_timeout),
+        ] {
+            if !(value.is_finite() && value >= 1.0) {
+                return Err(ConfigError::Invalid {
+                    name,
+                    reason: format!("must be at least 1 second, not {value}"),
+                });
+            }
+        }
+        let sqlite_synchronous = match a.sqlite_synchronous.as_deref() {
+            None | Some("normal") => Synchronous::Normal,
+            Some("full") => Synchronous::Full,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "sqlite_synchronous",
+                    reason: format!("must be `normal` or `full`, not {other:?}"),
+                });
+            }
+        };
+        let default_upstream =
+            Url::parse("https://api.openai.com/v1").map_err(|e| ConfigError::Invalid {
+                name: "upstream_url",
+                reason: e.to_string(),
+            })?;
+        Ok(Settings {
+            listen: a.listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            public_url: a
+                .public_url
+                .map(|u| u.as_str().trim_end_matches('/').to_owned()),
+            data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from("offload-data")),
+            upstream_url: a.upstream_url.unwrap_or(default_upstream),
+            upstream_key: a.upstream_key.as_deref().and_then(UpstreamKey::new),
+            default_model: a.default_model.unwrap_or_else(|| "gpt-3.5-turbo".into()),
+            max_timeout,
+            max_connect_timeout,
+            mock_upstream: a.mock_upstream.unwrap_or(false),
+            shutdown_grace: seconds("shutdown_grace", a.shutdown_grace.unwrap_or(10.0))?,
+            flush_interval: Duration::from_millis(a.flush_interval_ms.unwrap_or(50)),
+            sqlite_synchronous,
+            max_body_bytes: a.max_body_bytes.unwrap_or(4 * 1024 * 1024),
+            max_in_flight: a.max_in_flight.unwrap_or(20_000),
+            keep_alive: seconds("keep_alive", a.keep_alive.unwrap_or(15.0))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.toml");
+        std::fs::write(
+            &path,
+            "default_model = \"from-file\"\nmax_timeout = 30\nlisten = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            max_timeout: Some(60.0),
+            ..ServeArgs::default()
+        };
+        let s = Settings::resolve(args).unwrap();
+        assert_eq!(s.default_model, "from-file");
+        assert_eq!(s.max_timeout, 60.0);
+        assert_eq!(s.listen.port(), 9000);
+        assert_eq!(s.max_connect_timeout, 10.0);
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.toml");
+        std::fs::write(&path, "max_timeot = 30\n").unwrap();
+        let err = Settings::resolve(ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("max_timeot"));
+    }
+
+    #[test]
+    fn bounds_below_one_second_are_refused() {
+        let err = Settings::resolve(ServeArgs {
+            max_timeout: Some(0.5),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("max_timeout"));
+    }
+}

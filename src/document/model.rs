@@ -1,0 +1,118 @@
+//! What the status document is made of: the request's fixed facts ([`RequestMeta`]) and its progress
+//! ([`Progress`]). Both are stored; the response body is kept apart because it is large and grows.
+
+use crate::domain::{Locator, Status, TokenHash};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+/// Facts fixed when the request is accepted.
+#[derive(Debug, Clone)]
+pub struct RequestMeta {
+    pub locator: Locator,
+    /// Creation time with sub-second precision (unix seconds), the origin of `total_time`.
+    pub created: f64,
+    pub conversation_id: String,
+    /// Hash of the bearer token (private requests).
+    pub bearer: Option<TokenHash>,
+    /// Hash of the stream token (private requests; accepted on `.txt` only).
+    pub stream_token: Option<TokenHash>,
+    pub options: Options,
+    /// The status URL this request continues from, as the caller gave it.
+    pub from_status_url: Option<String>,
+    /// A JSON object: exactly what is sent upstream, minus `stream` (set by the endpoint).
+    pub parameters: Box<RawValue>,
+}
+
+/// The `options` object of the document.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Options {
+    #[serde(serialize_with = "compact_number")]
+    pub timeout: f64,
+    #[serde(serialize_with = "compact_number")]
+    pub connect_timeout: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_max_length: Option<usize>,
+}
+
+/// Writes whole numbers without a fraction (`90`, not `90.0`), as the seed documents show them.
+pub fn compact_number<S: Serializer>(value: &f64, s: S) -> Result<S::Ok, S::Error> {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        s.serialize_i64(*value as i64)
+    } else {
+        s.serialize_f64(*value)
+    }
+}
+
+/// Everything about a request that changes while it runs, except the body and the events.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub status: Status,
+    /// When the upstream call was sent (unix seconds).
+    #[serde(default)]
+    pub request_at: Option<f64>,
+    /// When the upstream response ended.
+    #[serde(default)]
+    pub finished_at: Option<f64>,
+    /// When the request reached its final status.
+    #[serde(default)]
+    pub processed_at: Option<f64>,
+    #[serde(default)]
+    pub response: Option<ResponseMeta>,
+    #[serde(default)]
+    pub error: Option<ErrorInfo>,
+}
+
+impl Progress {
+    pub fn pending() -> Self {
+        Self {
+            status: Status::Pending,
+            request_at: None,
+            finished_at: None,
+            processed_at: None,
+            response: None,
+            error: None,
+        }
+    }
+}
+
+/// The upstream's status line and headers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResponseMeta {
+    pub status_code: u16,
+    /// `HTTP/1.1`, `HTTP/2`.
+    pub protocol: String,
+    /// In the upstream's order; repeated headers joined with ", ".
+    pub headers: Vec<(String, String)>,
+}
+
+/// Why a request ended in `error`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorInfo {
+    /// `timeout`, `connect_timeout`, `upstream_error`, `upstream_unreachable`, `interrupted`.
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorInfo {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Serialize for Status {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Status {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Status::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown status {s:?}")))
+    }
+}

@@ -1,0 +1,15 @@
+//! Domain types: everything that crosses the edge is parsed into one of these once, and is valid from then on.
+
+pub mod create;
+pub mod ids;
+pub mod locator;
+pub mod secret;
+pub mod status;
+pub mod token;
+
+pub use create::{Continuation, CreateRequest, FieldError, Limits};
+pub use ids::{Access, Kind, RequestId};
+pub use locator::{Locator, Suffix};
+pub use secret::UpstreamKey;
+pub use status::Status;
+pub use token::{AccessToken, TokenHash};

@@ -1,0 +1,267 @@
+//! A request that is running: its state in memory, shared by the worker that fills it and every reader.
+//!
+//! Readers never hold the lock while writing to their sockets: they copy out `Bytes` handles (cheap) and go.
+//! So a slow reader costs only its own cursor, never the worker's or another reader's time.
+
+use super::sse;
+use crate::document::{
+    Assembler, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, Urls, render,
+};
+use crate::domain::Status;
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use serde_json::value::RawValue;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Why a worker was told to stop before the upstream finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelReason {
+    Stop,
+    Delete,
+    Shutdown,
+}
+
+/// The response body while the request runs.
+pub enum LiveBody {
+    None,
+    /// Stream request: the `chat.completion` assembled from the chunks so far.
+    Assembling(Assembler),
+    /// The whole body as valid JSON text (async requests, error responses).
+    Complete(Box<RawValue>),
+}
+
+impl LiveBody {
+    pub fn view(&self) -> BodyView<'_> {
+        match self {
+            LiveBody::None => BodyView::None,
+            LiveBody::Assembling(a) => BodyView::Assembled(a),
+            LiveBody::Complete(raw) => BodyView::Json(raw),
+        }
+    }
+
+    /// The body as JSON text, for the store.
+    pub fn to_json(&self) -> Option<String> {
+        match self {
+            LiveBody::None => None,
+            LiveBody::Assembling(a) => serde_json::to_string(a).ok(),
+            LiveBody::Complete(raw) => Some(raw.get().to_owned()),
+        }
+    }
+}
+
+/// Wraps any bytes as valid JSON: the JSON itself when it is JSON, else a JSON string of the text.
+pub fn json_body(bytes: &[u8]) -> Box<RawValue> {
+    let text = String::from_utf8_lossy(bytes);
+    if serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok()
+        && let Ok(raw) = RawValue::from_string(text.trim().to_owned())
+    {
+        return raw;
+    }
+    serde_json::value::to_raw_value(&text).unwrap_or_else(|_| Box::<RawValue>::default())
+}
+
+pub struct LiveState {
+    pub progress: Progress,
+    pub body: LiveBody,
+    /// Every event so far, already framed for the wire.
+    pub events: Vec<Bytes>,
+    /// The raw response so far: head, then body pieces as received.
+    pub raw: Vec<Bytes>,
+    pub cancel_reason: Option<CancelReason>,
+    version: u64,
+    doc_cache: Option<(u64, Bytes)>,
+}
+
+pub struct LiveRequest {
+    pub meta: Arc<RequestMeta>,
+    state: Mutex<LiveState>,
+    changed: watch::Sender<u64>,
+    /// Cancelled to end the upstream call early (stop, delete, shutdown); the reason is in the state.
+    pub cancel: CancellationToken,
+    /// Cancelled once the final state is durable and the request has left the hub.
+    pub settled: CancellationToken,
+}
+
+/// What a reader gets from one look at the live state.
+pub enum Read {
+    /// New events, concatenated, and the cursor after them.
+    Events(Bytes, u64),
+    /// Nothing new and the request is final: the tail to send before closing.
+    End(Bytes),
+    /// Nothing new yet.
+    Wait,
+}
+
+impl LiveRequest {
+    pub fn new(meta: Arc<RequestMeta>) -> Arc<Self> {
+        let body = match meta.locator.kind {
+            crate::domain::Kind::Stream => LiveBody::Assembling(Assembler::default()),
+            crate::domain::Kind::Async => LiveBody::None,
+        };
+        Arc::new(Self {
+            meta,
+            state: Mutex::new(LiveState {
+                progress: Progress::pending(),
+                body,
+                events: Vec::new(),
+                raw: Vec::new(),
+                cancel_reason: None,
+                version: 0,
+                doc_cache: None,
+            }),
+            changed: watch::channel(0).0,
+            cancel: CancellationToken::new(),
+            settled: CancellationToken::new(),
+        })
+    }
+
+    /// Runs `f` on the state and, when it reports a change, wakes every reader.
+    pub fn update<R>(&self, f: impl FnOnce(&mut LiveState) -> (bool, R)) -> R {
+        let (changed, result, version) = {
+            let mut state = self.state.lock();
+            let (changed, result) = f(&mut state);
+            if changed {
+                state.version += 1;
+            }
+            (changed, result, state.version)
+        };
+        if changed {
+            self.changed.send_replace(version);
+        }
+        result
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn status(&self) -> Status {
+        self.state.lock().progress.status
+    }
+
+    /// Appends one chunk. Returns its sequence number and what it was, or `None` once the request is final
+    /// (a stop won the race: nothing after it is kept).
+    pub fn push_event(&self, data: &str) -> Option<(u64, ChunkKind)> {
+        self.update(|st| {
+            if st.progress.status.is_final() {
+                return (false, None);
+            }
+            let kind = match &mut st.body {
+                LiveBody::Assembling(a) => a.apply(data),
+                _ => ChunkKind::Other,
+            };
+            let seq = st.events.len() as u64 + 1;
+            st.events.push(sse::frame(seq, data));
+            if st.progress.status < Status::Streaming {
+                st.progress.status = Status::Streaming;
+            }
+            (true, Some((seq, kind)))
+        })
+    }
+
+    /// Appends a piece of the raw response; returns its sequence number.
+    pub fn push_raw(&self, bytes: Bytes) -> u64 {
+        self.update(|st| {
+            st.raw.push(bytes);
+            (false, st.raw.len() as u64)
+        })
+    }
+
+    pub fn raw(&self) -> Option<Vec<Bytes>> {
+        let st = self.state.lock();
+        st.progress.response.as_ref().map(|_| st.raw.clone())
+    }
+
+    /// Reads events after `cursor` (at most `max` of them), or the end.
+    pub fn read(&self, cursor: u64, max: usize) -> Read {
+        let st = self.state.lock();
+        let total = st.events.len() as u64;
+        if cursor < total {
+            let end = (cursor as usize + max).min(st.events.len());
+            let frames = &st.events[cursor as usize..end];
+            let out = if frames.len() == 1 {
+                frames[0].clone()
+            } else {
+                let mut buf = BytesMut::with_capacity(frames.iter().map(Bytes::len).sum());
+                frames.iter().for_each(|f| buf.extend_from_slice(f));
+                buf.freeze()
+            };
+            return Read::Events(out, end as u64);
+        }
+        if st.progress.status.is_final() {
+            return Read::End(sse::tail(
+                st.progress.status,
+                st.progress.error.as_ref(),
+                total,
+            ));
+        }
+        Read::Wait
+    }
+
+    /// `(is_final, event_count)`.
+    pub fn position(&self) -> (bool, u64) {
+        let st = self.state.lock();
+        (st.progress.status.is_final(), st.events.len() as u64)
+    }
+
+    /// The status document, rendered at most once per change.
+    pub fn document(&self, urls: &Urls) -> Bytes {
+        let mut st = self.state.lock();
+        if let Some((version, doc)) = &st.doc_cache
+            && *version == st.version
+        {
+            return doc.clone();
+        }
+        let doc = Bytes::from(render(&self.meta, &st.progress, st.body.view(), urls, None));
+        st.doc_cache = Some((st.version, doc.clone()));
+        doc
+    }
+
+    /// Marks the request stopped (or ending for `reason`) unless it is already final. `true` if it was running.
+    pub fn cancel_with(&self, reason: CancelReason, now: f64) -> bool {
+        let cancelled = self.update(|st| {
+            if st.progress.status.is_final() || st.cancel_reason.is_some() {
+                return (false, false);
+            }
+            st.cancel_reason = Some(reason);
+            if reason == CancelReason::Stop {
+                st.progress.status = Status::Stop;
+                if st.progress.request_at.is_some() {
+                    st.progress.finished_at.get_or_insert(now);
+                }
+                st.progress.processed_at = Some(now);
+            }
+            (true, true)
+        });
+        if cancelled {
+            self.cancel.cancel();
+        }
+        cancelled
+    }
+
+    /// Moves to a final status (unless already final), and returns what to store.
+    pub fn finalize(
+        &self,
+        status: Status,
+        error: Option<ErrorInfo>,
+        now: f64,
+    ) -> (Progress, Option<String>) {
+        self.update(|st| {
+            if !st.progress.status.is_final() {
+                st.progress.status = status;
+                st.progress.error = error;
+                if st.progress.request_at.is_some() {
+                    st.progress.finished_at.get_or_insert(now);
+                }
+                st.progress.processed_at = Some(now);
+            }
+            (true, (st.progress.clone(), st.body.to_json()))
+        })
+    }
+
+    pub fn cancel_reason(&self) -> Option<CancelReason> {
+        self.state.lock().cancel_reason
+    }
+}

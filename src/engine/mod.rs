@@ -1,0 +1,432 @@
+//! The running side of the server: accepts requests, runs their upstream calls, and serves their state.
+//!
+//! - [`live`]: a running request in memory, shared by its worker and its readers.
+//! - [`worker`]: performs the upstream call.
+//! - [`persister`]: batches every write into store transactions.
+//! - [`reader`]: the event stream of a request, live or replayed.
+//! - [`sse`]: the event stream's wire format.
+//! - [`continuation`]: building a continued conversation.
+
+pub mod continuation;
+pub mod live;
+pub mod persister;
+pub mod reader;
+pub mod sse;
+mod worker;
+
+use crate::document::model::Options;
+use crate::document::{Assembler, ErrorInfo, RequestMeta, Urls};
+use crate::domain::locator::ParsedUrl;
+use crate::domain::{
+    Access, AccessToken, Continuation, CreateRequest, Kind, Limits, Locator, RequestId, Status,
+    UpstreamKey,
+};
+use crate::store::{Store, StoreError, StoredRequest, WriteOp};
+use crate::upstream::Upstream;
+use live::{CancelReason, LiveRequest};
+use parking_lot::Mutex;
+use persister::Persister;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Unix time in seconds, with sub-second precision.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub limits: Limits,
+    pub urls: Urls,
+    /// Requests running at once before new ones get 503.
+    pub max_in_flight: usize,
+    /// Longest time a received chunk waits before it is written to the store.
+    pub flush_interval: Duration,
+    /// How often an idle event stream gets a comment line.
+    pub keep_alive: Duration,
+    /// How often a reader of a request running elsewhere (another node) looks for new events.
+    pub poll_interval: Duration,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    config: EngineConfig,
+    store: Arc<dyn Store>,
+    persister: Persister,
+    upstream: Upstream,
+    hub: Mutex<HashMap<RequestId, Arc<LiveRequest>>>,
+    tasks: TaskTracker,
+    accepting: AtomicBool,
+    /// Cancelled at the very end of shutdown: open event streams end.
+    closing: CancellationToken,
+}
+
+/// A request found by its URL.
+pub enum Found {
+    Live(Arc<LiveRequest>),
+    Stored(Box<StoredRequest>),
+}
+
+impl Found {
+    pub fn meta(&self) -> &RequestMeta {
+        match self {
+            Found::Live(live) => &live.meta,
+            Found::Stored(stored) => &stored.meta,
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        match self {
+            Found::Live(live) => live.status(),
+            Found::Stored(stored) => stored.progress.status,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error(
+        "the server is shutting down and accepts no new requests; retry against another instance or later"
+    )]
+    ShuttingDown,
+    #[error("the server is running {0} requests, its limit; retry shortly")]
+    Overloaded(usize),
+    #[error("the X-OpenAI-API-Key header is required: this server has no upstream key of its own")]
+    MissingKey,
+    #[error("`from_status_url` names no request of this server (it may have been deleted)")]
+    FromNotFound,
+    #[error(
+        "`from_bearer_token` is missing or wrong for the private request named by `from_status_url`"
+    )]
+    FromForbidden,
+    #[error(
+        "the request named by `from_status_url` has not finished yet (status `{0}`); continue once it is final"
+    )]
+    FromNotFinished(&'static str),
+    #[error("the request could not be stored")]
+    Store(#[from] StoreError),
+    #[error("the request could not be prepared: {0}")]
+    Internal(String),
+}
+
+/// What the create endpoint answers with.
+pub struct Created {
+    pub meta: Arc<RequestMeta>,
+    /// Private requests: the tokens, shown this once.
+    pub bearer: Option<AccessToken>,
+    pub stream_token: Option<AccessToken>,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, store: Arc<dyn Store>, upstream: Upstream) -> Self {
+        let (persister, _task) = Persister::start(store.clone(), config.flush_interval);
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                persister,
+                upstream,
+                hub: Mutex::new(HashMap::new()),
+                tasks: TaskTracker::new(),
+                accepting: AtomicBool::new(true),
+                closing: CancellationToken::new(),
+            }),
+        }
+    }
+
+    pub fn urls(&self) -> &Urls {
+        &self.inner.config.urls
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.config.limits
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.inner.hub.lock().len()
+    }
+
+    pub fn accepting(&self) -> bool {
+        self.inner.accepting.load(Ordering::SeqCst)
+    }
+
+    pub async fn create(
+        &self,
+        kind: Kind,
+        req: CreateRequest,
+        caller_key: Option<UpstreamKey>,
+    ) -> Result<Created, CreateError> {
+        let inner = &self.inner;
+        if !self.accepting() {
+            return Err(CreateError::ShuttingDown);
+        }
+        if self.in_flight() >= inner.config.max_in_flight {
+            return Err(CreateError::Overloaded(inner.config.max_in_flight));
+        }
+        let key = inner.upstream.key_for(caller_key);
+        if key.is_none() && inner.upstream.requires_key() {
+            return Err(CreateError::MissingKey);
+        }
+
+        let mut parameters = req.parameters;
+        let mut conversation_id = req.conversation_id;
+        if let Some(c) = &req.continuation {
+            let (previous_conversation, history) = self.history(c).await?;
+            if let Some(Value::Array(messages)) = parameters.get_mut("messages") {
+                let new = std::mem::replace(messages, history);
+                messages.extend(new);
+            }
+            conversation_id.get_or_insert(previous_conversation);
+        }
+
+        let id = RequestId::generate();
+        let created = unix_now();
+        let tokens = match req.access {
+            Access::Private => {
+                let token =
+                    || AccessToken::generate().map_err(|e| CreateError::Internal(e.to_string()));
+                Some((token()?, token()?))
+            }
+            Access::Public => None,
+        };
+        let parameters_json =
+            serde_json::to_string(&parameters).map_err(|e| CreateError::Internal(e.to_string()))?;
+        let upstream_body = with_stream_flag(&parameters_json, kind == Kind::Stream);
+        let meta = Arc::new(RequestMeta {
+            locator: Locator {
+                kind,
+                access: req.access,
+                created_at: created.floor() as i64,
+                id,
+            },
+            created,
+            conversation_id: conversation_id.unwrap_or_else(|| id.to_string()),
+            bearer: tokens.as_ref().map(|(b, _)| b.hash()),
+            stream_token: tokens.as_ref().map(|(_, s)| s.hash()),
+            options: Options {
+                timeout: req.timeout,
+                connect_timeout: req.connect_timeout,
+                webhook_url: req.webhook_url.map(String::from),
+                from_max_length: req.continuation.as_ref().and_then(|c| c.max_length),
+            },
+            from_status_url: req.continuation.map(|c| c.from_status_url),
+            parameters: RawValue::from_string(parameters_json)
+                .map_err(|e| CreateError::Internal(e.to_string()))?,
+        });
+
+        inner
+            .persister
+            .commit(WriteOp::Insert(meta.clone()))
+            .await?;
+        let live = LiveRequest::new(meta.clone());
+        inner.hub.lock().insert(id, live.clone());
+        inner
+            .tasks
+            .spawn(worker::run(inner.clone(), live.clone(), key, upstream_body));
+        if !self.accepting() {
+            // Shutdown began while this one was being accepted: it ends as interrupted like the others.
+            live.cancel_with(CancelReason::Shutdown, unix_now());
+        }
+        let (bearer, stream_token) = tokens.unzip();
+        Ok(Created {
+            meta,
+            bearer,
+            stream_token,
+        })
+    }
+
+    /// The previous request's conversation id and its messages followed by its assistant answer.
+    async fn history(&self, c: &Continuation) -> Result<(String, Vec<Value>), CreateError> {
+        let found = self
+            .find(&c.target)
+            .await?
+            .ok_or(CreateError::FromNotFound)?;
+        let meta = found.meta();
+        if let Some(hash) = &meta.bearer
+            && !c.bearer_token.as_deref().is_some_and(|t| hash.verify(t))
+        {
+            return Err(CreateError::FromForbidden);
+        }
+        let status = found.status();
+        if !status.is_final() {
+            return Err(CreateError::FromNotFinished(status.as_str()));
+        }
+        let body = match &found {
+            Found::Live(live) => live.update(|st| (false, st.body.to_json())),
+            Found::Stored(stored) => stored.body.clone(),
+        };
+        let body: Value = body
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or(Value::Null);
+        let parameters: Value = serde_json::from_str(meta.parameters.get()).unwrap_or(Value::Null);
+        let mut messages = match parameters.get("messages") {
+            Some(Value::Array(m)) => m.clone(),
+            _ => Vec::new(),
+        };
+        messages.extend(continuation::assistant_message(&body, c.max_length));
+        Ok((meta.conversation_id.clone(), messages))
+    }
+
+    /// The request a URL names, if its kind, access and date match.
+    pub async fn find(&self, url: &ParsedUrl) -> Result<Option<Found>, StoreError> {
+        let live = self.inner.hub.lock().get(&url.id).cloned();
+        if let Some(live) = live {
+            return Ok(url.matches(&live.meta.locator).then_some(Found::Live(live)));
+        }
+        let stored = self.inner.store.get(url.id).await?;
+        Ok(stored
+            .filter(|s| url.matches(&s.meta.locator))
+            .map(|s| Found::Stored(Box::new(s))))
+    }
+
+    /// Stops a running request. `false` when it was already final.
+    pub fn stop(&self, found: &Found) -> bool {
+        match found {
+            Found::Live(live) => live.cancel_with(CancelReason::Stop, unix_now()),
+            Found::Stored(_) => false,
+        }
+    }
+
+    /// Deletes a request and everything of it; a running one is ended first.
+    pub async fn delete(&self, found: Found) -> Result<bool, StoreError> {
+        let id = found.meta().locator.id;
+        if let Found::Live(live) = &found {
+            live.cancel_with(CancelReason::Delete, unix_now());
+            live.settled.cancelled().await;
+        }
+        self.inner.store.delete(id).await
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Ends every request a crash cut off as `error`/`interrupted`, keeping what was received.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let store = &self.inner.store;
+        let cut_off = store.unfinished().await?;
+        let count = cut_off.len();
+        for request in cut_off {
+            let id = request.meta.locator.id;
+            let body = match request.meta.locator.kind {
+                Kind::Stream => Some(self.reassemble(id).await?),
+                Kind::Async => None,
+            };
+            let now = unix_now();
+            let mut progress = request.progress;
+            progress.status = Status::Error;
+            progress.error = Some(worker::interrupted());
+            if progress.request_at.is_some() {
+                progress.finished_at.get_or_insert(now);
+            }
+            progress.processed_at = Some(now);
+            store
+                .write(Arc::from([WriteOp::Finish { id, progress, body }]))
+                .await?;
+            tracing::warn!(request = %id, "request cut off by a previous crash ended as interrupted");
+        }
+        Ok(count)
+    }
+
+    async fn reassemble(&self, id: RequestId) -> Result<String, StoreError> {
+        let mut assembler = Assembler::default();
+        let mut cursor = 0;
+        loop {
+            let page = self.inner.store.events(id, cursor, 1000).await?;
+            let Some((last, _)) = page.last() else { break };
+            cursor = *last;
+            for (_, data) in &page {
+                assembler.apply(data);
+            }
+        }
+        serde_json::to_string(&assembler).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Stops accepting, lets running requests finish for `grace`, ends the rest as interrupted, and makes
+    /// everything durable. Open event streams end afterwards.
+    pub async fn shutdown(&self, grace: Duration) {
+        let inner = &self.inner;
+        inner.accepting.store(false, Ordering::SeqCst);
+        inner.tasks.close();
+        if tokio::time::timeout(grace, inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            let running: Vec<_> = inner.hub.lock().values().cloned().collect();
+            tracing::warn!(
+                count = running.len(),
+                "grace period over; ending running requests as interrupted"
+            );
+            for live in running {
+                live.cancel_with(CancelReason::Shutdown, unix_now());
+            }
+            inner.tasks.wait().await;
+        }
+        if let Err(e) = inner.persister.flush().await {
+            tracing::error!(error = %e, "final flush to the store failed");
+        }
+        inner.closing.cancel();
+    }
+
+    /// The event stream (`.txt` body) of a request, for a reader that has every event up to `after`.
+    pub fn follow(
+        &self,
+        found: Found,
+        after: u64,
+    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> + Send + 'static
+    {
+        reader::follow(self.inner.clone(), found, after)
+    }
+}
+
+impl Inner {
+    /// Moves a request to its final status, makes it durable, then lets it leave memory.
+    async fn settle(&self, live: &LiveRequest, status: Status, error: Option<ErrorInfo>) {
+        let (progress, body) = live.finalize(status, error, unix_now());
+        let id = live.meta.locator.id;
+        if let Err(e) = self
+            .persister
+            .commit(WriteOp::Finish { id, progress, body })
+            .await
+        {
+            tracing::error!(request = %id, error = %e, "could not store the final status");
+        }
+        self.hub.lock().remove(&id);
+        live.settled.cancel();
+    }
+}
+
+/// The upstream body: the stored parameters with `"stream"` added (the object always has `messages`).
+fn with_stream_flag(parameters: &str, stream: bool) -> String {
+    let body = parameters
+        .trim_end()
+        .strip_suffix('}')
+        .unwrap_or(parameters);
+    format!("{body},\"stream\":{stream}}}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_flag_is_added_to_the_parameters() {
+        let body = with_stream_flag(r#"{"model":"m","messages":[]}"#, true);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["model"], "m");
+    }
+}

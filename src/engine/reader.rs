@@ -1,0 +1,105 @@
+//! The event stream of one request: replay from the first wanted event, then follow live until the end.
+
+use super::live::Read;
+use super::{Found, Inner, sse};
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+/// How many events one read hands over at most (bounds one write to the socket).
+const BATCH: usize = 256;
+
+enum Wake {
+    Changed,
+    KeepAlive,
+    Closing,
+}
+
+/// The `.txt` body for a reader that has everything up to event `after`.
+pub(super) fn follow(
+    inner: Arc<Inner>,
+    found: Found,
+    after: u64,
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
+    let keep_alive = inner.config.keep_alive;
+    async_stream::stream! {
+        match found {
+            Found::Live(live) => {
+                let mut changes = live.subscribe();
+                let mut cursor = after;
+                loop {
+                    changes.borrow_and_update();
+                    match live.read(cursor, BATCH) {
+                        Read::Events(bytes, next) => {
+                            cursor = next;
+                            yield Ok(bytes);
+                        }
+                        Read::End(tail) => {
+                            yield Ok(tail);
+                            break;
+                        }
+                        Read::Wait => {
+                            let wake = tokio::select! {
+                                _ = changes.changed() => Wake::Changed,
+                                _ = tokio::time::sleep(keep_alive) => Wake::KeepAlive,
+                                _ = inner.closing.cancelled() => Wake::Closing,
+                            };
+                            match wake {
+                                Wake::Changed => {}
+                                Wake::KeepAlive => yield Ok(Bytes::from_static(sse::KEEP_ALIVE)),
+                                Wake::Closing => break,
+                            }
+                        }
+                    }
+                }
+            }
+            Found::Stored(mut stored) => {
+                let id = stored.meta.locator.id;
+                let mut cursor = after;
+                let mut idle = std::time::Duration::ZERO;
+                loop {
+                    let page = match inner.store.events(id, cursor, BATCH).await {
+                        Ok(page) => page,
+                        Err(e) => {
+                            tracing::error!(request = %id, error = %e, "could not read events");
+                            break;
+                        }
+                    };
+                    if let Some((last, _)) = page.last() {
+                        cursor = *last;
+                        let mut buf = BytesMut::new();
+                        for (seq, data) in &page {
+                            buf.extend_from_slice(&sse::frame(*seq, data));
+                        }
+                        idle = std::time::Duration::ZERO;
+                        yield Ok(buf.freeze());
+                        continue;
+                    }
+                    let progress = &stored.progress;
+                    if progress.status.is_final() {
+                        yield Ok(sse::tail(progress.status, progress.error.as_ref(), cursor));
+                        break;
+                    }
+                    // Not final and not running here: another node runs it. Look again shortly.
+                    let wake = tokio::select! {
+                        _ = tokio::time::sleep(inner.config.poll_interval) => Wake::Changed,
+                        _ = inner.closing.cancelled() => Wake::Closing,
+                    };
+                    if let Wake::Closing = wake {
+                        break;
+                    }
+                    idle += inner.config.poll_interval;
+                    if idle >= keep_alive {
+                        idle = std::time::Duration::ZERO;
+                        yield Ok(Bytes::from_static(sse::KEEP_ALIVE));
+                    }
+                    match inner.store.get(id).await {
+                        Ok(Some(fresh)) => *stored = fresh,
+                        _ => break,
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Performs one upstream call and feeds what arrives into the live request and the persister.
+
+use super::Inner;
+use super::live::{CancelReason, LiveBody, LiveRequest, json_body};
+use crate::document::{ChunkKind, ErrorInfo};
+use crate::domain::{Kind, Status, UpstreamKey};
+use crate::store::WriteOp;
+use crate::upstream::{CallError, describe, raw_head, response_meta};
+use bytes::Bytes;
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How a call ended, before a stop or shutdown is taken into account.
+enum Outcome {
+    Done,
+    Failed(ErrorInfo),
+    Cancelled,
+}
+
+pub(super) async fn run(
+    inner: Arc<Inner>,
+    live: Arc<LiveRequest>,
+    key: Option<UpstreamKey>,
+    body: String,
+) {
+    let timeout = live.meta.options.timeout;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
+    let outcome = tokio::select! {
+        biased;
+        _ = live.cancel.cancelled() => Outcome::Cancelled,
+        _ = tokio::time::sleep_until(deadline) => Outcome::Failed(ErrorInfo::new(
+            "timeout",
+            format!("The upstream did not finish within the timeout of {timeout} seconds."),
+        )),
+        outcome = call(&inner, &live, key, body) => outcome,
+    };
+    // The call future is dropped here, and with it the upstream connection: no more tokens are paid for.
+    let (status, error) = match outcome {
+        Outcome::Done => (Status::Done, None),
+        Outcome::Failed(e) => (Status::Error, Some(e)),
+        Outcome::Cancelled => match live.cancel_reason() {
+            Some(CancelReason::Stop) => (Status::Stop, None),
+            _ => (Status::Error, Some(interrupted())),
+        },
+    };
+    inner.settle(&live, status, error).await;
+}
+
+pub fn interrupted() -> ErrorInfo {
+    ErrorInfo::new(
+        "interrupted",
+        "The server stopped before this request finished; what was received until then is kept.",
+    )
+}
+
+async fn transition(
+    inner: &Inner,
+    live: &LiveRequest,
+    apply: impl FnOnce(&mut crate::document::Progress),
+) {
+    let progress = live.update(|st| {
+        if st.progress.status.is_final() {
+            return (false, None);
+        }
+        apply(&mut st.progress);
+        (true, Some(st.progress.clone()))
+    });
+    if let Some(progress) = progress {
+        inner
+            .persister
+            .push(WriteOp::Progress {
+                id: live.meta.locator.id,
+                progress,
+            })
+            .await;
+    }
+}
+
+async fn push_raw(inner: &Inner, live: &LiveRequest, bytes: Bytes) {
+    let seq = live.push_raw(bytes.clone());
+    inner
+        .persister
+        .push(WriteOp::Raw {
+            id: live.meta.locator.id,
+            seq,
+            bytes,
+        })
+        .await;
+}
+
+async fn call(
+    inner: &Inner,
+    live: &LiveRequest,
+    key: Option<UpstreamKey>,
+    body: String,
+) -> Outcome {
+    let now = super::unix_now();
+    transition(inner, live, |p| {
+        p.status = Status::Posting;
+        p.request_at = Some(now);
+    })
+    .await;
+    let response = match inner
+        .upstream
+        .send(body, key, live.meta.options.connect_timeout)
+        .await
+    {
+        Ok(response) => response,
+        Err(e @ CallError::ConnectTimeout(_)) => {
+            return Outcome::Failed(ErrorInfo::new("connect_timeout", e.to_string()));
+        }
+        Err(e @ CallError::Unreachable(_)) => {
+            return Outcome::Failed(ErrorInfo::new("upstream_unreachable", e.to_string()));
+        }
+        Err(e @ CallError::Failed(_)) => {
+            return Outcome::Failed(ErrorInfo::new("upstream_error", e.to_string()));
+        }
+    };
+
+    let meta = response_meta(&response);
+    push_raw(inner, live, raw_head(&response, &meta)).await;
+    let success = response.status().is_success();
+    let is_event_stream = meta.headers.iter().any(|(n, v)| {
+        n == "content-type" && v.to_ascii_lowercase().starts_with("text/event-stream")
+    });
+    let kind = live.meta.locator.kind;
+    transition(inner, live, |p| {
+        p.response = Some(meta);
+        if kind == Kind::Async {
+            p.status = Status::Waiting;
+        }
+    })
+    .await;
+
+    if success && kind == Kind::Stream && is_event_stream {
+        return stream_body(inner, live, response).await;
+    }
+    let bytes = match read_body(inner, live, response).await {
+        Ok(bytes) => bytes,
+        Err(e) => return Outcome::Failed(e),
+    };
+    let json = json_body(&bytes);
+    let error = (!success).then(|| upstream_error_info(&json));
+    live.update(|st| {
+        st.body = LiveBody::Complete(json);
+        (true, ())
+    });
+    match error {
+        Some(e) => Outcome::Failed(e),
+        None => Outcome::Done,
+    }
+}
+
+fn upstream_error_info(body: &serde_json::value::RawValue) -> ErrorInfo {
+    let value: serde_json::Value = serde_json::from_str(body.get()).unwrap_or_default();
+    let message = value
+        .pointer("/error/message")
+        .and_then(|m| m.as_str())
+        .map(|m| format!("The upstream answered with an error: {m}"))
+        .unwrap_or_else(|| "The upstream answered with an error status; see `response`.".into());
+    ErrorInfo::new("upstream_error", message)
+}
+
+async fn read_body(
+    inner: &Inner,
+    live: &LiveRequest,
+    response: reqwest::Response,
+) -> Result<Vec<u8>, ErrorInfo> {
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| {
+            ErrorInfo::new(
+                "upstream_error",
+                format!("The connection to the upstream broke: {}", describe(&e)),
+            )
+        })?;
+        body.extend_from_slice(&piece);
+        push_raw(inner, live, piece).await;
+    }
+    Ok(body)
+}
+
+async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Response) -> Outcome {
+    // The raw bytes are tapped on their way into the SSE parser and stored after each event it yields.
+    let tap: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    let tap_in = tap.clone();
+    let mut events = response
+        .bytes_stream()
+        .inspect(move |piece| {
+            if let Ok(bytes) = piece {
+                tap_in.lock().push(bytes.clone());
+            }
+        })
+        .eventsource();
+    let mut saw_done = false;
+    let mut failure = None;
+    while let Some(event) = events.next().await {
+        let tapped = std::mem::take(&mut *tap.lock());
+        for bytes in tapped {
+            push_raw(inner, live, bytes).await;
+        }
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => {
+                failure = Some(ErrorInfo::new(
+                    "upstream_error",
+                    format!("The upstream stream broke: {e}"),
+                ));
+                break;
+            }
+        };
+        if event.data.trim() == "[DONE]" {
+            saw_done = true;
+            break;
+        }
+        let Some((seq, kind)) = live.push_event(&event.data) else {
+            return Outcome::Cancelled;
+        };
+        if seq == 1 {
+            let progress = live.update(|st| (false, st.progress.clone()));
+            inner
+                .persister
+                .push(WriteOp::Progress {
+                    id: live.meta.locator.id,
+                    progress,
+                })
+                .await;
+        }
+        inner
+            .persister
+            .push(WriteOp::Event {
+                id: live.meta.locator.id,
+                seq,
+                data: event.data.into(),
+            })
+            .await;
+        if let ChunkKind::Error(error) = kind {
+            let message = error
+                .get("message")
+                .and_then(|m| m.as_str())
+                .unwrap_or("no message");
+            failure = Some(ErrorInfo::new(
+                "upstream_error",
+                format!("The upstream reported an error mid-stream: {message}"),
+            ));
+            break;
+        }
+    }
+    let tapped = std::mem::take(&mut *tap.lock());
+    for bytes in tapped {
+        push_raw(inner, live, bytes).await;
+    }
+    if let Some(e) = failure {
+        return Outcome::Failed(e);
+    }
+    let complete = live.update(|st| {
+        (
+            false,
+            matches!(&st.body, LiveBody::Assembling(a) if a.is_complete()),
+        )
+    });
+    if saw_done || complete {
+        Outcome::Done
+    } else {
+        Outcome::Failed(ErrorInfo::new(
+            "upstream_error",
+            "The upstream closed the stream before it was complete (no [DONE]); what was received is kept.",
+        ))
+    }
+}

@@ -1,0 +1,83 @@
+//! The HTTP surface: the two create endpoints, the four endpoints of every request, `DELETE`, CORS, and the
+//! JSON error format of the contract for everything that goes wrong.
+
+pub mod create;
+pub mod error;
+pub mod requests;
+
+use crate::engine::Engine;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use error::ApiError;
+use serde_json::json;
+use tower_http::cors::{AllowHeaders, Any, CorsLayer};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+}
+
+pub fn router(engine: Engine, max_body_bytes: usize) -> Router {
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods(Any)
+        // Mirrors what the preflight asks for: `Access-Control-Allow-Headers: *` would not cover Authorization.
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers([axum::http::header::ETAG])
+        .max_age(std::time::Duration::from_secs(86_400));
+    Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(health))
+        .route("/v1/stream-chatgpt", post(create::stream))
+        .route("/v1/async-chatgpt", post(create::asynchronous))
+        .route(
+            "/{kind}/r/{*rest}",
+            get(requests::get)
+                .post(requests::post)
+                .delete(requests::delete),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(cors)
+        .with_state(AppState { engine })
+}
+
+async fn index(
+    axum::extract::State(app): axum::extract::State<AppState>,
+) -> Json<serde_json::Value> {
+    let base = &app.engine.urls().base;
+    Json(json!({
+        "service": "offload",
+        "version": env!("CARGO_PKG_VERSION"),
+        "description": "Self-hosted OffloadGPT-compatible server: POST a chat completion request, get back URLs for its status, event stream, raw response and stop switch.",
+        "endpoints": {
+            "stream": format!("{base}/v1/stream-chatgpt"),
+            "async": format!("{base}/v1/async-chatgpt"),
+        },
+        "accepting": app.engine.accepting(),
+    }))
+}
+
+async fn health(
+    axum::extract::State(app): axum::extract::State<AppState>,
+) -> Json<serde_json::Value> {
+    Json(
+        json!({"status": "ok", "in_flight": app.engine.in_flight(), "accepting": app.engine.accepting()}),
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found(
+        "There is nothing at this URL. Create requests with POST /v1/stream-chatgpt or /v1/async-chatgpt.",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "This method is not allowed here: create with POST, read with GET, stop with GET or POST, delete a status URL with DELETE.",
+    )
+}

@@ -1,0 +1,290 @@
+//! The endpoints of one request: `.json` (and `DELETE`), `.txt`, `.raw`, `/stop`.
+
+use super::AppState;
+use super::error::ApiError;
+use crate::document::{BodyView, RequestMeta, render};
+use crate::domain::locator::ParsedUrl;
+use crate::domain::{Access, Kind, Suffix};
+use crate::engine::Found;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+use std::hash::{Hash, Hasher};
+
+#[derive(Deserialize, Default)]
+pub struct StreamQuery {
+    stream_token: Option<String>,
+    last_event_id: Option<String>,
+}
+
+fn parse_url(kind: &str, rest: &str) -> Result<ParsedUrl, ApiError> {
+    let segments: Vec<&str> = rest.split('/').collect();
+    ParsedUrl::from_segments(kind, &segments).ok_or_else(|| {
+        ApiError::not_found("This is not a request URL of this server (expected /{kind}/r/{access}/YYYY/MM/DD/HH/MM/SS/{id}.json).")
+    })
+}
+
+async fn find(app: &AppState, url: &ParsedUrl) -> Result<Found, ApiError> {
+    app.engine
+        .find(url)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "No request exists at this URL (it may have been deleted or never existed).",
+            )
+        })
+}
+
+/// Private requests need `Authorization: Bearer <bearer_token>`; the event stream also takes `?stream_token=`.
+fn authorize(
+    meta: &RequestMeta,
+    headers: &HeaderMap,
+    stream_token: Option<&str>,
+) -> Result<(), ApiError> {
+    if meta.locator.access == Access::Public {
+        return Ok(());
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let by_bearer = bearer
+        .zip(meta.bearer.as_ref())
+        .is_some_and(|(t, hash)| hash.verify(t));
+    let by_stream_token = stream_token
+        .zip(meta.stream_token.as_ref())
+        .is_some_and(|(t, hash)| hash.verify(t));
+    if by_bearer || by_stream_token {
+        return Ok(());
+    }
+    Err(ApiError::unauthorized(if stream_token.is_some() {
+        "The stream_token is wrong for this request."
+    } else {
+        "This request is private: send `Authorization: Bearer <bearer_token>` (the event stream also accepts `?stream_token=...`)."
+    }))
+}
+
+pub async fn get(
+    State(app): State<AppState>,
+    Path((kind, rest)): Path<(String, String)>,
+    Query(query): Query<StreamQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let url = parse_url(&kind, &rest)?;
+    let found = find(&app, &url).await?;
+    let stream_token = if url.suffix == Suffix::Events {
+        query.stream_token.as_deref()
+    } else {
+        None
+    };
+    authorize(found.meta(), &headers, stream_token)?;
+    match url.suffix {
+        Suffix::Status => Ok(status(&app, &found, &headers)),
+        Suffix::Events => events(&app, found, &headers, query.last_event_id.as_deref()),
+        Suffix::Raw => raw(&app, found).await,
+        Suffix::Stop => Ok(stop(&app, &found)),
+    }
+}
+
+pub async fn post(
+    State(app): State<AppState>,
+    Path((kind, rest)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let url = parse_url(&kind, &rest)?;
+    if url.suffix != Suffix::Stop {
+        return Err(only_get());
+    }
+    let found = find(&app, &url).await?;
+    authorize(found.meta(), &headers, None)?;
+    Ok(stop(&app, &found))
+}
+
+pub async fn delete(
+    State(app): State<AppState>,
+    Path((kind, rest)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let url = parse_url(&kind, &rest)?;
+    if url.suffix != Suffix::Status {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "DELETE applies to a request's status URL (ending in .json).",
+        ));
+    }
+    let found = find(&app, &url).await?;
+    authorize(found.meta(), &headers, None)?;
+    app.engine
+        .delete(found)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(Json(json!({
+        "status": "success",
+        "README": "The request was deleted with its events and raw response; its URLs now answer 404.",
+    }))
+    .into_response())
+}
+
+fn only_get() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "Use GET for this URL (POST only applies to /stop).",
+    )
+}
+
+fn etag_of(bytes: &[u8]) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    format!("\"{:016x}{:08x}\"", hasher.finish(), bytes.len())
+}
+
+fn status(app: &AppState, found: &Found, headers: &HeaderMap) -> Response {
+    let doc: bytes::Bytes = match found {
+        Found::Live(live) => live.document(app.engine.urls()),
+        Found::Stored(stored) => {
+            let body = stored
+                .body
+                .as_deref()
+                .and_then(|b| serde_json::from_str::<&RawValue>(b).ok());
+            let view = body.map_or(BodyView::None, BodyView::Json);
+            render(
+                &stored.meta,
+                &stored.progress,
+                view,
+                app.engine.urls(),
+                None,
+            )
+            .into()
+        }
+    };
+    let etag = etag_of(&doc);
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',').any(|t| {
+                t.trim() == etag || t.trim() == "*" || t.trim().trim_start_matches("W/") == etag
+            })
+        });
+    let mut response = if not_modified {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
+    };
+    let h = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, value);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn events(
+    app: &AppState,
+    found: Found,
+    headers: &HeaderMap,
+    query_last: Option<&str>,
+) -> Result<Response, ApiError> {
+    if found.meta().locator.kind == Kind::Async {
+        return Err(ApiError::not_found(
+            "Requests made with /v1/async-chatgpt have no event stream; poll their status_url instead.",
+        ));
+    }
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(query_last)
+        .map(str::trim);
+    let after = match last {
+        None | Some("") => 0,
+        Some(text) => text.parse::<u64>().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_last_event_id",
+                "Last-Event-ID must be a whole event number.",
+            )
+            .with_param(Some("last_event_id"))
+        })?,
+    };
+    let (is_final, count) = match &found {
+        Found::Live(live) => live.position(),
+        Found::Stored(stored) => (stored.progress.status.is_final(), stored.event_count),
+    };
+    if is_final && after >= count {
+        // Everything was delivered: 204 tells EventSource to stop reconnecting.
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let body = Body::from_stream(app.engine.follow(found, after));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn raw(app: &AppState, found: Found) -> Result<Response, ApiError> {
+    let not_yet = || {
+        ApiError::not_found(
+            "The upstream has not answered yet; the raw response appears once it does.",
+        )
+    };
+    let bytes: Vec<u8> = match &found {
+        Found::Live(live) => live.raw().ok_or_else(not_yet)?.concat(),
+        Found::Stored(stored) => {
+            if stored.progress.response.is_none() {
+                return Err(not_yet());
+            }
+            app.engine
+                .store()
+                .raw(stored.meta.locator.id)
+                .await
+                .map_err(|e| ApiError::internal(&e))?
+        }
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+fn stop(app: &AppState, found: &Found) -> Response {
+    let status_url = found
+        .meta()
+        .locator
+        .url(&app.engine.urls().base, Suffix::Status);
+    if !app.engine.stop(found) {
+        return ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "already_finished",
+            format!(
+                "This request already finished (status `{}`); stop has no effect.",
+                found.status().as_str()
+            ),
+        )
+        .into_response();
+    }
+    Json(json!({
+        "status": "success",
+        "README": "The request was stopped: the upstream call was dropped and what was received is kept at `status_url`.",
+        "endpoints": {"status_url": status_url},
+    }))
+    .into_response()
+}

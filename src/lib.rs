@@ -1,0 +1,30 @@
+//! offload: a self-hosted, OffloadGPT-compatible server that takes OpenAI Chat Completions calls off its
+//! callers' hands, stores everything as it arrives and serves it back.
+//!
+//! Layout (one job per module):
+//! - [`cli`]: the command line (`serve`, `mock-upstream`); `main.rs` only calls it.
+//! - [`config`]: settings from flags, `OFFLOAD_*` environment variables and an optional TOML file.
+//! - [`startup`]: [`startup::Application`] binds a listener (port 0 allowed), opens the store, recovers what a
+//!   crash cut off, serves until a shutdown signal and then drains.
+//! - [`domain`]: types parsed once at the edge: ids, access, status, tokens, the upstream key, the create body,
+//!   the URL locator.
+//! - [`document`]: the status document: assembling a `chat.completion` from stream chunks and rendering the JSON.
+//! - [`engine`]: the running requests: the in-memory hub of live requests, the worker that performs an upstream
+//!   call, the persister that batches writes to the store, crash recovery and shutdown.
+//! - [`upstream`]: the HTTP client for the OpenAI-compatible upstream.
+//! - [`store`]: the [`store::Store`] trait and its implementations (SQLite).
+//! - [`http`]: the HTTP surface: routes, extractors, the JSON error format, SSE.
+//! - [`mock`]: the built-in OpenAI-compatible mock upstream used by tests, benchmarks and new users.
+//! - [`telemetry`]: logging setup.
+
+pub mod cli;
+pub mod config;
+pub mod document;
+pub mod domain;
+pub mod engine;
+pub mod http;
+pub mod mock;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,478 @@
+//! The built-in OpenAI-compatible mock upstream: `POST /v1/chat/completions`, streaming and not, shaped like
+//! OpenAI's answers, with controls for length, pace and faults.
+//!
+//! Controls come from the process defaults (`offload mock-upstream --words ... --delay-ms ...`) and, per call,
+//! from a `mock` object in the request body, which offload passes upstream unchanged like any unknown field:
+//! `{"mock": {"words": 64, "delay_ms": 20, "ttft_ms": 100, "status": 500, "stall_after": 3, "drop_after": 5,
+//! "stall_headers": true, "content": "exact reply", "tool_calls": [{"name": "f", "arguments": "{}"}]}}`.
+//!
+//! `GET /_mock/stats` counts calls, completed responses and responses the client abandoned (the connection was
+//! dropped mid-way); `GET /_mock/requests` shows the last calls received (body and whether a key was sent).
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Args;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Defaults for every call; a call's `mock` object overrides them.
+#[derive(Args, Debug, Clone, Deserialize, Default)]
+pub struct MockConfig {
+    /// Content chunks (one word each) per choice.
+    #[arg(long)]
+    #[serde(default)]
+    pub words: Option<usize>,
+    /// Milliseconds before the first chunk (or before the whole answer when not streaming).
+    #[arg(long)]
+    #[serde(default)]
+    pub ttft_ms: Option<u64>,
+    /// Milliseconds between chunks.
+    #[arg(long)]
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+}
+
+/// The per-call controls.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+struct Controls {
+    words: Option<usize>,
+    content: Option<String>,
+    ttft_ms: Option<u64>,
+    delay_ms: Option<u64>,
+    status: Option<u16>,
+    error_message: Option<String>,
+    stall_after: Option<usize>,
+    stall_headers: bool,
+    drop_after: Option<usize>,
+    tool_calls: Option<Vec<MockToolCall>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct MockToolCall {
+    name: String,
+    #[serde(default)]
+    arguments: String,
+}
+
+#[derive(Default)]
+pub struct MockStats {
+    pub requests: AtomicU64,
+    pub completed: AtomicU64,
+    pub disconnected: AtomicU64,
+}
+
+struct MockState {
+    defaults: MockConfig,
+    stats: MockStats,
+    recent: Mutex<VecDeque<Value>>,
+}
+
+/// A running mock; it stops when dropped.
+pub struct MockServer {
+    addr: SocketAddr,
+    state: Arc<MockState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockServer {
+    /// The API base to give offload as `--upstream-url`, e.g. `http://127.0.0.1:8081/v1`.
+    pub fn api_base(&self) -> url::Url {
+        let text = format!("http://{}/v1", self.addr);
+        url::Url::parse(&text).unwrap_or_else(|_| unreachable_url())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stats(&self) -> &MockStats {
+        &self.state.stats
+    }
+}
+
+/// `http://{SocketAddr}/v1` always parses; this is only the type-level fallback for that proof.
+fn unreachable_url() -> url::Url {
+    url::Url::from_directory_path("/").unwrap_or_else(|()| {
+        url::Url::parse("http://127.0.0.1/").unwrap_or_else(|_| std::process::abort())
+    })
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn spawn(addr: SocketAddr, defaults: MockConfig) -> std::io::Result<MockServer> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(MockState {
+        defaults,
+        stats: MockStats::default(),
+        recent: Mutex::new(VecDeque::new()),
+    });
+    let app = router(state.clone());
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "mock upstream stopped");
+        }
+    });
+    Ok(MockServer { addr, state, task })
+}
+
+fn router(state: Arc<MockState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(completions))
+        .route(
+            "/v1/models",
+            get(|| async {
+                Json(
+                    json!({"object": "list", "data": [{"id": "gpt-3.5-turbo", "object": "model"}]}),
+                )
+            }),
+        )
+        .route("/_mock/stats", get(stats))
+        .route("/_mock/requests", get(recent))
+        .with_state(state)
+}
+
+async fn stats(State(state): State<Arc<MockState>>) -> Json<Value> {
+    let s = &state.stats;
+    Json(json!({
+        "requests": s.requests.load(Ordering::SeqCst),
+        "completed": s.completed.load(Ordering::SeqCst),
+        "disconnected": s.disconnected.load(Ordering::SeqCst),
+    }))
+}
+
+async fn recent(State(state): State<Arc<MockState>>) -> Json<Value> {
+    Json(Value::Array(state.recent.lock().iter().cloned().collect()))
+}
+
+fn openai_error(status: StatusCode, message: &str) -> Response {
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": null}})),
+    )
+        .into_response()
+}
+
+const WORDS: &[&str] = &[
+    "Hello",
+    "from",
+    "the",
+    "offload",
+    "mock",
+    "upstream.",
+    "This",
+    "reply",
+    "is",
+    "generated",
+    "one",
+    "word",
+    "per",
+    "chunk",
+    "so",
+    "that",
+    "streams",
+    "can",
+    "be",
+    "followed",
+    "and",
+    "measured.",
+];
+
+fn random_id() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("chatcmpl-{}", &id[..24])
+}
+
+/// Counts a response as completed, or as disconnected when it is dropped before the end.
+struct Completion {
+    state: Arc<MockState>,
+    done: bool,
+}
+
+impl Completion {
+    fn finish(mut self) {
+        self.done = true;
+        self.state.stats.completed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.stats.disconnected.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn completions(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::SeqCst);
+    let guard = Completion {
+        state: state.clone(),
+        done: false,
+    };
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "We could not parse the JSON body of your request.",
+        );
+    };
+    {
+        let mut recent = state.recent.lock();
+        recent.push_back(json!({
+            "body": request,
+            "authorization": headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
+        }));
+        while recent.len() > 32 {
+            recent.pop_front();
+        }
+    }
+    let controls: Controls = request
+        .get("mock")
+        .cloned()
+        .and_then(|m| serde_json::from_value(m).ok())
+        .unwrap_or_default();
+    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+        return openai_error(StatusCode::BAD_REQUEST, "'messages' is a required property");
+    };
+    if controls.stall_headers {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
+    if let Some(status) = controls.status.and_then(|s| StatusCode::from_u16(s).ok()) {
+        let message = controls
+            .error_message
+            .clone()
+            .unwrap_or_else(|| format!("Mock error with status {status}."));
+        guard.finish();
+        return openai_error(status, &message);
+    }
+    let plan = Plan::new(&state.defaults, &controls, &request, messages.len());
+    if request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+    {
+        stream_response(plan, controls, guard)
+    } else {
+        tokio::time::sleep(plan.ttft + plan.delay * plan.words.len() as u32).await;
+        let body = plan.completion();
+        guard.finish();
+        (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::HeaderName::from_static("x-request-id"), "req_mock"),
+            ],
+            Json(body),
+        )
+            .into_response()
+    }
+}
+
+/// What the mock will answer.
+struct Plan {
+    id: String,
+    created: u64,
+    model: String,
+    n: usize,
+    words: Vec<String>,
+    tool_calls: Vec<MockToolCall>,
+    include_usage: bool,
+    prompt_tokens: usize,
+    ttft: Duration,
+    delay: Duration,
+}
+
+impl Plan {
+    fn new(defaults: &MockConfig, c: &Controls, request: &Value, message_count: usize) -> Self {
+        let words = match &c.content {
+            Some(text) => {
+                let mut pieces: Vec<String> =
+                    text.split_inclusive(' ').map(str::to_owned).collect();
+                if pieces.is_empty() {
+                    pieces.push(String::new());
+                }
+                pieces
+            }
+            None => {
+                let count = c.words.or(defaults.words).unwrap_or(12);
+                (0..count)
+                    .map(|i| format!("{} ", WORDS[i % WORDS.len()]))
+                    .collect()
+            }
+        };
+        Self {
+            id: random_id(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            model: request
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or("gpt-3.5-turbo")
+                .to_owned(),
+            n: request
+                .get("n")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                .clamp(1, 16) as usize,
+            words,
+            tool_calls: c.tool_calls.clone().unwrap_or_default(),
+            include_usage: request
+                .pointer("/stream_options/include_usage")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            prompt_tokens: message_count * 8,
+            ttft: Duration::from_millis(c.ttft_ms.or(defaults.ttft_ms).unwrap_or(0)),
+            delay: Duration::from_millis(c.delay_ms.or(defaults.delay_ms).unwrap_or(0)),
+        }
+    }
+
+    fn finish_reason(&self) -> &'static str {
+        if self.tool_calls.is_empty() {
+            "stop"
+        } else {
+            "tool_calls"
+        }
+    }
+
+    fn usage(&self) -> Value {
+        let completion = self.words.len() * self.n;
+        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion})
+    }
+
+    fn text(&self) -> String {
+        self.words.concat()
+    }
+
+    fn completion(&self) -> Value {
+        let choices: Vec<Value> = (0..self.n)
+            .map(|i| {
+                let mut message = json!({"role": "assistant", "content": self.text(), "refusal": null});
+                if !self.tool_calls.is_empty() {
+                    message["content"] = Value::Null;
+                    message["tool_calls"] = Value::Array(
+                        self.tool_calls
+                            .iter()
+                            .enumerate()
+                            .map(|(k, t)| json!({"id": format!("call_{k}"), "type": "function", "function": {"name": t.name, "arguments": t.arguments}}))
+                            .collect(),
+                    );
+                }
+                json!({"index": i, "message": message, "logprobs": null, "finish_reason": self.finish_reason()})
+            })
+            .collect();
+        json!({"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+               "choices": choices, "usage": self.usage(), "system_fingerprint": "fp_mock"})
+    }
+
+    fn chunk(&self, index: usize, delta: Value, finish_reason: Option<&str>) -> String {
+        let mut chunk = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "system_fingerprint": "fp_mock",
+            "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]});
+        if self.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk.to_string()
+    }
+
+    /// Every event of the stream, in order, without `[DONE]`.
+    fn events(&self) -> Vec<String> {
+        let mut events = Vec::new();
+        for i in 0..self.n {
+            events.push(self.chunk(
+                i,
+                json!({"role": "assistant", "content": "", "refusal": null}),
+                None,
+            ));
+        }
+        if self.tool_calls.is_empty() {
+            for word in &self.words {
+                for i in 0..self.n {
+                    events.push(self.chunk(i, json!({"content": word}), None));
+                }
+            }
+        } else {
+            for (k, call) in self.tool_calls.iter().enumerate() {
+                for i in 0..self.n {
+                    events.push(self.chunk(i, json!({"tool_calls": [{"index": k, "id": format!("call_{k}"), "type": "function",
+                        "function": {"name": call.name, "arguments": ""}}]}), None));
+                    let args: Vec<char> = call.arguments.chars().collect();
+                    for piece in args.chunks(4) {
+                        let piece: String = piece.iter().collect();
+                        events.push(self.chunk(
+                            i,
+                            json!({"tool_calls": [{"index": k, "function": {"arguments": piece}}]}),
+                            None,
+                        ));
+                    }
+                }
+            }
+        }
+        for i in 0..self.n {
+            events.push(self.chunk(i, json!({}), Some(self.finish_reason())));
+        }
+        if self.include_usage {
+            events.push(json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "system_fingerprint": "fp_mock", "choices": [], "usage": self.usage()}).to_string());
+        }
+        events
+    }
+}
+
+fn stream_response(plan: Plan, controls: Controls, guard: Completion) -> Response {
+    let body = async_stream::stream! {
+        let guard = guard;
+        let events = plan.events();
+        tokio::time::sleep(plan.ttft).await;
+        for (i, event) in events.iter().enumerate() {
+            if controls.drop_after == Some(i) {
+                yield Err(std::io::Error::other("mock: dropping the connection"));
+                return;
+            }
+            if controls.stall_after == Some(i) {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                return;
+            }
+            if i > 0 && !plan.delay.is_zero() {
+                tokio::time::sleep(plan.delay).await;
+            }
+            yield Ok::<_, std::io::Error>(Bytes::from(format!("data: {event}\n\n")));
+        }
+        guard.finish();
+        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
+    };
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-request-id"), "req_mock"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}

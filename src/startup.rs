@@ -1,0 +1,185 @@
+//! Builds the application from settings and runs it until a shutdown signal.
+
+use crate::config::Settings;
+use crate::document::Urls;
+use crate::domain::Limits;
+use crate::engine::{Engine, EngineConfig};
+use crate::mock::{MockConfig, MockServer};
+use crate::store::sqlite::SqliteStore;
+use crate::upstream::Upstream;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+pub struct Application {
+    listener: TcpListener,
+    engine: Engine,
+    router: axum::Router,
+    base_url: String,
+    shutdown_grace: Duration,
+    /// The in-process mock upstream (`--mock-upstream`), kept alive as long as the application.
+    _mock: Option<MockServer>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the mock upstream: {0}")]
+    Mock(std::io::Error),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl Application {
+    /// Binds the listener, opens the store and ends what a previous crash cut off. Port 0 picks a free port.
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let mock = if settings.mock_upstream {
+            let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+            Some(
+                crate::mock::spawn(addr, MockConfig::default())
+                    .await
+                    .map_err(StartError::Mock)?,
+            )
+        } else {
+            None
+        };
+        let upstream_url = mock
+            .as_ref()
+            .map(MockServer::api_base)
+            .unwrap_or_else(|| settings.upstream_url.clone());
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+        let local = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        let base_url = settings.public_url.clone().unwrap_or_else(|| {
+            let host = if local.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                local.ip().to_string()
+            };
+            let host = if local.is_ipv6() && !local.ip().is_unspecified() {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            format!("http://{host}:{}", local.port())
+        });
+
+        let store = SqliteStore::open(&settings.data_dir, settings.sqlite_synchronous)?;
+        let config = EngineConfig {
+            limits: Limits {
+                max_timeout: settings.max_timeout,
+                max_connect_timeout: settings.max_connect_timeout,
+                default_model: settings.default_model.clone(),
+            },
+            urls: Urls {
+                base: base_url.clone(),
+            },
+            max_in_flight: settings.max_in_flight,
+            flush_interval: settings.flush_interval,
+            keep_alive: settings.keep_alive,
+            poll_interval: Duration::from_millis(250),
+        };
+        let engine = Engine::new(
+            config,
+            Arc::new(store),
+            Upstream::new(&upstream_url, settings.upstream_key.clone()),
+        );
+        let recovered = engine.recover().await?;
+        if recovered > 0 {
+            tracing::warn!(
+                count = recovered,
+                "ended requests cut off by a previous stop as interrupted"
+            );
+        }
+        let router = crate::http::router(engine.clone(), settings.max_body_bytes);
+        if mock.is_some() {
+            tracing::info!("using the built-in mock upstream at {upstream_url}");
+        }
+        Ok(Self {
+            listener,
+            engine,
+            router,
+            base_url,
+            shutdown_grace: settings.shutdown_grace,
+            _mock: mock,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Serves until `shutdown` resolves; then new creates get 503 while running requests get the grace period,
+    /// the rest end as interrupted, everything is flushed, and open connections are closed.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        tracing::info!(
+            "offload {} listening on {}",
+            env!("CARGO_PKG_VERSION"),
+            self.base_url
+        );
+        let engine = self.engine.clone();
+        let grace = self.shutdown_grace;
+        let drained = Arc::new(tokio::sync::Notify::new());
+        let drained_signal = drained.clone();
+        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new requests; running ones get {grace:?} to finish");
+            engine.shutdown(grace).await;
+            drained_signal.notify_one();
+        });
+        tokio::select! {
+            result = server => result,
+            _ = async {
+                drained.notified().await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            } => {
+                tracing::warn!("connections still open 5 s after draining; closing them");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,180 @@
+//! The HTTP client for the OpenAI-compatible upstream.
+//!
+//! `connect_timeout` is a per-request option, while reqwest sets it per client; so one client is kept per
+//! distinct connect timeout (callers use a handful of values), each with its own connection pool.
+
+use crate::document::ResponseMeta;
+use crate::domain::UpstreamKey;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use std::collections::HashMap;
+use std::time::Duration;
+use url::Url;
+
+pub struct Upstream {
+    chat_url: Url,
+    server_key: Option<UpstreamKey>,
+    clients: Mutex<HashMap<u64, reqwest::Client>>,
+}
+
+/// Why the call did not get a response.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("the upstream did not accept the connection within {0} seconds")]
+    ConnectTimeout(f64),
+    #[error("the upstream could not be reached: {0}")]
+    Unreachable(String),
+    #[error("the upstream call failed: {0}")]
+    Failed(String),
+}
+
+/// The text of an error and its causes, without URLs (they may hold credentials).
+pub fn describe(e: &reqwest::Error) -> String {
+    let mut text = String::new();
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if text.is_empty() {
+        e.without_url_text()
+    } else {
+        text
+    }
+}
+
+trait WithoutUrlText {
+    fn without_url_text(&self) -> String;
+}
+
+impl WithoutUrlText for reqwest::Error {
+    fn without_url_text(&self) -> String {
+        if self.is_timeout() {
+            "timed out".into()
+        } else if self.is_connect() {
+            "connection failed".into()
+        } else if self.is_body() || self.is_decode() {
+            "the response body could not be read".into()
+        } else {
+            "request failed".into()
+        }
+    }
+}
+
+impl Upstream {
+    /// `base` is the API base such as `https://api.openai.com/v1`; calls go to `{base}/chat/completions`.
+    pub fn new(base: &Url, server_key: Option<UpstreamKey>) -> Self {
+        let mut chat_url = base.clone();
+        let path = format!("{}/chat/completions", base.path().trim_end_matches('/'));
+        chat_url.set_path(&path);
+        Self {
+            chat_url,
+            server_key,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The caller's key wins over the server's.
+    pub fn key_for(&self, caller: Option<UpstreamKey>) -> Option<UpstreamKey> {
+        caller.or_else(|| self.server_key.clone())
+    }
+
+    /// OpenAI itself refuses every call without a key, so a missing key is the caller's error at once.
+    pub fn requires_key(&self) -> bool {
+        self.chat_url.host_str() == Some("api.openai.com")
+    }
+
+    fn client(&self, connect_timeout: Duration) -> Result<reqwest::Client, CallError> {
+        let millis = connect_timeout.as_millis() as u64;
+        let mut clients = self.clients.lock();
+        if let Some(client) = clients.get(&millis) {
+            return Ok(client.clone());
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| CallError::Failed(describe(&e)))?;
+        clients.insert(millis, client.clone());
+        Ok(client)
+    }
+
+    /// Sends the call; the key is moved in and dropped as soon as the headers are built.
+    pub async fn send(
+        &self,
+        body: String,
+        key: Option<UpstreamKey>,
+        connect_timeout: f64,
+    ) -> Result<reqwest::Response, CallError> {
+        let client = self.client(Duration::from_secs_f64(connect_timeout))?;
+        let mut request = client
+            .post(self.chat_url.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(body);
+        if let Some(key) = key {
+            let mut value =
+                HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+                    CallError::Failed(
+                        "the upstream key contains characters not allowed in a header".into(),
+                    )
+                })?;
+            value.set_sensitive(true);
+            request = request.header(AUTHORIZATION, value);
+        }
+        request.send().await.map_err(|e| {
+            if e.is_connect() && e.is_timeout() {
+                CallError::ConnectTimeout(connect_timeout)
+            } else if e.is_connect() {
+                CallError::Unreachable(describe(&e))
+            } else {
+                CallError::Failed(describe(&e))
+            }
+        })
+    }
+}
+
+/// The status line and headers of a response, for the document.
+pub fn response_meta(response: &reqwest::Response) -> ResponseMeta {
+    let mut headers: Vec<(String, String)> = Vec::with_capacity(response.headers().len());
+    for (name, value) in response.headers() {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        match headers.iter_mut().find(|(n, _)| n == name.as_str()) {
+            Some((_, existing)) => {
+                existing.push_str(", ");
+                existing.push_str(&value);
+            }
+            None => headers.push((name.as_str().to_owned(), value)),
+        }
+    }
+    let protocol = match response.version() {
+        reqwest::Version::HTTP_09 => "HTTP/0.9",
+        reqwest::Version::HTTP_10 => "HTTP/1.0",
+        reqwest::Version::HTTP_2 => "HTTP/2",
+        reqwest::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    };
+    ResponseMeta {
+        status_code: response.status().as_u16(),
+        protocol: protocol.into(),
+        headers,
+    }
+}
+
+/// The head of the raw response (`.raw`): status line and headers as received, then a blank line.
+pub fn raw_head(response: &reqwest::Response, meta: &ResponseMeta) -> Bytes {
+    let reason = response.status().canonical_reason().unwrap_or("");
+    let mut head = format!("{} {} {}\r\n", meta.protocol, meta.status_code, reason);
+    for (name, value) in response.headers() {
+        head.push_str(name.as_str());
+        head.push_str(": ");
+        head.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    Bytes::from(head)
+}
