@@ -8,11 +8,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "offload",
-    version,
-    about = "Self-hosted OffloadGPT-compatible server for OpenAI Chat Completions"
-)]
+#[command(name = "offload", version, about = "Self-hosted OffloadGPT-compatible server for OpenAI Chat Completions")]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,18 +46,12 @@ pub async fn run() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let settings = Settings::resolve(args).map_err(|e| e.to_string())?;
-    let app = Application::build(settings)
-        .await
-        .map_err(|e| e.to_string())?;
-    app.run_until_stopped(shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    let app = Application::build(settings).await.map_err(|e| e.to_string())?;
+    app.run_until_stopped(shutdown_signal()).await.map_err(|e| e.to_string())
 }
 
 async fn mock_upstream(listen: SocketAddr, defaults: MockConfig) -> Result<(), String> {
-    let server = crate::mock::spawn(listen, defaults)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let server = crate::mock::spawn(listen, defaults).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!("mock upstream listening on {}", server.api_base());
     shutdown_signal().await;
     Ok(())

@@ -95,10 +95,8 @@ pub enum ConfigError {
 }
 
 fn seconds(name: &'static str, value: f64) -> Result<Duration, ConfigError> {
-    Duration::try_from_secs_f64(value).map_err(|_| ConfigError::Invalid {
-        name,
-        reason: format!("{value} is not a number of seconds"),
-    })
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| ConfigError::Invalid { name, reason: format!("{value} is not a number of seconds") })
 }
 
 impl ServeArgs {
@@ -130,29 +128,19 @@ impl Settings {
     pub fn resolve(args: ServeArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-                toml::from_str::<ServeArgs>(&text).map_err(|e| ConfigError::File {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::File { path: path.display().to_string(), reason: e.to_string() })?;
+                toml::from_str::<ServeArgs>(&text)
+                    .map_err(|e| ConfigError::File { path: path.display().to_string(), reason: e.to_string() })?
             }
             None => ServeArgs::default(),
         };
         let a = args.or(file);
         let max_timeout = a.max_timeout.unwrap_or(90.0);
         let max_connect_timeout = a.max_connect_timeout.unwrap_or(10.0);
-        for (name, value) in [
-            ("max_timeout", max_timeout),
-            ("max_connect_timeout", max_connect_timeout),
-        ] {
+        for (name, value) in [("max_timeout", max_timeout), ("max_connect_timeout", max_connect_timeout)] {
             if !(value.is_finite() && value >= 1.0) {
-                return Err(ConfigError::Invalid {
-                    name,
-                    reason: format!("must be at least 1 second, not {value}"),
-                });
+                return Err(ConfigError::Invalid { name, reason: format!("must be at least 1 second, not {value}") });
             }
         }
         let sqlite_synchronous = match a.sqlite_synchronous.as_deref() {
@@ -165,16 +153,11 @@ impl Settings {
                 });
             }
         };
-        let default_upstream =
-            Url::parse("https://api.openai.com/v1").map_err(|e| ConfigError::Invalid {
-                name: "upstream_url",
-                reason: e.to_string(),
-            })?;
+        let default_upstream = Url::parse("https://api.openai.com/v1")
+            .map_err(|e| ConfigError::Invalid { name: "upstream_url", reason: e.to_string() })?;
         Ok(Settings {
             listen: a.listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
-            public_url: a
-                .public_url
-                .map(|u| u.as_str().trim_end_matches('/').to_owned()),
+            public_url: a.public_url.map(|u| u.as_str().trim_end_matches('/').to_owned()),
             data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from("offload-data")),
             upstream_url: a.upstream_url.unwrap_or(default_upstream),
             upstream_key: a.upstream_key.as_deref().and_then(UpstreamKey::new),
@@ -200,16 +183,9 @@ mod tests {
     fn flags_win_over_the_file_and_the_file_over_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("offload.toml");
-        std::fs::write(
-            &path,
-            "default_model = \"from-file\"\nmax_timeout = 30\nlisten = \"127.0.0.1:9000\"\n",
-        )
-        .unwrap();
-        let args = ServeArgs {
-            config: Some(path),
-            max_timeout: Some(60.0),
-            ..ServeArgs::default()
-        };
+        std::fs::write(&path, "default_model = \"from-file\"\nmax_timeout = 30\nlisten = \"127.0.0.1:9000\"\n")
+            .unwrap();
+        let args = ServeArgs { config: Some(path), max_timeout: Some(60.0), ..ServeArgs::default() };
         let s = Settings::resolve(args).unwrap();
         assert_eq!(s.default_model, "from-file");
         assert_eq!(s.max_timeout, 60.0);
@@ -222,21 +198,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("offload.toml");
         std::fs::write(&path, "max_timeot = 30\n").unwrap();
-        let err = Settings::resolve(ServeArgs {
-            config: Some(path),
-            ..ServeArgs::default()
-        })
-        .unwrap_err();
+        let err = Settings::resolve(ServeArgs { config: Some(path), ..ServeArgs::default() }).unwrap_err();
         assert!(err.to_string().contains("max_timeot"));
     }
 
     #[test]
     fn bounds_below_one_second_are_refused() {
-        let err = Settings::resolve(ServeArgs {
-            max_timeout: Some(0.5),
-            ..ServeArgs::default()
-        })
-        .unwrap_err();
+        let err = Settings::resolve(ServeArgs { max_timeout: Some(0.5), ..ServeArgs::default() }).unwrap_err();
         assert!(err.to_string().contains("max_timeout"));
     }
 }

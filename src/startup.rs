@@ -26,10 +26,7 @@ pub struct Application {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot start the mock upstream: {0}")]
     Mock(std::io::Error),
     #[error("cannot open the store: {0}")]
@@ -41,40 +38,18 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         let mock = if settings.mock_upstream {
             let addr = SocketAddr::from(([127, 0, 0, 1], 0));
-            Some(
-                crate::mock::spawn(addr, MockConfig::default())
-                    .await
-                    .map_err(StartError::Mock)?,
-            )
+            Some(crate::mock::spawn(addr, MockConfig::default()).await.map_err(StartError::Mock)?)
         } else {
             None
         };
-        let upstream_url = mock
-            .as_ref()
-            .map(MockServer::api_base)
-            .unwrap_or_else(|| settings.upstream_url.clone());
-        let listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: settings.listen,
-                    source,
-                })?;
-        let local = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: settings.listen,
-            source,
-        })?;
+        let upstream_url = mock.as_ref().map(MockServer::api_base).unwrap_or_else(|| settings.upstream_url.clone());
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: settings.listen, source })?;
+        let local = listener.local_addr().map_err(|source| StartError::Bind { addr: settings.listen, source })?;
         let base_url = settings.public_url.clone().unwrap_or_else(|| {
-            let host = if local.ip().is_unspecified() {
-                "127.0.0.1".to_string()
-            } else {
-                local.ip().to_string()
-            };
-            let host = if local.is_ipv6() && !local.ip().is_unspecified() {
-                format!("[{host}]")
-            } else {
-                host
-            };
+            let host = if local.ip().is_unspecified() { "127.0.0.1".to_string() } else { local.ip().to_string() };
+            let host = if local.is_ipv6() && !local.ip().is_unspecified() { format!("[{host}]") } else { host };
             format!("http://{host}:{}", local.port())
         });
 
@@ -85,38 +60,22 @@ impl Application {
                 max_connect_timeout: settings.max_connect_timeout,
                 default_model: settings.default_model.clone(),
             },
-            urls: Urls {
-                base: base_url.clone(),
-            },
+            urls: Urls { base: base_url.clone() },
             max_in_flight: settings.max_in_flight,
             flush_interval: settings.flush_interval,
             keep_alive: settings.keep_alive,
             poll_interval: Duration::from_millis(250),
         };
-        let engine = Engine::new(
-            config,
-            Arc::new(store),
-            Upstream::new(&upstream_url, settings.upstream_key.clone()),
-        );
+        let engine = Engine::new(config, Arc::new(store), Upstream::new(&upstream_url, settings.upstream_key.clone()));
         let recovered = engine.recover().await?;
         if recovered > 0 {
-            tracing::warn!(
-                count = recovered,
-                "ended requests cut off by a previous stop as interrupted"
-            );
+            tracing::warn!(count = recovered, "ended requests cut off by a previous stop as interrupted");
         }
         let router = crate::http::router(engine.clone(), settings.max_body_bytes);
         if mock.is_some() {
             tracing::info!("using the built-in mock upstream at {upstream_url}");
         }
-        Ok(Self {
-            listener,
-            engine,
-            router,
-            base_url,
-            shutdown_grace: settings.shutdown_grace,
-            _mock: mock,
-        })
+        Ok(Self { listener, engine, router, base_url, shutdown_grace: settings.shutdown_grace, _mock: mock })
     }
 
     pub fn port(&self) -> u16 {
@@ -133,15 +92,9 @@ impl Application {
 
     /// Serves until `shutdown` resolves; then new creates get 503 while running requests get the grace period,
     /// the rest end as interrupted, everything is flushed, and open connections are closed.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        tracing::info!(
-            "offload {} listening on {}",
-            env!("CARGO_PKG_VERSION"),
-            self.base_url
-        );
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let local = self.listener.local_addr()?;
+        tracing::info!("offload {} listening on {local} (public URL {})", env!("CARGO_PKG_VERSION"), self.base_url);
         let engine = self.engine.clone();
         let grace = self.shutdown_grace;
         let drained = Arc::new(tokio::sync::Notify::new());

@@ -189,10 +189,7 @@ impl Assembler {
             }
             if let Some(lp) = c.logprobs {
                 let into = choice.logprobs.get_or_insert_with(Logprobs::default);
-                for (from, to) in [
-                    (lp.content, &mut into.content),
-                    (lp.refusal, &mut into.refusal),
-                ] {
+                for (from, to) in [(lp.content, &mut into.content), (lp.refusal, &mut into.refusal)] {
                     if let Some(items) = from {
                         to.get_or_insert_with(Vec::new).extend(items);
                     }
@@ -209,10 +206,7 @@ impl Assembler {
         let pos = match self.choices.iter().position(|c| c.index == index) {
             Some(pos) => pos,
             None => {
-                self.choices.push(Choice {
-                    index,
-                    ..Choice::default()
-                });
+                self.choices.push(Choice { index, ..Choice::default() });
                 self.choices.len() - 1
             }
         };
@@ -249,10 +243,7 @@ impl Choice {
             let pos = match self.tool_calls.iter().position(|c| c.index == t.index) {
                 Some(pos) => pos,
                 None => {
-                    self.tool_calls.push(ToolCall {
-                        index: t.index,
-                        ..ToolCall::default()
-                    });
+                    self.tool_calls.push(ToolCall { index: t.index, ..ToolCall::default() });
                     self.tool_calls.len() - 1
                 }
             };
@@ -383,9 +374,7 @@ mod tests {
     #[test]
     fn content_is_concatenated_and_finish_reason_kept() {
         let body = assemble(&[
-            chunk(
-                json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
-            ),
+            chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}])),
             chunk(json!([{"index": 0, "delta": {"content": "Hel"}, "finish_reason": null}])),
             chunk(json!([{"index": 0, "delta": {"content": "lo"}, "finish_reason": null}])),
             chunk(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}])),
@@ -394,10 +383,7 @@ mod tests {
         assert_eq!(body["object"], "chat.completion");
         assert_eq!(body["id"], "chatcmpl-1");
         assert_eq!(body["system_fingerprint"], "fp_1");
-        assert_eq!(
-            body["choices"][0]["message"],
-            json!({"role": "assistant", "content": "Hello"})
-        );
+        assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": "Hello"}));
         assert_eq!(body["choices"][0]["finish_reason"], "stop");
         assert_eq!(body["usage"]["total_tokens"], 3);
     }
@@ -417,18 +403,12 @@ mod tests {
     #[test]
     fn tool_calls_are_merged_by_index() {
         let body = assemble(&[
-            chunk(
-                json!([{"index": 0, "delta": {"role": "assistant", "content": null, "tool_calls": [
-                {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get", "arguments": ""}}]}}]),
-            ),
-            chunk(
-                json!([{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\":"}}]}}]),
-            ),
+            chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": null, "tool_calls": [
+                {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get", "arguments": ""}}]}}])),
+            chunk(json!([{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\":"}}]}}])),
             chunk(json!([{"index": 0, "delta": {"tool_calls": [
                 {"index": 1, "id": "call_b", "type": "function", "function": {"name": "put", "arguments": "{}"}}]}}])),
-            chunk(
-                json!([{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}}]),
-            ),
+            chunk(json!([{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}}])),
             chunk(json!([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])),
         ]);
         let calls = &body["choices"][0]["message"]["tool_calls"];
@@ -442,30 +422,17 @@ mod tests {
     fn refusal_and_logprobs_are_merged() {
         let body = assemble(&[
             chunk(json!([{"index": 0, "delta": {"refusal": null}}])),
-            chunk(
-                json!([{"index": 0, "delta": {"refusal": "No"}, "logprobs": {"content": [{"token": "a"}]}}]),
-            ),
-            chunk(
-                json!([{"index": 0, "delta": {"refusal": "pe"}, "logprobs": {"content": [{"token": "b"}]}}]),
-            ),
+            chunk(json!([{"index": 0, "delta": {"refusal": "No"}, "logprobs": {"content": [{"token": "a"}]}}])),
+            chunk(json!([{"index": 0, "delta": {"refusal": "pe"}, "logprobs": {"content": [{"token": "b"}]}}])),
         ]);
         assert_eq!(body["choices"][0]["message"]["refusal"], "Nope");
-        assert_eq!(
-            body["choices"][0]["logprobs"]["content"]
-                .as_array()
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(body["choices"][0]["logprobs"]["content"].as_array().unwrap().len(), 2);
     }
 
     #[test]
     fn an_error_inside_the_stream_is_recognised() {
         let mut a = Assembler::default();
-        assert!(matches!(
-            a.apply(r#"{"error":{"message":"overloaded"}}"#),
-            ChunkKind::Error(_)
-        ));
+        assert!(matches!(a.apply(r#"{"error":{"message":"overloaded"}}"#), ChunkKind::Error(_)));
         assert_eq!(a.apply("not json"), ChunkKind::Other);
     }
 }

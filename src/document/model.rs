@@ -38,11 +38,7 @@ pub struct Options {
 
 /// Writes whole numbers without a fraction (`90`, not `90.0`), as the seed documents show them.
 pub fn compact_number<S: Serializer>(value: &f64, s: S) -> Result<S::Ok, S::Error> {
-    if value.fract() == 0.0 && value.abs() < 1e15 {
-        s.serialize_i64(*value as i64)
-    } else {
-        s.serialize_f64(*value)
-    }
+    if value.fract() == 0.0 && value.abs() < 1e15 { s.serialize_i64(*value as i64) } else { s.serialize_f64(*value) }
 }
 
 /// Everything about a request that changes while it runs, except the body and the events.
@@ -97,10 +93,7 @@ pub struct ErrorInfo {
 
 impl ErrorInfo {
     pub fn new(code: &str, message: impl Into<String>) -> Self {
-        Self {
-            code: code.to_owned(),
-            message: message.into(),
-        }
+        Self { code: code.to_owned(), message: message.into() }
     }
 }
 

@@ -157,8 +157,7 @@ impl Urls {
         let loc = &meta.locator;
         EndpointUrls {
             status_url: loc.url(&self.base, Suffix::Status),
-            stream_events_url: (loc.kind == Kind::Stream)
-                .then(|| loc.url(&self.base, Suffix::Events)),
+            stream_events_url: (loc.kind == Kind::Stream).then(|| loc.url(&self.base, Suffix::Events)),
             stop_url: loc.url(&self.base, Suffix::Stop),
         }
     }
@@ -179,17 +178,12 @@ pub fn render(
         created_at: loc.created_at,
         conversation_id: &meta.conversation_id,
         readme: readme(loc.kind, progress.status),
-        authorization: Authorization {
-            access: loc.access.as_str(),
-        },
+        authorization: Authorization { access: loc.access.as_str() },
         endpoints: Endpoints {
             status_url: urls_of.status_url,
             stream_events_url: urls_of.stream_events_url,
             stop_url: (!progress.status.is_final()).then_some(urls_of.stop_url),
-            response_raw_url: progress
-                .response
-                .as_ref()
-                .map(|_| loc.url(&urls.base, Suffix::Raw)),
+            response_raw_url: progress.response.as_ref().map(|_| loc.url(&urls.base, Suffix::Raw)),
             from_status_url: meta.from_status_url.clone(),
         },
         request: Times {
@@ -208,10 +202,7 @@ pub fn render(
             headers: Headers(&r.headers),
             body,
         }),
-        error: progress
-            .error
-            .as_ref()
-            .filter(|_| progress.status == Status::Error),
+        error: progress.error.as_ref().filter(|_| progress.status == Status::Error),
         webhook,
     };
     // Serialising plain structs, strings and already-valid JSON into a Vec cannot fail; an empty document

@@ -63,10 +63,7 @@ pub struct FieldError {
 
 impl FieldError {
     fn field(param: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            param: Some(param),
-            message: message.into(),
-        }
+        Self { param: Some(param), message: message.into() }
     }
 }
 
@@ -94,23 +91,15 @@ impl CreateRequest {
             }
         };
         let timeout = take_seconds(&mut fields, "timeout", 90.0, limits.max_timeout)?;
-        let connect_timeout = take_seconds(
-            &mut fields,
-            "connect_timeout",
-            5.0,
-            limits.max_connect_timeout,
-        )?;
+        let connect_timeout = take_seconds(&mut fields, "connect_timeout", 5.0, limits.max_connect_timeout)?;
 
         let from_status_url = take_string(&mut fields, "from_status_url")?;
         let bearer_token = take_string(&mut fields, "from_bearer_token")?;
         let max_length = take_count(&mut fields, "from_max_length")?;
         let continuation = match from_status_url {
-            Some(url) => Some(Continuation {
-                target: parse_status_url(&url)?,
-                from_status_url: url,
-                bearer_token,
-                max_length,
-            }),
+            Some(url) => {
+                Some(Continuation { target: parse_status_url(&url)?, from_status_url: url, bearer_token, max_length })
+            }
             None if bearer_token.is_some() => {
                 return Err(FieldError::field(
                     "from_bearer_token",
@@ -136,63 +125,37 @@ impl CreateRequest {
             ));
         }
 
-        let webhook_url = take_string(&mut fields, "webhook_url")?
-            .map(|u| parse_webhook_url(&u))
-            .transpose()?;
+        let webhook_url = take_string(&mut fields, "webhook_url")?.map(|u| parse_webhook_url(&u)).transpose()?;
 
         debug_assert!(OPTION_FIELDS.iter().all(|f| !fields.contains_key(*f)));
         fields.shift_remove("stream");
         normalize_messages(&mut fields)?;
         match fields.get("model") {
             None | Some(Value::Null) => {
-                fields.shift_insert(
-                    0,
-                    "model".into(),
-                    Value::String(limits.default_model.clone()),
-                );
+                fields.shift_insert(0, "model".into(), Value::String(limits.default_model.clone()));
             }
             Some(Value::String(m)) if !m.trim().is_empty() => {}
             Some(_) => {
-                return Err(FieldError::field(
-                    "model",
-                    "`model` must be a non-empty string.",
-                ));
+                return Err(FieldError::field("model", "`model` must be a non-empty string."));
             }
         }
 
-        Ok(Self {
-            access,
-            timeout,
-            connect_timeout,
-            continuation,
-            conversation_id,
-            webhook_url,
-            parameters: fields,
-        })
+        Ok(Self { access, timeout, connect_timeout, continuation, conversation_id, webhook_url, parameters: fields })
     }
 }
 
 /// A string option; `null` and `""` mean "not given" (some clients always send every field).
-fn take_string(
-    fields: &mut Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<String>, FieldError> {
+fn take_string(fields: &mut Map<String, Value>, name: &'static str) -> Result<Option<String>, FieldError> {
     match fields.shift_remove(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.trim().to_owned())),
-        Some(_) => Err(FieldError::field(
-            name,
-            format!("`{name}` must be a string."),
-        )),
+        Some(_) => Err(FieldError::field(name, format!("`{name}` must be a string."))),
     }
 }
 
 /// A number given as a JSON number or a numeric string (form-minded clients send the latter).
-fn take_number(
-    fields: &mut Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<f64>, FieldError> {
+fn take_number(fields: &mut Map<String, Value>, name: &'static str) -> Result<Option<f64>, FieldError> {
     let number = match fields.shift_remove(name) {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::String(s)) if s.trim().is_empty() => return Ok(None),
@@ -202,10 +165,7 @@ fn take_number(
     };
     match number {
         Some(n) if n.is_finite() => Ok(Some(n)),
-        _ => Err(FieldError::field(
-            name,
-            format!("`{name}` must be a number."),
-        )),
+        _ => Err(FieldError::field(name, format!("`{name}` must be a number."))),
     }
 }
 
@@ -221,26 +181,18 @@ fn take_seconds(
     if !(1.0..=max).contains(&value) {
         return Err(FieldError::field(
             name,
-            format!(
-                "`{name}` must be between 1 and {max} seconds (decimals allowed), not {value}."
-            ),
+            format!("`{name}` must be between 1 and {max} seconds (decimals allowed), not {value}."),
         ));
     }
     Ok(value)
 }
 
-fn take_count(
-    fields: &mut Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<usize>, FieldError> {
+fn take_count(fields: &mut Map<String, Value>, name: &'static str) -> Result<Option<usize>, FieldError> {
     let Some(value) = take_number(fields, name)? else {
         return Ok(None);
     };
     if value < 0.0 || value.fract() != 0.0 || value > u32::MAX as f64 {
-        return Err(FieldError::field(
-            name,
-            format!("`{name}` must be a whole number of characters, 0 or more."),
-        ));
+        return Err(FieldError::field(name, format!("`{name}` must be a whole number of characters, 0 or more.")));
     }
     Ok(Some(value as usize))
 }
@@ -250,10 +202,7 @@ fn parse_status_url(url: &str) -> Result<ParsedUrl, FieldError> {
         Ok(parsed) => parsed.path().to_owned(),
         Err(_) if url.starts_with('/') => url.to_owned(),
         Err(_) => {
-            return Err(FieldError::field(
-                "from_status_url",
-                "`from_status_url` must be a status URL of this server.",
-            ));
+            return Err(FieldError::field("from_status_url", "`from_status_url` must be a status URL of this server."));
         }
     };
     match ParsedUrl::from_url_path(&path) {
@@ -266,17 +215,10 @@ fn parse_status_url(url: &str) -> Result<ParsedUrl, FieldError> {
 }
 
 fn parse_webhook_url(url: &str) -> Result<Url, FieldError> {
-    let parsed = Url::parse(url).map_err(|e| {
-        FieldError::field(
-            "webhook_url",
-            format!("`webhook_url` is not a valid URL ({e})."),
-        )
-    })?;
+    let parsed = Url::parse(url)
+        .map_err(|e| FieldError::field("webhook_url", format!("`webhook_url` is not a valid URL ({e}).")))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() || url.len() > 2048 {
-        return Err(FieldError::field(
-            "webhook_url",
-            "`webhook_url` must be an http or https URL with a host.",
-        ));
+        return Err(FieldError::field("webhook_url", "`webhook_url` must be an http or https URL with a host."));
     }
     Ok(parsed)
 }
@@ -315,11 +257,7 @@ mod tests {
     use serde_json::json;
 
     fn limits() -> Limits {
-        Limits {
-            max_timeout: 90.0,
-            max_connect_timeout: 10.0,
-            default_model: "gpt-3.5-turbo".into(),
-        }
+        Limits { max_timeout: 90.0, max_connect_timeout: 10.0, default_model: "gpt-3.5-turbo".into() }
     }
 
     fn parse(body: Value) -> Result<CreateRequest, FieldError> {
@@ -366,58 +304,20 @@ mod tests {
         assert_eq!(param_of(json!({})), Some("messages"));
         assert_eq!(param_of(json!({"messages": []})), Some("messages"));
         assert_eq!(param_of(json!({"messages": "nope"})), Some("messages"));
-        assert_eq!(
-            param_of(json!({"messages": [{"content": "no role"}]})),
-            Some("messages")
-        );
-        assert_eq!(
-            param_of(json!({"messages": ok, "access": "secret"})),
-            Some("access")
-        );
-        assert_eq!(
-            param_of(json!({"messages": ok, "timeout": 91})),
-            Some("timeout")
-        );
-        assert_eq!(
-            param_of(json!({"messages": ok, "timeout": 0.5})),
-            Some("timeout")
-        );
-        assert_eq!(
-            param_of(json!({"messages": ok, "timeout": "soon"})),
-            Some("timeout")
-        );
-        assert_eq!(
-            param_of(json!({"messages": ok, "connect_timeout": 11})),
-            Some("connect_timeout")
-        );
+        assert_eq!(param_of(json!({"messages": [{"content": "no role"}]})), Some("messages"));
+        assert_eq!(param_of(json!({"messages": ok, "access": "secret"})), Some("access"));
+        assert_eq!(param_of(json!({"messages": ok, "timeout": 91})), Some("timeout"));
+        assert_eq!(param_of(json!({"messages": ok, "timeout": 0.5})), Some("timeout"));
+        assert_eq!(param_of(json!({"messages": ok, "timeout": "soon"})), Some("timeout"));
+        assert_eq!(param_of(json!({"messages": ok, "connect_timeout": 11})), Some("connect_timeout"));
         assert_eq!(param_of(json!({"messages": ok, "model": 3})), Some("model"));
-        assert_eq!(
-            param_of(json!({"messages": ok, "webhook_url": "ftp://x"})),
-            Some("webhook_url")
-        );
-        assert_eq!(
-            param_of(json!({"messages": ok, "from_status_url": "http://x/y"})),
-            Some("from_status_url")
-        );
-        assert_eq!(
-            param_of(json!({"messages": ok, "from_bearer_token": "abc"})),
-            Some("from_bearer_token")
-        );
-        assert_eq!(
-            param_of(json!({"messages": ok, "from_max_length": 5})),
-            Some("from_max_length")
-        );
-        assert_eq!(
-            param_of(json!({"messages": ok, "conversation_id": 7})),
-            Some("conversation_id")
-        );
+        assert_eq!(param_of(json!({"messages": ok, "webhook_url": "ftp://x"})), Some("webhook_url"));
+        assert_eq!(param_of(json!({"messages": ok, "from_status_url": "http://x/y"})), Some("from_status_url"));
+        assert_eq!(param_of(json!({"messages": ok, "from_bearer_token": "abc"})), Some("from_bearer_token"));
+        assert_eq!(param_of(json!({"messages": ok, "from_max_length": 5})), Some("from_max_length"));
+        assert_eq!(param_of(json!({"messages": ok, "conversation_id": 7})), Some("conversation_id"));
         assert!(parse(json!([1])).unwrap_err().param.is_none());
-        assert!(
-            CreateRequest::parse(b"{", &limits())
-                .unwrap_err()
-                .param
-                .is_none()
-        );
+        assert!(CreateRequest::parse(b"{", &limits()).unwrap_err().param.is_none());
     }
 
     #[test]

@@ -69,9 +69,7 @@ impl ParsedUrl {
         let kind = Kind::from_code(kind.parse().ok()?)?;
         let (access, date, last, stop) = match rest {
             [access, y, mo, d, h, mi, s, last] => (access, [y, mo, d, h, mi, s], *last, false),
-            [access, y, mo, d, h, mi, s, last, "stop"] => {
-                (access, [y, mo, d, h, mi, s], *last, true)
-            }
+            [access, y, mo, d, h, mi, s, last, "stop"] => (access, [y, mo, d, h, mi, s], *last, true),
             _ => return None,
         };
         let access = Access::from_segment(access)?;
@@ -94,13 +92,7 @@ impl ParsedUrl {
         } else {
             return None;
         };
-        Some(Self {
-            kind,
-            access,
-            date: UrlDate(parts),
-            id: RequestId::parse(id)?,
-            suffix,
-        })
+        Some(Self { kind, access, date: UrlDate(parts), id: RequestId::parse(id)?, suffix })
     }
 
     /// Parses a full URL or path (as given in `from_status_url`): the last 10 or 11 segments must be ours.
@@ -117,9 +109,7 @@ impl ParsedUrl {
 impl Locator {
     /// The path of the request without suffix, e.g. `/1/r/pub/2023/06/01/11/07/06/<id>`.
     pub fn path(&self) -> String {
-        let date = UrlDate::of(self.created_at)
-            .map(|d| d.0)
-            .unwrap_or([1970, 1, 1, 0, 0, 0]);
+        let date = UrlDate::of(self.created_at).map(|d| d.0).unwrap_or([1970, 1, 1, 0, 0, 0]);
         format!(
             "/{}/r/{}/{:04}/{:02}/{:02}/{:02}/{:02}/{:02}/{}",
             self.kind.code(),
@@ -191,10 +181,8 @@ mod tests {
         }
         assert!(ParsedUrl::from_url_path("/2/r/pub/23/06/01/16/47/21/x.json").is_none());
         assert!(
-            ParsedUrl::from_url_path(
-                "/3/r/pub/2023/06/01/16/47/21/154dff1d-a1b1-4270-bbbc-66b9a5700a12.json"
-            )
-            .is_none()
+            ParsedUrl::from_url_path("/3/r/pub/2023/06/01/16/47/21/154dff1d-a1b1-4270-bbbc-66b9a5700a12.json")
+                .is_none()
         );
     }
 }

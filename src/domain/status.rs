@@ -59,13 +59,7 @@ mod tests {
     #[test]
     fn final_statuses_never_change() {
         for f in [Status::Done, Status::Error, Status::Stop] {
-            for n in [
-                Status::Pending,
-                Status::Streaming,
-                Status::Done,
-                Status::Error,
-                Status::Stop,
-            ] {
+            for n in [Status::Pending, Status::Streaming, Status::Done, Status::Error, Status::Stop] {
                 assert!(!f.can_become(n));
             }
         }

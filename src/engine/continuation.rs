@@ -5,29 +5,17 @@ use serde_json::{Map, Value};
 /// The assistant message of the previous response's first choice, as a message to send upstream again, its
 /// content cut to `max_chars` characters. `None` when the previous response has no assistant message.
 pub fn assistant_message(body: &Value, max_chars: Option<usize>) -> Option<Value> {
-    let choice = body
-        .get("choices")?
-        .as_array()?
-        .iter()
-        .min_by_key(|c| c.get("index").and_then(Value::as_u64))?;
+    let choice = body.get("choices")?.as_array()?.iter().min_by_key(|c| c.get("index").and_then(Value::as_u64))?;
     let message = choice.get("message")?.as_object()?;
     let mut out = Map::new();
-    out.insert(
-        "role".into(),
-        message
-            .get("role")
-            .cloned()
-            .unwrap_or_else(|| "assistant".into()),
-    );
+    out.insert("role".into(), message.get("role").cloned().unwrap_or_else(|| "assistant".into()));
     let mut content = message.get("content").cloned().unwrap_or(Value::Null);
     if let (Value::String(text), Some(max)) = (&mut content, max_chars)
         && let Some((cut, _)) = text.char_indices().nth(max)
     {
         text.truncate(cut);
     }
-    let has_calls = ["tool_calls", "function_call"]
-        .iter()
-        .any(|k| message.get(*k).is_some_and(|v| !v.is_null()));
+    let has_calls = ["tool_calls", "function_call"].iter().any(|k| message.get(*k).is_some_and(|v| !v.is_null()));
     if content.is_null() && !has_calls {
         return None;
     }
@@ -48,14 +36,8 @@ mod tests {
     #[test]
     fn content_is_cut_by_characters_not_bytes() {
         let body = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": "héllo wörld"}}]});
-        assert_eq!(
-            assistant_message(&body, Some(4)).unwrap(),
-            json!({"role": "assistant", "content": "héll"})
-        );
-        assert_eq!(
-            assistant_message(&body, None).unwrap()["content"],
-            "héllo wörld"
-        );
+        assert_eq!(assistant_message(&body, Some(4)).unwrap(), json!({"role": "assistant", "content": "héll"}));
+        assert_eq!(assistant_message(&body, None).unwrap()["content"], "héllo wörld");
     }
 
     #[test]

@@ -4,9 +4,7 @@
 //! So a slow reader costs only its own cursor, never the worker's or another reader's time.
 
 use super::sse;
-use crate::document::{
-    Assembler, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, Urls, render,
-};
+use crate::document::{Assembler, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, Urls, render};
 use crate::domain::Status;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -191,11 +189,7 @@ impl LiveRequest {
             return Read::Events(out, end as u64);
         }
         if st.progress.status.is_final() {
-            return Read::End(sse::tail(
-                st.progress.status,
-                st.progress.error.as_ref(),
-                total,
-            ));
+            return Read::End(sse::tail(st.progress.status, st.progress.error.as_ref(), total));
         }
         Read::Wait
     }
@@ -242,12 +236,7 @@ impl LiveRequest {
     }
 
     /// Moves to a final status (unless already final), and returns what to store.
-    pub fn finalize(
-        &self,
-        status: Status,
-        error: Option<ErrorInfo>,
-        now: f64,
-    ) -> (Progress, Option<String>) {
+    pub fn finalize(&self, status: Status, error: Option<ErrorInfo>, now: f64) -> (Progress, Option<String>) {
         self.update(|st| {
             if !st.progress.status.is_final() {
                 st.progress.status = status;

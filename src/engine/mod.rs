@@ -18,8 +18,7 @@ use crate::document::model::Options;
 use crate::document::{Assembler, ErrorInfo, RequestMeta, Urls};
 use crate::domain::locator::ParsedUrl;
 use crate::domain::{
-    Access, AccessToken, Continuation, CreateRequest, Kind, Limits, Locator, RequestId, Status,
-    UpstreamKey,
+    Access, AccessToken, Continuation, CreateRequest, Kind, Limits, Locator, RequestId, Status, UpstreamKey,
 };
 use crate::store::{Store, StoreError, StoredRequest, WriteOp};
 use crate::upstream::Upstream;
@@ -37,10 +36,7 @@ use tokio_util::task::TaskTracker;
 
 /// Unix time in seconds, with sub-second precision.
 pub fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 #[derive(Clone, Debug)]
@@ -98,9 +94,7 @@ impl Found {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
-    #[error(
-        "the server is shutting down and accepts no new requests; retry against another instance or later"
-    )]
+    #[error("the server is shutting down and accepts no new requests; retry against another instance or later")]
     ShuttingDown,
     #[error("the server is running {0} requests, its limit; retry shortly")]
     Overloaded(usize),
@@ -108,13 +102,9 @@ pub enum CreateError {
     MissingKey,
     #[error("`from_status_url` names no request of this server (it may have been deleted)")]
     FromNotFound,
-    #[error(
-        "`from_bearer_token` is missing or wrong for the private request named by `from_status_url`"
-    )]
+    #[error("`from_bearer_token` is missing or wrong for the private request named by `from_status_url`")]
     FromForbidden,
-    #[error(
-        "the request named by `from_status_url` has not finished yet (status `{0}`); continue once it is final"
-    )]
+    #[error("the request named by `from_status_url` has not finished yet (status `{0}`); continue once it is final")]
     FromNotFinished(&'static str),
     #[error("the request could not be stored")]
     Store(#[from] StoreError),
@@ -196,22 +186,15 @@ impl Engine {
         let created = unix_now();
         let tokens = match req.access {
             Access::Private => {
-                let token =
-                    || AccessToken::generate().map_err(|e| CreateError::Internal(e.to_string()));
+                let token = || AccessToken::generate().map_err(|e| CreateError::Internal(e.to_string()));
                 Some((token()?, token()?))
             }
             Access::Public => None,
         };
-        let parameters_json =
-            serde_json::to_string(&parameters).map_err(|e| CreateError::Internal(e.to_string()))?;
+        let parameters_json = serde_json::to_string(&parameters).map_err(|e| CreateError::Internal(e.to_string()))?;
         let upstream_body = with_stream_flag(&parameters_json, kind == Kind::Stream);
         let meta = Arc::new(RequestMeta {
-            locator: Locator {
-                kind,
-                access: req.access,
-                created_at: created.floor() as i64,
-                id,
-            },
+            locator: Locator { kind, access: req.access, created_at: created.floor() as i64, id },
             created,
             conversation_id: conversation_id.unwrap_or_else(|| id.to_string()),
             bearer: tokens.as_ref().map(|(b, _)| b.hash()),
@@ -223,37 +206,24 @@ impl Engine {
                 from_max_length: req.continuation.as_ref().and_then(|c| c.max_length),
             },
             from_status_url: req.continuation.map(|c| c.from_status_url),
-            parameters: RawValue::from_string(parameters_json)
-                .map_err(|e| CreateError::Internal(e.to_string()))?,
+            parameters: RawValue::from_string(parameters_json).map_err(|e| CreateError::Internal(e.to_string()))?,
         });
 
-        inner
-            .persister
-            .commit(WriteOp::Insert(meta.clone()))
-            .await?;
+        inner.persister.commit(WriteOp::Insert(meta.clone())).await?;
         let live = LiveRequest::new(meta.clone());
         inner.hub.lock().insert(id, live.clone());
-        inner
-            .tasks
-            .spawn(worker::run(inner.clone(), live.clone(), key, upstream_body));
+        inner.tasks.spawn(worker::run(inner.clone(), live.clone(), key, upstream_body));
         if !self.accepting() {
             // Shutdown began while this one was being accepted: it ends as interrupted like the others.
             live.cancel_with(CancelReason::Shutdown, unix_now());
         }
         let (bearer, stream_token) = tokens.unzip();
-        Ok(Created {
-            meta,
-            bearer,
-            stream_token,
-        })
+        Ok(Created { meta, bearer, stream_token })
     }
 
     /// The previous request's conversation id and its messages followed by its assistant answer.
     async fn history(&self, c: &Continuation) -> Result<(String, Vec<Value>), CreateError> {
-        let found = self
-            .find(&c.target)
-            .await?
-            .ok_or(CreateError::FromNotFound)?;
+        let found = self.find(&c.target).await?.ok_or(CreateError::FromNotFound)?;
         let meta = found.meta();
         if let Some(hash) = &meta.bearer
             && !c.bearer_token.as_deref().is_some_and(|t| hash.verify(t))
@@ -268,9 +238,7 @@ impl Engine {
             Found::Live(live) => live.update(|st| (false, st.body.to_json())),
             Found::Stored(stored) => stored.body.clone(),
         };
-        let body: Value = body
-            .and_then(|b| serde_json::from_str(&b).ok())
-            .unwrap_or(Value::Null);
+        let body: Value = body.and_then(|b| serde_json::from_str(&b).ok()).unwrap_or(Value::Null);
         let parameters: Value = serde_json::from_str(meta.parameters.get()).unwrap_or(Value::Null);
         let mut messages = match parameters.get("messages") {
             Some(Value::Array(m)) => m.clone(),
@@ -287,9 +255,7 @@ impl Engine {
             return Ok(url.matches(&live.meta.locator).then_some(Found::Live(live)));
         }
         let stored = self.inner.store.get(url.id).await?;
-        Ok(stored
-            .filter(|s| url.matches(&s.meta.locator))
-            .map(|s| Found::Stored(Box::new(s))))
+        Ok(stored.filter(|s| url.matches(&s.meta.locator)).map(|s| Found::Stored(Box::new(s))))
     }
 
     /// Stops a running request. `false` when it was already final.
@@ -333,9 +299,7 @@ impl Engine {
                 progress.finished_at.get_or_insert(now);
             }
             progress.processed_at = Some(now);
-            store
-                .write(Arc::from([WriteOp::Finish { id, progress, body }]))
-                .await?;
+            store.write(Arc::from([WriteOp::Finish { id, progress, body }])).await?;
             tracing::warn!(request = %id, "request cut off by a previous crash ended as interrupted");
         }
         Ok(count)
@@ -361,15 +325,9 @@ impl Engine {
         let inner = &self.inner;
         inner.accepting.store(false, Ordering::SeqCst);
         inner.tasks.close();
-        if tokio::time::timeout(grace, inner.tasks.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, inner.tasks.wait()).await.is_err() {
             let running: Vec<_> = inner.hub.lock().values().cloned().collect();
-            tracing::warn!(
-                count = running.len(),
-                "grace period over; ending running requests as interrupted"
-            );
+            tracing::warn!(count = running.len(), "grace period over; ending running requests as interrupted");
             for live in running {
                 live.cancel_with(CancelReason::Shutdown, unix_now());
             }
@@ -386,8 +344,7 @@ impl Engine {
         &self,
         found: Found,
         after: u64,
-    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> + Send + 'static
-    {
+    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> + Send + 'static {
         reader::follow(self.inner.clone(), found, after)
     }
 }
@@ -397,11 +354,7 @@ impl Inner {
     async fn settle(&self, live: &LiveRequest, status: Status, error: Option<ErrorInfo>) {
         let (progress, body) = live.finalize(status, error, unix_now());
         let id = live.meta.locator.id;
-        if let Err(e) = self
-            .persister
-            .commit(WriteOp::Finish { id, progress, body })
-            .await
-        {
+        if let Err(e) = self.persister.commit(WriteOp::Finish { id, progress, body }).await {
             tracing::error!(request = %id, error = %e, "could not store the final status");
         }
         self.hub.lock().remove(&id);
@@ -411,10 +364,7 @@ impl Inner {
 
 /// The upstream body: the stored parameters with `"stream"` added (the object always has `messages`).
 fn with_stream_flag(parameters: &str, stream: bool) -> String {
-    let body = parameters
-        .trim_end()
-        .strip_suffix('}')
-        .unwrap_or(parameters);
+    let body = parameters.trim_end().strip_suffix('}').unwrap_or(parameters);
     format!("{body},\"stream\":{stream}}}")
 }
 

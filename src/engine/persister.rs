@@ -32,15 +32,7 @@ impl Persister {
 
     /// Queues a write; it is durable within the flush interval.
     pub async fn push(&self, op: WriteOp) {
-        if self
-            .tx
-            .send(Cmd {
-                op: Some(op),
-                ack: None,
-            })
-            .await
-            .is_err()
-        {
+        if self.tx.send(Cmd { op: Some(op), ack: None }).await.is_err() {
             tracing::error!("a write was queued after the persister stopped");
         }
     }
@@ -57,10 +49,7 @@ impl Persister {
 
     async fn send_with_ack(&self, op: Option<WriteOp>) -> Result<(), StoreError> {
         let (ack, done) = oneshot::channel();
-        self.tx
-            .send(Cmd { op, ack: Some(ack) })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.tx.send(Cmd { op, ack: Some(ack) }).await.map_err(|_| StoreError::Closed)?;
         done.await.map_err(|_| StoreError::Closed)?
     }
 }
@@ -89,12 +78,7 @@ async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<C
         }
         let result = write_with_retry(&*store, std::mem::take(&mut ops).into()).await;
         for ack in acks.drain(..) {
-            let _ = ack.send(
-                result
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|e| StoreError::Database(e.to_string())),
-            );
+            let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| StoreError::Database(e.to_string())));
         }
     }
 }

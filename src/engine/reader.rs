@@ -17,11 +17,7 @@ enum Wake {
 }
 
 /// The `.txt` body for a reader that has everything up to event `after`.
-pub(super) fn follow(
-    inner: Arc<Inner>,
-    found: Found,
-    after: u64,
-) -> impl Stream<Item = Result<Bytes, Infallible>> {
+pub(super) fn follow(inner: Arc<Inner>, found: Found, after: u64) -> impl Stream<Item = Result<Bytes, Infallible>> {
     let keep_alive = inner.config.keep_alive;
     async_stream::stream! {
         match found {

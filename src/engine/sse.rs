@@ -60,10 +60,7 @@ mod tests {
 
     #[test]
     fn multi_line_data_becomes_several_data_lines() {
-        assert_eq!(
-            &frame(3, "{\"a\":\n1}")[..],
-            b"id: 3\ndata: {\"a\":\ndata: 1}\n\n"
-        );
+        assert_eq!(&frame(3, "{\"a\":\n1}")[..], b"id: 3\ndata: {\"a\":\ndata: 1}\n\n");
     }
 
     #[test]

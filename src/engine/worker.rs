@@ -20,12 +20,7 @@ enum Outcome {
     Cancelled,
 }
 
-pub(super) async fn run(
-    inner: Arc<Inner>,
-    live: Arc<LiveRequest>,
-    key: Option<UpstreamKey>,
-    body: String,
-) {
+pub(super) async fn run(inner: Arc<Inner>, live: Arc<LiveRequest>, key: Option<UpstreamKey>, body: String) {
     let timeout = live.meta.options.timeout;
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
     let outcome = tokio::select! {
@@ -56,11 +51,7 @@ pub fn interrupted() -> ErrorInfo {
     )
 }
 
-async fn transition(
-    inner: &Inner,
-    live: &LiveRequest,
-    apply: impl FnOnce(&mut crate::document::Progress),
-) {
+async fn transition(inner: &Inner, live: &LiveRequest, apply: impl FnOnce(&mut crate::document::Progress)) {
     let progress = live.update(|st| {
         if st.progress.status.is_final() {
             return (false, None);
@@ -69,45 +60,23 @@ async fn transition(
         (true, Some(st.progress.clone()))
     });
     if let Some(progress) = progress {
-        inner
-            .persister
-            .push(WriteOp::Progress {
-                id: live.meta.locator.id,
-                progress,
-            })
-            .await;
+        inner.persister.push(WriteOp::Progress { id: live.meta.locator.id, progress }).await;
     }
 }
 
 async fn push_raw(inner: &Inner, live: &LiveRequest, bytes: Bytes) {
     let seq = live.push_raw(bytes.clone());
-    inner
-        .persister
-        .push(WriteOp::Raw {
-            id: live.meta.locator.id,
-            seq,
-            bytes,
-        })
-        .await;
+    inner.persister.push(WriteOp::Raw { id: live.meta.locator.id, seq, bytes }).await;
 }
 
-async fn call(
-    inner: &Inner,
-    live: &LiveRequest,
-    key: Option<UpstreamKey>,
-    body: String,
-) -> Outcome {
+async fn call(inner: &Inner, live: &LiveRequest, key: Option<UpstreamKey>, body: String) -> Outcome {
     let now = super::unix_now();
     transition(inner, live, |p| {
         p.status = Status::Posting;
         p.request_at = Some(now);
     })
     .await;
-    let response = match inner
-        .upstream
-        .send(body, key, live.meta.options.connect_timeout)
-        .await
-    {
+    let response = match inner.upstream.send(body, key, live.meta.options.connect_timeout).await {
         Ok(response) => response,
         Err(e @ CallError::ConnectTimeout(_)) => {
             return Outcome::Failed(ErrorInfo::new("connect_timeout", e.to_string()));
@@ -123,9 +92,10 @@ async fn call(
     let meta = response_meta(&response);
     push_raw(inner, live, raw_head(&response, &meta)).await;
     let success = response.status().is_success();
-    let is_event_stream = meta.headers.iter().any(|(n, v)| {
-        n == "content-type" && v.to_ascii_lowercase().starts_with("text/event-stream")
-    });
+    let is_event_stream = meta
+        .headers
+        .iter()
+        .any(|(n, v)| n == "content-type" && v.to_ascii_lowercase().starts_with("text/event-stream"));
     let kind = live.meta.locator.kind;
     transition(inner, live, |p| {
         p.response = Some(meta);
@@ -164,19 +134,12 @@ fn upstream_error_info(body: &serde_json::value::RawValue) -> ErrorInfo {
     ErrorInfo::new("upstream_error", message)
 }
 
-async fn read_body(
-    inner: &Inner,
-    live: &LiveRequest,
-    response: reqwest::Response,
-) -> Result<Vec<u8>, ErrorInfo> {
+async fn read_body(inner: &Inner, live: &LiveRequest, response: reqwest::Response) -> Result<Vec<u8>, ErrorInfo> {
     let mut body = Vec::new();
     let mut stream = response.bytes_stream();
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|e| {
-            ErrorInfo::new(
-                "upstream_error",
-                format!("The connection to the upstream broke: {}", describe(&e)),
-            )
+            ErrorInfo::new("upstream_error", format!("The connection to the upstream broke: {}", describe(&e)))
         })?;
         body.extend_from_slice(&piece);
         push_raw(inner, live, piece).await;
@@ -206,10 +169,7 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
         let event = match event {
             Ok(event) => event,
             Err(e) => {
-                failure = Some(ErrorInfo::new(
-                    "upstream_error",
-                    format!("The upstream stream broke: {e}"),
-                ));
+                failure = Some(ErrorInfo::new("upstream_error", format!("The upstream stream broke: {e}")));
                 break;
             }
         };
@@ -222,31 +182,13 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
         };
         if seq == 1 {
             let progress = live.update(|st| (false, st.progress.clone()));
-            inner
-                .persister
-                .push(WriteOp::Progress {
-                    id: live.meta.locator.id,
-                    progress,
-                })
-                .await;
+            inner.persister.push(WriteOp::Progress { id: live.meta.locator.id, progress }).await;
         }
-        inner
-            .persister
-            .push(WriteOp::Event {
-                id: live.meta.locator.id,
-                seq,
-                data: event.data.into(),
-            })
-            .await;
+        inner.persister.push(WriteOp::Event { id: live.meta.locator.id, seq, data: event.data.into() }).await;
         if let ChunkKind::Error(error) = kind {
-            let message = error
-                .get("message")
-                .and_then(|m| m.as_str())
-                .unwrap_or("no message");
-            failure = Some(ErrorInfo::new(
-                "upstream_error",
-                format!("The upstream reported an error mid-stream: {message}"),
-            ));
+            let message = error.get("message").and_then(|m| m.as_str()).unwrap_or("no message");
+            failure =
+                Some(ErrorInfo::new("upstream_error", format!("The upstream reported an error mid-stream: {message}")));
             break;
         }
     }
@@ -257,12 +199,7 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
     if let Some(e) = failure {
         return Outcome::Failed(e);
     }
-    let complete = live.update(|st| {
-        (
-            false,
-            matches!(&st.body, LiveBody::Assembling(a) if a.is_complete()),
-        )
-    });
+    let complete = live.update(|st| (false, matches!(&st.body, LiveBody::Assembling(a) if a.is_complete())));
     if saw_done || complete {
         Outcome::Done
     } else {

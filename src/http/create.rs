@@ -57,17 +57,10 @@ async fn create(
         }
     })?;
     let request = CreateRequest::parse(&body, app.engine.limits()).map_err(|e| {
-        let code = if e.param.is_some() {
-            "invalid_field"
-        } else {
-            "invalid_json"
-        };
+        let code = if e.param.is_some() { "invalid_field" } else { "invalid_json" };
         ApiError::new(StatusCode::BAD_REQUEST, code, e.message).with_param(e.param)
     })?;
-    let key = headers
-        .get("x-openai-api-key")
-        .and_then(|v| v.to_str().ok())
-        .and_then(UpstreamKey::new);
+    let key = headers.get("x-openai-api-key").and_then(|v| v.to_str().ok()).and_then(UpstreamKey::new);
     let created = app.engine.create(kind, request, key).await?;
     Ok(Json(created_response(&app, &created)))
 }

@@ -16,13 +16,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            param: None,
-            retry_after: None,
-        }
+        Self { status, code, message: message.into(), param: None, retry_after: None }
     }
 
     pub fn with_param(mut self, param: Option<&'static str>) -> Self {
@@ -41,11 +35,7 @@ impl ApiError {
     /// A failure of ours: the cause is logged, the caller gets an opaque message.
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "The server could not complete this; try again.",
-        )
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "The server could not complete this; try again.")
     }
 }
 
@@ -77,17 +67,14 @@ impl From<CreateError> for ApiError {
                 err
             }
             CreateError::MissingKey => {
-                Self::new(StatusCode::BAD_REQUEST, "missing_upstream_key", message)
-                    .with_param(Some("X-OpenAI-API-Key"))
+                Self::new(StatusCode::BAD_REQUEST, "missing_upstream_key", message).with_param(Some("X-OpenAI-API-Key"))
             }
-            CreateError::FromNotFound => {
-                Self::not_found(message).with_param(Some("from_status_url"))
+            CreateError::FromNotFound => Self::not_found(message).with_param(Some("from_status_url")),
+            CreateError::FromForbidden => {
+                Self::new(StatusCode::FORBIDDEN, "forbidden", message).with_param(Some("from_bearer_token"))
             }
-            CreateError::FromForbidden => Self::new(StatusCode::FORBIDDEN, "forbidden", message)
-                .with_param(Some("from_bearer_token")),
             CreateError::FromNotFinished(_) => {
-                Self::new(StatusCode::CONFLICT, "not_finished", message)
-                    .with_param(Some("from_status_url"))
+                Self::new(StatusCode::CONFLICT, "not_finished", message).with_param(Some("from_status_url"))
             }
             CreateError::Store(store) => {
                 tracing::error!(error = %store, "could not store a new request");

@@ -31,12 +31,7 @@ pub fn router(engine: Engine, max_body_bytes: usize) -> Router {
         .route("/healthz", get(health))
         .route("/v1/stream-chatgpt", post(create::stream))
         .route("/v1/async-chatgpt", post(create::asynchronous))
-        .route(
-            "/{kind}/r/{*rest}",
-            get(requests::get)
-                .post(requests::post)
-                .delete(requests::delete),
-        )
+        .route("/{kind}/r/{*rest}", get(requests::get).post(requests::post).delete(requests::delete))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -44,9 +39,7 @@ pub fn router(engine: Engine, max_body_bytes: usize) -> Router {
         .with_state(AppState { engine })
 }
 
-async fn index(
-    axum::extract::State(app): axum::extract::State<AppState>,
-) -> Json<serde_json::Value> {
+async fn index(axum::extract::State(app): axum::extract::State<AppState>) -> Json<serde_json::Value> {
     let base = &app.engine.urls().base;
     Json(json!({
         "service": "offload",
@@ -60,12 +53,8 @@ async fn index(
     }))
 }
 
-async fn health(
-    axum::extract::State(app): axum::extract::State<AppState>,
-) -> Json<serde_json::Value> {
-    Json(
-        json!({"status": "ok", "in_flight": app.engine.in_flight(), "accepting": app.engine.accepting()}),
-    )
+async fn health(axum::extract::State(app): axum::extract::State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({"status": "ok", "in_flight": app.engine.in_flight(), "accepting": app.engine.accepting()}))
 }
 
 async fn not_found() -> ApiError {

@@ -25,28 +25,20 @@ pub struct StreamQuery {
 fn parse_url(kind: &str, rest: &str) -> Result<ParsedUrl, ApiError> {
     let segments: Vec<&str> = rest.split('/').collect();
     ParsedUrl::from_segments(kind, &segments).ok_or_else(|| {
-        ApiError::not_found("This is not a request URL of this server (expected /{kind}/r/{access}/YYYY/MM/DD/HH/MM/SS/{id}.json).")
+        ApiError::not_found(
+            "This is not a request URL of this server (expected /{kind}/r/{access}/YYYY/MM/DD/HH/MM/SS/{id}.json).",
+        )
     })
 }
 
 async fn find(app: &AppState, url: &ParsedUrl) -> Result<Found, ApiError> {
-    app.engine
-        .find(url)
-        .await
-        .map_err(|e| ApiError::internal(&e))?
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "No request exists at this URL (it may have been deleted or never existed).",
-            )
-        })
+    app.engine.find(url).await.map_err(|e| ApiError::internal(&e))?.ok_or_else(|| {
+        ApiError::not_found("No request exists at this URL (it may have been deleted or never existed).")
+    })
 }
 
 /// Private requests need `Authorization: Bearer <bearer_token>`; the event stream also takes `?stream_token=`.
-fn authorize(
-    meta: &RequestMeta,
-    headers: &HeaderMap,
-    stream_token: Option<&str>,
-) -> Result<(), ApiError> {
+fn authorize(meta: &RequestMeta, headers: &HeaderMap, stream_token: Option<&str>) -> Result<(), ApiError> {
     if meta.locator.access == Access::Public {
         return Ok(());
     }
@@ -56,12 +48,8 @@ fn authorize(
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
-    let by_bearer = bearer
-        .zip(meta.bearer.as_ref())
-        .is_some_and(|(t, hash)| hash.verify(t));
-    let by_stream_token = stream_token
-        .zip(meta.stream_token.as_ref())
-        .is_some_and(|(t, hash)| hash.verify(t));
+    let by_bearer = bearer.zip(meta.bearer.as_ref()).is_some_and(|(t, hash)| hash.verify(t));
+    let by_stream_token = stream_token.zip(meta.stream_token.as_ref()).is_some_and(|(t, hash)| hash.verify(t));
     if by_bearer || by_stream_token {
         return Ok(());
     }
@@ -80,11 +68,7 @@ pub async fn get(
 ) -> Result<Response, ApiError> {
     let url = parse_url(&kind, &rest)?;
     let found = find(&app, &url).await?;
-    let stream_token = if url.suffix == Suffix::Events {
-        query.stream_token.as_deref()
-    } else {
-        None
-    };
+    let stream_token = if url.suffix == Suffix::Events { query.stream_token.as_deref() } else { None };
     authorize(found.meta(), &headers, stream_token)?;
     match url.suffix {
         Suffix::Status => Ok(status(&app, &found, &headers)),
@@ -123,10 +107,7 @@ pub async fn delete(
     }
     let found = find(&app, &url).await?;
     authorize(found.meta(), &headers, None)?;
-    app.engine
-        .delete(found)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    app.engine.delete(found).await.map_err(|e| ApiError::internal(&e))?;
     Ok(Json(json!({
         "status": "success",
         "README": "The request was deleted with its events and raw response; its URLs now answer 404.",
@@ -152,30 +133,15 @@ fn status(app: &AppState, found: &Found, headers: &HeaderMap) -> Response {
     let doc: bytes::Bytes = match found {
         Found::Live(live) => live.document(app.engine.urls()),
         Found::Stored(stored) => {
-            let body = stored
-                .body
-                .as_deref()
-                .and_then(|b| serde_json::from_str::<&RawValue>(b).ok());
+            let body = stored.body.as_deref().and_then(|b| serde_json::from_str::<&RawValue>(b).ok());
             let view = body.map_or(BodyView::None, BodyView::Json);
-            render(
-                &stored.meta,
-                &stored.progress,
-                view,
-                app.engine.urls(),
-                None,
-            )
-            .into()
+            render(&stored.meta, &stored.progress, view, app.engine.urls(), None).into()
         }
     };
     let etag = etag_of(&doc);
-    let not_modified = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',').any(|t| {
-                t.trim() == etag || t.trim() == "*" || t.trim().trim_start_matches("W/") == etag
-            })
-        });
+    let not_modified = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.split(',').any(|t| t.trim() == etag || t.trim() == "*" || t.trim().trim_start_matches("W/") == etag)
+    });
     let mut response = if not_modified {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
@@ -189,22 +155,13 @@ fn status(app: &AppState, found: &Found, headers: &HeaderMap) -> Response {
     response
 }
 
-fn events(
-    app: &AppState,
-    found: Found,
-    headers: &HeaderMap,
-    query_last: Option<&str>,
-) -> Result<Response, ApiError> {
+fn events(app: &AppState, found: Found, headers: &HeaderMap, query_last: Option<&str>) -> Result<Response, ApiError> {
     if found.meta().locator.kind == Kind::Async {
         return Err(ApiError::not_found(
             "Requests made with /v1/async-chatgpt have no event stream; poll their status_url instead.",
         ));
     }
-    let last = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .or(query_last)
-        .map(str::trim);
+    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query_last).map(str::trim);
     let after = match last {
         None | Some("") => 0,
         Some(text) => text.parse::<u64>().map_err(|_| {
@@ -237,47 +194,27 @@ fn events(
 }
 
 async fn raw(app: &AppState, found: Found) -> Result<Response, ApiError> {
-    let not_yet = || {
-        ApiError::not_found(
-            "The upstream has not answered yet; the raw response appears once it does.",
-        )
-    };
+    let not_yet = || ApiError::not_found("The upstream has not answered yet; the raw response appears once it does.");
     let bytes: Vec<u8> = match &found {
         Found::Live(live) => live.raw().ok_or_else(not_yet)?.concat(),
         Found::Stored(stored) => {
             if stored.progress.response.is_none() {
                 return Err(not_yet());
             }
-            app.engine
-                .store()
-                .raw(stored.meta.locator.id)
-                .await
-                .map_err(|e| ApiError::internal(&e))?
+            app.engine.store().raw(stored.meta.locator.id).await.map_err(|e| ApiError::internal(&e))?
         }
     };
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        bytes,
-    )
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], bytes)
         .into_response())
 }
 
 fn stop(app: &AppState, found: &Found) -> Response {
-    let status_url = found
-        .meta()
-        .locator
-        .url(&app.engine.urls().base, Suffix::Status);
+    let status_url = found.meta().locator.url(&app.engine.urls().base, Suffix::Status);
     if !app.engine.stop(found) {
         return ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "already_finished",
-            format!(
-                "This request already finished (status `{}`); stop has no effect.",
-                found.status().as_str()
-            ),
+            format!("This request already finished (status `{}`); stop has no effect.", found.status().as_str()),
         )
         .into_response();
     }

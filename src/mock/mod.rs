@@ -5,6 +5,8 @@
 //! from a `mock` object in the request body, which offload passes upstream unchanged like any unknown field:
 //! `{"mock": {"words": 64, "delay_ms": 20, "ttft_ms": 100, "status": 500, "stall_after": 3, "drop_after": 5,
 //! "stall_headers": true, "content": "exact reply", "tool_calls": [{"name": "f", "arguments": "{}"}]}}`.
+//! A non-streaming answer is paced too: headers after `ttft_ms`, then the JSON body in `words` pieces
+//! `delay_ms` apart; `stall_after` and `drop_after` count those pieces (for streams: events).
 //!
 //! `GET /_mock/stats` counts calls, completed responses and responses the client abandoned (the connection was
 //! dropped mid-way); `GET /_mock/requests` shows the last calls received (body and whether a key was sent).
@@ -103,9 +105,8 @@ impl MockServer {
 
 /// `http://{SocketAddr}/v1` always parses; this is only the type-level fallback for that proof.
 fn unreachable_url() -> url::Url {
-    url::Url::from_directory_path("/").unwrap_or_else(|()| {
-        url::Url::parse("http://127.0.0.1/").unwrap_or_else(|_| std::process::abort())
-    })
+    url::Url::from_directory_path("/")
+        .unwrap_or_else(|()| url::Url::parse("http://127.0.0.1/").unwrap_or_else(|_| std::process::abort()))
 }
 
 impl Drop for MockServer {
@@ -117,11 +118,7 @@ impl Drop for MockServer {
 pub async fn spawn(addr: SocketAddr, defaults: MockConfig) -> std::io::Result<MockServer> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(MockState {
-        defaults,
-        stats: MockStats::default(),
-        recent: Mutex::new(VecDeque::new()),
-    });
+    let state = Arc::new(MockState { defaults, stats: MockStats::default(), recent: Mutex::new(VecDeque::new()) });
     let app = router(state.clone());
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -136,11 +133,7 @@ fn router(state: Arc<MockState>) -> Router {
         .route("/v1/chat/completions", post(completions))
         .route(
             "/v1/models",
-            get(|| async {
-                Json(
-                    json!({"object": "list", "data": [{"id": "gpt-3.5-turbo", "object": "model"}]}),
-                )
-            }),
+            get(|| async { Json(json!({"object": "list", "data": [{"id": "gpt-3.5-turbo", "object": "model"}]})) }),
         )
         .route("/_mock/stats", get(stats))
         .route("/_mock/requests", get(recent))
@@ -161,16 +154,8 @@ async fn recent(State(state): State<Arc<MockState>>) -> Json<Value> {
 }
 
 fn openai_error(status: StatusCode, message: &str) -> Response {
-    let kind = if status.is_server_error() {
-        "server_error"
-    } else {
-        "invalid_request_error"
-    };
-    (
-        status,
-        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": null}})),
-    )
-        .into_response()
+    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+    (status, Json(json!({"error": {"message": message, "type": kind, "param": null, "code": null}}))).into_response()
 }
 
 const WORDS: &[&str] = &[
@@ -224,21 +209,11 @@ impl Drop for Completion {
     }
 }
 
-async fn completions(
-    State(state): State<Arc<MockState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn completions(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
     state.stats.requests.fetch_add(1, Ordering::SeqCst);
-    let guard = Completion {
-        state: state.clone(),
-        done: false,
-    };
+    let guard = Completion { state: state.clone(), done: false };
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return openai_error(
-            StatusCode::BAD_REQUEST,
-            "We could not parse the JSON body of your request.",
-        );
+        return openai_error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request.");
     };
     {
         let mut recent = state.recent.lock();
@@ -250,11 +225,8 @@ async fn completions(
             recent.pop_front();
         }
     }
-    let controls: Controls = request
-        .get("mock")
-        .cloned()
-        .and_then(|m| serde_json::from_value(m).ok())
-        .unwrap_or_default();
+    let controls: Controls =
+        request.get("mock").cloned().and_then(|m| serde_json::from_value(m).ok()).unwrap_or_default();
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
         return openai_error(StatusCode::BAD_REQUEST, "'messages' is a required property");
     };
@@ -262,33 +234,28 @@ async fn completions(
         tokio::time::sleep(Duration::from_secs(600)).await;
     }
     if let Some(status) = controls.status.and_then(|s| StatusCode::from_u16(s).ok()) {
-        let message = controls
-            .error_message
-            .clone()
-            .unwrap_or_else(|| format!("Mock error with status {status}."));
+        let message = controls.error_message.clone().unwrap_or_else(|| format!("Mock error with status {status}."));
         guard.finish();
         return openai_error(status, &message);
     }
     let plan = Plan::new(&state.defaults, &controls, &request, messages.len());
-    if request
-        .get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(false)
-    {
-        stream_response(plan, controls, guard)
+    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let pieces = if stream {
+        plan.events().into_iter().map(|e| format!("data: {e}\n\n")).chain(["data: [DONE]\n\n".to_owned()]).collect()
     } else {
-        tokio::time::sleep(plan.ttft + plan.delay * plan.words.len() as u32).await;
-        let body = plan.completion();
-        guard.finish();
-        (
-            [
-                (header::CONTENT_TYPE, "application/json"),
-                (header::HeaderName::from_static("x-request-id"), "req_mock"),
-            ],
-            Json(body),
-        )
-            .into_response()
-    }
+        // The JSON body is sent in as many pieces as there are words, paced like a stream, so that a slow
+        // answer shows as `waiting` and stalls and drops work the same way.
+        let body = plan.completion().to_string();
+        split_evenly(&body, plan.words.len().max(1))
+    };
+    let content_type = if stream { "text/event-stream; charset=utf-8" } else { "application/json" };
+    paced_response(plan, controls, guard, pieces, content_type)
+}
+
+fn split_evenly(text: &str, parts: usize) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let size = chars.len().div_ceil(parts).max(1);
+    chars.chunks(size).map(|c| c.iter().collect()).collect()
 }
 
 /// What the mock will answer.
@@ -309,8 +276,7 @@ impl Plan {
     fn new(defaults: &MockConfig, c: &Controls, request: &Value, message_count: usize) -> Self {
         let words = match &c.content {
             Some(text) => {
-                let mut pieces: Vec<String> =
-                    text.split_inclusive(' ').map(str::to_owned).collect();
+                let mut pieces: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
                 if pieces.is_empty() {
                     pieces.push(String::new());
                 }
@@ -318,9 +284,7 @@ impl Plan {
             }
             None => {
                 let count = c.words.or(defaults.words).unwrap_or(12);
-                (0..count)
-                    .map(|i| format!("{} ", WORDS[i % WORDS.len()]))
-                    .collect()
+                (0..count).map(|i| format!("{} ", WORDS[i % WORDS.len()])).collect()
             }
         };
         Self {
@@ -329,22 +293,11 @@ impl Plan {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-            model: request
-                .get("model")
-                .and_then(Value::as_str)
-                .unwrap_or("gpt-3.5-turbo")
-                .to_owned(),
-            n: request
-                .get("n")
-                .and_then(Value::as_u64)
-                .unwrap_or(1)
-                .clamp(1, 16) as usize,
+            model: request.get("model").and_then(Value::as_str).unwrap_or("gpt-3.5-turbo").to_owned(),
+            n: request.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, 16) as usize,
             words,
             tool_calls: c.tool_calls.clone().unwrap_or_default(),
-            include_usage: request
-                .pointer("/stream_options/include_usage")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            include_usage: request.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
             prompt_tokens: message_count * 8,
             ttft: Duration::from_millis(c.ttft_ms.or(defaults.ttft_ms).unwrap_or(0)),
             delay: Duration::from_millis(c.delay_ms.or(defaults.delay_ms).unwrap_or(0)),
@@ -352,11 +305,7 @@ impl Plan {
     }
 
     fn finish_reason(&self) -> &'static str {
-        if self.tool_calls.is_empty() {
-            "stop"
-        } else {
-            "tool_calls"
-        }
+        if self.tool_calls.is_empty() { "stop" } else { "tool_calls" }
     }
 
     fn usage(&self) -> Value {
@@ -403,11 +352,9 @@ impl Plan {
     fn events(&self) -> Vec<String> {
         let mut events = Vec::new();
         for i in 0..self.n {
-            events.push(self.chunk(
-                i,
-                json!({"role": "assistant", "content": "", "refusal": null}),
-                None,
-            ));
+            // Like OpenAI: the role chunk has `content: ""`, or `null` when the answer is tool calls.
+            let content = if self.tool_calls.is_empty() { json!("") } else { Value::Null };
+            events.push(self.chunk(i, json!({"role": "assistant", "content": content, "refusal": null}), None));
         }
         if self.tool_calls.is_empty() {
             for word in &self.words {
@@ -418,8 +365,12 @@ impl Plan {
         } else {
             for (k, call) in self.tool_calls.iter().enumerate() {
                 for i in 0..self.n {
-                    events.push(self.chunk(i, json!({"tool_calls": [{"index": k, "id": format!("call_{k}"), "type": "function",
-                        "function": {"name": call.name, "arguments": ""}}]}), None));
+                    events.push(self.chunk(
+                        i,
+                        json!({"tool_calls": [{"index": k, "id": format!("call_{k}"), "type": "function",
+                        "function": {"name": call.name, "arguments": ""}}]}),
+                        None,
+                    ));
                     let args: Vec<char> = call.arguments.chars().collect();
                     for piece in args.chunks(4) {
                         let piece: String = piece.iter().collect();
@@ -436,20 +387,30 @@ impl Plan {
             events.push(self.chunk(i, json!({}), Some(self.finish_reason())));
         }
         if self.include_usage {
-            events.push(json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "system_fingerprint": "fp_mock", "choices": [], "usage": self.usage()}).to_string());
+            events.push(
+                json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "system_fingerprint": "fp_mock", "choices": [], "usage": self.usage()})
+                .to_string(),
+            );
         }
         events
     }
 }
 
-fn stream_response(plan: Plan, controls: Controls, guard: Completion) -> Response {
+fn paced_response(
+    plan: Plan,
+    controls: Controls,
+    guard: Completion,
+    pieces: Vec<String>,
+    content_type: &'static str,
+) -> Response {
     let body = async_stream::stream! {
         let guard = guard;
-        let events = plan.events();
         tokio::time::sleep(plan.ttft).await;
-        for (i, event) in events.iter().enumerate() {
+        for (i, piece) in pieces.into_iter().enumerate() {
             if controls.drop_after == Some(i) {
+                // Let what was sent reach the client first, then cut the connection mid-body.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 yield Err(std::io::Error::other("mock: dropping the connection"));
                 return;
             }
@@ -460,15 +421,14 @@ fn stream_response(plan: Plan, controls: Controls, guard: Completion) -> Respons
             if i > 0 && !plan.delay.is_zero() {
                 tokio::time::sleep(plan.delay).await;
             }
-            yield Ok::<_, std::io::Error>(Bytes::from(format!("data: {event}\n\n")));
+            yield Ok::<_, std::io::Error>(Bytes::from(piece));
         }
         guard.finish();
-        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
     };
     (
         StatusCode::OK,
         [
-            (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
+            (header::CONTENT_TYPE, content_type),
             (header::CACHE_CONTROL, "no-cache"),
             (header::HeaderName::from_static("x-request-id"), "req_mock"),
         ],

@@ -39,25 +39,13 @@ pub enum WriteOp {
     /// A newly accepted request, in status `pending`.
     Insert(Arc<RequestMeta>),
     /// One stream event: `seq` counts from 1, `data` is the chunk exactly as received.
-    Event {
-        id: RequestId,
-        seq: u64,
-        data: Arc<str>,
-    },
+    Event { id: RequestId, seq: u64, data: Arc<str> },
     /// A piece of the raw upstream response (status line and headers first, then the body as received).
-    Raw {
-        id: RequestId,
-        seq: u64,
-        bytes: Bytes,
-    },
+    Raw { id: RequestId, seq: u64, bytes: Bytes },
     /// A status transition or new response facts.
     Progress { id: RequestId, progress: Progress },
     /// The final status, with the final body.
-    Finish {
-        id: RequestId,
-        progress: Progress,
-        body: Option<String>,
-    },
+    Finish { id: RequestId, progress: Progress, body: Option<String> },
 }
 
 #[async_trait]
@@ -68,12 +56,7 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError>;
 
     /// Events with `seq > after`, in order, at most `limit`.
-    async fn events(
-        &self,
-        id: RequestId,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, String)>, StoreError>;
+    async fn events(&self, id: RequestId, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError>;
 
     /// The raw upstream response, all pieces concatenated.
     async fn raw(&self, id: RequestId) -> Result<Vec<u8>, StoreError>;

@@ -91,16 +91,12 @@ fn db_err(e: rusqlite::Error) -> StoreError {
 
 fn open(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(db_err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))
-        .map_err(db_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
     Ok(conn)
 }
 
 impl ReadPool {
-    fn with<R>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<R, StoreError>,
-    ) -> Result<R, StoreError> {
+    fn with<R>(&self, f: impl FnOnce(&Connection) -> Result<R, StoreError>) -> Result<R, StoreError> {
         let conn = match self.idle.lock().pop() {
             Some(conn) => conn,
             None => open(&self.path)?,
@@ -117,19 +113,15 @@ impl ReadPool {
 impl SqliteStore {
     /// Opens (creating if needed) `offload.db` in `data_dir`.
     pub fn open(data_dir: &Path, synchronous: Synchronous) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
-            StoreError::Database(format!("cannot create {}: {e}", data_dir.display()))
-        })?;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", data_dir.display())))?;
         let path = data_dir.join("offload.db");
         let conn = open(&path)?;
         let sync = match synchronous {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
         };
-        conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};"
-        ))
-        .map_err(db_err)?;
+        conn.execute_batch(&format!("PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};")).map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
 
         let (tx, rx) = mpsc::channel::<WriteJob>(1024);
@@ -137,13 +129,7 @@ impl SqliteStore {
             .name("offload-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx))
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
-        Ok(Self {
-            writer: tx,
-            readers: Arc::new(ReadPool {
-                path,
-                idle: Mutex::new(Vec::new()),
-            }),
-        })
+        Ok(Self { writer: tx, readers: Arc::new(ReadPool { path, idle: Mutex::new(Vec::new()) }) })
     }
 
     async fn read<R: Send + 'static>(
@@ -151,9 +137,7 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let pool = self.readers.clone();
-        tokio::task::spawn_blocking(move || pool.with(f))
-            .await
-            .map_err(|_| StoreError::Closed)?
+        tokio::task::spawn_blocking(move || pool.with(f)).await.map_err(|_| StoreError::Closed)?
     }
 }
 
@@ -169,16 +153,9 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteJob>) {
 
 fn delete(conn: &mut Connection, id: RequestId) -> Result<bool, StoreError> {
     let tx = conn.transaction().map_err(db_err)?;
-    tx.execute("DELETE FROM events WHERE request_id = ?1", [id.as_bytes()])
-        .map_err(db_err)?;
-    tx.execute(
-        "DELETE FROM raw_parts WHERE request_id = ?1",
-        [id.as_bytes()],
-    )
-    .map_err(db_err)?;
-    let deleted = tx
-        .execute("DELETE FROM requests WHERE id = ?1", [id.as_bytes()])
-        .map_err(db_err)?;
+    tx.execute("DELETE FROM events WHERE request_id = ?1", [id.as_bytes()]).map_err(db_err)?;
+    tx.execute("DELETE FROM raw_parts WHERE request_id = ?1", [id.as_bytes()]).map_err(db_err)?;
+    let deleted = tx.execute("DELETE FROM requests WHERE id = ?1", [id.as_bytes()]).map_err(db_err)?;
     tx.commit().map_err(db_err)?;
     Ok(deleted > 0)
 }
@@ -194,10 +171,9 @@ fn apply(conn: &mut Connection, ops: &[WriteOp]) -> Result<(), StoreError> {
                     options: meta.options.clone(),
                     from_status_url: meta.from_status_url.clone(),
                 };
-                let meta_json = serde_json::to_string(&column)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                let progress = serde_json::to_string(&Progress::pending())
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let meta_json = serde_json::to_string(&column).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let progress =
+                    serde_json::to_string(&Progress::pending()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 tx.prepare_cached(
                     "INSERT INTO requests (id, kind, access, created_at, bearer, stream_token, meta, parameters, status, progress)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9)",
@@ -218,35 +194,29 @@ fn apply(conn: &mut Connection, ops: &[WriteOp]) -> Result<(), StoreError> {
                 .map_err(db_err)?;
             }
             WriteOp::Event { id, seq, data } => {
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO events (request_id, seq, data) VALUES (?1, ?2, ?3)",
-                )
-                .and_then(|mut s| s.execute(params![id.as_bytes(), seq, &**data]))
-                .map_err(db_err)?;
+                tx.prepare_cached("INSERT OR REPLACE INTO events (request_id, seq, data) VALUES (?1, ?2, ?3)")
+                    .and_then(|mut s| s.execute(params![id.as_bytes(), seq, &**data]))
+                    .map_err(db_err)?;
             }
             WriteOp::Raw { id, seq, bytes } => {
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO raw_parts (request_id, seq, bytes) VALUES (?1, ?2, ?3)",
-                )
-                .and_then(|mut s| s.execute(params![id.as_bytes(), seq, &bytes[..]]))
-                .map_err(db_err)?;
+                tx.prepare_cached("INSERT OR REPLACE INTO raw_parts (request_id, seq, bytes) VALUES (?1, ?2, ?3)")
+                    .and_then(|mut s| s.execute(params![id.as_bytes(), seq, &bytes[..]]))
+                    .map_err(db_err)?;
             }
             WriteOp::Progress { id, progress } => {
-                let json = serde_json::to_string(progress)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let json = serde_json::to_string(progress).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 tx.prepare_cached("UPDATE requests SET status = ?2, progress = ?3 WHERE id = ?1")
-                    .and_then(|mut s| {
-                        s.execute(params![id.as_bytes(), progress.status.as_str(), json])
-                    })
+                    .and_then(|mut s| s.execute(params![id.as_bytes(), progress.status.as_str(), json]))
                     .map_err(db_err)?;
             }
             WriteOp::Finish { id, progress, body } => {
-                let json = serde_json::to_string(progress)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let json = serde_json::to_string(progress).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let final_at = progress.processed_at.map(|t| t as i64);
-                tx.prepare_cached("UPDATE requests SET status = ?2, progress = ?3, body = ?4, final_at = ?5 WHERE id = ?1")
-                    .and_then(|mut s| s.execute(params![id.as_bytes(), progress.status.as_str(), json, body, final_at]))
-                    .map_err(db_err)?;
+                tx.prepare_cached(
+                    "UPDATE requests SET status = ?2, progress = ?3, body = ?4, final_at = ?5 WHERE id = ?1",
+                )
+                .and_then(|mut s| s.execute(params![id.as_bytes(), progress.status.as_str(), json, body, final_at]))
+                .map_err(db_err)?;
             }
         }
     }
@@ -269,19 +239,7 @@ fn row_to_request(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredRequ
     let progress: String = row.get(8)?;
     let body: Option<String> = row.get(9)?;
     let event_count: i64 = row.get(10)?;
-    Ok(decode(
-        id,
-        kind,
-        access,
-        created_at,
-        bearer,
-        stream_token,
-        &meta,
-        parameters,
-        &progress,
-        body,
-        event_count,
-    ))
+    Ok(decode(id, kind, access, created_at, bearer, stream_token, &meta, parameters, &progress, body, event_count))
 }
 
 #[expect(clippy::too_many_arguments, reason = "one argument per stored column")]
@@ -300,12 +258,9 @@ fn decode(
 ) -> Result<StoredRequest, StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(what.to_owned());
     let id = RequestId::from_bytes(id.try_into().map_err(|_| corrupt("request id"))?);
-    let column: MetaColumn =
-        serde_json::from_str(meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let hash = |b: Option<Vec<u8>>| {
-        b.map(|b| TokenHash::from_bytes(&b).ok_or_else(|| corrupt("token hash")))
-            .transpose()
-    };
+    let column: MetaColumn = serde_json::from_str(meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let hash =
+        |b: Option<Vec<u8>>| b.map(|b| TokenHash::from_bytes(&b).ok_or_else(|| corrupt("token hash"))).transpose();
     Ok(StoredRequest {
         meta: RequestMeta {
             locator: Locator {
@@ -320,8 +275,7 @@ fn decode(
             stream_token: hash(stream_token)?,
             options: column.options,
             from_status_url: column.from_status_url,
-            parameters: RawValue::from_string(parameters)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            parameters: RawValue::from_string(parameters).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         },
         progress: serde_json::from_str(progress).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         body,
@@ -333,10 +287,7 @@ fn decode(
 impl Store for SqliteStore {
     async fn write(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
         let (done, wait) = oneshot::channel();
-        self.writer
-            .send((Job::Batch(ops), done))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.writer.send((Job::Batch(ops), done)).await.map_err(|_| StoreError::Closed)?;
         wait.await.map_err(|_| StoreError::Closed)?.map(|_| ())
     }
 
@@ -350,12 +301,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn events(
-        &self,
-        id: RequestId,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, String)>, StoreError> {
+    async fn events(&self, id: RequestId, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError> {
         self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached("SELECT seq, data FROM events WHERE request_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")
@@ -376,11 +322,7 @@ impl Store for SqliteStore {
             let mut rows = stmt.query([id.as_bytes()]).map_err(db_err)?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(db_err)? {
-                let part = row
-                    .get_ref(0)
-                    .map_err(db_err)?
-                    .as_blob()
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let part = row.get_ref(0).map_err(db_err)?.as_blob().map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 out.extend_from_slice(part);
             }
             Ok(out)
@@ -391,19 +333,14 @@ impl Store for SqliteStore {
     async fn delete(&self, id: RequestId) -> Result<bool, StoreError> {
         // Through the writer thread, so that it is ordered after every batch queued before it.
         let (done, wait) = oneshot::channel();
-        self.writer
-            .send((Job::Delete(id), done))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.writer.send((Job::Delete(id), done)).await.map_err(|_| StoreError::Closed)?;
         wait.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn unfinished(&self) -> Result<Vec<StoredRequest>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn
-                .prepare(&format!(
-                    "{SELECT_REQUEST} WHERE status NOT IN ('done', 'error', 'stop')"
-                ))
+                .prepare(&format!("{SELECT_REQUEST} WHERE status NOT IN ('done', 'error', 'stop')"))
                 .map_err(db_err)?;
             let rows = stmt.query_map([], row_to_request).map_err(db_err)?;
             rows.map(|r| r.map_err(db_err)?).collect()

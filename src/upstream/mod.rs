@@ -40,11 +40,7 @@ pub fn describe(e: &reqwest::Error) -> String {
         text.push_str(&cause.to_string());
         source = cause.source();
     }
-    if text.is_empty() {
-        e.without_url_text()
-    } else {
-        text
-    }
+    if text.is_empty() { e.without_url_text() } else { text }
 }
 
 trait WithoutUrlText {
@@ -71,11 +67,7 @@ impl Upstream {
         let mut chat_url = base.clone();
         let path = format!("{}/chat/completions", base.path().trim_end_matches('/'));
         chat_url.set_path(&path);
-        Self {
-            chat_url,
-            server_key,
-            clients: Mutex::new(HashMap::new()),
-        }
+        Self { chat_url, server_key, clients: Mutex::new(HashMap::new()) }
     }
 
     /// The caller's key wins over the server's.
@@ -117,12 +109,9 @@ impl Upstream {
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body);
         if let Some(key) = key {
-            let mut value =
-                HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
-                    CallError::Failed(
-                        "the upstream key contains characters not allowed in a header".into(),
-                    )
-                })?;
+            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+                CallError::Failed("the upstream key contains characters not allowed in a header".into())
+            })?;
             value.set_sensitive(true);
             request = request.header(AUTHORIZATION, value);
         }
@@ -158,11 +147,7 @@ pub fn response_meta(response: &reqwest::Response) -> ResponseMeta {
         reqwest::Version::HTTP_3 => "HTTP/3",
         _ => "HTTP/1.1",
     };
-    ResponseMeta {
-        status_code: response.status().as_u16(),
-        protocol: protocol.into(),
-        headers,
-    }
+    ResponseMeta { status_code: response.status().as_u16(), protocol: protocol.into(), headers }
 }
 
 /// The head of the raw response (`.raw`): status line and headers as received, then a blank line.

@@ -1,0 +1,228 @@
+//! Starts the real server on port 0 against the built-in mock upstream, and speaks HTTP and SSE to it.
+
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use offload::config::{ServeArgs, Settings};
+use offload::mock::{MockConfig, MockServer};
+use offload::startup::Application;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub mock: MockServer,
+    pub data_dir: TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// One event as an SSE client sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub event: String,
+    pub id: String,
+    pub data: String,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(|_| {}).await
+}
+
+/// Starts the app with settings adjusted by `adjust` (they start from the defaults, port 0, a fresh data
+/// directory and the mock upstream).
+pub async fn spawn_with(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
+    let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), MockConfig::default()).await.unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut args = ServeArgs {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        data_dir: Some(data_dir.path().to_path_buf()),
+        upstream_url: Some(mock.api_base()),
+        flush_interval_ms: Some(10),
+        ..ServeArgs::default()
+    };
+    adjust(&mut args);
+    start(args, mock, data_dir).await
+}
+
+async fn start(args: ServeArgs, mock: MockServer, data_dir: TempDir) -> TestApp {
+    let settings = Settings::resolve(args).unwrap();
+    let app = Application::build(settings).await.unwrap();
+    let base = app.base_url().to_owned();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        base,
+        client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+        mock,
+        data_dir,
+        shutdown: Some(tx),
+        server: Some(server),
+    }
+}
+
+pub fn user(content: &str) -> Value {
+    json!([{"role": "user", "content": content}])
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// POSTs a create body to `/v1/{endpoint}` (`stream-chatgpt` or `async-chatgpt`).
+    pub async fn create(&self, endpoint: &str, body: &Value) -> reqwest::Response {
+        self.client.post(self.url(&format!("/v1/{endpoint}"))).json(body).send().await.unwrap()
+    }
+
+    /// Creates and asserts 200; returns the response JSON.
+    pub async fn create_ok(&self, endpoint: &str, body: &Value) -> Value {
+        let response = self.create(endpoint, body).await;
+        let status = response.status();
+        let json: Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "{json}");
+        json
+    }
+
+    pub async fn stream(&self, body: Value) -> Value {
+        self.create_ok("stream-chatgpt", &body).await
+    }
+
+    pub async fn get(&self, url: &str, bearer: Option<&str>) -> reqwest::Response {
+        let mut request = self.client.get(url);
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap()
+    }
+
+    pub async fn get_json(&self, url: &str, bearer: Option<&str>) -> Value {
+        let response = self.get(url, bearer).await;
+        assert_eq!(response.status(), 200, "GET {url}");
+        response.json().await.unwrap()
+    }
+
+    /// Polls a status URL until it is final (or 20 s pass).
+    pub async fn wait_final(&self, status_url: &str, bearer: Option<&str>) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let doc = self.get_json(status_url, bearer).await;
+            if matches!(doc["status"].as_str(), Some("done" | "error" | "stop")) {
+                return doc;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not final in time: {doc}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls until the status is `status` (or 20 s pass).
+    pub async fn wait_status(&self, status_url: &str, status: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let doc = self.get_json(status_url, None).await;
+            if doc["status"] == status {
+                return doc;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never {status}: {doc}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Reads a whole event stream with an SSE client.
+    pub async fn events(&self, url: &str, headers: &[(&str, &str)]) -> Vec<Event> {
+        let mut request = self.client.get(url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "GET {url}");
+        assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        read_events(response).await
+    }
+
+    pub async fn mock_stats(&self) -> Value {
+        self.get_json(&format!("http://{}/_mock/stats", self.mock.addr()), None).await
+    }
+
+    pub async fn mock_requests(&self) -> Vec<Value> {
+        let v = self.get_json(&format!("http://{}/_mock/requests", self.mock.addr()), None).await;
+        v.as_array().unwrap().clone()
+    }
+
+    /// Rows of the store's tables that belong to request `id`: (requests, events, raw parts).
+    pub fn rows_of(&self, id: &str) -> (i64, i64, i64) {
+        let conn = rusqlite::Connection::open(self.data_dir.path().join("offload.db")).unwrap();
+        let id = uuid_bytes(id);
+        let count = |sql: &str| conn.query_row(sql, [&id], |r| r.get::<_, i64>(0)).unwrap();
+        (
+            count("SELECT COUNT(*) FROM requests WHERE id = ?1"),
+            count("SELECT COUNT(*) FROM events WHERE request_id = ?1"),
+            count("SELECT COUNT(*) FROM raw_parts WHERE request_id = ?1"),
+        )
+    }
+
+    pub fn total_requests(&self) -> i64 {
+        let conn = rusqlite::Connection::open(self.data_dir.path().join("offload.db")).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0)).unwrap()
+    }
+
+    /// Sends the shutdown signal and waits for the server to finish draining.
+    pub async fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
+        }
+    }
+
+    /// Signals shutdown without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn uuid_bytes(id: &str) -> Vec<u8> {
+    let hex: String = id.chars().filter(|c| *c != '-').collect();
+    (0..16).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect()
+}
+
+/// The id at the end of a request URL.
+pub fn id_of(url: &str) -> String {
+    let last = url.rsplit('/').next().unwrap();
+    last.split('.').next().unwrap().to_owned()
+}
+
+pub async fn read_events(response: reqwest::Response) -> Vec<Event> {
+    let mut stream = response.bytes_stream().eventsource();
+    let mut events = Vec::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.unwrap() {
+        let event = event.unwrap();
+        let done = event.data == "[DONE]";
+        events.push(Event { event: event.event, id: event.id, data: event.data });
+        if done {
+            break;
+        }
+    }
+    events
+}
+
+/// The concatenated content of every chunk event (choice 0).
+pub fn content_of(events: &[Event]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "message" && e.data != "[DONE]")
+        .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect()
+}
+
+pub fn endpoint(created: &Value, name: &str) -> String {
+    created["endpoints"][name].as_str().unwrap_or_else(|| panic!("no {name} in {created}")).to_owned()
+}

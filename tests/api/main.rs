@@ -1,0 +1,12 @@
+//! Black-box tests: the real server on port 0 against the built-in mock upstream, spoken to over HTTP and SSE.
+//! One module per section of the contract.
+
+mod access;
+mod continuation;
+mod create;
+mod events;
+mod helpers;
+mod lifecycle;
+mod status;
+mod stop;
+mod timeouts;
