@@ -17,7 +17,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the built-in OpenAI-compatible mock upstream on its own.
     MockUpstream {
         /// Address to listen on.
@@ -32,7 +32,7 @@ pub async fn run() -> ExitCode {
     crate::telemetry::init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::MockUpstream { listen, defaults } => mock_upstream(listen, defaults).await,
     };
     match result {

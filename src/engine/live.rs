@@ -25,7 +25,7 @@ pub enum CancelReason {
 pub enum LiveBody {
     None,
     /// Stream request: the `chat.completion` assembled from the chunks so far.
-    Assembling(Assembler),
+    Assembling(Box<Assembler>),
     /// The whole body as valid JSON text (async requests, error responses).
     Complete(Box<RawValue>),
 }
@@ -43,7 +43,7 @@ impl LiveBody {
     pub fn to_json(&self) -> Option<String> {
         match self {
             LiveBody::None => None,
-            LiveBody::Assembling(a) => serde_json::to_string(a).ok(),
+            LiveBody::Assembling(a) => serde_json::to_string(&**a).ok(),
             LiveBody::Complete(raw) => Some(raw.get().to_owned()),
         }
     }
@@ -95,7 +95,7 @@ pub enum Read {
 impl LiveRequest {
     pub fn new(meta: Arc<RequestMeta>) -> Arc<Self> {
         let body = match meta.locator.kind {
-            crate::domain::Kind::Stream => LiveBody::Assembling(Assembler::default()),
+            crate::domain::Kind::Stream => LiveBody::Assembling(Box::default()),
             crate::domain::Kind::Async => LiveBody::None,
         };
         Arc::new(Self {

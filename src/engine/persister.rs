@@ -83,26 +83,29 @@ async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<C
     }
 }
 
-/// A failed batch is retried a few times (a busy or briefly full disk); after that it is reported and dropped.
+/// A failed batch is retried a few times (a busy or briefly full disk). If it still fails, its writes are tried
+/// one by one, so that one bad write costs only itself and not the other requests of the batch.
 async fn write_with_retry(store: &dyn Store, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
     if ops.is_empty() {
         return Ok(());
     }
     let mut delay = Duration::from_millis(20);
-    let mut attempt = 1;
-    loop {
+    for attempt in 1..=4 {
         match store.write(ops.clone()).await {
             Ok(()) => return Ok(()),
-            Err(e) if attempt >= 5 => {
-                tracing::error!(error = %e, writes = ops.len(), "could not write to the store; these writes are lost");
-                return Err(e);
-            }
             Err(e) => {
-                tracing::warn!(error = %e, attempt, "writing to the store failed; retrying");
+                tracing::warn!(error = %e, attempt, writes = ops.len(), "writing to the store failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 4;
-                attempt += 1;
             }
         }
     }
+    let mut last_error = None;
+    for op in ops.iter() {
+        if let Err(e) = store.write(Arc::from([op.clone()])).await {
+            tracing::error!(error = %e, "a write could not be stored and is lost");
+            last_error = Some(e);
+        }
+    }
+    last_error.map_or(Ok(()), Err)
 }

@@ -1,6 +1,8 @@
 //! Black-box tests: the real server on port 0 against the built-in mock upstream, spoken to over HTTP and SSE.
 //! One module per section of the contract.
 
+#![expect(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly on anything unexpected")]
+
 mod access;
 mod continuation;
 mod create;

@@ -1,0 +1,180 @@
+//! Crash safety, tested by causing the crash: the real `offload` binary is killed with SIGKILL mid-stream and
+//! started again on the same data directory.
+
+#![expect(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly on anything unexpected")]
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const SECRET_KEY: &str = "sk-crash-test-0123456789-SECRET";
+const PUBLIC: &str = "http://offload.test";
+
+struct Server {
+    child: Child,
+    addr: String,
+    log: mpsc::Receiver<String>,
+}
+
+/// Starts `offload serve` on port 0 and reads the bound address from its log.
+#[expect(clippy::zombie_processes, reason = "the child is owned by `Server`, whose Drop kills and waits for it")]
+fn start(data_dir: &std::path::Path, upstream: &str) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--public-url", PUBLIC, "--upstream-url", upstream])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("OFFLOAD_LOG", "debug")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let line =
+            rx.recv_timeout(deadline - std::time::Instant::now()).unwrap_or_else(|_| panic!("server did not start"));
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().to_owned();
+            return Server { child, addr, log: rx };
+        }
+    }
+}
+
+/// A server left running by a failing test is killed rather than orphaned.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// A URL of this server for a public URL it handed out.
+    fn local(&self, public_url: &str) -> String {
+        public_url.replacen(PUBLIC, &format!("http://{}", self.addr), 1)
+    }
+
+    fn log_lines(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    let response = client.get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{url}");
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn kill_9_mid_stream_then_restart_ends_the_request_as_interrupted_and_keeps_the_rest_identical() {
+    let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), Default::default()).await.unwrap();
+    let upstream = mock.api_base().to_string();
+    let data = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let server = start(data.path(), &upstream);
+    let base = format!("http://{}", server.addr);
+    let create = |endpoint: &'static str, body: Value| {
+        let client = client.clone();
+        let url = format!("{base}/v1/{endpoint}");
+        async move {
+            let response = client.post(url).header("X-OpenAI-API-Key", SECRET_KEY).json(&body).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        }
+    };
+
+    // One request that finishes before the crash, one private one cut off by it.
+    let finished =
+        create("stream-chatgpt", json!({"messages": [{"role": "user", "content": "a"}], "mock": {"words": 6}})).await;
+    let finished_status = server.local(finished["endpoints"]["status_url"].as_str().unwrap());
+    let finished_events = server.local(finished["endpoints"]["stream_events_url"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get_json(&client, &finished_status).await["status"] != "done" {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cut = create(
+        "stream-chatgpt",
+        json!({"messages": [{"role": "user", "content": "b"}], "access": "private", "mock": {"words": 1000, "delay_ms": 10}}),
+    )
+    .await;
+    let bearer = cut["authorization"]["bearer_token"].as_str().unwrap().to_owned();
+    let cut_status = server.local(cut["endpoints"]["status_url"].as_str().unwrap());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before_crash: Value = client.get(&cut_status).bearer_auth(&bearer).send().await.unwrap().json().await.unwrap();
+    assert_eq!(before_crash["status"], "streaming");
+    let seen = before_crash["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+
+    let snapshot = |status: String, events: String| {
+        let client = client.clone();
+        async move {
+            let doc = client.get(&status).send().await.unwrap().bytes().await.unwrap();
+            let events = client.get(&events).send().await.unwrap().bytes().await.unwrap();
+            let raw = client.get(status.replace(".json", ".raw")).send().await.unwrap().bytes().await.unwrap();
+            (doc, events, raw)
+        }
+    };
+    let finished_before = snapshot(finished_status.clone(), finished_events.clone()).await;
+    // A crash may lose the last flush interval (50 ms by default) of chunks; what was seen well before it may not.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut server = server;
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+    let mut log = server.log_lines();
+
+    let restarted = start(data.path(), &upstream);
+    let cut_status = restarted.local(cut["endpoints"]["status_url"].as_str().unwrap());
+    let after: Value = client.get(&cut_status).bearer_auth(&bearer).send().await.unwrap().json().await.unwrap();
+    assert_eq!(after["status"], "error");
+    assert_eq!(after["error"]["code"], "interrupted");
+    let kept = after["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(kept.starts_with(&seen), "text received before the crash is kept: {kept:?} vs {seen:?}");
+    let events_url = format!(
+        "{}?stream_token={}",
+        restarted.local(cut["endpoints"]["stream_events_url"].as_str().unwrap()),
+        cut["authorization"]["stream_url_arg"].as_str().unwrap().trim_start_matches("stream_token=")
+    );
+    let events = client.get(&events_url).send().await.unwrap().text().await.unwrap();
+    assert!(events.ends_with("data: [DONE]\n\n"));
+    assert!(
+        events.contains("event: error\ndata: {\"status\":\"error\",\"error\":{\"code\":\"interrupted\""),
+        "{events}"
+    );
+
+    let finished_after = snapshot(
+        restarted.local(finished["endpoints"]["status_url"].as_str().unwrap()),
+        restarted.local(finished["endpoints"]["stream_events_url"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(finished_before, finished_after, "a finished request is identical before and after a restart");
+
+    let mut restarted = restarted;
+    restarted.child.kill().unwrap();
+    restarted.child.wait().unwrap();
+    log.extend(restarted.log_lines());
+
+    // The upstream key reached the mock, and nothing else: not the log, not a single byte of the store.
+    assert!(!log.is_empty());
+    assert!(log.iter().all(|l| !l.contains(SECRET_KEY)), "the key leaked into the log");
+    for entry in std::fs::read_dir(data.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(SECRET_KEY.len()).any(|w| w == SECRET_KEY.as_bytes()),
+            "the key is in {}",
+            path.display()
+        );
+        assert!(!bytes.windows(bearer.len()).any(|w| w == bearer.as_bytes()), "a token is in {}", path.display());
+    }
+    let received = get_json(&client, &format!("http://{}/_mock/requests", mock.addr())).await;
+    assert_eq!(received[0]["authorization"], format!("Bearer {SECRET_KEY}"));
+}

@@ -1,0 +1,211 @@
+//! The contract every `Store` implementation must meet. Each test is written once against `Arc<dyn Store>`;
+//! `contract_suite!` instantiates the whole suite for one implementation.
+
+#![expect(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
+
+use bytes::Bytes;
+use offload::document::model::Options;
+use offload::document::{ErrorInfo, Progress, RequestMeta, ResponseMeta};
+use offload::domain::{Access, Kind, Locator, RequestId, Status, TokenHash};
+use offload::store::{Store, WriteOp};
+use serde_json::value::RawValue;
+use std::sync::Arc;
+
+fn meta(access: Access) -> Arc<RequestMeta> {
+    let id = RequestId::generate();
+    Arc::new(RequestMeta {
+        locator: Locator { kind: Kind::Stream, access, created_at: 1_700_000_000, id },
+        created: 1_700_000_000.25,
+        conversation_id: format!("conv-{id}"),
+        bearer: (access == Access::Private).then(|| TokenHash::of("bearer")),
+        stream_token: (access == Access::Private).then(|| TokenHash::of("stream")),
+        options: Options {
+            timeout: 12.5,
+            connect_timeout: 3.0,
+            webhook_url: Some("https://h.example/x".into()),
+            from_max_length: Some(9),
+        },
+        from_status_url: Some("http://x/1/r/pub/2023/01/01/00/00/00/y.json".into()),
+        parameters: RawValue::from_string(r#"{"model":"m","messages":[{"role":"user","content":"hé"}]}"#.into())
+            .unwrap(),
+    })
+}
+
+fn progress(status: Status) -> Progress {
+    Progress {
+        status,
+        request_at: Some(1_700_000_000.5),
+        finished_at: status.is_final().then_some(1_700_000_002.0),
+        processed_at: status.is_final().then_some(1_700_000_002.5),
+        response: Some(ResponseMeta {
+            status_code: 200,
+            protocol: "HTTP/1.1".into(),
+            headers: vec![("content-type".into(), "text/event-stream".into()), ("x-b".into(), "1, 2".into())],
+        }),
+        error: (status == Status::Error).then(|| ErrorInfo::new("timeout", "slow")),
+    }
+}
+
+async fn write(store: &Arc<dyn Store>, ops: Vec<WriteOp>) {
+    store.write(ops.into()).await.unwrap();
+}
+
+pub async fn an_inserted_request_reads_back_exactly(store: Arc<dyn Store>) {
+    for access in [Access::Public, Access::Private] {
+        let m = meta(access);
+        write(&store, vec![WriteOp::Insert(m.clone())]).await;
+        let got = store.get(m.locator.id).await.unwrap().unwrap();
+        assert_eq!(got.meta.locator, m.locator);
+        assert_eq!(got.meta.created, m.created);
+        assert_eq!(got.meta.conversation_id, m.conversation_id);
+        assert_eq!(got.meta.bearer, m.bearer);
+        assert_eq!(got.meta.stream_token, m.stream_token);
+        assert_eq!(got.meta.options, m.options);
+        assert_eq!(got.meta.from_status_url, m.from_status_url);
+        assert_eq!(got.meta.parameters.get(), m.parameters.get());
+        assert_eq!(got.progress, Progress::pending());
+        assert_eq!(got.body, None);
+        assert_eq!(got.event_count, 0);
+    }
+    assert!(store.get(RequestId::generate()).await.unwrap().is_none());
+}
+
+pub async fn events_come_back_in_order_and_in_pages(store: Arc<dyn Store>) {
+    let m = meta(Access::Public);
+    let id = m.locator.id;
+    let mut ops = vec![WriteOp::Insert(m)];
+    ops.extend((1..=25u64).map(|seq| WriteOp::Event { id, seq, data: format!("{{\"n\":{seq}}}").into() }));
+    write(&store, ops).await;
+    assert_eq!(store.get(id).await.unwrap().unwrap().event_count, 25);
+    let page = store.events(id, 0, 10).await.unwrap();
+    assert_eq!(page.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    let rest = store.events(id, 20, 100).await.unwrap();
+    assert_eq!(rest.len(), 5);
+    assert_eq!(rest[0], (21, "{\"n\":21}".to_owned()));
+    assert!(store.events(id, 25, 10).await.unwrap().is_empty());
+}
+
+pub async fn raw_pieces_are_concatenated_in_order(store: Arc<dyn Store>) {
+    let m = meta(Access::Public);
+    let id = m.locator.id;
+    write(
+        &store,
+        vec![WriteOp::Insert(m), WriteOp::Raw { id, seq: 1, bytes: Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n") }],
+    )
+    .await;
+    write(&store, vec![WriteOp::Raw { id, seq: 2, bytes: Bytes::from_static(b"\xffbinary") }]).await;
+    assert_eq!(store.raw(id).await.unwrap(), b"HTTP/1.1 200 OK\r\n\r\n\xffbinary");
+    assert!(store.raw(RequestId::generate()).await.unwrap().is_empty());
+}
+
+pub async fn progress_and_finish_are_kept_and_unfinished_lists_only_the_running(store: Arc<dyn Store>) {
+    let running = meta(Access::Public);
+    let finished = meta(Access::Private);
+    let (r, f) = (running.locator.id, finished.locator.id);
+    write(
+        &store,
+        vec![
+            WriteOp::Insert(running),
+            WriteOp::Insert(finished),
+            WriteOp::Progress { id: r, progress: progress(Status::Streaming) },
+            WriteOp::Finish { id: f, progress: progress(Status::Error), body: Some("{\"ok\":true}".into()) },
+        ],
+    )
+    .await;
+    let got = store.get(r).await.unwrap().unwrap();
+    assert_eq!(got.progress, progress(Status::Streaming));
+    let got = store.get(f).await.unwrap().unwrap();
+    assert_eq!(got.progress, progress(Status::Error));
+    assert_eq!(got.body.as_deref(), Some("{\"ok\":true}"));
+    let unfinished: Vec<RequestId> = store.unfinished().await.unwrap().iter().map(|s| s.meta.locator.id).collect();
+    assert!(unfinished.contains(&r));
+    assert!(!unfinished.contains(&f));
+}
+
+pub async fn delete_removes_the_request_its_events_and_raw(store: Arc<dyn Store>) {
+    let m = meta(Access::Public);
+    let keep = meta(Access::Public);
+    let id = m.locator.id;
+    write(
+        &store,
+        vec![
+            WriteOp::Insert(m),
+            WriteOp::Insert(keep.clone()),
+            WriteOp::Event { id, seq: 1, data: "{}".into() },
+            WriteOp::Raw { id, seq: 1, bytes: Bytes::from_static(b"x") },
+            WriteOp::Event { id: keep.locator.id, seq: 1, data: "{}".into() },
+        ],
+    )
+    .await;
+    assert!(store.delete(id).await.unwrap());
+    assert!(store.get(id).await.unwrap().is_none());
+    assert!(store.events(id, 0, 10).await.unwrap().is_empty());
+    assert!(store.raw(id).await.unwrap().is_empty());
+    assert!(!store.delete(id).await.unwrap(), "a second delete finds nothing");
+    assert_eq!(store.events(keep.locator.id, 0, 10).await.unwrap().len(), 1, "other requests are untouched");
+}
+
+pub async fn a_failed_batch_changes_nothing(store: Arc<dyn Store>) {
+    let m = meta(Access::Public);
+    let id = m.locator.id;
+    write(&store, vec![WriteOp::Insert(m.clone())]).await;
+    // Inserting the same request again violates its key: the whole batch, event included, must roll back.
+    let result = store.write(vec![WriteOp::Event { id, seq: 1, data: "{}".into() }, WriteOp::Insert(m)].into()).await;
+    assert!(result.is_err());
+    assert!(store.events(id, 0, 10).await.unwrap().is_empty());
+}
+
+pub async fn concurrent_writers_lose_nothing(store: Arc<dyn Store>) {
+    let m = meta(Access::Public);
+    let id = m.locator.id;
+    write(&store, vec![WriteOp::Insert(m)]).await;
+    let tasks: Vec<_> = (0..20u64)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for k in 0..10u64 {
+                    let seq = t * 10 + k + 1;
+                    store.write(vec![WriteOp::Event { id, seq, data: seq.to_string().into() }].into()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(store.events(id, 0, 1000).await.unwrap().len(), 200);
+}
+
+macro_rules! contract_suite {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            use super::*;
+            contract_suite!(@tests $make;
+                an_inserted_request_reads_back_exactly,
+                events_come_back_in_order_and_in_pages,
+                raw_pieces_are_concatenated_in_order,
+                progress_and_finish_are_kept_and_unfinished_lists_only_the_running,
+                delete_removes_the_request_its_events_and_raw,
+                a_failed_batch_changes_nothing,
+                concurrent_writers_lose_nothing
+            );
+        }
+    };
+    (@tests $make:expr; $($test:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $test() {
+                let (store, _guard) = $make.await;
+                super::$test(store).await;
+            }
+        )*
+    };
+}
+
+async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = offload::store::sqlite::SqliteStore::open(dir.path(), Default::default()).unwrap();
+    (Arc::new(store), dir)
+}
+
+contract_suite!(sqlite_store, sqlite());
