@@ -1,6 +1,7 @@
 //! The command line: `offload serve` and `offload mock-upstream`.
 
 use crate::config::{ServeArgs, Settings};
+use crate::keys::cli::KeysCommand;
 use crate::mock::MockConfig;
 use crate::startup::{Application, shutdown_signal};
 use clap::{Parser, Subcommand};
@@ -18,6 +19,9 @@ pub struct Cli {
 enum Command {
     /// Run the server.
     Serve(Box<ServeArgs>),
+    /// Manage service keys (the server runs open while there are none).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Run the built-in OpenAI-compatible mock upstream on its own.
     MockUpstream {
         /// Address to listen on.
@@ -33,6 +37,7 @@ pub async fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
+        Command::Keys(command) => crate::keys::cli::run(command).await,
         Command::MockUpstream { listen, defaults } => mock_upstream(listen, defaults).await,
     };
     match result {

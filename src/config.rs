@@ -3,6 +3,8 @@
 
 use crate::domain::UpstreamKey;
 use crate::store::sqlite::Synchronous;
+use crate::webhook::WebhookConfig;
+use crate::webhook::signature::WebhookSecret;
 use clap::Args;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -64,6 +66,24 @@ pub struct ServeArgs {
     /// Seconds between keep-alive comments on an idle event stream [default: 15].
     #[arg(long, env = "OFFLOAD_KEEP_ALIVE")]
     pub keep_alive: Option<f64>,
+    /// Sign webhooks per Standard Webhooks with this secret (`whsec_<base64>`).
+    #[arg(long, env = "OFFLOAD_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Allow webhooks to loopback and private addresses (local development only).
+    #[arg(long, env = "OFFLOAD_ALLOW_PRIVATE_WEBHOOKS", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_private_webhooks: Option<bool>,
+    /// How long failed webhook deliveries are retried, e.g. `24h` [default: 24h].
+    #[arg(long, env = "OFFLOAD_WEBHOOK_RETRY_FOR")]
+    pub webhook_retry_for: Option<String>,
+    /// First webhook retry delay; doubled for each further retry, with jitter [default: 5s].
+    #[arg(long, env = "OFFLOAD_WEBHOOK_BACKOFF")]
+    pub webhook_backoff: Option<String>,
+    /// Time limit of one webhook attempt [default: 10s].
+    #[arg(long, env = "OFFLOAD_WEBHOOK_TIMEOUT")]
+    pub webhook_timeout: Option<String>,
+    /// How long finished requests are kept, e.g. `30d`, `12h`; `0` keeps them forever [default: 30d].
+    #[arg(long, env = "OFFLOAD_RETENTION")]
+    pub retention: Option<String>,
 }
 
 /// Settings after merging and checking.
@@ -84,6 +104,9 @@ pub struct Settings {
     pub max_body_bytes: usize,
     pub max_in_flight: usize,
     pub keep_alive: Duration,
+    pub webhooks: WebhookConfig,
+    /// `None` keeps finished requests forever.
+    pub retention: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +120,18 @@ pub enum ConfigError {
 fn seconds(name: &'static str, value: f64) -> Result<Duration, ConfigError> {
     Duration::try_from_secs_f64(value)
         .map_err(|_| ConfigError::Invalid { name, reason: format!("{value} is not a number of seconds") })
+}
+
+/// A duration given as seconds (`90`, `1.5`) or with a unit (`30d`, `12h`, `500ms`).
+fn duration(name: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<f64>() {
+        return seconds(name, secs);
+    }
+    humantime::parse_duration(text).map_err(|e| ConfigError::Invalid {
+        name,
+        reason: format!("{text:?} is not a duration like 30d, 12h or 90s ({e})"),
+    })
 }
 
 impl ServeArgs {
@@ -119,6 +154,12 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes.or(other.max_body_bytes),
             max_in_flight: self.max_in_flight.or(other.max_in_flight),
             keep_alive: self.keep_alive.or(other.keep_alive),
+            webhook_secret: self.webhook_secret.or(other.webhook_secret),
+            allow_private_webhooks: self.allow_private_webhooks.or(other.allow_private_webhooks),
+            webhook_retry_for: self.webhook_retry_for.or(other.webhook_retry_for),
+            webhook_backoff: self.webhook_backoff.or(other.webhook_backoff),
+            webhook_timeout: self.webhook_timeout.or(other.webhook_timeout),
+            retention: self.retention.or(other.retention),
         }
     }
 }
@@ -171,6 +212,19 @@ impl Settings {
             max_body_bytes: a.max_body_bytes.unwrap_or(4 * 1024 * 1024),
             max_in_flight: a.max_in_flight.unwrap_or(20_000),
             keep_alive: seconds("keep_alive", a.keep_alive.unwrap_or(15.0))?,
+            webhooks: WebhookConfig {
+                secret: a
+                    .webhook_secret
+                    .as_deref()
+                    .map(WebhookSecret::parse)
+                    .transpose()
+                    .map_err(|reason| ConfigError::Invalid { name: "webhook_secret", reason })?,
+                allow_private: a.allow_private_webhooks.unwrap_or(false),
+                retry_for: duration("webhook_retry_for", a.webhook_retry_for.as_deref().unwrap_or("24h"))?,
+                backoff: duration("webhook_backoff", a.webhook_backoff.as_deref().unwrap_or("5s"))?,
+                timeout: duration("webhook_timeout", a.webhook_timeout.as_deref().unwrap_or("10s"))?,
+            },
+            retention: Some(duration("retention", a.retention.as_deref().unwrap_or("30d"))?).filter(|d| !d.is_zero()),
         })
     }
 }
@@ -200,6 +254,18 @@ mod tests {
         std::fs::write(&path, "max_timeot = 30\n").unwrap();
         let err = Settings::resolve(ServeArgs { config: Some(path), ..ServeArgs::default() }).unwrap_err();
         assert!(err.to_string().contains("max_timeot"));
+    }
+
+    #[test]
+    fn durations_take_units_or_seconds() {
+        let s = Settings::resolve(ServeArgs { retention: Some("12h".into()), ..ServeArgs::default() }).unwrap();
+        assert_eq!(s.retention, Some(Duration::from_secs(12 * 3600)));
+        let s = Settings::resolve(ServeArgs { retention: Some("0".into()), ..ServeArgs::default() }).unwrap();
+        assert_eq!(s.retention, None);
+        let s = Settings::resolve(ServeArgs::default()).unwrap();
+        assert_eq!(s.retention, Some(Duration::from_secs(30 * 86_400)));
+        assert!(Settings::resolve(ServeArgs { retention: Some("soon".into()), ..ServeArgs::default() }).is_err());
+        assert!(Settings::resolve(ServeArgs { webhook_secret: Some("plain".into()), ..ServeArgs::default() }).is_err());
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //! - [`upstream`]: the HTTP client for the OpenAI-compatible upstream.
 //! - [`store`]: the [`store::Store`] trait and its implementations (SQLite).
 //! - [`http`]: the HTTP surface: routes, extractors, the JSON error format, SSE.
+//! - [`keys`]: service keys: authentication, rates, quotas, and the `offload keys` commands.
 //! - [`mock`]: the built-in OpenAI-compatible mock upstream used by tests, benchmarks and new users.
+//! - [`webhook`]: webhook delivery (signing, retries, SSRF guard).
+//! - [`retention`]: deletes finished requests older than the retention period.
 //! - [`telemetry`]: logging setup.
 
 pub mod cli;
@@ -23,8 +26,11 @@ pub mod document;
 pub mod domain;
 pub mod engine;
 pub mod http;
+pub mod keys;
 pub mod mock;
+pub mod retention;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;
+pub mod webhook;

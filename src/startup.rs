@@ -4,14 +4,18 @@ use crate::config::Settings;
 use crate::document::Urls;
 use crate::domain::Limits;
 use crate::engine::{Engine, EngineConfig};
+use crate::keys::Gatekeeper;
 use crate::mock::{MockConfig, MockServer};
 use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, Stores};
 use crate::upstream::Upstream;
+use crate::webhook::Deliverer;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 pub struct Application {
     listener: TcpListener,
@@ -19,6 +23,9 @@ pub struct Application {
     router: axum::Router,
     base_url: String,
     shutdown_grace: Duration,
+    deliverer: Arc<Deliverer>,
+    requests: Arc<dyn Store>,
+    retention: Option<Duration>,
     /// The in-process mock upstream (`--mock-upstream`), kept alive as long as the application.
     _mock: Option<MockServer>,
 }
@@ -31,6 +38,8 @@ pub enum StartError {
     Mock(std::io::Error),
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("cannot build the webhook client: {0}")]
+    Webhooks(reqwest::Error),
 }
 
 impl Application {
@@ -53,29 +62,56 @@ impl Application {
             format!("http://{host}:{}", local.port())
         });
 
-        let store = SqliteStore::open(&settings.data_dir, settings.sqlite_synchronous)?;
+        let stores = Stores::of(Arc::new(SqliteStore::open(&settings.data_dir, settings.sqlite_synchronous)?));
+        let urls = Urls { base: base_url.clone() };
+        let deliverer = Arc::new(
+            Deliverer::new(stores.webhooks.clone(), stores.requests.clone(), urls.clone(), settings.webhooks.clone())
+                .map_err(StartError::Webhooks)?,
+        );
         let config = EngineConfig {
             limits: Limits {
                 max_timeout: settings.max_timeout,
                 max_connect_timeout: settings.max_connect_timeout,
                 default_model: settings.default_model.clone(),
             },
-            urls: Urls { base: base_url.clone() },
+            urls,
             max_in_flight: settings.max_in_flight,
             flush_interval: settings.flush_interval,
             keep_alive: settings.keep_alive,
             poll_interval: Duration::from_millis(250),
+            allow_private_webhooks: settings.webhooks.allow_private,
         };
-        let engine = Engine::new(config, Arc::new(store), Upstream::new(&upstream_url, settings.upstream_key.clone()));
+        let upstream = Upstream::new(&upstream_url, settings.upstream_key.clone());
+        let engine = Engine::new(config, stores.clone(), upstream, deliverer.wake.clone());
         let recovered = engine.recover().await?;
         if recovered > 0 {
             tracing::warn!(count = recovered, "ended requests cut off by a previous stop as interrupted");
         }
-        let router = crate::http::router(engine.clone(), settings.max_body_bytes);
+        if !stores.keys.active_keys_exist().await? {
+            tracing::warn!(
+                "NO SERVICE KEYS: this server accepts create calls from anyone who can reach it. \
+                 Create a key with `offload keys create --name NAME` to require one."
+            );
+        }
+        if settings.webhooks.allow_private {
+            tracing::warn!("webhooks may target loopback and private addresses (--allow-private-webhooks)");
+        }
+        let gate = Arc::new(Gatekeeper::new(stores.keys.clone()));
+        let router = crate::http::router(engine.clone(), gate, settings.max_body_bytes);
         if mock.is_some() {
             tracing::info!("using the built-in mock upstream at {upstream_url}");
         }
-        Ok(Self { listener, engine, router, base_url, shutdown_grace: settings.shutdown_grace, _mock: mock })
+        Ok(Self {
+            listener,
+            engine,
+            router,
+            base_url,
+            shutdown_grace: settings.shutdown_grace,
+            deliverer,
+            requests: stores.requests,
+            retention: settings.retention,
+            _mock: mock,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -95,6 +131,11 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let local = self.listener.local_addr()?;
         tracing::info!("offload {} listening on {local} (public URL {})", env!("CARGO_PKG_VERSION"), self.base_url);
+        let background = CancellationToken::new();
+        let deliveries = tokio::spawn(self.deliverer.clone().run(background.clone()));
+        if let Some(retention) = self.retention {
+            tokio::spawn(crate::retention::sweep(self.requests.clone(), retention, background.clone()));
+        }
         let engine = self.engine.clone();
         let grace = self.shutdown_grace;
         let drained = Arc::new(tokio::sync::Notify::new());
@@ -103,6 +144,9 @@ impl Application {
             shutdown.await;
             tracing::info!("shutting down: no new requests; running ones get {grace:?} to finish");
             engine.shutdown(grace).await;
+            background.cancel();
+            // Attempts under way finish (each is bounded by the webhook timeout); the rest wait in the store.
+            let _ = deliveries.await;
             drained_signal.notify_one();
         });
         tokio::select! {

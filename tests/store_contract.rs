@@ -108,7 +108,12 @@ pub async fn progress_and_finish_are_kept_and_unfinished_lists_only_the_running(
             WriteOp::Insert(running),
             WriteOp::Insert(finished),
             WriteOp::Progress { id: r, progress: progress(Status::Streaming) },
-            WriteOp::Finish { id: f, progress: progress(Status::Error), body: Some("{\"ok\":true}".into()) },
+            WriteOp::Finish {
+                id: f,
+                progress: progress(Status::Error),
+                body: Some("{\"ok\":true}".into()),
+                webhook_url: None,
+            },
         ],
     )
     .await;

@@ -4,6 +4,7 @@ pub mod create;
 pub mod ids;
 pub mod locator;
 pub mod secret;
+pub mod service_key;
 pub mod status;
 pub mod token;
 
@@ -11,5 +12,6 @@ pub use create::{Continuation, CreateRequest, FieldError, Limits};
 pub use ids::{Access, Kind, RequestId};
 pub use locator::{Locator, Suffix};
 pub use secret::UpstreamKey;
+pub use service_key::{ApiKey, KeyLimits, ServiceKey};
 pub use status::Status;
 pub use token::{AccessToken, TokenHash};

@@ -200,15 +200,16 @@ impl LiveRequest {
         (st.progress.status.is_final(), st.events.len() as u64)
     }
 
-    /// The status document, rendered at most once per change.
-    pub fn document(&self, urls: &Urls) -> Bytes {
+    /// The status document, rendered at most once per change. `webhook` is the same for every render of a
+    /// running request (`waiting`), so it is not part of the cache key.
+    pub fn document(&self, urls: &Urls, webhook: Option<&RawValue>) -> Bytes {
         let mut st = self.state.lock();
         if let Some((version, doc)) = &st.doc_cache
             && *version == st.version
         {
             return doc.clone();
         }
-        let doc = Bytes::from(render(&self.meta, &st.progress, st.body.view(), urls, None));
+        let doc = Bytes::from(render(&self.meta, &st.progress, st.body.view(), urls, webhook));
         st.doc_cache = Some((st.version, doc.clone()));
         doc
     }

@@ -20,7 +20,7 @@ use crate::domain::locator::ParsedUrl;
 use crate::domain::{
     Access, AccessToken, Continuation, CreateRequest, Kind, Limits, Locator, RequestId, Status, UpstreamKey,
 };
-use crate::store::{Store, StoreError, StoredRequest, WriteOp};
+use crate::store::{Store, StoreError, StoredRequest, Stores, WriteOp};
 use crate::upstream::Upstream;
 use live::{CancelReason, LiveRequest};
 use parking_lot::Mutex;
@@ -51,6 +51,8 @@ pub struct EngineConfig {
     pub keep_alive: Duration,
     /// How often a reader of a request running elsewhere (another node) looks for new events.
     pub poll_interval: Duration,
+    /// Whether `webhook_url` may point at loopback and private addresses.
+    pub allow_private_webhooks: bool,
 }
 
 #[derive(Clone)]
@@ -61,7 +63,10 @@ pub struct Engine {
 pub(crate) struct Inner {
     config: EngineConfig,
     store: Arc<dyn Store>,
+    stores: Stores,
     persister: Persister,
+    /// Woken when a webhook delivery is queued.
+    webhook_wake: Arc<tokio::sync::Notify>,
     upstream: Upstream,
     hub: Mutex<HashMap<RequestId, Arc<LiveRequest>>>,
     tasks: TaskTracker,
@@ -106,6 +111,8 @@ pub enum CreateError {
     FromForbidden,
     #[error("the request named by `from_status_url` has not finished yet (status `{0}`); continue once it is final")]
     FromNotFinished(&'static str),
+    #[error("{0}")]
+    WebhookRefused(String),
     #[error("the request could not be stored")]
     Store(#[from] StoreError),
     #[error("the request could not be prepared: {0}")]
@@ -121,13 +128,20 @@ pub struct Created {
 }
 
 impl Engine {
-    pub fn new(config: EngineConfig, store: Arc<dyn Store>, upstream: Upstream) -> Self {
-        let (persister, _task) = Persister::start(store.clone(), config.flush_interval);
+    pub fn new(
+        config: EngineConfig,
+        stores: Stores,
+        upstream: Upstream,
+        webhook_wake: Arc<tokio::sync::Notify>,
+    ) -> Self {
+        let (persister, _task) = Persister::start(stores.requests.clone(), config.flush_interval);
         Self {
             inner: Arc::new(Inner {
                 config,
-                store,
+                store: stores.requests.clone(),
+                stores,
                 persister,
+                webhook_wake,
                 upstream,
                 hub: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
@@ -153,11 +167,14 @@ impl Engine {
         self.inner.accepting.load(Ordering::SeqCst)
     }
 
+    /// Accepts a request and starts its upstream call. `held` is kept until the request is final (a service
+    /// key's in-flight slot, say).
     pub async fn create(
         &self,
         kind: Kind,
         req: CreateRequest,
         caller_key: Option<UpstreamKey>,
+        held: Option<Box<dyn std::any::Any + Send + Sync>>,
     ) -> Result<Created, CreateError> {
         let inner = &self.inner;
         if !self.accepting() {
@@ -169,6 +186,12 @@ impl Engine {
         let key = inner.upstream.key_for(caller_key);
         if key.is_none() && inner.upstream.requires_key() {
             return Err(CreateError::MissingKey);
+        }
+
+        if let Some(url) = &req.webhook_url
+            && !inner.config.allow_private_webhooks
+        {
+            crate::webhook::ssrf::check_target(url).await.map_err(|e| CreateError::WebhookRefused(e.to_string()))?;
         }
 
         let mut parameters = req.parameters;
@@ -212,7 +235,7 @@ impl Engine {
         inner.persister.commit(WriteOp::Insert(meta.clone())).await?;
         let live = LiveRequest::new(meta.clone());
         inner.hub.lock().insert(id, live.clone());
-        inner.tasks.spawn(worker::run(inner.clone(), live.clone(), key, upstream_body));
+        inner.tasks.spawn(worker::run(inner.clone(), live.clone(), key, upstream_body, held));
         if !self.accepting() {
             // Shutdown began while this one was being accepted: it ends as interrupted like the others.
             live.cancel_with(CancelReason::Shutdown, unix_now());
@@ -280,6 +303,24 @@ impl Engine {
         &self.inner.store
     }
 
+    /// The `webhook` object of a request's document: `waiting` until it is final, then the delivery state.
+    pub async fn webhook_view(&self, found: &Found) -> Result<Option<Box<RawValue>>, StoreError> {
+        if found.meta().options.webhook_url.is_none() {
+            return Ok(None);
+        }
+        let stored = match found {
+            Found::Stored(stored) if stored.progress.status.is_final() => {
+                self.inner.stores.webhooks.webhook(stored.meta.locator.id).await?
+            }
+            _ => None,
+        };
+        let view = match stored {
+            Some(status) => serde_json::value::to_raw_value(&status),
+            None => serde_json::value::to_raw_value(&serde_json::json!({"state": "waiting", "attempts": 0})),
+        };
+        view.map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
     /// Ends every request a crash cut off as `error`/`interrupted`, keeping what was received.
     pub async fn recover(&self) -> Result<usize, StoreError> {
         let store = &self.inner.store;
@@ -299,7 +340,8 @@ impl Engine {
                 progress.finished_at.get_or_insert(now);
             }
             progress.processed_at = Some(now);
-            store.write(Arc::from([WriteOp::Finish { id, progress, body }])).await?;
+            let webhook_url = request.meta.options.webhook_url.clone();
+            store.write(Arc::from([WriteOp::Finish { id, progress, body, webhook_url }])).await?;
             tracing::warn!(request = %id, "request cut off by a previous crash ended as interrupted");
         }
         Ok(count)
@@ -354,8 +396,13 @@ impl Inner {
     async fn settle(&self, live: &LiveRequest, status: Status, error: Option<ErrorInfo>) {
         let (progress, body) = live.finalize(status, error, unix_now());
         let id = live.meta.locator.id;
-        if let Err(e) = self.persister.commit(WriteOp::Finish { id, progress, body }).await {
+        let webhook_url = live.meta.options.webhook_url.clone();
+        let has_webhook = webhook_url.is_some();
+        if let Err(e) = self.persister.commit(WriteOp::Finish { id, progress, body, webhook_url }).await {
             tracing::error!(request = %id, error = %e, "could not store the final status");
+        }
+        if has_webhook {
+            self.webhook_wake.notify_one();
         }
         self.hub.lock().remove(&id);
         live.settled.cancel();

@@ -20,7 +20,13 @@ enum Outcome {
     Cancelled,
 }
 
-pub(super) async fn run(inner: Arc<Inner>, live: Arc<LiveRequest>, key: Option<UpstreamKey>, body: String) {
+pub(super) async fn run(
+    inner: Arc<Inner>,
+    live: Arc<LiveRequest>,
+    key: Option<UpstreamKey>,
+    body: String,
+    held: Option<Box<dyn std::any::Any + Send + Sync>>,
+) {
     let timeout = live.meta.options.timeout;
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
     let outcome = tokio::select! {
@@ -42,6 +48,7 @@ pub(super) async fn run(inner: Arc<Inner>, live: Arc<LiveRequest>, key: Option<U
         },
     };
     inner.settle(&live, status, error).await;
+    drop(held);
 }
 
 pub fn interrupted() -> ErrorInfo {

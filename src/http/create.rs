@@ -27,12 +27,29 @@ pub async fn asynchronous(
     create(app, Kind::Async, headers, body).await
 }
 
+/// The service key, from `Authorization: Bearer`, `X-API-Key` or `X-RapidAPI-Key` (OffloadGPT clients send the
+/// last one).
+fn service_key(headers: &HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key);
+    bearer
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .or_else(|| headers.get("x-rapidapi-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
 async fn create(
     app: AppState,
     kind: Kind,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let key = app.gate.authenticate(service_key(&headers)).await?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -60,9 +77,21 @@ async fn create(
         let code = if e.param.is_some() { "invalid_field" } else { "invalid_json" };
         ApiError::new(StatusCode::BAD_REQUEST, code, e.message).with_param(e.param)
     })?;
-    let key = headers.get("x-openai-api-key").and_then(|v| v.to_str().ok()).and_then(UpstreamKey::new);
-    let created = app.engine.create(kind, request, key).await?;
-    Ok(Json(created_response(&app, &created)))
+    let upstream_key = headers.get("x-openai-api-key").and_then(|v| v.to_str().ok()).and_then(UpstreamKey::new);
+    let mut admission = match &key {
+        Some(key) => Some(app.gate.admit(key).await?),
+        None => None,
+    };
+    let held = admission.as_mut().and_then(|a| a.slot.take()).map(|slot| Box::new(slot) as _);
+    match app.engine.create(kind, request, upstream_key, held).await {
+        Ok(created) => Ok(Json(created_response(&app, &created))),
+        Err(e) => {
+            if let (Some(admission), Some(key)) = (admission, &key) {
+                app.gate.refund(admission, key).await;
+            }
+            Err(e.into())
+        }
+    }
 }
 
 fn created_response(app: &AppState, created: &Created) -> Value {

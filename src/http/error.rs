@@ -1,6 +1,7 @@
 //! The one error format of the API: `{"status":"error","error":{"code","message","param"}}`.
 
 use crate::engine::CreateError;
+use crate::keys::Refusal;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -57,6 +58,23 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Missing => Self::unauthorized(
+                "This server requires a service key: send it as `Authorization: Bearer <key>`, `X-API-Key` or `X-RapidAPI-Key`.",
+            ),
+            Refusal::Unknown => Self::unauthorized("This service key is not valid (unknown or revoked)."),
+            Refusal::Limit { message, retry_after } => {
+                let mut err = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+                err.retry_after = Some(retry_after.max(1));
+                err
+            }
+            Refusal::Store(e) => CreateError::Store(e).into(),
+        }
+    }
+}
+
 impl From<CreateError> for ApiError {
     fn from(e: CreateError) -> Self {
         let message = e.to_string();
@@ -68,6 +86,9 @@ impl From<CreateError> for ApiError {
             }
             CreateError::MissingKey => {
                 Self::new(StatusCode::BAD_REQUEST, "missing_upstream_key", message).with_param(Some("X-OpenAI-API-Key"))
+            }
+            CreateError::WebhookRefused(_) => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_field", message).with_param(Some("webhook_url"))
             }
             CreateError::FromNotFound => Self::not_found(message).with_param(Some("from_status_url")),
             CreateError::FromForbidden => {

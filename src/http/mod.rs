@@ -6,19 +6,22 @@ pub mod error;
 pub mod requests;
 
 use crate::engine::Engine;
+use crate::keys::Gatekeeper;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use error::ApiError;
 use serde_json::json;
+use std::sync::Arc;
 use tower_http::cors::{AllowHeaders, Any, CorsLayer};
 
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
+    pub gate: Arc<Gatekeeper>,
 }
 
-pub fn router(engine: Engine, max_body_bytes: usize) -> Router {
+pub fn router(engine: Engine, gate: Arc<Gatekeeper>, max_body_bytes: usize) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods(Any)
@@ -36,7 +39,7 @@ pub fn router(engine: Engine, max_body_bytes: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(cors)
-        .with_state(AppState { engine })
+        .with_state(AppState { engine, gate })
 }
 
 async fn index(axum::extract::State(app): axum::extract::State<AppState>) -> Json<serde_json::Value> {

@@ -71,7 +71,7 @@ pub async fn get(
     let stream_token = if url.suffix == Suffix::Events { query.stream_token.as_deref() } else { None };
     authorize(found.meta(), &headers, stream_token)?;
     match url.suffix {
-        Suffix::Status => Ok(status(&app, &found, &headers)),
+        Suffix::Status => status(&app, &found, &headers).await,
         Suffix::Events => events(&app, found, &headers, query.last_event_id.as_deref()),
         Suffix::Raw => raw(&app, found).await,
         Suffix::Stop => Ok(stop(&app, &found)),
@@ -129,13 +129,14 @@ fn etag_of(bytes: &[u8]) -> String {
     format!("\"{:016x}{:08x}\"", hasher.finish(), bytes.len())
 }
 
-fn status(app: &AppState, found: &Found, headers: &HeaderMap) -> Response {
+async fn status(app: &AppState, found: &Found, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let webhook = app.engine.webhook_view(found).await.map_err(|e| ApiError::internal(&e))?;
     let doc: bytes::Bytes = match found {
-        Found::Live(live) => live.document(app.engine.urls()),
+        Found::Live(live) => live.document(app.engine.urls(), webhook.as_deref()),
         Found::Stored(stored) => {
             let body = stored.body.as_deref().and_then(|b| serde_json::from_str::<&RawValue>(b).ok());
             let view = body.map_or(BodyView::None, BodyView::Json);
-            render(&stored.meta, &stored.progress, view, app.engine.urls(), None).into()
+            render(&stored.meta, &stored.progress, view, app.engine.urls(), webhook.as_deref()).into()
         }
     };
     let etag = etag_of(&doc);
@@ -152,7 +153,7 @@ fn status(app: &AppState, found: &Found, headers: &HeaderMap) -> Response {
         h.insert(header::ETAG, value);
     }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
+    Ok(response)
 }
 
 fn events(app: &AppState, found: Found, headers: &HeaderMap, query_last: Option<&str>) -> Result<Response, ApiError> {

@@ -1,13 +1,16 @@
 //! Durable storage behind one trait. The engine batches every write into [`Store::write`] calls (one
 //! transaction each); reads serve requests that are no longer live in memory.
 //!
+//! Storage is split by query family, one trait each: [`Store`] (requests, events, raw responses), [`WebhookStore`]
+//! (webhook deliveries) and [`KeyStore`] (service keys and their usage). An implementation provides all three.
+//!
 //! Implementations: [`sqlite::SqliteStore`] (embedded, the default). Every implementation must pass the contract
 //! suite in `tests/store_contract.rs`.
 
 pub mod sqlite;
 
 use crate::document::{Progress, RequestMeta};
-use crate::domain::RequestId;
+use crate::domain::{RequestId, ServiceKey, TokenHash};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -20,6 +23,22 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is closed")]
     Closed,
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// One store seen through each of its query families; every component gets only the family it needs.
+#[derive(Clone)]
+pub struct Stores {
+    pub requests: Arc<dyn Store>,
+    pub webhooks: Arc<dyn WebhookStore>,
+    pub keys: Arc<dyn KeyStore>,
+}
+
+impl Stores {
+    pub fn of<S: Store + WebhookStore + KeyStore>(store: Arc<S>) -> Self {
+        Self { requests: store.clone(), webhooks: store.clone(), keys: store }
+    }
 }
 
 /// A request as stored.
@@ -44,8 +63,9 @@ pub enum WriteOp {
     Raw { id: RequestId, seq: u64, bytes: Bytes },
     /// A status transition or new response facts.
     Progress { id: RequestId, progress: Progress },
-    /// The final status, with the final body.
-    Finish { id: RequestId, progress: Progress, body: Option<String> },
+    /// The final status, with the final body. With `webhook_url`, its delivery is queued in the same
+    /// transaction, so that no final status is ever stored without its webhook.
+    Finish { id: RequestId, progress: Progress, body: Option<String>, webhook_url: Option<String> },
 }
 
 #[async_trait]
@@ -66,4 +86,121 @@ pub trait Store: Send + Sync + 'static {
 
     /// Requests not in a final status (after a crash: the ones it cut off).
     async fn unfinished(&self) -> Result<Vec<StoredRequest>, StoreError>;
+
+    /// Deletes up to `limit` requests that reached their final status before `before` (unix seconds), with
+    /// everything of them. Returns how many were deleted.
+    async fn purge_finished(&self, before: i64, limit: usize) -> Result<usize, StoreError>;
+}
+
+/// Where a webhook delivery stands; shown as the status document's `webhook` object.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WebhookStatus {
+    pub state: WebhookState,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_attempt_at: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt_at: Option<f64>,
+    /// The receiver's HTTP status of the last attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_status_code: Option<u16>,
+    /// Why the last attempt failed, when it did not get an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookState {
+    /// Queued, not yet attempted.
+    Pending,
+    /// Attempted and failed in a way worth retrying; `next_attempt_at` says when.
+    Retrying,
+    Delivered,
+    /// Given up: the receiver refused it, or retries ran out.
+    Failed,
+}
+
+impl WebhookState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookState::Pending => "pending",
+            WebhookState::Retrying => "retrying",
+            WebhookState::Delivered => "delivered",
+            WebhookState::Failed => "failed",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, WebhookState::Delivered | WebhookState::Failed)
+    }
+}
+
+/// A delivery due now, claimed by one deliverer for a lease.
+#[derive(Debug, Clone)]
+pub struct WebhookJob {
+    pub id: RequestId,
+    pub url: String,
+    pub status: WebhookStatus,
+}
+
+#[async_trait]
+pub trait WebhookStore: Send + Sync + 'static {
+    /// Claims up to `limit` deliveries due at `now`: they are not handed out again for `lease` seconds, so that a
+    /// deliverer that dies mid-attempt is retried by the next one.
+    async fn claim_webhooks(&self, now: f64, lease: f64, limit: usize) -> Result<Vec<WebhookJob>, StoreError>;
+
+    /// Records the outcome of an attempt. A delivery in state `retrying` becomes due at `next_attempt_at`.
+    async fn record_webhook(&self, id: RequestId, status: WebhookStatus) -> Result<(), StoreError>;
+
+    async fn webhook(&self, id: RequestId) -> Result<Option<WebhookStatus>, StoreError>;
+}
+
+/// The calendar periods a quota counts in (UTC), e.g. `2026-11-22` and `2026-11`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Periods {
+    pub day: String,
+    pub month: String,
+}
+
+/// A key's usage in the current periods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub today: u64,
+    pub this_month: u64,
+}
+
+/// Whether a request could be counted against a key's quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Charge {
+    Counted,
+    DayFull,
+    MonthFull,
+}
+
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Stores a new key (by its hash). A name already in use is an error.
+    async fn create_key(&self, key: &ServiceKey, hash: TokenHash) -> Result<(), StoreError>;
+
+    /// The key with this hash, revoked or not.
+    async fn key_by_hash(&self, hash: TokenHash) -> Result<Option<ServiceKey>, StoreError>;
+
+    /// Every key with its usage in `periods`.
+    async fn keys(&self, periods: &Periods) -> Result<Vec<(ServiceKey, Usage)>, StoreError>;
+
+    /// Revokes the key with this name or id; `false` when there is none (or it is already revoked).
+    async fn revoke_key(&self, name_or_id: &str, at: i64) -> Result<bool, StoreError>;
+
+    /// Whether any key that is not revoked exists (then every create needs one).
+    async fn active_keys_exist(&self) -> Result<bool, StoreError>;
+
+    /// Counts one request against the key's day and month quotas, atomically: when a quota is full nothing is
+    /// counted.
+    async fn charge(&self, key: &ServiceKey, periods: &Periods) -> Result<Charge, StoreError>;
+
+    /// Takes back one counted request (the create failed after it was counted).
+    async fn refund(&self, key_id: &str, periods: &Periods) -> Result<(), StoreError>;
 }

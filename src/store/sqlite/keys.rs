@@ -1,0 +1,155 @@
+//! The key family: service keys (hashes only) and their usage per day and month.
+
+use super::{SqliteStore, db_err, json_err};
+use crate::domain::{KeyLimits, ServiceKey, TokenHash};
+use crate::store::{Charge, KeyStore, Periods, StoreError, Usage};
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+
+const SELECT_KEY: &str = "SELECT id, name, created_at, revoked_at, limits FROM service_keys";
+
+fn row_to_key(row: &rusqlite::Row<'_>) -> rusqlite::Result<(ServiceKey, String)> {
+    Ok((
+        ServiceKey {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            created_at: row.get(2)?,
+            revoked_at: row.get(3)?,
+            limits: KeyLimits::default(),
+        },
+        row.get(4)?,
+    ))
+}
+
+fn with_limits((mut key, limits): (ServiceKey, String)) -> Result<ServiceKey, StoreError> {
+    key.limits = serde_json::from_str(&limits).map_err(json_err)?;
+    Ok(key)
+}
+
+fn usage(conn: &Connection, key_id: &str, period: &str) -> Result<u64, StoreError> {
+    conn.prepare_cached("SELECT count FROM key_usage WHERE key_id = ?1 AND period = ?2")
+        .and_then(|mut s| s.query_row(params![key_id, period], |r| r.get::<_, u64>(0)).optional())
+        .map(Option::unwrap_or_default)
+        .map_err(db_err)
+}
+
+fn day(periods: &Periods) -> String {
+    format!("d:{}", periods.day)
+}
+
+fn month(periods: &Periods) -> String {
+    format!("m:{}", periods.month)
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn create_key(&self, key: &ServiceKey, hash: TokenHash) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.write_with(move |conn| {
+            let limits = serde_json::to_string(&key.limits).map_err(json_err)?;
+            conn.execute(
+                "INSERT INTO service_keys (id, name, hash, created_at, revoked_at, limits) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![key.id, key.name, hash.as_bytes(), key.created_at, key.revoked_at, limits],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    StoreError::Conflict(format!("a key named {:?} already exists", key.name))
+                }
+                e => db_err(e),
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn key_by_hash(&self, hash: TokenHash) -> Result<Option<ServiceKey>, StoreError> {
+        self.read(move |conn| {
+            conn.prepare_cached(&format!("{SELECT_KEY} WHERE hash = ?1"))
+                .and_then(|mut s| s.query_row([hash.as_bytes()], row_to_key).optional())
+                .map_err(db_err)?
+                .map(with_limits)
+                .transpose()
+        })
+        .await
+    }
+
+    async fn keys(&self, periods: &Periods) -> Result<Vec<(ServiceKey, Usage)>, StoreError> {
+        let periods = periods.clone();
+        self.read(move |conn| {
+            let rows: Vec<(ServiceKey, String)> = conn
+                .prepare(&format!("{SELECT_KEY} ORDER BY created_at, name"))
+                .and_then(|mut s| s.query_map([], row_to_key)?.collect())
+                .map_err(db_err)?;
+            rows.into_iter()
+                .map(|row| {
+                    let key = with_limits(row)?;
+                    let today = usage(conn, &key.id, &day(&periods))?;
+                    let this_month = usage(conn, &key.id, &month(&periods))?;
+                    Ok((key, Usage { today, this_month }))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn revoke_key(&self, name_or_id: &str, at: i64) -> Result<bool, StoreError> {
+        let name_or_id = name_or_id.to_owned();
+        self.write_with(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE service_keys SET revoked_at = ?2 WHERE (name = ?1 OR id = ?1) AND revoked_at IS NULL",
+                    params![name_or_id, at],
+                )
+                .map_err(db_err)?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn active_keys_exist(&self) -> Result<bool, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM service_keys WHERE revoked_at IS NULL)")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn charge(&self, key: &ServiceKey, periods: &Periods) -> Result<Charge, StoreError> {
+        let (id, limits, day, month) = (key.id.clone(), key.limits.clone(), day(periods), month(periods));
+        // On the writer thread: the read and the increment cannot interleave with another charge.
+        self.write_with(move |conn| {
+            let tx = conn.transaction().map_err(db_err)?;
+            if limits.requests_per_day.is_some_and(|max| usage(&tx, &id, &day).is_ok_and(|n| n >= max)) {
+                return Ok(Charge::DayFull);
+            }
+            if limits.requests_per_month.is_some_and(|max| usage(&tx, &id, &month).is_ok_and(|n| n >= max)) {
+                return Ok(Charge::MonthFull);
+            }
+            for period in [&day, &month] {
+                tx.prepare_cached(
+                    "INSERT INTO key_usage (key_id, period, count) VALUES (?1, ?2, 1)
+                     ON CONFLICT (key_id, period) DO UPDATE SET count = count + 1",
+                )
+                .and_then(|mut s| s.execute(params![id, period]))
+                .map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)?;
+            Ok(Charge::Counted)
+        })
+        .await
+    }
+
+    async fn refund(&self, key_id: &str, periods: &Periods) -> Result<(), StoreError> {
+        let (id, day, month) = (key_id.to_owned(), day(periods), month(periods));
+        self.write_with(move |conn| {
+            conn.execute(
+                "UPDATE key_usage SET count = MAX(count - 1, 0) WHERE key_id = ?1 AND period IN (?2, ?3)",
+                params![id, day, month],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+}

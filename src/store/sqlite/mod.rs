@@ -1,0 +1,175 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! All writes run on one dedicated thread that owns the write connection (SQLite has a single writer anyway):
+//! a batch is one transaction with cached statements, and read-modify-write operations such as charging a quota
+//! are exact because nothing else writes in between. Reads use a small pool of read connections on the blocking
+//! thread pool; WAL lets them run while the writer commits. Another process (the `offload keys` command) may
+//! open the same file: SQLite's locking and the busy timeout keep them apart.
+//!
+//! One file per query family: [`requests`], [`webhooks`], [`keys`].
+
+mod keys;
+mod requests;
+mod webhooks;
+
+use super::StoreError;
+use parking_lot::Mutex;
+use rusqlite::Connection;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS requests (
+    id BLOB PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    access INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    bearer BLOB,
+    stream_token BLOB,
+    meta TEXT NOT NULL,
+    parameters TEXT NOT NULL,
+    status TEXT NOT NULL,
+    progress TEXT NOT NULL,
+    body TEXT,
+    final_at INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS requests_unfinished ON requests(status) WHERE status NOT IN ('done', 'error', 'stop');
+CREATE INDEX IF NOT EXISTS requests_final_at ON requests(final_at) WHERE final_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    request_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (request_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS raw_parts (
+    request_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    bytes BLOB NOT NULL,
+    PRIMARY KEY (request_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS webhooks (
+    request_id BLOB PRIMARY KEY,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    status TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks(next_attempt_at) WHERE state IN ('pending', 'retrying');
+CREATE TABLE IF NOT EXISTS service_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    hash BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER,
+    limits TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_usage (
+    key_id TEXT NOT NULL,
+    period TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (key_id, period)
+) WITHOUT ROWID;
+PRAGMA user_version = 1;
+";
+
+/// Work for the writer thread; it sends its own result back.
+type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
+
+pub struct SqliteStore {
+    writer: mpsc::Sender<WriteJob>,
+    readers: Arc<ReadPool>,
+}
+
+/// Whether a commit waits for the disk (`full`) or only for the OS (`normal`, the default: a killed process
+/// loses nothing, a power cut may lose the last commits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Synchronous {
+    #[default]
+    Normal,
+    Full,
+}
+
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn json_err(e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn open(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(db_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+    Ok(conn)
+}
+
+impl ReadPool {
+    fn with<R>(&self, f: impl FnOnce(&Connection) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        let conn = match self.idle.lock().pop() {
+            Some(conn) => conn,
+            None => open(&self.path)?,
+        };
+        let result = f(&conn);
+        let mut idle = self.idle.lock();
+        if idle.len() < 8 {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `offload.db` in `data_dir`.
+    pub fn open(data_dir: &Path, synchronous: Synchronous) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", data_dir.display())))?;
+        let path = data_dir.join("offload.db");
+        let conn = open(&path)?;
+        let sync = match synchronous {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        };
+        conn.execute_batch(&format!("PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};")).map_err(db_err)?;
+        conn.execute_batch(SCHEMA).map_err(db_err)?;
+
+        let (tx, mut rx) = mpsc::channel::<WriteJob>(1024);
+        let mut conn = conn;
+        std::thread::Builder::new()
+            .name("offload-sqlite-writer".into())
+            .spawn(move || {
+                while let Some(job) = rx.blocking_recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self { writer: tx, readers: Arc::new(ReadPool { path, idle: Mutex::new(Vec::new()) }) })
+    }
+
+    /// Runs `f` on the writer thread, after every write queued before it.
+    async fn write_with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (done, wait) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn| {
+            let _ = done.send(f(conn));
+        });
+        self.writer.send(job).await.map_err(|_| StoreError::Closed)?;
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a read connection of the pool.
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let pool = self.readers.clone();
+        tokio::task::spawn_blocking(move || pool.with(f)).await.map_err(|_| StoreError::Closed)?
+    }
+}
