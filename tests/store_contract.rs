@@ -7,7 +7,8 @@ use bytes::Bytes;
 use offload::document::model::Options;
 use offload::document::{ErrorInfo, Progress, RequestMeta, ResponseMeta};
 use offload::domain::{Access, Kind, Locator, RequestId, Status, TokenHash};
-use offload::store::{Store, WriteOp};
+use offload::domain::{KeyLimits, ServiceKey};
+use offload::store::{Charge, KeyStore, Periods, Store, Stores, WebhookState, WebhookStatus, WriteOp};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 
@@ -48,6 +49,10 @@ fn progress(status: Status) -> Progress {
 
 async fn write(store: &Arc<dyn Store>, ops: Vec<WriteOp>) {
     store.write(ops.into()).await.unwrap();
+}
+
+fn finish(id: RequestId, webhook_url: Option<&str>) -> WriteOp {
+    WriteOp::Finish { id, progress: progress(Status::Done), body: None, webhook_url: webhook_url.map(str::to_owned) }
 }
 
 pub async fn an_inserted_request_reads_back_exactly(store: Arc<dyn Store>) {
@@ -181,6 +186,134 @@ pub async fn concurrent_writers_lose_nothing(store: Arc<dyn Store>) {
     assert_eq!(store.events(id, 0, 1000).await.unwrap().len(), 200);
 }
 
+pub async fn a_final_status_with_a_webhook_queues_one_claimable_delivery(stores: Stores) {
+    let (store, hooks) = (&stores.requests, &stores.webhooks);
+    let m = meta(Access::Public);
+    let id = m.locator.id;
+    write(store, vec![WriteOp::Insert(m), finish(id, Some("https://h.example/a"))]).await;
+    write(store, vec![finish(id, Some("https://h.example/other"))]).await;
+    assert_eq!(hooks.webhook(id).await.unwrap().unwrap().state, WebhookState::Pending);
+    let now = 1_700_000_010.0;
+    let jobs = hooks.claim_webhooks(now, 60.0, 10).await.unwrap();
+    let job = jobs.iter().find(|j| j.id == id).unwrap();
+    assert_eq!(job.url, "https://h.example/a", "queueing twice keeps the first");
+    assert!(hooks.claim_webhooks(now + 1.0, 60.0, 10).await.unwrap().iter().all(|j| j.id != id), "leased");
+    assert!(hooks.claim_webhooks(now + 61.0, 60.0, 10).await.unwrap().iter().any(|j| j.id == id), "lease over");
+
+    let retrying = WebhookStatus {
+        state: WebhookState::Retrying,
+        attempts: 1,
+        first_attempt_at: Some(now),
+        last_attempt_at: Some(now),
+        last_status_code: Some(503),
+        last_error: None,
+        next_attempt_at: Some(now + 500.0),
+    };
+    hooks.record_webhook(id, retrying.clone()).await.unwrap();
+    assert_eq!(hooks.webhook(id).await.unwrap(), Some(retrying.clone()));
+    assert!(hooks.claim_webhooks(now + 400.0, 60.0, 10).await.unwrap().iter().all(|j| j.id != id), "not due yet");
+    let again = hooks.claim_webhooks(now + 501.0, 60.0, 10).await.unwrap();
+    assert_eq!(again.iter().find(|j| j.id == id).unwrap().status, retrying);
+    let delivered = WebhookStatus { state: WebhookState::Delivered, next_attempt_at: None, ..retrying };
+    hooks.record_webhook(id, delivered).await.unwrap();
+    assert!(hooks.claim_webhooks(f64::MAX / 2.0, 60.0, 10).await.unwrap().iter().all(|j| j.id != id));
+    assert!(store.delete(id).await.unwrap());
+    assert!(hooks.webhook(id).await.unwrap().is_none(), "delete removes the delivery");
+}
+
+pub async fn a_final_status_without_a_webhook_queues_nothing(stores: Stores) {
+    let m = meta(Access::Public);
+    let id = m.locator.id;
+    write(&stores.requests, vec![WriteOp::Insert(m), finish(id, None)]).await;
+    assert!(stores.webhooks.webhook(id).await.unwrap().is_none());
+}
+
+fn key(name: &str, limits: KeyLimits) -> ServiceKey {
+    ServiceKey { id: format!("key_{name}"), name: name.into(), created_at: 1_700_000_000, revoked_at: None, limits }
+}
+
+fn periods() -> Periods {
+    Periods { day: "2026-11-22".into(), month: "2026-11".into() }
+}
+
+pub async fn keys_are_found_by_hash_listed_and_revoked(stores: Stores) {
+    let keys = &stores.keys;
+    assert!(!keys.active_keys_exist().await.unwrap());
+    let k = key("a", KeyLimits { requests_per_day: Some(3), rate: Some(2.5), ..KeyLimits::default() });
+    keys.create_key(&k, TokenHash::of("secret-a")).await.unwrap();
+    assert!(
+        keys.create_key(&key("a", KeyLimits::default()), TokenHash::of("secret-b")).await.is_err(),
+        "names are unique"
+    );
+    assert!(keys.active_keys_exist().await.unwrap());
+    assert_eq!(keys.key_by_hash(TokenHash::of("secret-a")).await.unwrap(), Some(k.clone()));
+    assert!(keys.key_by_hash(TokenHash::of("secret-x")).await.unwrap().is_none());
+    let listed = keys.keys(&periods()).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].1.today, 0);
+    assert!(keys.revoke_key("key_a", 1_700_000_100).await.unwrap(), "by id");
+    assert!(!keys.revoke_key("a", 1_700_000_200).await.unwrap(), "already revoked");
+    assert_eq!(keys.key_by_hash(TokenHash::of("secret-a")).await.unwrap().unwrap().revoked_at, Some(1_700_000_100));
+    assert!(!keys.active_keys_exist().await.unwrap());
+}
+
+pub async fn charging_is_exact_under_concurrency_and_refunds_give_back(stores: Stores) {
+    let keys = stores.keys.clone();
+    let k = key("q", KeyLimits { requests_per_day: Some(20), requests_per_month: Some(25), ..KeyLimits::default() });
+    keys.create_key(&k, TokenHash::of("secret-q")).await.unwrap();
+    let calls = (0..50).map(|_| {
+        let (keys, k) = (keys.clone(), k.clone());
+        tokio::spawn(async move { keys.charge(&k, &periods()).await.unwrap() })
+    });
+    let mut counted = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Charge::Counted => counted += 1,
+            other => assert_eq!(other, Charge::DayFull),
+        }
+    }
+    assert_eq!(counted, 20);
+    let usage = keys.keys(&periods()).await.unwrap()[0].1;
+    assert_eq!((usage.today, usage.this_month), (20, 20));
+    keys.refund(&k.id, &periods()).await.unwrap();
+    assert_eq!(keys.charge(&k, &periods()).await.unwrap(), Charge::Counted);
+    // A new day: the month quota (25) is what stops it now.
+    let tomorrow = Periods { day: "2026-11-23".into(), month: "2026-11".into() };
+    let results: Vec<Charge> = futures_util::future::join_all((0..10).map(|_| keys.charge(&k, &tomorrow)))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(results.iter().filter(|c| **c == Charge::Counted).count(), 5);
+    assert!(results.contains(&Charge::MonthFull));
+}
+
+pub async fn purging_deletes_only_requests_finished_before_the_cutoff(store: Arc<dyn Store>) {
+    let (old, recent, running) = (meta(Access::Public), meta(Access::Public), meta(Access::Public));
+    let at = |t: f64| Progress { processed_at: Some(t), ..progress(Status::Done) };
+    let (o, r, n) = (old.locator.id, recent.locator.id, running.locator.id);
+    write(
+        &store,
+        vec![
+            WriteOp::Insert(old),
+            WriteOp::Insert(recent),
+            WriteOp::Insert(running),
+            WriteOp::Event { id: o, seq: 1, data: "{}".into() },
+            WriteOp::Raw { id: o, seq: 1, bytes: Bytes::from_static(b"x") },
+            WriteOp::Finish { id: o, progress: at(1_000.0), body: None, webhook_url: Some("https://h.example".into()) },
+            WriteOp::Finish { id: r, progress: at(5_000.0), body: None, webhook_url: None },
+        ],
+    )
+    .await;
+    assert_eq!(store.purge_finished(2_000, 100).await.unwrap(), 1);
+    assert!(store.get(o).await.unwrap().is_none());
+    assert!(store.events(o, 0, 10).await.unwrap().is_empty());
+    assert!(store.raw(o).await.unwrap().is_empty());
+    assert!(store.get(r).await.unwrap().is_some());
+    assert!(store.get(n).await.unwrap().is_some(), "a request without a final status is never purged");
+    assert_eq!(store.purge_finished(2_000, 100).await.unwrap(), 0);
+}
+
 macro_rules! contract_suite {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -192,7 +325,14 @@ macro_rules! contract_suite {
                 progress_and_finish_are_kept_and_unfinished_lists_only_the_running,
                 delete_removes_the_request_its_events_and_raw,
                 a_failed_batch_changes_nothing,
-                concurrent_writers_lose_nothing
+                concurrent_writers_lose_nothing,
+                purging_deletes_only_requests_finished_before_the_cutoff
+            );
+            contract_suite!(@families $make;
+                a_final_status_with_a_webhook_queues_one_claimable_delivery,
+                a_final_status_without_a_webhook_queues_nothing,
+                keys_are_found_by_hash_listed_and_revoked,
+                charging_is_exact_under_concurrency_and_refunds_give_back
             );
         }
     };
@@ -200,17 +340,26 @@ macro_rules! contract_suite {
         $(
             #[tokio::test]
             async fn $test() {
-                let (store, _guard) = $make.await;
-                super::$test(store).await;
+                let (stores, _guard) = $make.await;
+                super::$test(stores.requests).await;
+            }
+        )*
+    };
+    (@families $make:expr; $($test:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $test() {
+                let (stores, _guard) = $make.await;
+                super::$test(stores).await;
             }
         )*
     };
 }
 
-async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
+async fn sqlite() -> (Stores, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = offload::store::sqlite::SqliteStore::open(dir.path(), Default::default()).unwrap();
-    (Arc::new(store), dir)
+    (Stores::of(Arc::new(store)), dir)
 }
 
 contract_suite!(sqlite_store, sqlite());

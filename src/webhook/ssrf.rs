@@ -133,6 +133,14 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_delivery_resolver_never_returns_a_forbidden_address() {
+        use reqwest::dns::Resolve;
+        use std::str::FromStr;
+        let name = reqwest::dns::Name::from_str("localhost").unwrap();
+        assert!(GuardedResolver.resolve(name).await.is_err(), "localhost resolves only to loopback");
+    }
+
+    #[tokio::test]
     async fn a_hostname_that_resolves_to_loopback_is_refused() {
         let url = Url::parse("http://localhost:9/hook").unwrap();
         assert!(matches!(check_target(&url).await, Err(TargetError::Forbidden(_))));

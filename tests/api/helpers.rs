@@ -226,3 +226,101 @@ pub fn content_of(events: &[Event]) -> String {
 pub fn endpoint(created: &Value, name: &str) -> String {
     created["endpoints"][name].as_str().unwrap_or_else(|| panic!("no {name} in {created}")).to_owned()
 }
+
+/// A webhook receiver on loopback that answers each POST with the next scripted status (then 200).
+pub struct Receiver {
+    pub url: String,
+    pub hits: std::sync::Arc<parking_lot::Mutex<Vec<Hit>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+    pub at: std::time::Instant,
+}
+
+impl Hit {
+    pub fn header(&self, name: &str) -> String {
+        self.headers.get(name).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+    }
+
+    /// The `response` form field, parsed.
+    pub fn document(&self) -> Value {
+        let (_, json) = url::form_urlencoded::parse(self.body.as_bytes()).find(|(k, _)| k == "response").unwrap();
+        serde_json::from_str(&json).unwrap()
+    }
+}
+
+/// `script` holds (status, Retry-After seconds) answers for the first POSTs.
+pub async fn receiver(script: Vec<(u16, Option<u64>)>) -> Receiver {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let hits: std::sync::Arc<parking_lot::Mutex<Vec<Hit>>> = Default::default();
+    let script = std::sync::Arc::new(parking_lot::Mutex::new(std::collections::VecDeque::from(script)));
+    let recorded = hits.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let recorded = recorded.clone();
+            let script = script.clone();
+            async move {
+                recorded.lock().push(Hit { headers, body, at: std::time::Instant::now() });
+                let (status, retry_after) = script.lock().pop_front().unwrap_or((200, None));
+                let mut response = StatusCode::from_u16(status).unwrap().into_response();
+                if let Some(seconds) = retry_after {
+                    response.headers_mut().insert("retry-after", seconds.into());
+                }
+                response
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Receiver { url, hits, _task: task }
+}
+
+impl Receiver {
+    /// Waits until `n` POSTs arrived (or 20 s pass).
+    pub async fn wait_hits(&self, n: usize) -> Vec<Hit> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let hits = self.hits.lock().clone();
+            if hits.len() >= n {
+                return hits;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "only {} webhook POSTs arrived", hits.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Polls the document until its `webhook.state` is final (delivered or failed).
+pub async fn wait_webhook(app: &TestApp, status_url: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let doc = app.get_json(status_url, None).await;
+        if matches!(doc["webhook"]["state"].as_str(), Some("delivered" | "failed")) {
+            return doc;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "webhook never settled: {doc}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `offload keys ...` on a data directory and returns its standard output.
+pub fn keys_cli(data_dir: &std::path::Path, args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_offload"))
+        .arg("keys")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "offload keys {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
