@@ -8,7 +8,7 @@ use offload::document::model::Options;
 use offload::document::{ErrorInfo, Progress, RequestMeta, ResponseMeta};
 use offload::domain::{Access, Kind, Locator, RequestId, Status, TokenHash};
 use offload::domain::{KeyLimits, ServiceKey};
-use offload::store::{Charge, KeyStore, Periods, Store, Stores, WebhookState, WebhookStatus, WriteOp};
+use offload::store::{Charge, Periods, Store, Stores, WebhookState, WebhookStatus, WriteOp};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 
