@@ -1,8 +1,7 @@
 //! The server's own API keys (the part RapidAPI played for the hosted service), and their limits.
 
 use super::TokenHash;
-use rand::TryRngCore;
-use rand::rngs::OsRng;
+use super::token::random_hex;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -37,9 +36,7 @@ pub struct ApiKey(String);
 
 impl ApiKey {
     pub fn generate() -> Result<Self, rand::rand_core::OsError> {
-        let mut bytes = [0u8; 24];
-        OsRng.try_fill_bytes(&mut bytes)?;
-        Ok(Self(format!("ofk_{}", hex::encode(bytes))))
+        Ok(Self(format!("ofk_{}", random_hex(24)?)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -59,7 +56,5 @@ impl fmt::Debug for ApiKey {
 
 /// A new key id: `key_` and 8 hex characters.
 pub fn new_key_id() -> Result<String, rand::rand_core::OsError> {
-    let mut bytes = [0u8; 4];
-    OsRng.try_fill_bytes(&mut bytes)?;
-    Ok(format!("key_{}", hex::encode(bytes)))
+    Ok(format!("key_{}", random_hex(4)?))
 }

@@ -10,12 +10,17 @@ use subtle::ConstantTimeEq;
 /// A freshly generated token, as handed to the caller once in the create response.
 pub struct AccessToken(String);
 
+/// `n` bytes from the OS random source, as lowercase hex.
+pub fn random_hex(n: usize) -> Result<String, rand::rand_core::OsError> {
+    let mut bytes = vec![0u8; n];
+    OsRng.try_fill_bytes(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}
+
 impl AccessToken {
     /// 16 bytes from the OS random source, as 32 lowercase hex characters (the OffloadGPT format).
     pub fn generate() -> Result<Self, rand::rand_core::OsError> {
-        let mut bytes = [0u8; 16];
-        OsRng.try_fill_bytes(&mut bytes)?;
-        Ok(Self(hex::encode(bytes)))
+        random_hex(16).map(Self)
     }
 
     pub fn as_str(&self) -> &str {

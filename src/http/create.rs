@@ -30,13 +30,7 @@ pub async fn asynchronous(
 /// The service key, from `Authorization: Bearer`, `X-API-Key` or `X-RapidAPI-Key` (OffloadGPT clients send the
 /// last one).
 fn service_key(headers: &HeaderMap) -> Option<&str> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, key)| key);
-    bearer
+    super::bearer(headers)
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .or_else(|| headers.get("x-rapidapi-key").and_then(|v| v.to_str().ok()))
         .map(str::trim)

@@ -42,6 +42,16 @@ pub fn router(engine: Engine, gate: Arc<Gatekeeper>, max_body_bytes: usize) -> R
         .with_state(AppState { engine, gate })
 }
 
+/// The token of an `Authorization: Bearer <token>` header.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+}
+
 async fn index(axum::extract::State(app): axum::extract::State<AppState>) -> Json<serde_json::Value> {
     let base = &app.engine.urls().base;
     Json(json!({

@@ -42,13 +42,7 @@ fn authorize(meta: &RequestMeta, headers: &HeaderMap, stream_token: Option<&str>
     if meta.locator.access == Access::Public {
         return Ok(());
     }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    let by_bearer = bearer.zip(meta.bearer.as_ref()).is_some_and(|(t, hash)| hash.verify(t));
+    let by_bearer = super::bearer(headers).zip(meta.bearer.as_ref()).is_some_and(|(t, hash)| hash.verify(t));
     let by_stream_token = stream_token.zip(meta.stream_token.as_ref()).is_some_and(|(t, hash)| hash.verify(t));
     if by_bearer || by_stream_token {
         return Ok(());

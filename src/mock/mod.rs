@@ -89,9 +89,12 @@ pub struct MockServer {
 
 impl MockServer {
     /// The API base to give offload as `--upstream-url`, e.g. `http://127.0.0.1:8081/v1`.
+    #[expect(
+        clippy::expect_used,
+        reason = "`http://` followed by a formatted SocketAddr and `/v1` is always a valid URL"
+    )]
     pub fn api_base(&self) -> url::Url {
-        let text = format!("http://{}/v1", self.addr);
-        url::Url::parse(&text).unwrap_or_else(|_| unreachable_url())
+        url::Url::parse(&format!("http://{}/v1", self.addr)).expect("a socket address forms a valid URL")
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -101,12 +104,6 @@ impl MockServer {
     pub fn stats(&self) -> &MockStats {
         &self.state.stats
     }
-}
-
-/// `http://{SocketAddr}/v1` always parses; this is only the type-level fallback for that proof.
-fn unreachable_url() -> url::Url {
-    url::Url::from_directory_path("/")
-        .unwrap_or_else(|()| url::Url::parse("http://127.0.0.1/").unwrap_or_else(|_| std::process::abort()))
 }
 
 impl Drop for MockServer {
