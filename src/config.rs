@@ -179,9 +179,13 @@ impl Settings {
         let a = args.or(file);
         let max_timeout = a.max_timeout.unwrap_or(90.0);
         let max_connect_timeout = a.max_connect_timeout.unwrap_or(10.0);
+        // Bounded above too: a request may ask for up to this, and it becomes a Duration.
         for (name, value) in [("max_timeout", max_timeout), ("max_connect_timeout", max_connect_timeout)] {
-            if !(value.is_finite() && value >= 1.0) {
-                return Err(ConfigError::Invalid { name, reason: format!("must be at least 1 second, not {value}") });
+            if !(value.is_finite() && (1.0..=86_400.0).contains(&value)) {
+                return Err(ConfigError::Invalid {
+                    name,
+                    reason: format!("must be between 1 and 86400 seconds, not {value}"),
+                });
             }
         }
         let sqlite_synchronous = match a.sqlite_synchronous.as_deref() {
@@ -272,5 +276,7 @@ mod tests {
     fn bounds_below_one_second_are_refused() {
         let err = Settings::resolve(ServeArgs { max_timeout: Some(0.5), ..ServeArgs::default() }).unwrap_err();
         assert!(err.to_string().contains("max_timeout"));
+        let err = Settings::resolve(ServeArgs { max_connect_timeout: Some(1e20), ..ServeArgs::default() }).unwrap_err();
+        assert!(err.to_string().contains("max_connect_timeout"));
     }
 }
