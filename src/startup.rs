@@ -10,6 +10,7 @@ use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, Stores};
 use crate::upstream::Upstream;
 use crate::webhook::Deliverer;
+use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -140,7 +141,14 @@ impl Application {
         let grace = self.shutdown_grace;
         let drained = Arc::new(tokio::sync::Notify::new());
         let drained_signal = drained.clone();
-        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+        // Events are small writes that must leave at once: without TCP_NODELAY, Nagle's algorithm can hold one
+        // back until the previous write is acknowledged.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
+            }
+        });
+        let server = axum::serve(listener, self.router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: no new requests; running ones get {grace:?} to finish");
             engine.shutdown(grace).await;

@@ -16,6 +16,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Args;
 use parking_lot::Mutex;
@@ -117,6 +118,10 @@ pub async fn spawn(addr: SocketAddr, defaults: MockConfig) -> std::io::Result<Mo
     let addr = listener.local_addr()?;
     let state = Arc::new(MockState { defaults, stats: MockStats::default(), recent: Mutex::new(VecDeque::new()) });
     let app = router(state.clone());
+    // Like offload's own listener, so that the floor it gives benchmarks is not slowed by Nagle's algorithm.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "mock upstream stopped");
