@@ -16,7 +16,9 @@
 //! - [`http`]: the HTTP surface: routes, extractors, the JSON error format, SSE.
 //! - [`mock`]: the built-in OpenAI-compatible mock upstream used by tests, benchmarks and new users.
 //! - [`telemetry`]: logging setup.
+//! - [`bench`]: `offload bench`, the benchmark against the direct-to-upstream floor (BENCHMARKS.md).
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod document;

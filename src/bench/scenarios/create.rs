@@ -1,0 +1,159 @@
+//! Scenario 1, create: `POST /v1/async-chatgpt` and `/v1/stream-chatgpt` at fixed arrival rates (open loop),
+//! stepping the rate up until the server saturates. Floor: the same POST, non-streaming and without delay, to
+//! the mock directly.
+
+use super::{Ctx, create_body, direct_body};
+use crate::bench::load::{StepResult, h1_client, open_loop};
+use crate::bench::procs::{CpuWindow, DataDir, Proc, wait_idle};
+use anyhow::Result;
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The p99 latency a step must stay under to count as held.
+pub const HELD_P99_US: f64 = 5_000.0;
+
+pub struct Plan {
+    pub rates: Vec<u64>,
+    pub step: Duration,
+    pub flush_intervals: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    #[serde(flatten)]
+    pub result: StepResult,
+    /// CPU of the server under test (offload, or the mock for the floor) over the step, in cores.
+    pub server_cores: f64,
+    /// CPU of the load generator (this process) over the step, in cores.
+    pub bench_cores: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Sweep {
+    /// `floor` (the mock directly), `async` or `stream`.
+    pub target: String,
+    pub flush_interval_ms: Option<u64>,
+    pub steps: Vec<Step>,
+    /// The highest rate answered without errors or shedding with p99 under 5 ms.
+    pub held_rps: Option<u64>,
+}
+
+impl Sweep {
+    pub fn p99_at(&self, rate: u64) -> Option<f64> {
+        self.steps.iter().find(|s| s.result.rate == rate).map(|s| s.result.latency.p99_us)
+    }
+}
+
+/// Small: the background upstream call each create starts stays cheap, so the create path is what is measured.
+fn mock_controls() -> serde_json::Value {
+    json!({"words": 4})
+}
+
+pub async fn run(ctx: &Ctx, plan: &Plan) -> Result<Vec<Sweep>> {
+    let mock = Proc::mock(&ctx.exe).await?;
+    let client = h1_client()?;
+    let mut sweeps = Vec::new();
+
+    let url = format!("{}/v1/chat/completions", mock.base_url());
+    tracing::info!("create: floor (mock directly)");
+    sweeps.push(sweep(&client, "floor", None, url, direct_body(mock_controls(), false), &mock, None, plan).await?);
+
+    for &flush in &plan.flush_intervals {
+        for target in ["async", "stream"] {
+            let dir = DataDir::new(&ctx.work_dir, &format!("create-{target}-{flush}"))?;
+            let offload = Proc::offload(&ctx.exe, dir.path(), &format!("{}/v1", mock.base_url()), flush).await?;
+            tracing::info!("create: {target}, flush {flush} ms");
+            let url = format!("{}/v1/{target}-chatgpt", offload.base_url());
+            let body = create_body(mock_controls());
+            let result = sweep(&client, target, Some(flush), url, body, &offload, Some(&offload), plan).await;
+            offload.stop().await?;
+            sweeps.push(result?);
+        }
+    }
+    mock.stop().await?;
+    Ok(sweeps)
+}
+
+#[allow(clippy::too_many_arguments, reason = "one sweep's whole setup")]
+async fn sweep(
+    client: &reqwest::Client,
+    target: &str,
+    flush: Option<u64>,
+    url: String,
+    body: String,
+    server: &Proc,
+    offload: Option<&Proc>,
+    plan: &Plan,
+) -> Result<Sweep> {
+    let url: Arc<str> = url.into();
+    let body = Bytes::from(body);
+    let send = {
+        let client = client.clone();
+        move |_i: u64| {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            async move {
+                let response = client
+                    .post(&*url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) => {
+                        let ok = r.status().is_success();
+                        r.bytes().await.is_ok() && ok
+                    }
+                    Err(_) => false,
+                }
+            }
+        }
+    };
+    let send = Arc::new(send);
+    let settle = || async {
+        if let Some(offload) = offload {
+            // The creates' background upstream calls must not spill into the next step.
+            let _ = wait_idle(client, &offload.base_url(), Duration::from_secs(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+
+    // Warm-up: connections, the store's caches; not reported.
+    let warm = send.clone();
+    open_loop(200, Duration::from_secs(1), 2_000, Duration::from_secs(10), move |i| warm(i)).await?;
+    settle().await;
+
+    let mut steps: Vec<Step> = Vec::new();
+    let mut failures_in_a_row = 0;
+    for &rate in &plan.rates {
+        let server_cpu = CpuWindow::start(server.pid)?;
+        let bench_cpu = CpuWindow::start(std::process::id())?;
+        let s = send.clone();
+        let result = open_loop(rate, plan.step, 4_000, Duration::from_secs(12), move |i| s(i)).await?;
+        let step = Step { server_cores: server_cpu.cores()?, bench_cores: bench_cpu.cores()?, result };
+        tracing::info!(
+            "  {target} {rate:>6}/s: p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, ok {}, errors {}, shed {}",
+            step.result.latency.p50_us,
+            step.result.latency.p99_us,
+            step.result.latency.p999_us,
+            step.result.ok,
+            step.result.errors,
+            step.result.shed
+        );
+        let held = step.result.clean() && step.result.latency.p99_us < HELD_P99_US;
+        let collapsed = step.result.latency.p99_us > 1_000_000.0 || step.result.shed > 0;
+        steps.push(step);
+        settle().await;
+        failures_in_a_row = if held { 0 } else { failures_in_a_row + 1 };
+        // Two misses in a row (one may be noise) or a collapse: past saturation, stop stepping.
+        if failures_in_a_row >= 2 || collapsed {
+            break;
+        }
+    }
+    let held_rps =
+        steps.iter().filter(|s| s.result.clean() && s.result.latency.p99_us < HELD_P99_US).map(|s| s.result.rate).max();
+    Ok(Sweep { target: target.to_owned(), flush_interval_ms: flush, steps, held_rps })
+}
