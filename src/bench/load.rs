@@ -35,10 +35,6 @@ impl Hist {
         let _ = self.0.add(&other.0);
     }
 
-    pub fn len(&self) -> u64 {
-        self.0.len()
-    }
-
     pub fn summary(&self) -> Summary {
         let us = |q: f64| if self.0.is_empty() { 0.0 } else { self.0.value_at_quantile(q) as f64 / 1000.0 };
         Summary {

@@ -77,6 +77,9 @@ pub struct BenchArgs {
     pub relay_streams: Option<usize>,
     #[arg(long)]
     pub relay_rounds: Option<usize>,
+    /// Seconds to wait, before each measurement, for other processes on the machine to go quiet (0: never).
+    #[arg(long, default_value = "60")]
+    pub quiet_wait_secs: f64,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-results.json")]
     pub out: PathBuf,
@@ -99,7 +102,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("offload-bench-{}", std::process::id())));
     std::fs::create_dir_all(&work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
-    let ctx = scenarios::Ctx { exe, work_dir: work_dir.clone() };
+    let ctx = scenarios::Ctx {
+        exe,
+        work_dir: work_dir.clone(),
+        quiet_wait: Duration::from_secs_f64(args.quiet_wait_secs.max(0.0)),
+    };
     let result = run_scenarios(&ctx, &args).await;
     let _ = std::fs::remove_dir_all(&work_dir);
     let mut results = result?;

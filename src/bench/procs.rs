@@ -184,6 +184,24 @@ fn clock_ticks_per_second() -> f64 {
     })
 }
 
+/// CPU seconds used so far by each thread of a process, summed by thread name (`tokio-runtime-w`, the SQLite
+/// writer, the main thread...): shows which part of the server is the bottleneck.
+pub fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for task in tasks.flatten() {
+        let Ok(tid) = task.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+        let name = if tid == pid { "main".to_owned() } else { name.trim().to_owned() };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
+        let Some((_, after)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        *out.entry(name).or_insert(0.0) += (ticks(14) + ticks(15)) as f64 / clock_ticks_per_second();
+    }
+    out
+}
+
 /// CPU used by a process over a window, as a fraction of one core.
 pub struct CpuWindow {
     pid: u32,
@@ -200,6 +218,78 @@ impl CpuWindow {
         Ok((cpu_seconds(self.pid)? - self.start_cpu) / self.start.elapsed().as_secs_f64().max(1e-9))
     }
 }
+
+/// Busy CPU of the whole machine (all but idle and iowait in `/proc/stat`), in seconds.
+fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().filter(|l| l.starts_with("cpu ")).ok_or_else(|| anyhow!("no cpu line"))?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...; guest time is already counted in user.
+    let busy: u64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    Ok(busy as f64 / clock_ticks_per_second())
+}
+
+/// CPU over a window: each of our processes and the machine as a whole. What the machine used beyond our
+/// processes ran on the same two cores and is reported beside each figure (`foreign`).
+pub struct Usage {
+    procs: Vec<CpuWindow>,
+    machine_start: f64,
+    start: Instant,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct UsageReport {
+    /// Cores used by each process given to [`Usage::start`], in that order.
+    pub cores: Vec<f64>,
+    /// Cores used by everything else on the machine (other users' builds, tests, ...).
+    pub foreign_cores: f64,
+}
+
+impl Usage {
+    pub fn start(pids: &[u32]) -> Result<Self> {
+        Ok(Self {
+            procs: pids.iter().map(|&p| CpuWindow::start(p)).collect::<Result<_>>()?,
+            machine_start: machine_busy_seconds()?,
+            start: Instant::now(),
+        })
+    }
+
+    pub fn report(&self) -> Result<UsageReport> {
+        let cores = self.procs.iter().map(CpuWindow::cores).collect::<Result<Vec<_>>>()?;
+        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
+        let machine = (machine_busy_seconds()? - self.machine_start) / wall;
+        Ok(UsageReport { foreign_cores: (machine - cores.iter().sum::<f64>()).max(0.0), cores })
+    }
+}
+
+/// Busy cores on the whole machine over `window`.
+pub async fn machine_cores(window: Duration) -> Result<f64> {
+    let start = machine_busy_seconds()?;
+    let t = Instant::now();
+    tokio::time::sleep(window).await;
+    Ok((machine_busy_seconds()? - start) / t.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// Waits (at most `limit`) until the machine is quiet, i.e. something else (a build, a test run) is not
+/// taking the cores the measurement needs; call it while our own processes are idle. Returns the busy cores
+/// seen last.
+pub async fn wait_quiet(limit: Duration) -> Result<f64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let busy = machine_cores(Duration::from_millis(500)).await?;
+        if busy < QUIET_CORES || Instant::now() >= deadline {
+            if busy >= QUIET_CORES {
+                tracing::warn!("the machine is still busy ({busy:.2} cores used by other processes); measuring anyway");
+            }
+            return Ok(busy);
+        }
+        tracing::info!("waiting for the machine to be quiet ({busy:.2} cores busy elsewhere)");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Busy cores below which the machine counts as quiet.
+pub const QUIET_CORES: f64 = 0.25;
 
 /// Samples a process's RSS every `every` and keeps the peak, until stopped.
 pub struct RssPeak {

@@ -244,7 +244,8 @@ pub fn print(r: &Results) -> Result<()> {
     tables.push(Table {
         title: "create (open loop; latency from the scheduled send, ms; floor = POST to the mock)".into(),
         header: vec![
-            "target", "flush", "req/s", "p50", "p99", "p99.9", "ok", "err", "shed", "got/s", "srv cpu", "gen cpu",
+            "target", "flush", "req/s", "p50", "p99", "p99.9", "ok", "err", "shed", "got/s", "srv cpu", "mock cpu",
+            "gen cpu", "foreign",
         ],
         rows: r
             .create
@@ -264,7 +265,9 @@ pub fn print(r: &Results) -> Result<()> {
                         x.shed.to_string(),
                         format!("{:.0}", x.achieved_rps),
                         format!("{:.2}", st.server_cores),
+                        format!("{:.2}", st.mock_cores),
                         format!("{:.2}", st.bench_cores),
+                        format!("{:.2}", st.foreign_cores),
                     ]
                 })
             })
@@ -298,6 +301,7 @@ pub fn print(r: &Results) -> Result<()> {
             "added p50",
             "added p99",
             "err",
+            "foreign",
         ],
         rows: r
             .ttft
@@ -313,6 +317,7 @@ pub fn print(r: &Results) -> Result<()> {
                     ms(x.added_p50_us),
                     ms(x.added_p99_us),
                     x.errors.to_string(),
+                    format!("{:.2}", x.foreign_cores),
                 ]
             })
             .collect(),
@@ -331,6 +336,7 @@ pub fn print(r: &Results) -> Result<()> {
             "added p50",
             "added p99",
             "err",
+            "foreign",
         ],
         rows: r
             .relay
@@ -348,6 +354,7 @@ pub fn print(r: &Results) -> Result<()> {
                     ms(x.added_p50_us),
                     ms(x.added_p99_us),
                     (x.errors + x.unmatched).to_string(),
+                    format!("{:.2}", x.foreign_cores),
                 ]
             })
             .collect(),
@@ -366,6 +373,7 @@ pub fn print(r: &Results) -> Result<()> {
             "srv cpu",
             "mock cpu",
             "gen cpu",
+            "foreign",
             "KiB/req hold",
             "KiB/req peak",
             "fds",
@@ -387,6 +395,7 @@ pub fn print(r: &Results) -> Result<()> {
                     format!("{:.2}", c.server_cores),
                     format!("{:.2}", c.mock_cores),
                     format!("{:.2}", c.bench_cores),
+                    format!("{:.2}", c.foreign_cores),
                     format!("{:.1}", c.rss_per_request_hold_kib),
                     format!("{:.1}", c.rss_per_request_peak_kib),
                     c.open_fds_at_hold.to_string(),
@@ -409,6 +418,7 @@ pub fn print(r: &Results) -> Result<()> {
             "all done s",
             "srv cpu",
             "gen cpu",
+            "foreign",
             "fds",
             "err",
         ],
@@ -428,6 +438,7 @@ pub fn print(r: &Results) -> Result<()> {
                     format!("{:.2}", f.all_done_secs),
                     format!("{:.2}", f.server_cores),
                     format!("{:.2}", f.bench_cores),
+                    format!("{:.2}", f.foreign_cores),
                     f.open_fds_at_hold.to_string(),
                     (f.errors + f.unmatched).to_string(),
                 ]

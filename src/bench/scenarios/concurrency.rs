@@ -9,7 +9,7 @@
 
 use super::{Ctx, Read, create_body, create_stream, direct_body, get, open, post_mock, read_stream};
 use crate::bench::load::{H2Pool, bounded, h1_client};
-use crate::bench::procs::{CpuWindow, DataDir, Proc, RssPeak, in_flight, persisted_events, wait_idle};
+use crate::bench::procs::{DataDir, Proc, RssPeak, Usage, in_flight, persisted_events, thread_cpu, wait_idle};
 use anyhow::Result;
 use serde::Serialize;
 use serde_json::json;
@@ -52,6 +52,8 @@ pub struct Concurrency {
     pub server_cores: f64,
     pub mock_cores: f64,
     pub bench_cores: f64,
+    /// CPU used by other processes on the machine meanwhile.
+    pub foreign_cores: f64,
     pub rss_base_kib: u64,
     pub rss_hold_kib: u64,
     pub rss_peak_kib: u64,
@@ -61,6 +63,8 @@ pub struct Concurrency {
     pub rss_per_request_peak_kib: f64,
     pub open_fds_at_hold: usize,
     pub h2_connections: usize,
+    /// CPU seconds of the server's threads over its life, by thread name.
+    pub server_threads: BTreeMap<String, f64>,
     pub server_log_warnings: u64,
     pub server_log_errors: u64,
 }
@@ -95,6 +99,7 @@ pub async fn run(ctx: &Ctx, streams: usize, flush: Option<u64>) -> Result<Concur
         wait_idle(&creates, &offload.base_url(), Duration::from_secs(10)).await?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    ctx.quiet().await?;
 
     let hold = hold_ms(streams);
     let mut result = Concurrency {
@@ -109,9 +114,11 @@ pub async fn run(ctx: &Ctx, streams: usize, flush: Option<u64>) -> Result<Concur
         ..Default::default()
     };
     let controls = json!({"words": 62, "delay_ms": 20, "ttft_ms": hold});
-    let server_cpu = CpuWindow::start(server.pid)?;
-    let mock_cpu = CpuWindow::start(mock.pid)?;
-    let bench_cpu = CpuWindow::start(std::process::id())?;
+    let mut pids = vec![server.pid, std::process::id()];
+    if offload.is_some() {
+        pids.push(mock.pid);
+    }
+    let usage = Usage::start(&pids)?;
     let peak = RssPeak::start(server.pid, Duration::from_millis(100));
     let started = Instant::now();
     let read_limit = Duration::from_millis(hold) + Duration::from_secs(150);
@@ -200,14 +207,17 @@ pub async fn run(ctx: &Ctx, streams: usize, flush: Option<u64>) -> Result<Concur
             result.persist_lag_ms = Some(stored_at.saturating_duration_since(last).as_secs_f64() * 1000.0);
         }
     }
-    result.server_cores = server_cpu.cores()?;
-    result.mock_cores = mock_cpu.cores()?;
-    result.bench_cores = bench_cpu.cores()?;
+    let usage = usage.report()?;
+    result.server_cores = usage.cores[0];
+    result.bench_cores = usage.cores[1];
+    result.mock_cores = usage.cores.get(2).copied().unwrap_or(result.server_cores);
+    result.foreign_cores = usage.foreign_cores;
     result.rss_peak_kib = peak.stop().max(result.rss_hold_kib);
     let n = streams.max(1) as f64;
     result.rss_per_request_hold_kib = result.rss_hold_kib.saturating_sub(result.rss_base_kib) as f64 / n;
     result.rss_per_request_peak_kib = result.rss_peak_kib.saturating_sub(result.rss_base_kib) as f64 / n;
     (result.server_log_warnings, result.server_log_errors) = server.log_counts();
+    result.server_threads = thread_cpu(server.pid);
     if result.errors > 0 {
         tracing::warn!("concurrency errors: {:?}; server log tail: {:?}", result.error_kinds, server.log_tail(5));
     }

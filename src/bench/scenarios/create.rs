@@ -4,7 +4,7 @@
 
 use super::{Ctx, create_body, direct_body};
 use crate::bench::load::{StepResult, h1_client, open_loop};
-use crate::bench::procs::{CpuWindow, DataDir, Proc, wait_idle};
+use crate::bench::procs::{DataDir, Proc, Usage, thread_cpu, wait_idle};
 use anyhow::Result;
 use bytes::Bytes;
 use serde::Serialize;
@@ -29,6 +29,10 @@ pub struct Step {
     pub server_cores: f64,
     /// CPU of the load generator (this process) over the step, in cores.
     pub bench_cores: f64,
+    /// CPU of the mock when it is not the server under test.
+    pub mock_cores: f64,
+    /// CPU used by other processes on the machine over the step.
+    pub foreign_cores: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -39,6 +43,8 @@ pub struct Sweep {
     pub steps: Vec<Step>,
     /// The highest rate answered without errors or shedding with p99 under 5 ms.
     pub held_rps: Option<u64>,
+    /// CPU seconds of the server's threads over the sweep, by thread name.
+    pub server_threads: std::collections::BTreeMap<String, f64>,
 }
 
 impl Sweep {
@@ -59,7 +65,8 @@ pub async fn run(ctx: &Ctx, plan: &Plan) -> Result<Vec<Sweep>> {
 
     let url = format!("{}/v1/chat/completions", mock.base_url());
     tracing::info!("create: floor (mock directly)");
-    sweeps.push(sweep(&client, "floor", None, url, direct_body(mock_controls(), false), &mock, None, plan).await?);
+    let floor = sweep(ctx, &client, "floor", None, url, direct_body(mock_controls(), false), &mock, None, plan).await?;
+    sweeps.push(floor);
 
     for &flush in &plan.flush_intervals {
         for target in ["async", "stream"] {
@@ -68,7 +75,7 @@ pub async fn run(ctx: &Ctx, plan: &Plan) -> Result<Vec<Sweep>> {
             tracing::info!("create: {target}, flush {flush} ms");
             let url = format!("{}/v1/{target}-chatgpt", offload.base_url());
             let body = create_body(mock_controls());
-            let result = sweep(&client, target, Some(flush), url, body, &offload, Some(&offload), plan).await;
+            let result = sweep(ctx, &client, target, Some(flush), url, body, &offload, Some(&mock), plan).await;
             offload.stop().await?;
             sweeps.push(result?);
         }
@@ -79,13 +86,15 @@ pub async fn run(ctx: &Ctx, plan: &Plan) -> Result<Vec<Sweep>> {
 
 #[allow(clippy::too_many_arguments, reason = "one sweep's whole setup")]
 async fn sweep(
+    ctx: &Ctx,
     client: &reqwest::Client,
     target: &str,
     flush: Option<u64>,
     url: String,
     body: String,
     server: &Proc,
-    offload: Option<&Proc>,
+    // The mock behind offload; `None` when the mock is the server under test.
+    mock: Option<&Proc>,
     plan: &Plan,
 ) -> Result<Sweep> {
     let url: Arc<str> = url.into();
@@ -114,9 +123,9 @@ async fn sweep(
     };
     let send = Arc::new(send);
     let settle = || async {
-        if let Some(offload) = offload {
+        if mock.is_some() {
             // The creates' background upstream calls must not spill into the next step.
-            let _ = wait_idle(client, &offload.base_url(), Duration::from_secs(20)).await;
+            let _ = wait_idle(client, &server.base_url(), Duration::from_secs(20)).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
@@ -129,19 +138,29 @@ async fn sweep(
     let mut steps: Vec<Step> = Vec::new();
     let mut failures_in_a_row = 0;
     for &rate in &plan.rates {
-        let server_cpu = CpuWindow::start(server.pid)?;
-        let bench_cpu = CpuWindow::start(std::process::id())?;
+        ctx.quiet().await?;
+        let mut pids = vec![server.pid, std::process::id()];
+        pids.extend(mock.map(|m| m.pid));
+        let usage = Usage::start(&pids)?;
         let s = send.clone();
         let result = open_loop(rate, plan.step, 4_000, Duration::from_secs(12), move |i| s(i)).await?;
-        let step = Step { server_cores: server_cpu.cores()?, bench_cores: bench_cpu.cores()?, result };
+        let usage = usage.report()?;
+        let step = Step {
+            server_cores: usage.cores[0],
+            bench_cores: usage.cores[1],
+            mock_cores: usage.cores.get(2).copied().unwrap_or(0.0),
+            foreign_cores: usage.foreign_cores,
+            result,
+        };
         tracing::info!(
-            "  {target} {rate:>6}/s: p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, ok {}, errors {}, shed {}",
+            "  {target} {rate:>6}/s: p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, ok {}, errors {}, shed {}, foreign cpu {:.2}",
             step.result.latency.p50_us,
             step.result.latency.p99_us,
             step.result.latency.p999_us,
             step.result.ok,
             step.result.errors,
-            step.result.shed
+            step.result.shed,
+            step.foreign_cores
         );
         let held = step.result.clean() && step.result.latency.p99_us < HELD_P99_US;
         let collapsed = step.result.latency.p99_us > 1_000_000.0 || step.result.shed > 0;
@@ -155,5 +174,11 @@ async fn sweep(
     }
     let held_rps =
         steps.iter().filter(|s| s.result.clean() && s.result.latency.p99_us < HELD_P99_US).map(|s| s.result.rate).max();
-    Ok(Sweep { target: target.to_owned(), flush_interval_ms: flush, steps, held_rps })
+    Ok(Sweep {
+        target: target.to_owned(),
+        flush_interval_ms: flush,
+        steps,
+        held_rps,
+        server_threads: thread_cpu(server.pid),
+    })
 }

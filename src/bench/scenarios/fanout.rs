@@ -8,7 +8,7 @@
 use super::{Ctx, Read, create_body, create_stream, direct_body, get, open, post_mock, read_stream};
 use crate::bench::Http;
 use crate::bench::load::{Clients, Hist, Summary, bounded, h1_client, labels};
-use crate::bench::procs::{CpuWindow, DataDir, Proc, wait_idle};
+use crate::bench::procs::{DataDir, Proc, Usage, wait_idle};
 use crate::bench::tap::Tap;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -42,6 +42,8 @@ pub struct Fanout {
     pub unmatched: u64,
     pub server_cores: f64,
     pub bench_cores: f64,
+    /// CPU used by other processes on the machine meanwhile.
+    pub foreign_cores: f64,
     pub open_fds_at_hold: usize,
 }
 
@@ -67,12 +69,12 @@ pub async fn run(ctx: &Ctx, readers: usize, http: Http) -> Result<Fanout> {
     read_stream(open(get(clients.get(0), &url), Duration::from_secs(10)).await?, false).await;
     wait_idle(&creates, &base, Duration::from_secs(10)).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    ctx.quiet().await?;
 
     let hold = hold_ms(readers);
     let (id, direct_id) = (1, 2);
     let mut result = Fanout { http: http.to_string(), readers, hold_ms: hold, ..Default::default() };
-    let server_cpu = CpuWindow::start(offload.pid)?;
-    let bench_cpu = CpuWindow::start(std::process::id())?;
+    let usage = Usage::start(&[offload.pid, std::process::id(), mock.pid])?;
     let url = create_stream(
         &creates,
         &base,
@@ -145,8 +147,10 @@ pub async fn run(ctx: &Ctx, readers: usize, http: Http) -> Result<Fanout> {
     if let (Some(first_sent), Some(last)) = (tap.mark(id, 0), last_done) {
         result.all_done_secs = last.saturating_duration_since(first_sent).as_secs_f64();
     }
-    result.server_cores = server_cpu.cores()?;
-    result.bench_cores = bench_cpu.cores()?;
+    let usage = usage.report()?;
+    result.server_cores = usage.cores[0];
+    result.bench_cores = usage.cores[1];
+    result.foreign_cores = usage.foreign_cores;
     result.delivery = delivery.summary();
     result.floor = floor.summary();
     result.added_p99_us = result.delivery.p99_us - result.floor.p99_us;

@@ -20,6 +20,18 @@ use std::time::{Duration, Instant};
 pub struct Ctx {
     pub exe: PathBuf,
     pub work_dir: PathBuf,
+    /// How long to wait for other processes to leave the cores alone before each measurement.
+    pub quiet_wait: Duration,
+}
+
+impl Ctx {
+    /// Waits (bounded) for a quiet machine; call while our own processes are idle.
+    pub async fn quiet(&self) -> Result<()> {
+        if !self.quiet_wait.is_zero() {
+            crate::bench::procs::wait_quiet(self.quiet_wait).await?;
+        }
+        Ok(())
+    }
 }
 
 /// A create body for offload with the given mock controls.
@@ -144,9 +156,4 @@ pub async fn wait_final(client: &reqwest::Client, status_url: &str, limit: Durat
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Percentile difference, offload minus floor, in microseconds.
-pub fn added(offload: f64, floor: f64) -> f64 {
-    offload - floor
 }

@@ -12,7 +12,7 @@
 
 use super::{Ctx, create_body, create_stream, direct_body, get, open, post_mock, read_stream, wait_final};
 use crate::bench::load::{Hist, Summary, h1_client, labels};
-use crate::bench::procs::{DataDir, Proc};
+use crate::bench::procs::{DataDir, Proc, Usage};
 use crate::bench::tap::Tap;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -45,6 +45,8 @@ pub struct Relay {
     /// Chunks received whose tap instant was not found (should be 0).
     pub unmatched: u64,
     pub errors: u64,
+    /// CPU used by other processes on the machine meanwhile.
+    pub foreign_cores: f64,
 }
 
 pub async fn run(ctx: &Ctx, plan: &Plan, flush: u64) -> Result<Vec<Relay>> {
@@ -59,7 +61,10 @@ pub async fn run(ctx: &Ctx, plan: &Plan, flush: u64) -> Result<Vec<Relay>> {
     // Warm-up round, not reported: connections on every path.
     measure(&client, &base, &tap, &next_id, &Plan { streams: plan.streams.min(4), rounds: 1, stalled: 0 }, flush, 0)
         .await?;
-    let plain = measure(&client, &base, &tap, &next_id, plan, flush, 0).await?;
+    ctx.quiet().await?;
+    let usage = Usage::start(&[offload.pid, mock.pid, std::process::id()])?;
+    let mut plain = measure(&client, &base, &tap, &next_id, plan, flush, 0).await?;
+    plain.foreign_cores = usage.report()?.foreign_cores;
 
     // A large finished request to stall readers on.
     let big = create_body(json!({"words": 60_000}));
@@ -73,7 +78,9 @@ pub async fn run(ctx: &Ctx, plan: &Plan, flush: u64) -> Result<Vec<Relay>> {
     }
     // Let the server fill their sockets until its writes block.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let with_stalled = measure(&client, &base, &tap, &next_id, plan, flush, plan.stalled).await?;
+    let usage = Usage::start(&[offload.pid, mock.pid, std::process::id()])?;
+    let mut with_stalled = measure(&client, &base, &tap, &next_id, plan, flush, plan.stalled).await?;
+    with_stalled.foreign_cores = usage.report()?.foreign_cores;
     drop(stalled);
 
     offload.stop().await?;
@@ -160,5 +167,6 @@ async fn measure(
         offload,
         unmatched,
         errors,
+        foreign_cores: 0.0,
     })
 }

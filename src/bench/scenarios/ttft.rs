@@ -4,7 +4,7 @@
 
 use super::{Ctx, create_body, create_stream, direct_body, get, open, post_mock, read_stream};
 use crate::bench::load::{Hist, Summary, h1_client};
-use crate::bench::procs::{DataDir, Proc};
+use crate::bench::procs::{DataDir, Proc, Usage};
 use anyhow::{Result, anyhow};
 use serde::Serialize;
 use serde_json::json;
@@ -18,6 +18,8 @@ pub struct Ttft {
     pub added_p50_us: f64,
     pub added_p99_us: f64,
     pub errors: u64,
+    /// CPU used by other processes on the machine meanwhile.
+    pub foreign_cores: f64,
 }
 
 fn mock_controls() -> serde_json::Value {
@@ -34,6 +36,8 @@ pub async fn run(ctx: &Ctx, samples: usize, flush: u64) -> Result<Ttft> {
     let (mut floor, mut through) = (Hist::new()?, Hist::new()?);
     let mut errors = 0;
     let warmup = 20;
+    ctx.quiet().await?;
+    let usage = Usage::start(&[offload.pid, mock.pid, std::process::id()])?;
     for i in 0..samples + warmup {
         let direct = async {
             let t0 = Instant::now();
@@ -67,6 +71,7 @@ pub async fn run(ctx: &Ctx, samples: usize, flush: u64) -> Result<Ttft> {
             }
         }
     }
+    let foreign_cores = usage.report()?.foreign_cores;
     offload.stop().await?;
     mock.stop().await?;
     let (floor, offload) = (floor.summary(), through.summary());
@@ -77,5 +82,6 @@ pub async fn run(ctx: &Ctx, samples: usize, flush: u64) -> Result<Ttft> {
         floor,
         offload,
         errors,
+        foreign_cores,
     })
 }
