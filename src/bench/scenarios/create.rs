@@ -15,6 +15,9 @@ use std::time::Duration;
 /// The p99 latency a step must stay under to count as held.
 pub const HELD_P99_US: f64 = 5_000.0;
 
+/// Past this p99 the server is taken as saturated and the sweep stops.
+const COLLAPSED_P99_US: f64 = 250_000.0;
+
 pub struct Plan {
     pub rates: Vec<u64>,
     pub step: Duration,
@@ -136,7 +139,7 @@ async fn sweep(
     settle().await;
 
     let mut steps: Vec<Step> = Vec::new();
-    let mut failures_in_a_row = 0;
+    let mut collapses_in_a_row = 0;
     for &rate in &plan.rates {
         ctx.quiet().await?;
         let mut pids = vec![server.pid, std::process::id()];
@@ -162,13 +165,13 @@ async fn sweep(
             step.result.shed,
             step.foreign_cores
         );
-        let held = step.result.clean() && step.result.latency.p99_us < HELD_P99_US;
-        let collapsed = step.result.latency.p99_us > 1_000_000.0 || step.result.shed > 0;
+        // Stepping goes on past the 5 ms mark, to show the whole curve, until the server no longer keeps up:
+        // requests shed or failed, or p99 beyond COLLAPSED_P99_US, twice in a row (once may be noise).
+        let collapsed = !step.result.clean() || step.result.latency.p99_us > COLLAPSED_P99_US;
         steps.push(step);
         settle().await;
-        failures_in_a_row = if held { 0 } else { failures_in_a_row + 1 };
-        // Two misses in a row (one may be noise) or a collapse: past saturation, stop stepping.
-        if failures_in_a_row >= 2 || collapsed {
+        collapses_in_a_row = if collapsed { collapses_in_a_row + 1 } else { 0 };
+        if collapses_in_a_row >= 2 {
             break;
         }
     }
