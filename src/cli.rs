@@ -30,6 +30,8 @@ enum Command {
         #[command(flatten)]
         defaults: MockConfig,
     },
+    /// Benchmark offload against the mock upstream called directly (see BENCHMARKS.md).
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 pub async fn run() -> ExitCode {
@@ -39,6 +41,7 @@ pub async fn run() -> ExitCode {
         Command::Serve(args) => serve(*args).await,
         Command::Keys(command) => crate::keys::cli::run(command).await,
         Command::MockUpstream { listen, defaults } => mock_upstream(listen, defaults).await,
+        Command::Bench(args) => crate::bench::run(*args).await.map_err(|e| format!("{e:#}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

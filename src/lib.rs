@@ -19,7 +19,9 @@
 //! - [`webhook`]: webhook delivery (signing, retries, SSRF guard).
 //! - [`retention`]: deletes finished requests older than the retention period.
 //! - [`telemetry`]: logging setup.
+//! - [`bench`]: `offload bench`, the benchmark against the direct-to-upstream floor (BENCHMARKS.md).
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod document;

@@ -1,0 +1,463 @@
+//! The report: what machine and command, a table per scenario, the targets with how far each is, and the
+//! JSON file.
+
+use super::scenarios::{concurrency::Concurrency, create::Sweep, fanout::Fanout, relay::Relay, ttft::Ttft};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::io::Write;
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu_model: String,
+    pub mem_total_gib: f64,
+    pub kernel: String,
+    pub open_files_limit: String,
+}
+
+impl Machine {
+    fn read() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        Self {
+            nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            cpu_model: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+                .unwrap_or_default(),
+            mem_total_gib: meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|kib| kib / 1024.0 / 1024.0)
+                .unwrap_or(0.0),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
+            open_files_limit: limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .map(|l| l.split_whitespace().skip(3).take(2).collect::<Vec<_>>().join(" soft/hard "))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub date: String,
+    pub command: String,
+    pub quick: bool,
+    pub machine: Machine,
+    pub wall_secs: f64,
+    pub create: Vec<Sweep>,
+    pub ttft: Vec<Ttft>,
+    pub relay: Vec<Relay>,
+    pub concurrency: Vec<Concurrency>,
+    pub fanout: Vec<Fanout>,
+    pub targets: Vec<Target>,
+}
+
+impl Results {
+    pub fn new(quick: bool) -> Self {
+        Self {
+            date: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            quick,
+            machine: Machine::read(),
+            wall_secs: 0.0,
+            create: Vec::new(),
+            ttft: Vec::new(),
+            relay: Vec::new(),
+            concurrency: Vec::new(),
+            fanout: Vec::new(),
+            targets: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Target {
+    pub target: String,
+    pub scope: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+fn target(list: &mut Vec<Target>, target: &str, scope: String, measured: String, met: bool) {
+    list.push(Target { target: target.into(), scope, measured, met });
+}
+
+fn flush(ms: Option<u64>) -> String {
+    ms.map_or_else(|| "-".into(), |m| format!("{m} ms"))
+}
+
+/// Each target against what this run measured.
+pub fn targets(r: &Results) -> Vec<Target> {
+    let mut t = Vec::new();
+    for s in r.create.iter().filter(|s| s.target != "floor") {
+        let scope = format!("{} create, flush {}", s.target, flush(s.flush_interval_ms));
+        let step = s.steps.iter().find(|st| st.result.rate == 2_000);
+        let (measured, met) = match step {
+            Some(st) => (
+                format!(
+                    "p99 {:.3} ms{}",
+                    st.result.latency.p99_us / 1000.0,
+                    if st.result.clean() { String::new() } else { " (errors or shed)".into() }
+                ),
+                st.result.clean() && st.result.latency.p99_us < 1_000.0,
+            ),
+            None => ("not measured at 2,000 req/s".into(), false),
+        };
+        target(&mut t, "create p99 < 1 ms at 2,000 req/s", scope.clone(), measured, met);
+        let held = s.held_rps.map_or("none".into(), |r| format!("{r} req/s"));
+        target(
+            &mut t,
+            "create saturation > 10,000 req/s (highest rate with p99 < 5 ms)",
+            scope,
+            held,
+            s.held_rps.is_some_and(|r| r > 10_000),
+        );
+    }
+    for x in &r.ttft {
+        target(
+            &mut t,
+            "TTFT added p99 < 0.5 ms",
+            format!("flush {} ms", x.flush_interval_ms),
+            format!(
+                "{:.3} ms (offload {:.3}, floor {:.3})",
+                x.added_p99_us / 1e3,
+                x.offload.p99_us / 1e3,
+                x.floor.p99_us / 1e3
+            ),
+            x.added_p99_us < 500.0 && x.errors == 0,
+        );
+    }
+    for x in r.relay.iter().filter(|x| x.stalled_readers == 0) {
+        target(
+            &mut t,
+            "per-chunk relay added p99 < 0.2 ms",
+            format!("flush {} ms", x.flush_interval_ms),
+            format!(
+                "{:.3} ms (offload {:.3}, floor {:.3})",
+                x.added_p99_us / 1e3,
+                x.offload.p99_us / 1e3,
+                x.floor.p99_us / 1e3
+            ),
+            x.added_p99_us < 200.0 && x.errors == 0,
+        );
+    }
+    for pair in r.relay.chunks(2) {
+        if let [plain, stalled] = pair {
+            let allowed = plain.offload.p99_us + (plain.offload.p99_us * 0.25).max(100.0);
+            target(
+                &mut t,
+                "a stalled reader never raises another reader's latency (relay p99 within max(25%, 0.1 ms))",
+                format!("flush {} ms, {} stalled readers", stalled.flush_interval_ms, stalled.stalled_readers),
+                format!("p99 {:.3} ms vs {:.3} ms without", stalled.offload.p99_us / 1e3, plain.offload.p99_us / 1e3),
+                stalled.offload.p99_us <= allowed && stalled.errors == 0,
+            );
+        }
+    }
+    for c in r.concurrency.iter().filter(|c| c.target == "offload") {
+        let scope = format!("{} streams, flush {}", c.streams, flush(c.flush_interval_ms));
+        if c.streams >= 10_000 {
+            target(
+                &mut t,
+                "10,000 concurrent streaming requests with no errors",
+                scope.clone(),
+                format!("{} errors {:?}", c.errors, c.error_kinds),
+                c.errors == 0,
+            );
+        }
+        let worst = c.rss_per_request_hold_kib.max(c.rss_per_request_peak_kib);
+        target(
+            &mut t,
+            "<= 32 KiB RSS per in-flight request",
+            scope,
+            format!("{:.1} KiB at hold, {:.1} KiB at peak", c.rss_per_request_hold_kib, c.rss_per_request_peak_kib),
+            worst <= 32.0,
+        );
+    }
+    for f in &r.fanout {
+        target(
+            &mut t,
+            "<= 4 KiB RSS per idle reader",
+            format!("{} readers over {}", f.readers, f.http),
+            format!("{:.2} KiB", f.rss_per_idle_reader_bytes / 1024.0),
+            f.rss_per_idle_reader_bytes <= 4096.0 && f.idle_when_measured,
+        );
+    }
+    t
+}
+
+struct Table {
+    title: String,
+    header: Vec<&'static str>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn render(&self, out: &mut impl Write) -> std::io::Result<()> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.len()).collect();
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        writeln!(out, "\n{}", self.title)?;
+        let line = |cells: Vec<&str>| {
+            cells.iter().zip(&widths).map(|(c, w)| format!("{c:>w$}")).collect::<Vec<_>>().join("  ")
+        };
+        writeln!(out, "{}", line(self.header.clone()))?;
+        for row in &self.rows {
+            writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+        }
+        Ok(())
+    }
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.3}", us / 1000.0)
+}
+
+pub fn print(r: &Results) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "\noffload bench, {} ({}), {} x {}, {:.0} GiB, {:.0} s",
+        r.date,
+        if r.quick { "quick" } else { "full" },
+        r.machine.nproc,
+        r.machine.cpu_model,
+        r.machine.mem_total_gib,
+        r.wall_secs
+    )
+    .context("writing the report")?;
+    let mut tables = Vec::new();
+    tables.push(Table {
+        title: "create (open loop; latency from the scheduled send, ms; floor = POST to the mock)".into(),
+        header: vec![
+            "target", "flush", "req/s", "p50", "p99", "p99.9", "ok", "err", "shed", "got/s", "srv cpu", "mock cpu",
+            "gen cpu", "foreign",
+        ],
+        rows: r
+            .create
+            .iter()
+            .flat_map(|s| {
+                s.steps.iter().map(|st| {
+                    let x = &st.result;
+                    vec![
+                        s.target.clone(),
+                        flush(s.flush_interval_ms),
+                        x.rate.to_string(),
+                        ms(x.latency.p50_us),
+                        ms(x.latency.p99_us),
+                        ms(x.latency.p999_us),
+                        x.ok.to_string(),
+                        x.errors.to_string(),
+                        x.shed.to_string(),
+                        format!("{:.0}", x.achieved_rps),
+                        format!("{:.2}", st.server_cores),
+                        format!("{:.2}", st.mock_cores),
+                        format!("{:.2}", st.bench_cores),
+                        format!("{:.2}", st.foreign_cores),
+                    ]
+                })
+            })
+            .collect(),
+    });
+    tables.push(Table {
+        title: "create: highest rate held with p99 < 5 ms".into(),
+        header: vec!["target", "flush", "held req/s", "p99 at 2000/s"],
+        rows: r
+            .create
+            .iter()
+            .map(|s| {
+                vec![
+                    s.target.clone(),
+                    flush(s.flush_interval_ms),
+                    s.held_rps.map_or("none".into(), |v| v.to_string()),
+                    s.p99_at(2_000).map_or("-".into(), ms),
+                ]
+            })
+            .collect(),
+    });
+    tables.push(Table {
+        title: "time to first token (ms; floor = the mock's own streaming call)".into(),
+        header: vec![
+            "flush",
+            "n",
+            "floor p50",
+            "floor p99",
+            "offload p50",
+            "offload p99",
+            "added p50",
+            "added p99",
+            "err",
+            "foreign",
+        ],
+        rows: r
+            .ttft
+            .iter()
+            .map(|x| {
+                vec![
+                    format!("{} ms", x.flush_interval_ms),
+                    x.offload.count.to_string(),
+                    ms(x.floor.p50_us),
+                    ms(x.floor.p99_us),
+                    ms(x.offload.p50_us),
+                    ms(x.offload.p99_us),
+                    ms(x.added_p50_us),
+                    ms(x.added_p99_us),
+                    x.errors.to_string(),
+                    format!("{:.2}", x.foreign_cores),
+                ]
+            })
+            .collect(),
+    });
+    tables.push(Table {
+        title: "per-chunk relay (ms from the tap handing a chunk on to the reader receiving it)".into(),
+        header: vec![
+            "flush",
+            "stalled",
+            "chunks",
+            "floor p50",
+            "floor p99",
+            "offload p50",
+            "offload p99",
+            "off p99.9",
+            "added p50",
+            "added p99",
+            "err",
+            "foreign",
+        ],
+        rows: r
+            .relay
+            .iter()
+            .map(|x| {
+                vec![
+                    format!("{} ms", x.flush_interval_ms),
+                    x.stalled_readers.to_string(),
+                    x.offload.count.to_string(),
+                    ms(x.floor.p50_us),
+                    ms(x.floor.p99_us),
+                    ms(x.offload.p50_us),
+                    ms(x.offload.p99_us),
+                    ms(x.offload.p999_us),
+                    ms(x.added_p50_us),
+                    ms(x.added_p99_us),
+                    (x.errors + x.unmatched).to_string(),
+                    format!("{:.2}", x.foreign_cores),
+                ]
+            })
+            .collect(),
+    });
+    tables.push(Table {
+        title: "concurrency (64 chunks at 20 ms per stream, one reader each over h2c)".into(),
+        header: vec![
+            "target",
+            "flush",
+            "N",
+            "in flight",
+            "chunks/s",
+            "offered/s",
+            "persisted/s",
+            "lag ms",
+            "srv cpu",
+            "mock cpu",
+            "gen cpu",
+            "foreign",
+            "KiB/req hold",
+            "KiB/req peak",
+            "fds",
+            "err",
+        ],
+        rows: r
+            .concurrency
+            .iter()
+            .map(|c| {
+                vec![
+                    c.target.clone(),
+                    flush(c.flush_interval_ms),
+                    c.streams.to_string(),
+                    c.in_flight_at_hold.map_or_else(|| c.attached.to_string(), |v| v.to_string()),
+                    format!("{:.0}", c.chunks_per_sec),
+                    format!("{:.0}", c.offered_chunks_per_sec),
+                    c.persisted_per_sec.map_or("-".into(), |v| format!("{v:.0}")),
+                    c.persist_lag_ms.map_or("-".into(), |v| format!("{v:.0}")),
+                    format!("{:.2}", c.server_cores),
+                    format!("{:.2}", c.mock_cores),
+                    format!("{:.2}", c.bench_cores),
+                    format!("{:.2}", c.foreign_cores),
+                    format!("{:.1}", c.rss_per_request_hold_kib),
+                    format!("{:.1}", c.rss_per_request_peak_kib),
+                    c.open_fds_at_hold.to_string(),
+                    c.errors.to_string(),
+                ]
+            })
+            .collect(),
+    });
+    tables.push(Table {
+        title: "fan-out (one request, N readers; 32 chunks at 100 ms; delivery ms from the tap)".into(),
+        header: vec![
+            "http",
+            "N",
+            "idle",
+            "B/reader",
+            "delivery p50",
+            "delivery p99",
+            "p99.9",
+            "floor p99",
+            "all done s",
+            "srv cpu",
+            "gen cpu",
+            "foreign",
+            "fds",
+            "err",
+        ],
+        rows: r
+            .fanout
+            .iter()
+            .map(|f| {
+                vec![
+                    f.http.clone(),
+                    f.readers.to_string(),
+                    f.idle_when_measured.to_string(),
+                    format!("{:.0}", f.rss_per_idle_reader_bytes),
+                    ms(f.delivery.p50_us),
+                    ms(f.delivery.p99_us),
+                    ms(f.delivery.p999_us),
+                    ms(f.floor.p99_us),
+                    format!("{:.2}", f.all_done_secs),
+                    format!("{:.2}", f.server_cores),
+                    format!("{:.2}", f.bench_cores),
+                    format!("{:.2}", f.foreign_cores),
+                    f.open_fds_at_hold.to_string(),
+                    (f.errors + f.unmatched).to_string(),
+                ]
+            })
+            .collect(),
+    });
+    tables.push(Table {
+        title: "targets".into(),
+        header: vec!["met", "target", "scope", "measured"],
+        rows: r
+            .targets
+            .iter()
+            .map(|t| {
+                vec![if t.met { "yes" } else { "NO" }.into(), t.target.clone(), t.scope.clone(), t.measured.clone()]
+            })
+            .collect(),
+    });
+    for table in &tables {
+        table.render(&mut out).context("writing the report")?;
+    }
+    Ok(())
+}

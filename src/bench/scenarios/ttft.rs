@@ -1,0 +1,87 @@
+//! Scenario 2, time to first token: from sending the create to the first chunk received on
+//! `stream_events_url`, against the mock's own streaming call (time to its first chunk). One request at a time,
+//! offload and direct samples alternating so that both see the same machine.
+
+use super::{Ctx, create_body, create_stream, direct_body, get, open, post_mock, read_stream};
+use crate::bench::load::{Hist, Summary, h1_client};
+use crate::bench::procs::{DataDir, Proc, Usage};
+use anyhow::{Result, anyhow};
+use serde::Serialize;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Ttft {
+    pub flush_interval_ms: u64,
+    pub floor: Summary,
+    pub offload: Summary,
+    pub added_p50_us: f64,
+    pub added_p99_us: f64,
+    pub errors: u64,
+    /// CPU used by other processes on the machine meanwhile.
+    pub foreign_cores: f64,
+}
+
+fn mock_controls() -> serde_json::Value {
+    json!({"words": 8})
+}
+
+pub async fn run(ctx: &Ctx, samples: usize, flush: u64) -> Result<Ttft> {
+    let mock = Proc::mock(&ctx.exe).await?;
+    let dir = DataDir::new(&ctx.work_dir, &format!("ttft-{flush}"))?;
+    let api = format!("{}/v1", mock.base_url());
+    let offload = Proc::offload(&ctx.exe, dir.path(), &api, flush).await?;
+    let base = offload.base_url();
+    let client = h1_client()?;
+    let (mut floor, mut through) = (Hist::new()?, Hist::new()?);
+    let mut errors = 0;
+    let warmup = 20;
+    ctx.quiet().await?;
+    let usage = Usage::start(&[offload.pid, mock.pid, std::process::id()])?;
+    for i in 0..samples + warmup {
+        let direct = async {
+            let t0 = Instant::now();
+            let response =
+                open(post_mock(&client, &api, direct_body(mock_controls(), true)), Duration::from_secs(10)).await?;
+            let read = read_stream(response, false).await;
+            read.first.map(|t| t - t0).ok_or_else(|| anyhow!("no chunk: {:?}", read.error))
+        };
+        let d = direct.await;
+        let via = async {
+            let t0 = Instant::now();
+            let url = create_stream(&client, &base, create_body(mock_controls())).await?;
+            let response = open(get(&client, &url), Duration::from_secs(10)).await?;
+            let read = read_stream(response, false).await;
+            read.first.map(|t| t - t0).ok_or_else(|| anyhow!("no chunk: {:?}", read.error))
+        };
+        let o = via.await;
+        if i < warmup {
+            continue;
+        }
+        match (d, o) {
+            (Ok(d), Ok(o)) => {
+                floor.record(d);
+                through.record(o);
+            }
+            (d, o) => {
+                errors += 1;
+                if let Some(e) = d.err().or(o.err()) {
+                    tracing::warn!("ttft sample failed: {e:#}");
+                }
+            }
+        }
+    }
+    let foreign_cores = usage.report()?.foreign_cores;
+    offload.stop().await?;
+    mock.stop().await?;
+    let (floor, offload) = (floor.summary(), through.summary());
+    Ok(Ttft {
+        flush_interval_ms: flush,
+        added_p50_us: offload.p50_us - floor.p50_us,
+        added_p99_us: offload.p99_us - floor.p99_us,
+        floor,
+        offload,
+        errors,
+        foreign_cores,
+    })
+}
