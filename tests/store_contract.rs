@@ -79,7 +79,7 @@ pub async fn events_come_back_in_order_and_in_pages(store: Arc<dyn Store>) {
     let m = meta(Access::Public);
     let id = m.locator.id;
     let mut ops = vec![WriteOp::Insert(m)];
-    ops.extend((1..=25u64).map(|seq| WriteOp::Event { id, seq, data: format!("{{\"n\":{seq}}}").into() }));
+    ops.extend((1..=25u64).map(|seq| WriteOp::Event { id, seq, data: format!("{{\"n\":{seq}}}").into_bytes().into() }));
     write(&store, ops).await;
     assert_eq!(store.get(id).await.unwrap().unwrap().event_count, 25);
     let page = store.events(id, 0, 10).await.unwrap();
@@ -141,9 +141,9 @@ pub async fn delete_removes_the_request_its_events_and_raw(store: Arc<dyn Store>
         vec![
             WriteOp::Insert(m),
             WriteOp::Insert(keep.clone()),
-            WriteOp::Event { id, seq: 1, data: "{}".into() },
+            WriteOp::Event { id, seq: 1, data: Bytes::from_static(b"{}") },
             WriteOp::Raw { id, seq: 1, bytes: Bytes::from_static(b"x") },
-            WriteOp::Event { id: keep.locator.id, seq: 1, data: "{}".into() },
+            WriteOp::Event { id: keep.locator.id, seq: 1, data: Bytes::from_static(b"{}") },
         ],
     )
     .await;
@@ -160,7 +160,9 @@ pub async fn a_failed_batch_changes_nothing(store: Arc<dyn Store>) {
     let id = m.locator.id;
     write(&store, vec![WriteOp::Insert(m.clone())]).await;
     // Inserting the same request again violates its key: the whole batch, event included, must roll back.
-    let result = store.write(vec![WriteOp::Event { id, seq: 1, data: "{}".into() }, WriteOp::Insert(m)].into()).await;
+    let result = store
+        .write(vec![WriteOp::Event { id, seq: 1, data: Bytes::from_static(b"{}") }, WriteOp::Insert(m)].into())
+        .await;
     assert!(result.is_err());
     assert!(store.events(id, 0, 10).await.unwrap().is_empty());
 }
@@ -175,7 +177,10 @@ pub async fn concurrent_writers_lose_nothing(store: Arc<dyn Store>) {
             tokio::spawn(async move {
                 for k in 0..10u64 {
                     let seq = t * 10 + k + 1;
-                    store.write(vec![WriteOp::Event { id, seq, data: seq.to_string().into() }].into()).await.unwrap();
+                    store
+                        .write(vec![WriteOp::Event { id, seq, data: seq.to_string().into_bytes().into() }].into())
+                        .await
+                        .unwrap();
                 }
             })
         })
@@ -298,7 +303,7 @@ pub async fn purging_deletes_only_requests_finished_before_the_cutoff(store: Arc
             WriteOp::Insert(old),
             WriteOp::Insert(recent),
             WriteOp::Insert(running),
-            WriteOp::Event { id: o, seq: 1, data: "{}".into() },
+            WriteOp::Event { id: o, seq: 1, data: Bytes::from_static(b"{}") },
             WriteOp::Raw { id: o, seq: 1, bytes: Bytes::from_static(b"x") },
             WriteOp::Finish { id: o, progress: at(1_000.0), body: None, webhook_url: Some("https://h.example".into()) },
             WriteOp::Finish { id: r, progress: at(5_000.0), body: None, webhook_url: None },

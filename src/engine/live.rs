@@ -139,9 +139,9 @@ impl LiveRequest {
         self.state.lock().progress.status
     }
 
-    /// Appends one chunk. Returns its sequence number and what it was, or `None` once the request is final
-    /// (a stop won the race: nothing after it is kept).
-    pub fn push_event(&self, data: &str) -> Option<(u64, ChunkKind)> {
+    /// Appends one chunk. Returns its sequence number, what it was, and the chunk's bytes to store (shared with
+    /// the frame when possible); `None` once the request is final (a stop won the race: nothing after it is kept).
+    pub fn push_event(&self, data: &str) -> Option<(u64, ChunkKind, Bytes)> {
         self.update(|st| {
             if st.progress.status.is_final() {
                 return (false, None);
@@ -151,11 +151,13 @@ impl LiveRequest {
                 _ => ChunkKind::Other,
             };
             let seq = st.events.len() as u64 + 1;
-            st.events.push(sse::frame(seq, data));
+            let (frame, slice) = sse::framed(seq, data);
+            st.events.push(frame);
             if st.progress.status < Status::Streaming {
                 st.progress.status = Status::Streaming;
             }
-            (true, Some((seq, kind)))
+            let stored = slice.unwrap_or_else(|| Bytes::copy_from_slice(data.as_bytes()));
+            (true, Some((seq, kind, stored)))
         })
     }
 

@@ -7,17 +7,26 @@ use serde_json::json;
 
 /// One event: `id: n`, the chunk as `data:` lines (one per line of the chunk), a blank line.
 pub fn frame(seq: u64, data: &str) -> Bytes {
+    framed(seq, data).0
+}
+
+/// The frame, and the chunk as a slice of it when it is one line (the usual case), so that the store gets the
+/// chunk without another copy.
+pub fn framed(seq: u64, data: &str) -> (Bytes, Option<Bytes>) {
     let mut out = String::with_capacity(data.len() + 24);
     out.push_str("id: ");
     out.push_str(itoa(seq).as_str());
     out.push('\n');
+    let start = out.len() + "data: ".len();
     for line in data.split('\n') {
         out.push_str("data: ");
         out.push_str(line);
         out.push('\n');
     }
     out.push('\n');
-    Bytes::from(out)
+    let frame = Bytes::from(out);
+    let slice = (!data.contains('\n')).then(|| frame.slice(start..start + data.len()));
+    (frame, slice)
 }
 
 fn itoa(n: u64) -> String {
@@ -57,6 +66,14 @@ pub const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_one_line_chunk_is_a_slice_of_its_frame() {
+        let (frame, data) = framed(12, "{\"a\":1}");
+        assert_eq!(&frame[..], b"id: 12\ndata: {\"a\":1}\n\n");
+        assert_eq!(&data.unwrap()[..], b"{\"a\":1}");
+        assert!(framed(1, "a\nb").1.is_none());
+    }
 
     #[test]
     fn multi_line_data_becomes_several_data_lines() {

@@ -77,12 +77,16 @@ async fn push_raw(inner: &Inner, live: &LiveRequest, bytes: Bytes) {
 }
 
 async fn call(inner: &Inner, live: &LiveRequest, key: Option<UpstreamKey>, body: String) -> Outcome {
+    // Not written to the store on its own: after a crash `posting` and `pending` end alike (interrupted), and
+    // `request_at` is stored with the next transition.
     let now = super::unix_now();
-    transition(inner, live, |p| {
-        p.status = Status::Posting;
-        p.request_at = Some(now);
-    })
-    .await;
+    live.update(|st| {
+        if st.progress.status.can_become(Status::Posting) {
+            st.progress.status = Status::Posting;
+            st.progress.request_at = Some(now);
+        }
+        (true, ())
+    });
     let response = match inner.upstream.send(body, key, live.meta.options.connect_timeout).await {
         Ok(response) => response,
         Err(e @ CallError::ConnectTimeout(_)) => {
@@ -184,14 +188,14 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
             saw_done = true;
             break;
         }
-        let Some((seq, kind)) = live.push_event(&event.data) else {
+        let Some((seq, kind, data)) = live.push_event(&event.data) else {
             return Outcome::Cancelled;
         };
         if seq == 1 {
             let progress = live.update(|st| (false, st.progress.clone()));
             inner.persister.push(WriteOp::Progress { id: live.meta.locator.id, progress }).await;
         }
-        inner.persister.push(WriteOp::Event { id: live.meta.locator.id, seq, data: event.data.into() }).await;
+        inner.persister.push(WriteOp::Event { id: live.meta.locator.id, seq, data }).await;
         if let ChunkKind::Error(error) = kind {
             let message = error.get("message").and_then(|m| m.as_str()).unwrap_or("no message");
             failure =

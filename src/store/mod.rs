@@ -57,8 +57,8 @@ pub struct StoredRequest {
 pub enum WriteOp {
     /// A newly accepted request, in status `pending`.
     Insert(Arc<RequestMeta>),
-    /// One stream event: `seq` counts from 1, `data` is the chunk exactly as received.
-    Event { id: RequestId, seq: u64, data: Arc<str> },
+    /// One stream event: `seq` counts from 1, `data` is the chunk exactly as received (UTF-8).
+    Event { id: RequestId, seq: u64, data: Bytes },
     /// A piece of the raw upstream response (status line and headers first, then the body as received).
     Raw { id: RequestId, seq: u64, bytes: Bytes },
     /// A status transition or new response facts.

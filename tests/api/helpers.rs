@@ -153,16 +153,25 @@ impl TestApp {
         v.as_array().unwrap().clone()
     }
 
-    /// Rows of the store's tables that belong to request `id`: (requests, events, raw parts).
+    /// Rows of the store's tables that belong to request `id`: (requests, events, raw parts). Once the request
+    /// row is gone, the events and raw parts counted are every orphan in the store (rows of no request).
     pub fn rows_of(&self, id: &str) -> (i64, i64, i64) {
         let conn = rusqlite::Connection::open(self.data_dir.path().join("offload.db")).unwrap();
-        let id = uuid_bytes(id);
-        let count = |sql: &str| conn.query_row(sql, [&id], |r| r.get::<_, i64>(0)).unwrap();
-        (
-            count("SELECT COUNT(*) FROM requests WHERE id = ?1"),
-            count("SELECT COUNT(*) FROM events WHERE request_id = ?1"),
-            count("SELECT COUNT(*) FROM raw_parts WHERE request_id = ?1"),
-        )
+        let rkey: Option<i64> =
+            conn.query_row("SELECT rkey FROM requests WHERE id = ?1", [uuid_bytes(id)], |r| r.get(0)).ok();
+        let count = |sql: &str| conn.query_row(sql, [rkey], |r| r.get::<_, i64>(0)).unwrap();
+        match rkey {
+            Some(_) => (
+                1,
+                count("SELECT COUNT(*) FROM events WHERE rkey = ?1"),
+                count("SELECT COUNT(*) FROM raw_parts WHERE rkey = ?1"),
+            ),
+            None => (
+                0,
+                count("SELECT COUNT(*) FROM events WHERE ?1 IS NULL AND rkey NOT IN (SELECT rkey FROM requests)"),
+                count("SELECT COUNT(*) FROM raw_parts WHERE ?1 IS NULL AND rkey NOT IN (SELECT rkey FROM requests)"),
+            ),
+        }
     }
 
     pub fn total_requests(&self) -> i64 {

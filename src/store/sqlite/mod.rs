@@ -13,15 +13,18 @@ mod requests;
 mod webhooks;
 
 use super::StoreError;
+use crate::domain::RequestId;
 use parking_lot::Mutex;
 use rusqlite::Connection;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS requests (
-    id BLOB PRIMARY KEY,
+    rkey INTEGER PRIMARY KEY,
+    id BLOB NOT NULL UNIQUE,
     kind INTEGER NOT NULL,
     access INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
@@ -33,20 +36,20 @@ CREATE TABLE IF NOT EXISTS requests (
     progress TEXT NOT NULL,
     body TEXT,
     final_at INTEGER
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS requests_unfinished ON requests(status) WHERE status NOT IN ('done', 'error', 'stop');
 CREATE INDEX IF NOT EXISTS requests_final_at ON requests(final_at) WHERE final_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
-    request_id BLOB NOT NULL,
+    rkey INTEGER NOT NULL,
     seq INTEGER NOT NULL,
-    data TEXT NOT NULL,
-    PRIMARY KEY (request_id, seq)
+    data BLOB NOT NULL,
+    PRIMARY KEY (rkey, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS raw_parts (
-    request_id BLOB NOT NULL,
+    rkey INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     bytes BLOB NOT NULL,
-    PRIMARY KEY (request_id, seq)
+    PRIMARY KEY (rkey, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS webhooks (
     request_id BLOB PRIMARY KEY,
@@ -70,11 +73,37 @@ CREATE TABLE IF NOT EXISTS key_usage (
     count INTEGER NOT NULL,
     PRIMARY KEY (key_id, period)
 ) WITHOUT ROWID;
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 ";
 
+/// The schema version this code reads and writes.
+const SCHEMA_VERSION: i64 = 2;
+
+/// What the writer thread owns: the write connection, and the internal key of every live request.
+///
+/// Requests are public by a random UUID, but their events and raw pieces are keyed by `rkey`, the table's
+/// increasing rowid: the rows of the requests running now all sit at the end of the B-trees, so a commit dirties
+/// few pages. The map saves a lookup per chunk; an entry leaves when its request is final or deleted.
+pub(super) struct Writer {
+    conn: Connection,
+    rkeys: HashMap<RequestId, i64>,
+}
+
+impl std::ops::Deref for Writer {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Writer {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
 /// Work for the writer thread; it sends its own result back.
-type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
+type WriteJob = Box<dyn FnOnce(&mut Writer) + Send>;
 
 pub struct SqliteStore {
     writer: mpsc::Sender<WriteJob>,
@@ -109,6 +138,17 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Copies the WAL back into the database file every quarter second, without blocking the writer (a passive
+/// checkpoint takes no lock the writer needs). Ends when the store is dropped.
+fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<ReadPool>) {
+    while alive.strong_count() > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+        }
+    }
+}
+
 impl ReadPool {
     fn with<R>(&self, f: impl FnOnce(&Connection) -> Result<R, StoreError>) -> Result<R, StoreError> {
         let conn = match self.idle.lock().pop() {
@@ -135,26 +175,44 @@ impl SqliteStore {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
         };
-        conn.execute_batch(&format!("PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};")).map_err(db_err)?;
+        // Checkpoints run on their own thread (below), never inside a commit of the writer.
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA wal_autocheckpoint = 0;"
+        ))
+        .map_err(db_err)?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_err)?;
+        if version != 0 && version != SCHEMA_VERSION {
+            return Err(StoreError::Database(format!(
+                "{} has schema version {version}, this offload reads version {SCHEMA_VERSION}; use a new --data-dir",
+                path.display()
+            )));
+        }
         conn.execute_batch(SCHEMA).map_err(db_err)?;
 
         let (tx, mut rx) = mpsc::channel::<WriteJob>(1024);
-        let mut conn = conn;
+        let mut writer = Writer { conn, rkeys: HashMap::new() };
         std::thread::Builder::new()
             .name("offload-sqlite-writer".into())
             .spawn(move || {
                 while let Some(job) = rx.blocking_recv() {
-                    job(&mut conn);
+                    job(&mut writer);
                 }
             })
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
-        Ok(Self { writer: tx, readers: Arc::new(ReadPool { path, idle: Mutex::new(Vec::new()) }) })
+        let readers = Arc::new(ReadPool { path: path.clone(), idle: Mutex::new(Vec::new()) });
+        let checkpoints = open(&path)?;
+        let alive = Arc::downgrade(&readers);
+        std::thread::Builder::new()
+            .name("offload-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpoints, alive))
+            .map_err(|e| StoreError::Database(format!("cannot start the checkpoint thread: {e}")))?;
+        Ok(Self { writer: tx, readers })
     }
 
     /// Runs `f` on the writer thread, after every write queued before it.
     async fn write_with<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut Writer) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let (done, wait) = oneshot::channel();
         let job: WriteJob = Box::new(move |conn| {

@@ -1,6 +1,6 @@
 //! The request family: requests, their events and raw responses.
 
-use super::{SqliteStore, db_err, json_err};
+use super::{SqliteStore, Writer, db_err, json_err};
 use crate::document::model::Options;
 use crate::document::{Progress, RequestMeta};
 use crate::domain::{Access, Kind, Locator, RequestId, TokenHash};
@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The parts of [`RequestMeta`] kept as one JSON column.
@@ -21,26 +22,64 @@ struct MetaColumn {
     from_status_url: Option<String>,
 }
 
-/// Deletes one request and everything of it; the number of request rows deleted.
-fn delete_rows(conn: &Connection, id: &[u8]) -> rusqlite::Result<usize> {
-    for table in [
-        "DELETE FROM events WHERE request_id = ?1",
-        "DELETE FROM raw_parts WHERE request_id = ?1",
-        "DELETE FROM webhooks WHERE request_id = ?1",
-    ] {
-        conn.prepare_cached(table)?.execute([id])?;
+/// The internal key of a request: from the map of live requests, else from the table. `None` when the request
+/// is gone (deleted while a write for it was queued): such writes are dropped, never left orphaned.
+fn rkey(conn: &Connection, rkeys: &mut HashMap<RequestId, i64>, id: RequestId) -> Result<Option<i64>, StoreError> {
+    if let Some(key) = rkeys.get(&id) {
+        return Ok(Some(*key));
     }
-    conn.prepare_cached("DELETE FROM requests WHERE id = ?1")?.execute([id])
+    let key: Option<i64> = conn
+        .prepare_cached("SELECT rkey FROM requests WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id.as_bytes()], |r| r.get(0)).optional())
+        .map_err(db_err)?;
+    if let Some(key) = key {
+        rkeys.insert(id, key);
+    }
+    Ok(key)
 }
 
-fn delete(conn: &mut Connection, id: RequestId) -> Result<bool, StoreError> {
+/// Deletes one request and everything of it; whether it existed.
+fn delete_rows(conn: &Connection, rkey: i64, id: &[u8]) -> rusqlite::Result<bool> {
+    for sql in ["DELETE FROM events WHERE rkey = ?1", "DELETE FROM raw_parts WHERE rkey = ?1"] {
+        conn.prepare_cached(sql)?.execute([rkey])?;
+    }
+    conn.prepare_cached("DELETE FROM webhooks WHERE request_id = ?1")?.execute([id])?;
+    Ok(conn.prepare_cached("DELETE FROM requests WHERE rkey = ?1")?.execute([rkey])? > 0)
+}
+
+fn delete(w: &mut Writer, id: RequestId) -> Result<bool, StoreError> {
+    let Writer { conn, rkeys } = w;
     let tx = conn.transaction().map_err(db_err)?;
-    let deleted = delete_rows(&tx, id.as_bytes()).map_err(db_err)?;
+    let Some(key) = rkey(&tx, rkeys, id)? else {
+        return Ok(false);
+    };
+    let deleted = delete_rows(&tx, key, id.as_bytes()).map_err(db_err)?;
     tx.commit().map_err(db_err)?;
-    Ok(deleted > 0)
+    rkeys.remove(&id);
+    Ok(deleted)
 }
 
-fn apply(conn: &mut Connection, ops: &[WriteOp]) -> Result<(), StoreError> {
+fn apply(w: &mut Writer, ops: &[WriteOp]) -> Result<(), StoreError> {
+    let mut inserted = Vec::new();
+    let result = apply_in_transaction(w, ops, &mut inserted);
+    match &result {
+        Ok(()) => {
+            for op in ops {
+                if let WriteOp::Finish { id, .. } = op {
+                    w.rkeys.remove(id);
+                }
+            }
+        }
+        // Rolled back: the keys handed out in this batch do not exist.
+        Err(_) => inserted.iter().for_each(|id| {
+            w.rkeys.remove(id);
+        }),
+    }
+    result
+}
+
+fn apply_in_transaction(w: &mut Writer, ops: &[WriteOp], inserted: &mut Vec<RequestId>) -> Result<(), StoreError> {
+    let Writer { conn, rkeys } = w;
     let tx = conn.transaction().map_err(db_err)?;
     for op in ops {
         match op {
@@ -71,30 +110,36 @@ fn apply(conn: &mut Connection, ops: &[WriteOp]) -> Result<(), StoreError> {
                     ])
                 })
                 .map_err(db_err)?;
+                rkeys.insert(meta.locator.id, tx.last_insert_rowid());
+                inserted.push(meta.locator.id);
             }
             WriteOp::Event { id, seq, data } => {
-                tx.prepare_cached("INSERT OR REPLACE INTO events (request_id, seq, data) VALUES (?1, ?2, ?3)")
-                    .and_then(|mut s| s.execute(params![id.as_bytes(), seq, &**data]))
+                let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
+                tx.prepare_cached("INSERT OR REPLACE INTO events (rkey, seq, data) VALUES (?1, ?2, ?3)")
+                    .and_then(|mut s| s.execute(params![key, seq, &data[..]]))
                     .map_err(db_err)?;
             }
             WriteOp::Raw { id, seq, bytes } => {
-                tx.prepare_cached("INSERT OR REPLACE INTO raw_parts (request_id, seq, bytes) VALUES (?1, ?2, ?3)")
-                    .and_then(|mut s| s.execute(params![id.as_bytes(), seq, &bytes[..]]))
+                let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
+                tx.prepare_cached("INSERT OR REPLACE INTO raw_parts (rkey, seq, bytes) VALUES (?1, ?2, ?3)")
+                    .and_then(|mut s| s.execute(params![key, seq, &bytes[..]]))
                     .map_err(db_err)?;
             }
             WriteOp::Progress { id, progress } => {
+                let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
                 let json = serde_json::to_string(progress).map_err(json_err)?;
-                tx.prepare_cached("UPDATE requests SET status = ?2, progress = ?3 WHERE id = ?1")
-                    .and_then(|mut s| s.execute(params![id.as_bytes(), progress.status.as_str(), json]))
+                tx.prepare_cached("UPDATE requests SET status = ?2, progress = ?3 WHERE rkey = ?1")
+                    .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json]))
                     .map_err(db_err)?;
             }
             WriteOp::Finish { id, progress, body, webhook_url } => {
+                let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
                 let json = serde_json::to_string(progress).map_err(json_err)?;
                 let final_at = progress.processed_at.map(|t| t as i64);
                 tx.prepare_cached(
-                    "UPDATE requests SET status = ?2, progress = ?3, body = ?4, final_at = ?5 WHERE id = ?1",
+                    "UPDATE requests SET status = ?2, progress = ?3, body = ?4, final_at = ?5 WHERE rkey = ?1",
                 )
-                .and_then(|mut s| s.execute(params![id.as_bytes(), progress.status.as_str(), json, body, final_at]))
+                .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json, body, final_at]))
                 .map_err(db_err)?;
                 if let Some(url) = webhook_url {
                     super::webhooks::queue(&tx, *id, url, progress.processed_at.unwrap_or(0.0))?;
@@ -107,7 +152,7 @@ fn apply(conn: &mut Connection, ops: &[WriteOp]) -> Result<(), StoreError> {
 
 const SELECT_REQUEST: &str =
     "SELECT id, kind, access, created_at, bearer, stream_token, meta, parameters, progress, body,
-    (SELECT COALESCE(MAX(seq), 0) FROM events WHERE request_id = requests.id) FROM requests";
+    (SELECT COALESCE(MAX(seq), 0) FROM events WHERE events.rkey = requests.rkey) FROM requests";
 
 fn row_to_request(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredRequest, StoreError>> {
     let id: Vec<u8> = row.get(0)?;
@@ -168,7 +213,7 @@ fn decode(
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
-        self.write_with(move |conn| apply(conn, &ops)).await
+        self.write_with(move |w| apply(w, &ops)).await
     }
 
     async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
@@ -184,10 +229,19 @@ impl Store for SqliteStore {
     async fn events(&self, id: RequestId, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError> {
         self.read(move |conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT seq, data FROM events WHERE request_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")
+                .prepare_cached(
+                    "SELECT seq, data FROM events WHERE rkey = (SELECT rkey FROM requests WHERE id = ?1) AND seq > ?2
+                     ORDER BY seq LIMIT ?3",
+                )
                 .map_err(db_err)?;
             let rows = stmt
-                .query_map(params![id.as_bytes(), after, limit as i64], |r| Ok((r.get::<_, u64>(0)?, r.get(1)?)))
+                .query_map(params![id.as_bytes(), after, limit as i64], |r| {
+                    let data: Vec<u8> = r.get(1)?;
+                    // Stored from text received as UTF-8; the lossy path cannot lose anything.
+                    let data =
+                        String::from_utf8(data).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                    Ok((r.get::<_, u64>(0)?, data))
+                })
                 .map_err(db_err)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
         })
@@ -197,7 +251,9 @@ impl Store for SqliteStore {
     async fn raw(&self, id: RequestId) -> Result<Vec<u8>, StoreError> {
         self.read(move |conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT bytes FROM raw_parts WHERE request_id = ?1 ORDER BY seq")
+                .prepare_cached(
+                    "SELECT bytes FROM raw_parts WHERE rkey = (SELECT rkey FROM requests WHERE id = ?1) ORDER BY seq",
+                )
                 .map_err(db_err)?;
             let mut rows = stmt.query([id.as_bytes()]).map_err(db_err)?;
             let mut out = Vec::new();
@@ -211,21 +267,21 @@ impl Store for SqliteStore {
     }
 
     async fn delete(&self, id: RequestId) -> Result<bool, StoreError> {
-        self.write_with(move |conn| delete(conn, id)).await
+        self.write_with(move |w| delete(w, id)).await
     }
 
     async fn purge_finished(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
-        self.write_with(move |conn| {
-            let ids: Vec<Vec<u8>> = conn
-                .prepare_cached("SELECT id FROM requests WHERE final_at IS NOT NULL AND final_at < ?1 LIMIT ?2")
-                .and_then(|mut s| s.query_map(params![before, limit as i64], |r| r.get(0))?.collect())
+        self.write_with(move |w| {
+            let rows: Vec<(i64, Vec<u8>)> = w
+                .prepare_cached("SELECT rkey, id FROM requests WHERE final_at IS NOT NULL AND final_at < ?1 LIMIT ?2")
+                .and_then(|mut s| s.query_map(params![before, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
                 .map_err(db_err)?;
-            let tx = conn.transaction().map_err(db_err)?;
-            for id in &ids {
-                delete_rows(&tx, id).map_err(db_err)?;
+            let tx = w.transaction().map_err(db_err)?;
+            for (rkey, id) in &rows {
+                delete_rows(&tx, *rkey, id).map_err(db_err)?;
             }
             tx.commit().map_err(db_err)?;
-            Ok(ids.len())
+            Ok(rows.len())
         })
         .await
     }
