@@ -398,7 +398,9 @@ impl Inner {
         let id = live.meta.locator.id;
         let webhook_url = live.meta.options.webhook_url.clone();
         let has_webhook = webhook_url.is_some();
-        if let Err(e) = self.persister.commit(WriteOp::Finish { id, progress, body, webhook_url }).await {
+        // Durable before the request leaves memory, but at the next regular flush: final statuses share
+        // transactions instead of forcing one each.
+        if let Err(e) = self.persister.push_durable(WriteOp::Finish { id, progress, body, webhook_url }).await {
             tracing::error!(request = %id, error = %e, "could not store the final status");
         }
         if has_webhook {

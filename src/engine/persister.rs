@@ -1,8 +1,8 @@
 //! Batches writes to the store: chunks are written as they arrive, grouped into one transaction per flush.
 //!
 //! A batch is flushed when the flush interval since its first write has passed, when it is full, or at once
-//! when someone waits for durability (a create, a final status). Writes that arrive while a batch commits form
-//! the next one, so a busy server commits many requests per transaction (group commit).
+//! when a caller is waiting on it (a create, whose answer waits for it). Writes that arrive while a batch commits
+//! form the next one, so a busy server commits many requests per transaction (group commit).
 
 use crate::store::{Store, StoreError, WriteOp};
 use std::sync::Arc;
@@ -14,7 +14,9 @@ const MAX_BATCH: usize = 4096;
 
 struct Cmd {
     op: Option<WriteOp>,
-    ack: Option<oneshot::Sender<Result<(), StoreError>>>,
+    ack: Option<Ack>,
+    /// Flush at once rather than at the end of the interval.
+    urgent: bool,
 }
 
 #[derive(Clone)]
@@ -32,26 +34,41 @@ impl Persister {
 
     /// Queues a write; it is durable within the flush interval.
     pub async fn push(&self, op: WriteOp) {
-        if self.tx.send(Cmd { op: Some(op), ack: None }).await.is_err() {
+        if self.tx.send(Cmd { op: Some(op), ack: None, urgent: false }).await.is_err() {
             tracing::error!("a write was queued after the persister stopped");
         }
     }
 
-    /// Queues a write and waits until it is durable.
+    /// Queues a write, flushes at once, and waits until it is durable.
     pub async fn commit(&self, op: WriteOp) -> Result<(), StoreError> {
-        self.send_with_ack(Some(op)).await
+        self.send_with_ack(Some(op), true).await
+    }
+
+    /// Queues a write and waits until it is durable, which is at the next regular flush: for a caller that must
+    /// know the write is stored but need not hurry it (and so shares a transaction with others).
+    pub async fn push_durable(&self, op: WriteOp) -> Result<(), StoreError> {
+        self.send_with_ack(Some(op), false).await
     }
 
     /// Waits until everything queued before now is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.send_with_ack(None).await
+        self.send_with_ack(None, true).await
     }
 
-    async fn send_with_ack(&self, op: Option<WriteOp>) -> Result<(), StoreError> {
+    async fn send_with_ack(&self, op: Option<WriteOp>, urgent: bool) -> Result<(), StoreError> {
         let (ack, done) = oneshot::channel();
-        self.tx.send(Cmd { op, ack: Some(ack) }).await.map_err(|_| StoreError::Closed)?;
+        self.tx.send(Cmd { op, ack: Some(ack), urgent }).await.map_err(|_| StoreError::Closed)?;
         done.await.map_err(|_| StoreError::Closed)?
     }
+}
+
+type Ack = oneshot::Sender<Result<(), StoreError>>;
+
+/// Adds a command to the batch; whether it asks for an immediate flush.
+fn take(cmd: Cmd, ops: &mut Vec<WriteOp>, acks: &mut Vec<Ack>) -> bool {
+    ops.extend(cmd.op);
+    acks.extend(cmd.ack);
+    cmd.urgent
 }
 
 async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<Cmd>) {
@@ -59,20 +76,18 @@ async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<C
     let mut acks = Vec::new();
     while let Some(first) = rx.recv().await {
         let deadline = Instant::now() + interval;
-        let take = |cmd: Cmd, ops: &mut Vec<WriteOp>, acks: &mut Vec<_>| {
-            ops.extend(cmd.op);
-            acks.extend(cmd.ack);
-        };
-        take(first, &mut ops, &mut acks);
-        while acks.is_empty() && ops.len() < MAX_BATCH {
+        let mut urgent = take(first, &mut ops, &mut acks);
+        while !urgent && ops.len() < MAX_BATCH {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(cmd)) => take(cmd, &mut ops, &mut acks),
+                Ok(Some(cmd)) => urgent |= take(cmd, &mut ops, &mut acks),
                 Ok(None) | Err(_) => break,
             }
         }
         while ops.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(cmd) => take(cmd, &mut ops, &mut acks),
+                Ok(cmd) => {
+                    take(cmd, &mut ops, &mut acks);
+                }
                 Err(_) => break,
             }
         }
