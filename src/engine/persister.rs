@@ -1,8 +1,12 @@
-//! Batches writes to the store: chunks are written as they arrive, grouped into one transaction per flush.
+//! Batches writes to the store in two lanes.
 //!
-//! A batch is flushed when the flush interval since its first write has passed, when it is full, or at once
-//! when a caller is waiting on it (a create, whose answer waits for it). Writes that arrive while a batch commits
-//! form the next one, so a busy server commits many requests per transaction (group commit).
+//! - **Creates** (`commit`): the create answer waits for its insert, so pending inserts are committed at once,
+//!   together (group commit), ahead of everything else.
+//! - **Everything else** (`push`, `push_durable`): chunks, raw pieces, progress and final statuses are written at
+//!   most one flush interval after they arrive, in slices of at most [`SLICE`] writes, so that a create never
+//!   waits behind more than one slice.
+//!
+//! Jumping the queue is safe: a request's other writes are only ever queued after its insert was acknowledged.
 
 use crate::store::{Store, StoreError, WriteOp};
 use std::sync::Arc;
@@ -10,13 +14,18 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-const MAX_BATCH: usize = 4096;
+/// Writes per transaction in the bulk lane.
+const SLICE: usize = 512;
 
-struct Cmd {
-    op: Option<WriteOp>,
-    ack: Option<Ack>,
-    /// Flush at once rather than at the end of the interval.
-    urgent: bool,
+type Ack = oneshot::Sender<Result<(), StoreError>>;
+
+enum Cmd {
+    /// A create's insert: written at once, ahead of the bulk lane.
+    Urgent(WriteOp, Ack),
+    /// A bulk write, acknowledged once durable when `ack` is given.
+    Bulk(WriteOp, Option<Ack>),
+    /// Write the whole bulk lane now; acknowledge when it is durable.
+    Flush(Ack),
 }
 
 #[derive(Clone)]
@@ -34,66 +43,139 @@ impl Persister {
 
     /// Queues a write; it is durable within the flush interval.
     pub async fn push(&self, op: WriteOp) {
-        if self.tx.send(Cmd { op: Some(op), ack: None, urgent: false }).await.is_err() {
+        if self.tx.send(Cmd::Bulk(op, None)).await.is_err() {
             tracing::error!("a write was queued after the persister stopped");
         }
     }
 
-    /// Queues a write, flushes at once, and waits until it is durable.
+    /// Writes at once (ahead of the bulk lane) and waits until it is durable: for a create's insert.
     pub async fn commit(&self, op: WriteOp) -> Result<(), StoreError> {
-        self.send_with_ack(Some(op), true).await
+        let (ack, done) = oneshot::channel();
+        self.send(Cmd::Urgent(op, ack), done).await
     }
 
     /// Queues a write and waits until it is durable, which is at the next regular flush: for a caller that must
     /// know the write is stored but need not hurry it (and so shares a transaction with others).
     pub async fn push_durable(&self, op: WriteOp) -> Result<(), StoreError> {
-        self.send_with_ack(Some(op), false).await
+        let (ack, done) = oneshot::channel();
+        self.send(Cmd::Bulk(op, Some(ack)), done).await
     }
 
     /// Waits until everything queued before now is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.send_with_ack(None, true).await
+        let (ack, done) = oneshot::channel();
+        self.send(Cmd::Flush(ack), done).await
     }
 
-    async fn send_with_ack(&self, op: Option<WriteOp>, urgent: bool) -> Result<(), StoreError> {
-        let (ack, done) = oneshot::channel();
-        self.tx.send(Cmd { op, ack: Some(ack), urgent }).await.map_err(|_| StoreError::Closed)?;
+    async fn send(&self, cmd: Cmd, done: oneshot::Receiver<Result<(), StoreError>>) -> Result<(), StoreError> {
+        self.tx.send(cmd).await.map_err(|_| StoreError::Closed)?;
         done.await.map_err(|_| StoreError::Closed)?
     }
 }
 
-type Ack = oneshot::Sender<Result<(), StoreError>>;
+/// What is waiting to be written.
+#[derive(Default)]
+struct Lanes {
+    urgent: Vec<WriteOp>,
+    urgent_acks: Vec<Ack>,
+    bulk: Vec<WriteOp>,
+    /// Each ack with the number of bulk writes that must be durable before it is sent.
+    bulk_acks: Vec<(usize, Ack)>,
+    /// When the oldest bulk write arrived.
+    bulk_since: Option<Instant>,
+    flush_now: bool,
+}
 
-/// Adds a command to the batch; whether it asks for an immediate flush.
-fn take(cmd: Cmd, ops: &mut Vec<WriteOp>, acks: &mut Vec<Ack>) -> bool {
-    ops.extend(cmd.op);
-    acks.extend(cmd.ack);
-    cmd.urgent
+impl Lanes {
+    fn take(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Urgent(op, ack) => {
+                self.urgent.push(op);
+                self.urgent_acks.push(ack);
+            }
+            Cmd::Bulk(op, ack) => {
+                self.bulk_since.get_or_insert_with(Instant::now);
+                self.bulk.push(op);
+                if let Some(ack) = ack {
+                    self.bulk_acks.push((self.bulk.len(), ack));
+                }
+            }
+            Cmd::Flush(ack) => {
+                self.bulk_acks.push((self.bulk.len(), ack));
+                self.flush_now = true;
+            }
+        }
+    }
+
+    fn bulk_due(&self, interval: Duration) -> bool {
+        self.flush_now
+            || self.bulk.len() >= SLICE
+            || self.bulk_since.is_some_and(|since| since.elapsed() >= interval)
+            || (self.bulk.is_empty() && !self.bulk_acks.is_empty())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.urgent.is_empty() && self.bulk.is_empty() && self.bulk_acks.is_empty()
+    }
+}
+
+fn answer(acks: impl IntoIterator<Item = Ack>, result: &Result<(), StoreError>) {
+    for ack in acks {
+        let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| StoreError::Database(e.to_string())));
+    }
 }
 
 async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<Cmd>) {
-    let mut ops = Vec::new();
-    let mut acks = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let deadline = Instant::now() + interval;
-        let mut urgent = take(first, &mut ops, &mut acks);
-        while !urgent && ops.len() < MAX_BATCH {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(cmd)) => urgent |= take(cmd, &mut ops, &mut acks),
-                Ok(None) | Err(_) => break,
+    let mut lanes = Lanes::default();
+    let mut open = true;
+    while open || !lanes.is_empty() {
+        // Wait for work, or for the bulk lane to come due.
+        if open && lanes.urgent.is_empty() && !lanes.bulk_due(interval) {
+            let next = match lanes.bulk_since {
+                None if lanes.is_empty() => rx.recv().await.ok_or(()),
+                Some(since) => match tokio::time::timeout_at(since + interval, rx.recv()).await {
+                    Ok(cmd) => cmd.ok_or(()),
+                    Err(_) => Err(()),
+                },
+                None => Err(()),
+            };
+            match next {
+                Ok(cmd) => lanes.take(cmd),
+                Err(()) if lanes.bulk_since.is_none() && lanes.is_empty() => open = false,
+                Err(()) => {}
             }
         }
-        while ops.len() < MAX_BATCH {
+        loop {
             match rx.try_recv() {
-                Ok(cmd) => {
-                    take(cmd, &mut ops, &mut acks);
+                Ok(cmd) => lanes.take(cmd),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
                 }
-                Err(_) => break,
             }
         }
-        let result = write_with_retry(&*store, std::mem::take(&mut ops).into()).await;
-        for ack in acks.drain(..) {
-            let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| StoreError::Database(e.to_string())));
+        if !open {
+            lanes.flush_now = true;
+        }
+
+        if !lanes.urgent.is_empty() {
+            let ops: Arc<[WriteOp]> = std::mem::take(&mut lanes.urgent).into();
+            let result = write_with_retry(&*store, ops).await;
+            answer(std::mem::take(&mut lanes.urgent_acks), &result);
+            continue;
+        }
+        if lanes.bulk_due(interval) {
+            let n = lanes.bulk.len().min(SLICE);
+            let ops: Arc<[WriteOp]> = lanes.bulk.drain(..n).collect::<Vec<_>>().into();
+            let result = write_with_retry(&*store, ops).await;
+            let (done, waiting): (Vec<_>, Vec<_>) = lanes.bulk_acks.drain(..).partition(|(upto, _)| *upto <= n);
+            answer(done.into_iter().map(|(_, ack)| ack), &result);
+            lanes.bulk_acks = waiting.into_iter().map(|(upto, ack)| (upto - n, ack)).collect();
+            if lanes.bulk.is_empty() {
+                lanes.bulk_since = None;
+                lanes.flush_now = !lanes.bulk_acks.is_empty();
+            }
         }
     }
 }
