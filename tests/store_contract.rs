@@ -8,7 +8,7 @@ use offload::document::model::Options;
 use offload::document::{ErrorInfo, Progress, RequestMeta, ResponseMeta};
 use offload::domain::{Access, Kind, Locator, RequestId, Status, TokenHash};
 use offload::domain::{KeyLimits, ServiceKey};
-use offload::store::{Charge, Periods, Store, Stores, WebhookState, WebhookStatus, WriteOp};
+use offload::store::{Charge, Periods, RawPiece, Store, Stores, WebhookState, WebhookStatus, WriteOp};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 
@@ -95,12 +95,40 @@ pub async fn raw_pieces_are_concatenated_in_order(store: Arc<dyn Store>) {
     let id = m.locator.id;
     write(
         &store,
-        vec![WriteOp::Insert(m), WriteOp::Raw { id, seq: 1, bytes: Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n") }],
+        vec![
+            WriteOp::Insert(m),
+            WriteOp::Raw { id, seq: 1, piece: RawPiece::Bytes(Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n")) },
+        ],
     )
     .await;
-    write(&store, vec![WriteOp::Raw { id, seq: 2, bytes: Bytes::from_static(b"\xffbinary") }]).await;
+    write(&store, vec![WriteOp::Raw { id, seq: 2, piece: RawPiece::Bytes(Bytes::from_static(b"\xffbinary")) }]).await;
     assert_eq!(store.raw(id).await.unwrap(), b"HTTP/1.1 200 OK\r\n\r\n\xffbinary");
     assert!(store.raw(RequestId::generate()).await.unwrap().is_empty());
+}
+
+pub async fn an_events_piece_expands_to_the_events_as_a_stream_sent_them(store: Arc<dyn Store>) {
+    let m = meta(Access::Public);
+    let id = m.locator.id;
+    let mut ops = vec![
+        WriteOp::Insert(m),
+        WriteOp::Raw { id, seq: 1, piece: RawPiece::Bytes(Bytes::from_static(b"HEAD\r\n\r\n")) },
+        WriteOp::Raw { id, seq: 2, piece: RawPiece::Events { through: None } },
+    ];
+    ops.extend((1..=3u64).map(|seq| WriteOp::Event { id, seq, data: format!("{{\"n\":{seq}}}").into_bytes().into() }));
+    write(&store, ops).await;
+    let all = String::from_utf8(store.raw(id).await.unwrap()).unwrap();
+    assert_eq!(all, "HEAD\r\n\r\ndata: {\"n\":1}\n\ndata: {\"n\":2}\n\ndata: {\"n\":3}\n\n");
+    // Writing a piece's seq again replaces it: the placeholder cut to the first two events, then verbatim bytes.
+    write(
+        &store,
+        vec![
+            WriteOp::Raw { id, seq: 2, piece: RawPiece::Events { through: Some(2) } },
+            WriteOp::Raw { id, seq: 3, piece: RawPiece::Bytes(Bytes::from_static(b"data:{\"n\":3}\r\n\r\n")) },
+        ],
+    )
+    .await;
+    let cut = String::from_utf8(store.raw(id).await.unwrap()).unwrap();
+    assert_eq!(cut, "HEAD\r\n\r\ndata: {\"n\":1}\n\ndata: {\"n\":2}\n\ndata:{\"n\":3}\r\n\r\n");
 }
 
 pub async fn progress_and_finish_are_kept_and_unfinished_lists_only_the_running(store: Arc<dyn Store>) {
@@ -142,7 +170,7 @@ pub async fn delete_removes_the_request_its_events_and_raw(store: Arc<dyn Store>
             WriteOp::Insert(m),
             WriteOp::Insert(keep.clone()),
             WriteOp::Event { id, seq: 1, data: Bytes::from_static(b"{}") },
-            WriteOp::Raw { id, seq: 1, bytes: Bytes::from_static(b"x") },
+            WriteOp::Raw { id, seq: 1, piece: RawPiece::Bytes(Bytes::from_static(b"x")) },
             WriteOp::Event { id: keep.locator.id, seq: 1, data: Bytes::from_static(b"{}") },
         ],
     )
@@ -304,7 +332,7 @@ pub async fn purging_deletes_only_requests_finished_before_the_cutoff(store: Arc
             WriteOp::Insert(recent),
             WriteOp::Insert(running),
             WriteOp::Event { id: o, seq: 1, data: Bytes::from_static(b"{}") },
-            WriteOp::Raw { id: o, seq: 1, bytes: Bytes::from_static(b"x") },
+            WriteOp::Raw { id: o, seq: 1, piece: RawPiece::Bytes(Bytes::from_static(b"x")) },
             WriteOp::Finish { id: o, progress: at(1_000.0), body: None, webhook_url: Some("https://h.example".into()) },
             WriteOp::Finish { id: r, progress: at(5_000.0), body: None, webhook_url: None },
         ],
@@ -327,6 +355,7 @@ macro_rules! contract_suite {
                 an_inserted_request_reads_back_exactly,
                 events_come_back_in_order_and_in_pages,
                 raw_pieces_are_concatenated_in_order,
+                an_events_piece_expands_to_the_events_as_a_stream_sent_them,
                 progress_and_finish_are_kept_and_unfinished_lists_only_the_running,
                 delete_removes_the_request_its_events_and_raw,
                 a_failed_batch_changes_nothing,

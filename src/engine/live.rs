@@ -3,6 +3,7 @@
 //! Readers never hold the lock while writing to their sockets: they copy out `Bytes` handles (cheap) and go.
 //! So a slow reader costs only its own cursor, never the worker's or another reader's time.
 
+use super::raw::{RawRecorder, Stored};
 use super::sse;
 use crate::document::{Assembler, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, Urls, render};
 use crate::domain::Status;
@@ -65,8 +66,8 @@ pub struct LiveState {
     pub body: LiveBody,
     /// Every event so far, already framed for the wire.
     pub events: Vec<Bytes>,
-    /// The raw response so far: head, then body pieces as received.
-    pub raw: Vec<Bytes>,
+    /// The raw response so far.
+    raw: RawRecorder,
     pub cancel_reason: Option<CancelReason>,
     version: u64,
     doc_cache: Option<(u64, Bytes)>,
@@ -104,7 +105,7 @@ impl LiveRequest {
                 progress: Progress::pending(),
                 body,
                 events: Vec::new(),
-                raw: Vec::new(),
+                raw: RawRecorder::default(),
                 cancel_reason: None,
                 version: 0,
                 doc_cache: None,
@@ -161,17 +162,41 @@ impl LiveRequest {
         })
     }
 
-    /// Appends a piece of the raw response; returns its sequence number.
-    pub fn push_raw(&self, bytes: Bytes) -> u64 {
+    /// Records a piece of the raw response as it is (the head; a non-stream body); returns what to store.
+    pub fn raw_verbatim(&self, bytes: Bytes) -> Stored {
+        self.update(|st| (false, st.raw.verbatim(bytes)))
+    }
+
+    /// The body that follows is an event stream.
+    pub fn raw_start_stream(&self) {
+        self.update(|st| (false, st.raw.start_stream()))
+    }
+
+    /// Records bytes of a stream body as received; what to store now, if anything.
+    pub fn raw_received(&self, bytes: Bytes) -> Option<Stored> {
+        self.update(|st| (false, st.raw.received(bytes)))
+    }
+
+    /// Records that the parser yielded an event (call before [`Self::push_event`]).
+    pub fn raw_event(&self, data: &str) -> Vec<Stored> {
         self.update(|st| {
-            st.raw.push(bytes);
-            (false, st.raw.len() as u64)
+            let before = st.events.len() as u64;
+            (false, st.raw.event(data, before))
         })
     }
 
-    pub fn raw(&self) -> Option<Vec<Bytes>> {
+    /// Records that the parser yielded `[DONE]`.
+    pub fn raw_done(&self) -> Vec<Stored> {
+        self.update(|st| {
+            let events = st.events.len() as u64;
+            (false, st.raw.done(events))
+        })
+    }
+
+    /// The raw response so far, once the upstream has answered.
+    pub fn raw(&self) -> Option<Vec<u8>> {
         let st = self.state.lock();
-        st.progress.response.as_ref().map(|_| st.raw.clone())
+        st.progress.response.as_ref().map(|_| st.raw.render(&st.events))
     }
 
     /// Reads events after `cursor` (at most `max` of them), or the end.
@@ -238,8 +263,14 @@ impl LiveRequest {
         cancelled
     }
 
-    /// Moves to a final status (unless already final), and returns what to store.
-    pub fn finalize(&self, status: Status, error: Option<ErrorInfo>, now: f64) -> (Progress, Option<String>) {
+    /// Moves to a final status (unless already final), and returns what to store: the progress, the body, and
+    /// the last piece of the raw response if one is still unstored.
+    pub fn finalize(
+        &self,
+        status: Status,
+        error: Option<ErrorInfo>,
+        now: f64,
+    ) -> (Progress, Option<String>, Option<Stored>) {
         self.update(|st| {
             if !st.progress.status.is_final() {
                 st.progress.status = status;
@@ -249,7 +280,8 @@ impl LiveRequest {
                 }
                 st.progress.processed_at = Some(now);
             }
-            (true, (st.progress.clone(), st.body.to_json()))
+            let leftover = st.raw.finish();
+            (true, (st.progress.clone(), st.body.to_json(), leftover))
         })
     }
 

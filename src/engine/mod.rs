@@ -5,11 +5,13 @@
 //! - [`persister`]: batches every write into store transactions.
 //! - [`reader`]: the event stream of a request, live or replayed.
 //! - [`sse`]: the event stream's wire format.
+//! - [`raw`]: recording the raw upstream response without storing a stream twice.
 //! - [`continuation`]: building a continued conversation.
 
 pub mod continuation;
 pub mod live;
 pub mod persister;
+pub mod raw;
 pub mod reader;
 pub mod sse;
 mod worker;
@@ -394,8 +396,11 @@ impl Engine {
 impl Inner {
     /// Moves a request to its final status, makes it durable, then lets it leave memory.
     async fn settle(&self, live: &LiveRequest, status: Status, error: Option<ErrorInfo>) {
-        let (progress, body) = live.finalize(status, error, unix_now());
+        let (progress, body, leftover) = live.finalize(status, error, unix_now());
         let id = live.meta.locator.id;
+        if let Some((seq, piece)) = leftover {
+            self.persister.push(WriteOp::Raw { id, seq, piece }).await;
+        }
         let webhook_url = live.meta.options.webhook_url.clone();
         let has_webhook = webhook_url.is_some();
         // Durable before the request leaves memory, but at the next regular flush: final statuses share

@@ -2,6 +2,7 @@
 
 use super::Inner;
 use super::live::{CancelReason, LiveBody, LiveRequest, json_body};
+use super::raw::Stored;
 use crate::document::{ChunkKind, ErrorInfo};
 use crate::domain::{Kind, Status, UpstreamKey};
 use crate::store::WriteOp;
@@ -71,9 +72,10 @@ async fn transition(inner: &Inner, live: &LiveRequest, apply: impl FnOnce(&mut c
     }
 }
 
-async fn push_raw(inner: &Inner, live: &LiveRequest, bytes: Bytes) {
-    let seq = live.push_raw(bytes.clone());
-    inner.persister.push(WriteOp::Raw { id: live.meta.locator.id, seq, bytes }).await;
+async fn store_raw(inner: &Inner, live: &LiveRequest, stored: impl IntoIterator<Item = Stored>) {
+    for (seq, piece) in stored {
+        inner.persister.push(WriteOp::Raw { id: live.meta.locator.id, seq, piece }).await;
+    }
 }
 
 async fn call(inner: &Inner, live: &LiveRequest, key: Option<UpstreamKey>, body: String) -> Outcome {
@@ -101,7 +103,7 @@ async fn call(inner: &Inner, live: &LiveRequest, key: Option<UpstreamKey>, body:
     };
 
     let meta = response_meta(&response);
-    push_raw(inner, live, raw_head(&response, &meta)).await;
+    store_raw(inner, live, [live.raw_verbatim(raw_head(&response, &meta))]).await;
     let success = response.status().is_success();
     let is_event_stream = meta
         .headers
@@ -153,13 +155,14 @@ async fn read_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respons
             ErrorInfo::new("upstream_error", format!("The connection to the upstream broke: {}", describe(&e)))
         })?;
         body.extend_from_slice(&piece);
-        push_raw(inner, live, piece).await;
+        store_raw(inner, live, [live.raw_verbatim(piece)]).await;
     }
     Ok(body)
 }
 
 async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Response) -> Outcome {
-    // The raw bytes are tapped on their way into the SSE parser and stored after each event it yields.
+    // The raw bytes are tapped on their way into the SSE parser and recorded after each event it yields.
+    live.raw_start_stream();
     let tap: Arc<Mutex<Vec<Bytes>>> = Arc::default();
     let tap_in = tap.clone();
     let mut events = response
@@ -174,9 +177,8 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
     let mut failure = None;
     while let Some(event) = events.next().await {
         let tapped = std::mem::take(&mut *tap.lock());
-        for bytes in tapped {
-            push_raw(inner, live, bytes).await;
-        }
+        let received: Vec<Stored> = tapped.into_iter().filter_map(|bytes| live.raw_received(bytes)).collect();
+        store_raw(inner, live, received).await;
         let event = match event {
             Ok(event) => event,
             Err(e) => {
@@ -185,16 +187,14 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
             }
         };
         if event.data.trim() == "[DONE]" {
+            store_raw(inner, live, live.raw_done()).await;
             saw_done = true;
             break;
         }
+        store_raw(inner, live, live.raw_event(&event.data)).await;
         let Some((seq, kind, data)) = live.push_event(&event.data) else {
             return Outcome::Cancelled;
         };
-        if seq == 1 {
-            let progress = live.update(|st| (false, st.progress.clone()));
-            inner.persister.push(WriteOp::Progress { id: live.meta.locator.id, progress }).await;
-        }
         inner.persister.push(WriteOp::Event { id: live.meta.locator.id, seq, data }).await;
         if let ChunkKind::Error(error) = kind {
             let message = error.get("message").and_then(|m| m.as_str()).unwrap_or("no message");
@@ -204,9 +204,8 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
         }
     }
     let tapped = std::mem::take(&mut *tap.lock());
-    for bytes in tapped {
-        push_raw(inner, live, bytes).await;
-    }
+    let received: Vec<Stored> = tapped.into_iter().filter_map(|bytes| live.raw_received(bytes)).collect();
+    store_raw(inner, live, received).await;
     if let Some(e) = failure {
         return Outcome::Failed(e);
     }

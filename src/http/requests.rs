@@ -191,7 +191,7 @@ fn events(app: &AppState, found: Found, headers: &HeaderMap, query_last: Option<
 async fn raw(app: &AppState, found: Found) -> Result<Response, ApiError> {
     let not_yet = || ApiError::not_found("The upstream has not answered yet; the raw response appears once it does.");
     let bytes: Vec<u8> = match &found {
-        Found::Live(live) => live.raw().ok_or_else(not_yet)?.concat(),
+        Found::Live(live) => live.raw().ok_or_else(not_yet)?,
         Found::Stored(stored) => {
             if stored.progress.response.is_none() {
                 return Err(not_yet());

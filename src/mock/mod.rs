@@ -4,7 +4,8 @@
 //! Controls come from the process defaults (`offload mock-upstream --words ... --delay-ms ...`) and, per call,
 //! from a `mock` object in the request body, which offload passes upstream unchanged like any unknown field:
 //! `{"mock": {"words": 64, "delay_ms": 20, "ttft_ms": 100, "status": 500, "stall_after": 3, "drop_after": 5,
-//! "stall_headers": true, "content": "exact reply", "tool_calls": [{"name": "f", "arguments": "{}"}]}}`.
+//! "stall_headers": true, "comment_after": 3, "content": "exact reply",
+//! "tool_calls": [{"name": "f", "arguments": "{}"}]}}`.
 //! A non-streaming answer is paced too: headers after `ttft_ms`, then the JSON body in `words` pieces
 //! `delay_ms` apart; `stall_after` and `drop_after` count those pieces (for streams: events).
 //!
@@ -58,6 +59,8 @@ struct Controls {
     stall_after: Option<usize>,
     stall_headers: bool,
     drop_after: Option<usize>,
+    /// Stream: an SSE comment line (`: ping`) after this many events, as some OpenAI-compatible servers send.
+    comment_after: Option<usize>,
     tool_calls: Option<Vec<MockToolCall>>,
 }
 
@@ -243,7 +246,12 @@ async fn completions(State(state): State<Arc<MockState>>, headers: HeaderMap, bo
     let plan = Plan::new(&state.defaults, &controls, &request, messages.len());
     let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let pieces = if stream {
-        plan.events().into_iter().map(|e| format!("data: {e}\n\n")).chain(["data: [DONE]\n\n".to_owned()]).collect()
+        let mut pieces: Vec<String> = plan.events().into_iter().map(|e| format!("data: {e}\n\n")).collect();
+        if let Some(at) = controls.comment_after.filter(|at| *at <= pieces.len()) {
+            pieces.insert(at, ": ping\n\n".to_owned());
+        }
+        pieces.push("data: [DONE]\n\n".to_owned());
+        pieces
     } else {
         // The JSON body is sent in as many pieces as there are words, paced like a stream, so that a slow
         // answer shows as `waiting` and stalls and drops work the same way.

@@ -52,6 +52,16 @@ pub struct StoredRequest {
     pub event_count: u64,
 }
 
+/// A piece of a raw response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawPiece {
+    /// Bytes as received.
+    Bytes(Bytes),
+    /// The request's events `1..=through` (all of them when `None`), each as `data: <chunk>\n\n`: what a
+    /// canonical event stream sent, stored once as events rather than twice.
+    Events { through: Option<u64> },
+}
+
 /// One change to the store. A batch of them is applied in order, in one transaction.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
@@ -59,8 +69,9 @@ pub enum WriteOp {
     Insert(Arc<RequestMeta>),
     /// One stream event: `seq` counts from 1, `data` is the chunk exactly as received (UTF-8).
     Event { id: RequestId, seq: u64, data: Bytes },
-    /// A piece of the raw upstream response (status line and headers first, then the body as received).
-    Raw { id: RequestId, seq: u64, bytes: Bytes },
+    /// A piece of the raw upstream response (status line and headers first, then the body). Writing a `seq`
+    /// again replaces that piece.
+    Raw { id: RequestId, seq: u64, piece: RawPiece },
     /// A status transition or new response facts.
     Progress { id: RequestId, progress: Progress },
     /// The final status, with the final body. With `webhook_url`, its delivery is queued in the same
@@ -78,7 +89,7 @@ pub trait Store: Send + Sync + 'static {
     /// Events with `seq > after`, in order, at most `limit`.
     async fn events(&self, id: RequestId, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError>;
 
-    /// The raw upstream response, all pieces concatenated.
+    /// The raw upstream response: all pieces concatenated, events placeholders expanded.
     async fn raw(&self, id: RequestId) -> Result<Vec<u8>, StoreError>;
 
     /// Deletes the request with its events and raw response. `false` when there was nothing to delete.

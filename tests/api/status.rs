@@ -156,3 +156,29 @@ async fn the_raw_response_has_the_status_line_headers_and_body() {
     let (_, body) = raw.split_once("\r\n\r\n").unwrap();
     assert_eq!(serde_json::from_str::<Value>(body).unwrap(), doc["response"]["body"]);
 }
+
+/// `.raw` is exactly what the upstream sent, also when its framing is not the canonical one that lets offload
+/// store a stream's body only once (here a comment line arrives after three events).
+#[tokio::test]
+async fn the_raw_response_is_exact_whatever_the_upstream_framing() {
+    let app = spawn_app().await;
+    for comment_after in [None, Some(3), Some(0)] {
+        let mut mock = json!({"words": 6});
+        if let Some(at) = comment_after {
+            mock["comment_after"] = at.into();
+        }
+        let created = app.stream(json!({"messages": user("hi"), "mock": mock})).await;
+        let events = app.events(&endpoint(&created, "stream_events_url"), &[]).await;
+        let status_url = endpoint(&created, "status_url");
+        app.wait_final(&status_url, None).await;
+        let raw = app.get(&status_url.replace(".json", ".raw"), None).await.text().await.unwrap();
+        let (_, body) = raw.split_once("\r\n\r\n").unwrap();
+        let mut expected: Vec<String> =
+            events.iter().filter(|e| e.data != "[DONE]").map(|e| format!("data: {}\n\n", e.data)).collect();
+        if let Some(at) = comment_after {
+            expected.insert(at, ": ping\n\n".into());
+        }
+        expected.push("data: [DONE]\n\n".into());
+        assert_eq!(body, expected.concat(), "comment after {comment_after:?}");
+    }
+}

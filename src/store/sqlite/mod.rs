@@ -48,7 +48,9 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS raw_parts (
     rkey INTEGER NOT NULL,
     seq INTEGER NOT NULL,
-    bytes BLOB NOT NULL,
+    -- NULL: this piece is the request's events (1..=events_through, or all when that is NULL too).
+    bytes BLOB,
+    events_through INTEGER,
     PRIMARY KEY (rkey, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS webhooks (
@@ -73,11 +75,11 @@ CREATE TABLE IF NOT EXISTS key_usage (
     count INTEGER NOT NULL,
     PRIMARY KEY (key_id, period)
 ) WITHOUT ROWID;
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;
 ";
 
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// What the writer thread owns: the write connection, and the internal key of every live request.
 ///

@@ -4,7 +4,7 @@ use super::{SqliteStore, Writer, db_err, json_err};
 use crate::document::model::Options;
 use crate::document::{Progress, RequestMeta};
 use crate::domain::{Access, Kind, Locator, RequestId, TokenHash};
-use crate::store::{Store, StoreError, StoredRequest, WriteOp};
+use crate::store::{RawPiece, Store, StoreError, StoredRequest, WriteOp};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -119,11 +119,17 @@ fn apply_in_transaction(w: &mut Writer, ops: &[WriteOp], inserted: &mut Vec<Requ
                     .and_then(|mut s| s.execute(params![key, seq, &data[..]]))
                     .map_err(db_err)?;
             }
-            WriteOp::Raw { id, seq, bytes } => {
+            WriteOp::Raw { id, seq, piece } => {
                 let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
-                tx.prepare_cached("INSERT OR REPLACE INTO raw_parts (rkey, seq, bytes) VALUES (?1, ?2, ?3)")
-                    .and_then(|mut s| s.execute(params![key, seq, &bytes[..]]))
-                    .map_err(db_err)?;
+                let (bytes, through) = match piece {
+                    RawPiece::Bytes(bytes) => (Some(&bytes[..]), None),
+                    RawPiece::Events { through } => (None, *through),
+                };
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO raw_parts (rkey, seq, bytes, events_through) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .and_then(|mut s| s.execute(params![key, seq, bytes, through]))
+                .map_err(db_err)?;
             }
             WriteOp::Progress { id, progress } => {
                 let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
@@ -250,16 +256,45 @@ impl Store for SqliteStore {
 
     async fn raw(&self, id: RequestId) -> Result<Vec<u8>, StoreError> {
         self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT bytes FROM raw_parts WHERE rkey = (SELECT rkey FROM requests WHERE id = ?1) ORDER BY seq",
-                )
+            let Some(key): Option<i64> = conn
+                .prepare_cached("SELECT rkey FROM requests WHERE id = ?1")
+                .and_then(|mut s| s.query_row([id.as_bytes()], |r| r.get(0)).optional())
+                .map_err(db_err)?
+            else {
+                return Ok(Vec::new());
+            };
+            let mut pieces = conn
+                .prepare_cached("SELECT bytes, events_through FROM raw_parts WHERE rkey = ?1 ORDER BY seq")
                 .map_err(db_err)?;
-            let mut rows = stmt.query([id.as_bytes()]).map_err(db_err)?;
+            let mut rows = pieces.query([key]).map_err(db_err)?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(db_err)? {
-                let part = row.get_ref(0).map_err(db_err)?.as_blob().map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                out.extend_from_slice(part);
+                match row
+                    .get_ref(0)
+                    .map_err(db_err)?
+                    .as_blob_or_null()
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                {
+                    Some(bytes) => out.extend_from_slice(bytes),
+                    None => {
+                        let through: Option<i64> = row.get(1).map_err(db_err)?;
+                        let mut events = conn
+                            .prepare_cached("SELECT data FROM events WHERE rkey = ?1 AND seq <= ?2 ORDER BY seq")
+                            .map_err(db_err)?;
+                        let mut data = events.query(params![key, through.unwrap_or(i64::MAX)]).map_err(db_err)?;
+                        while let Some(event) = data.next().map_err(db_err)? {
+                            out.extend_from_slice(b"data: ");
+                            out.extend_from_slice(
+                                event
+                                    .get_ref(0)
+                                    .map_err(db_err)?
+                                    .as_blob()
+                                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                            );
+                            out.extend_from_slice(b"\n\n");
+                        }
+                    }
+                }
             }
             Ok(out)
         })

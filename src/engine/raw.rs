@@ -1,0 +1,215 @@
+//! Records the raw upstream response (`.raw`) without storing a stream's body twice.
+//!
+//! An OpenAI-shaped stream body is exactly `data: <chunk>\n\n` per event, then `data: [DONE]\n\n`: the events,
+//! which are stored anyway. While what arrives matches that framing byte for byte, the recorder stores only a
+//! placeholder ("the events go here") and `.raw` is rebuilt from the events. At the first byte that differs (a
+//! comment, `data:` without a space, CRLF, multi-line data), it cuts the placeholder to the events before that
+//! point and records every piece verbatim from there on, so `.raw` is exact either way.
+
+use crate::store::RawPiece;
+use bytes::{Buf, Bytes, BytesMut};
+
+/// A piece to store: its sequence number (from 1) and the piece.
+pub type Stored = (u64, RawPiece);
+
+#[derive(Debug)]
+enum Mode {
+    /// Pieces are kept as they come.
+    Verbatim,
+    /// Everything so far matched the canonical framing; `pending` holds bytes not yet matched to an event (at
+    /// most a partial event); `placeholder` is the index of the events placeholder once written.
+    Canonical { pending: BytesMut, placeholder: Option<usize> },
+}
+
+#[derive(Debug)]
+pub struct RawRecorder {
+    pieces: Vec<RawPiece>,
+    mode: Mode,
+}
+
+impl Default for RawRecorder {
+    fn default() -> Self {
+        Self { pieces: Vec::new(), mode: Mode::Verbatim }
+    }
+}
+
+/// An event as a canonical upstream frames it.
+fn canonical(data: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(b"\n\n");
+    out
+}
+
+/// A stored event frame (`id: n\ndata: ...\n\n`) as the upstream sent it (without the `id:` line).
+fn without_id_line(frame: &[u8]) -> &[u8] {
+    match frame.iter().position(|b| *b == b'\n') {
+        Some(end) if frame.starts_with(b"id: ") => &frame[end + 1..],
+        _ => frame,
+    }
+}
+
+impl RawRecorder {
+    fn push(&mut self, piece: RawPiece) -> Stored {
+        self.pieces.push(piece.clone());
+        (self.pieces.len() as u64, piece)
+    }
+
+    /// Any piece before the body (the status line and headers), and every piece of a non-stream body.
+    pub fn verbatim(&mut self, bytes: Bytes) -> Stored {
+        self.push(RawPiece::Bytes(bytes))
+    }
+
+    /// The body that follows is an event stream: try the canonical framing.
+    pub fn start_stream(&mut self) {
+        self.mode = Mode::Canonical { pending: BytesMut::new(), placeholder: None };
+    }
+
+    /// Bytes of the stream body as received.
+    pub fn received(&mut self, bytes: Bytes) -> Option<Stored> {
+        match &mut self.mode {
+            Mode::Verbatim => Some(self.push(RawPiece::Bytes(bytes))),
+            Mode::Canonical { pending, .. } => {
+                pending.extend_from_slice(&bytes);
+                None
+            }
+        }
+    }
+
+    /// The parser yielded an event with `data`, after `events_before` events: what to store now.
+    pub fn event(&mut self, data: &str, events_before: u64) -> Vec<Stored> {
+        let expected = canonical(data);
+        let Mode::Canonical { pending, placeholder } = &mut self.mode else { return Vec::new() };
+        if !pending.starts_with(&expected) {
+            return self.diverge(events_before);
+        }
+        pending.advance(expected.len());
+        if placeholder.is_some() {
+            return Vec::new();
+        }
+        *placeholder = Some(self.pieces.len());
+        vec![self.push(RawPiece::Events { through: None })]
+    }
+
+    /// The parser yielded `data: [DONE]`, after `events` events.
+    pub fn done(&mut self, events: u64) -> Vec<Stored> {
+        let expected = canonical("[DONE]");
+        let Mode::Canonical { pending, .. } = &mut self.mode else { return Vec::new() };
+        if !pending.starts_with(&expected) {
+            return self.diverge(events);
+        }
+        pending.advance(expected.len());
+        vec![self.push(RawPiece::Bytes(Bytes::from(expected)))]
+    }
+
+    /// The framing differs from here on: the placeholder covers only the events before, and the bytes not yet
+    /// matched (this event's among them) are stored as they came, like everything after them.
+    fn diverge(&mut self, events_before: u64) -> Vec<Stored> {
+        let Mode::Canonical { pending, placeholder } = std::mem::replace(&mut self.mode, Mode::Verbatim) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if let Some(index) = placeholder {
+            let cut = RawPiece::Events { through: Some(events_before) };
+            self.pieces[index] = cut.clone();
+            out.push((index as u64 + 1, cut));
+        }
+        if !pending.is_empty() {
+            out.push(self.push(RawPiece::Bytes(pending.freeze())));
+        }
+        out
+    }
+
+    /// The response ended (or was cut off): bytes received but never matched to an event are stored as they are.
+    pub fn finish(&mut self) -> Option<Stored> {
+        match &mut self.mode {
+            Mode::Canonical { pending, .. } if !pending.is_empty() => {
+                let rest = pending.split().freeze();
+                Some(self.push(RawPiece::Bytes(rest)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The raw response so far, given the event frames received.
+    pub fn render(&self, frames: &[Bytes]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for piece in &self.pieces {
+            match piece {
+                RawPiece::Bytes(bytes) => out.extend_from_slice(bytes),
+                RawPiece::Events { through } => {
+                    let n = through.map_or(frames.len(), |t| (t as usize).min(frames.len()));
+                    frames[..n].iter().for_each(|f| out.extend_from_slice(without_id_line(f)));
+                }
+            }
+        }
+        if let Mode::Canonical { pending, .. } = &self.mode {
+            out.extend_from_slice(pending);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sse::frame;
+
+    /// Feeds a body in the given network pieces, the way the worker does, and returns what was stored and
+    /// what `.raw` shows.
+    fn record(pieces: &[&str], events: &[&str], saw_done: bool) -> (Vec<Stored>, Vec<u8>) {
+        let mut r = RawRecorder::default();
+        let mut stored = vec![r.verbatim(Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n"))];
+        r.start_stream();
+        for piece in pieces {
+            stored.extend(r.received(Bytes::copy_from_slice(piece.as_bytes())));
+        }
+        let mut frames = Vec::new();
+        for (i, data) in events.iter().enumerate() {
+            stored.extend(r.event(data, i as u64));
+            frames.push(frame(i as u64 + 1, data));
+        }
+        if saw_done {
+            stored.extend(r.done(events.len() as u64));
+        }
+        stored.extend(r.finish());
+        let rendered = r.render(&frames);
+        (stored, rendered)
+    }
+
+    #[test]
+    fn a_canonical_stream_stores_only_a_placeholder_and_renders_exactly() {
+        let body = "data: {\"a\":1}\n\ndata: {\"a\":2}\n\ndata: [DONE]\n\n";
+        let (stored, raw) = record(&[&body[..10], &body[10..]], &["{\"a\":1}", "{\"a\":2}"], true);
+        assert_eq!(raw, format!("HTTP/1.1 200 OK\r\n\r\n{body}").into_bytes());
+        let pieces: Vec<_> = stored.into_iter().map(|(_, p)| p).collect();
+        assert!(matches!(pieces[1], RawPiece::Events { through: None }));
+        assert!(matches!(&pieces[2], RawPiece::Bytes(b) if &b[..] == b"data: [DONE]\n\n"));
+        assert_eq!(pieces.len(), 3, "the head, the placeholder and [DONE]");
+    }
+
+    #[test]
+    fn a_different_framing_switches_to_verbatim_and_stays_exact() {
+        let body = "data: {\"a\":1}\n\n: keep-alive\n\ndata:{\"a\":2}\r\n\r\ndata: [DONE]\n\n";
+        let (stored, raw) = record(&[body], &["{\"a\":1}", "{\"a\":2}"], true);
+        assert_eq!(raw, format!("HTTP/1.1 200 OK\r\n\r\n{body}").into_bytes());
+        assert!(stored.iter().any(|(seq, p)| *seq == 2 && matches!(p, RawPiece::Events { through: Some(1) })));
+    }
+
+    #[test]
+    fn a_stream_cut_off_mid_event_keeps_the_partial_bytes() {
+        let (stored, raw) = record(&["data: {\"a\":1}\n\ndata: {\"a\""], &["{\"a\":1}"], false);
+        assert_eq!(raw, b"HTTP/1.1 200 OK\r\n\r\ndata: {\"a\":1}\n\ndata: {\"a\"".to_vec());
+        assert!(matches!(&stored.last().unwrap().1, RawPiece::Bytes(b) if &b[..] == b"data: {\"a\""));
+    }
+
+    #[test]
+    fn a_non_stream_body_is_verbatim() {
+        let mut r = RawRecorder::default();
+        r.verbatim(Bytes::from_static(b"H\r\n\r\n"));
+        assert!(r.received(Bytes::from_static(b"{\"x\":")).is_some());
+        assert!(r.received(Bytes::from_static(b"1}")).is_some());
+        assert_eq!(r.render(&[]), b"H\r\n\r\n{\"x\":1}".to_vec());
+    }
+}
