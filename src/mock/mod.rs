@@ -416,7 +416,10 @@ fn paced_response(
 ) -> Response {
     let body = async_stream::stream! {
         let guard = guard;
-        tokio::time::sleep(plan.ttft).await;
+        // A zero sleep still waits for the next timer tick (1 ms): the floor must not pay it.
+        if !plan.ttft.is_zero() {
+            tokio::time::sleep(plan.ttft).await;
+        }
         for (i, piece) in pieces.into_iter().enumerate() {
             if controls.drop_after == Some(i) {
                 // Let what was sent reach the client first, then cut the connection mid-body.
