@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// OpenAI-compatible API base [default: https://api.openai.com/v1].
     #[arg(long, env = "OFFLOAD_UPSTREAM_URL")]
     pub upstream_url: Option<Url>,
+    /// Speak HTTP/2 without TLS (prior knowledge) to an http:// upstream that supports it, so that all calls
+    /// share a few connections; https upstreams negotiate HTTP/2 by themselves.
+    #[arg(long, env = "OFFLOAD_UPSTREAM_H2C", num_args = 0..=1, default_missing_value = "true")]
+    pub upstream_h2c: Option<bool>,
     /// Server-side upstream key, used when a caller sends no X-OpenAI-API-Key.
     #[arg(long, env = "OFFLOAD_UPSTREAM_KEY", hide_env_values = true)]
     pub upstream_key: Option<String>,
@@ -93,6 +97,7 @@ pub struct Settings {
     pub public_url: Option<String>,
     pub data_dir: PathBuf,
     pub upstream_url: Url,
+    pub upstream_h2c: bool,
     pub upstream_key: Option<UpstreamKey>,
     pub default_model: String,
     pub max_timeout: f64,
@@ -143,6 +148,7 @@ impl ServeArgs {
             public_url: self.public_url.or(other.public_url),
             data_dir: self.data_dir.or(other.data_dir),
             upstream_url: self.upstream_url.or(other.upstream_url),
+            upstream_h2c: self.upstream_h2c.or(other.upstream_h2c),
             upstream_key: self.upstream_key.or(other.upstream_key),
             default_model: self.default_model.or(other.default_model),
             max_timeout: self.max_timeout.or(other.max_timeout),
@@ -205,6 +211,7 @@ impl Settings {
             public_url: a.public_url.map(|u| u.as_str().trim_end_matches('/').to_owned()),
             data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from("offload-data")),
             upstream_url: a.upstream_url.unwrap_or(default_upstream),
+            upstream_h2c: a.upstream_h2c.unwrap_or(false),
             upstream_key: a.upstream_key.as_deref().and_then(UpstreamKey::new),
             default_model: a.default_model.unwrap_or_else(|| "gpt-3.5-turbo".into()),
             max_timeout,

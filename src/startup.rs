@@ -82,7 +82,7 @@ impl Application {
             poll_interval: Duration::from_millis(250),
             allow_private_webhooks: settings.webhooks.allow_private,
         };
-        let upstream = Upstream::new(&upstream_url, settings.upstream_key.clone());
+        let upstream = Upstream::new(&upstream_url, settings.upstream_key.clone(), settings.upstream_h2c);
         let engine = Engine::new(config, stores.clone(), upstream, deliverer.wake.clone());
         let recovered = engine.recover().await?;
         if recovered > 0 {

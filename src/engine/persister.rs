@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 /// Writes per transaction in the bulk lane.
-const SLICE: usize = 512;
+const SLICE: usize = 1024;
 
 type Ack = oneshot::Sender<Result<(), StoreError>>;
 

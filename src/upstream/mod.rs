@@ -14,6 +14,8 @@ use url::Url;
 
 pub struct Upstream {
     chat_url: Url,
+    /// HTTP/2 with prior knowledge (for an `http://` upstream that speaks it).
+    h2c: bool,
     server_key: Option<UpstreamKey>,
     clients: Mutex<HashMap<u64, reqwest::Client>>,
 }
@@ -63,11 +65,11 @@ impl WithoutUrlText for reqwest::Error {
 
 impl Upstream {
     /// `base` is the API base such as `https://api.openai.com/v1`; calls go to `{base}/chat/completions`.
-    pub fn new(base: &Url, server_key: Option<UpstreamKey>) -> Self {
+    pub fn new(base: &Url, server_key: Option<UpstreamKey>, h2c: bool) -> Self {
         let mut chat_url = base.clone();
         let path = format!("{}/chat/completions", base.path().trim_end_matches('/'));
         chat_url.set_path(&path);
-        Self { chat_url, server_key, clients: Mutex::new(HashMap::new()) }
+        Self { chat_url, h2c, server_key, clients: Mutex::new(HashMap::new()) }
     }
 
     /// The caller's key wins over the server's.
@@ -86,12 +88,14 @@ impl Upstream {
         if let Some(client) = clients.get(&millis) {
             return Ok(client.clone());
         }
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| CallError::Failed(describe(&e)))?;
+            .pool_idle_timeout(Duration::from_secs(60));
+        if self.h2c {
+            builder = builder.http2_prior_knowledge();
+        }
+        let client = builder.build().map_err(|e| CallError::Failed(describe(&e)))?;
         clients.insert(millis, client.clone());
         Ok(client)
     }

@@ -182,3 +182,18 @@ async fn the_raw_response_is_exact_whatever_the_upstream_framing() {
         assert_eq!(body, expected.concat(), "comment after {comment_after:?}");
     }
 }
+
+#[tokio::test]
+async fn an_h2c_upstream_is_called_over_http2() {
+    let app = spawn_with(|a| a.upstream_h2c = Some(true)).await;
+    let created = app.stream(json!({"messages": user("hi"), "mock": {"words": 5}})).await;
+    let doc = app.wait_final(&endpoint(&created, "status_url"), None).await;
+    assert_eq!(doc["status"], "done");
+    assert_eq!(doc["response"]["protocol"], "HTTP/2");
+    assert_eq!(
+        doc["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap().split_whitespace().count(),
+        5
+    );
+    let raw = app.get(&endpoint(&created, "status_url").replace(".json", ".raw"), None).await.text().await.unwrap();
+    assert!(raw.starts_with("HTTP/2 200"), "{raw}");
+}
