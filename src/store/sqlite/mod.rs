@@ -39,12 +39,15 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_unfinished ON requests(status) WHERE status NOT IN ('done', 'error', 'stop');
 CREATE INDEX IF NOT EXISTS requests_final_at ON requests(final_at) WHERE final_at IS NOT NULL;
+-- Rows in arrival order: with thousands of streams appending at once, a commit's chunks sit on a few
+-- consecutive pages instead of one page per stream; only the small index entries scatter.
 CREATE TABLE IF NOT EXISTS events (
+    pos INTEGER PRIMARY KEY,
     rkey INTEGER NOT NULL,
     seq INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (rkey, seq)
-) WITHOUT ROWID;
+    data BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_request ON events(rkey, seq);
 CREATE TABLE IF NOT EXISTS raw_parts (
     rkey INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -75,11 +78,11 @@ CREATE TABLE IF NOT EXISTS key_usage (
     count INTEGER NOT NULL,
     PRIMARY KEY (key_id, period)
 ) WITHOUT ROWID;
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;
 ";
 
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// What the writer thread owns: the write connection, and the internal key of every live request.
 ///
