@@ -64,7 +64,6 @@ pub struct Engine {
 
 pub(crate) struct Inner {
     config: EngineConfig,
-    store: Arc<dyn Store>,
     stores: Stores,
     persister: Persister,
     /// Woken when a webhook delivery is queued.
@@ -140,7 +139,6 @@ impl Engine {
         Self {
             inner: Arc::new(Inner {
                 config,
-                store: stores.requests.clone(),
                 stores,
                 persister,
                 webhook_wake,
@@ -279,7 +277,7 @@ impl Engine {
         if let Some(live) = live {
             return Ok(url.matches(&live.meta.locator).then_some(Found::Live(live)));
         }
-        let stored = self.inner.store.get(url.id).await?;
+        let stored = self.inner.stores.requests.get(url.id).await?;
         Ok(stored.filter(|s| url.matches(&s.meta.locator)).map(|s| Found::Stored(Box::new(s))))
     }
 
@@ -298,11 +296,11 @@ impl Engine {
             live.cancel_with(CancelReason::Delete, unix_now());
             live.settled.cancelled().await;
         }
-        self.inner.store.delete(id).await
+        self.inner.stores.requests.delete(id).await
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
+        &self.inner.stores.requests
     }
 
     /// The `webhook` object of a request's document: `waiting` until it is final, then the delivery state.
@@ -325,7 +323,7 @@ impl Engine {
 
     /// Ends every request a crash cut off as `error`/`interrupted`, keeping what was received.
     pub async fn recover(&self) -> Result<usize, StoreError> {
-        let store = &self.inner.store;
+        let store = &self.inner.stores.requests;
         let cut_off = store.unfinished().await?;
         let count = cut_off.len();
         for request in cut_off {
@@ -353,7 +351,7 @@ impl Engine {
         let mut assembler = Assembler::default();
         let mut cursor = 0;
         loop {
-            let page = self.inner.store.events(id, cursor, 1000).await?;
+            let page = self.inner.stores.requests.events(id, cursor, 1000).await?;
             let Some((last, _)) = page.last() else { break };
             cursor = *last;
             for (_, data) in &page {

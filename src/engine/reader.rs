@@ -55,7 +55,7 @@ pub(super) fn follow(inner: Arc<Inner>, found: Found, after: u64) -> impl Stream
                 let mut cursor = after;
                 let mut idle = std::time::Duration::ZERO;
                 loop {
-                    let page = match inner.store.events(id, cursor, BATCH).await {
+                    let page = match inner.stores.requests.events(id, cursor, BATCH).await {
                         Ok(page) => page,
                         Err(e) => {
                             tracing::error!(request = %id, error = %e, "could not read events");
@@ -90,7 +90,7 @@ pub(super) fn follow(inner: Arc<Inner>, found: Found, after: u64) -> impl Stream
                         idle = std::time::Duration::ZERO;
                         yield Ok(Bytes::from_static(sse::KEEP_ALIVE));
                     }
-                    match inner.store.get(id).await {
+                    match inner.stores.requests.get(id).await {
                         Ok(Some(fresh)) => *stored = fresh,
                         _ => break,
                     }
