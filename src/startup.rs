@@ -46,6 +46,12 @@ pub enum StartError {
 impl Application {
     /// Binds the listener, opens the store and ends what a previous crash cut off. Port 0 picks a free port.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let stores = Stores::of(Arc::new(SqliteStore::open(&settings.data_dir, settings.sqlite_synchronous)?));
+        Self::build_on(settings, stores).await
+    }
+
+    /// As [`Self::build`], on a store opened by the caller.
+    pub async fn build_on(settings: Settings, stores: Stores) -> Result<Self, StartError> {
         let mock = if settings.mock_upstream {
             let addr = SocketAddr::from(([127, 0, 0, 1], 0));
             Some(crate::mock::spawn(addr, MockConfig::default()).await.map_err(StartError::Mock)?)
@@ -63,7 +69,6 @@ impl Application {
             format!("http://{host}:{}", local.port())
         });
 
-        let stores = Stores::of(Arc::new(SqliteStore::open(&settings.data_dir, settings.sqlite_synchronous)?));
         let urls = Urls { base: base_url.clone() };
         let deliverer = Arc::new(
             Deliverer::new(stores.webhooks.clone(), stores.requests.clone(), urls.clone(), settings.webhooks.clone())

@@ -178,3 +178,100 @@ async fn kill_9_mid_stream_then_restart_ends_the_request_as_interrupted_and_keep
     let received = get_json(&client, &format!("http://{}/_mock/requests", mock.addr())).await;
     assert_eq!(received[0]["authorization"], format!("Bearer {SECRET_KEY}"));
 }
+
+/// What a client saw as final, to compare after the crash.
+enum Seen {
+    /// The status document, once it showed a final status.
+    Document(bytes::Bytes),
+    /// The whole event stream, up to and including `data: [DONE]`.
+    Stream(bytes::Bytes),
+}
+
+/// Runs one request to a final status as a client observes it (`outcome` picks how it ends and how it is
+/// watched), and returns what the client saw at the first moment it was final.
+async fn observe_final(client: &reqwest::Client, server: &Server, round: usize) -> (String, String, Seen) {
+    let base = format!("http://{}", server.addr);
+    let (body, watch_stream, stop) = match round % 4 {
+        // Poll the document until it says `done`.
+        0 => (json!({"mock": {"words": 200}}), false, false),
+        // Read the stream until `[DONE]`.
+        1 => (json!({"mock": {"words": 200}}), true, false),
+        // An upstream that breaks mid-stream: `error`, seen on the stream.
+        2 => (json!({"mock": {"words": 200, "drop_after": 150}}), true, false),
+        // Stopped mid-stream: once stop answered, the document says `stop`.
+        _ => (json!({"mock": {"words": 2000, "delay_ms": 1}}), false, true),
+    };
+    let mut body = body;
+    body["messages"] = json!([{"role": "user", "content": format!("round {round}")}]);
+    let created: Value = client
+        .post(format!("{base}/v1/stream-chatgpt"))
+        .header("X-OpenAI-API-Key", SECRET_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let status_url = created["endpoints"]["status_url"].as_str().unwrap().to_owned();
+    let events_url = created["endpoints"]["stream_events_url"].as_str().unwrap().to_owned();
+    let local_status = server.local(&status_url);
+    if stop {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let response = client.post(server.local(&status_url.replace(".json", "/stop"))).send().await.unwrap();
+        assert_eq!(response.status(), 200, "round {round}: stop");
+        let doc = client.get(&local_status).send().await.unwrap().bytes().await.unwrap();
+        let value: Value = serde_json::from_slice(&doc).unwrap();
+        assert_eq!(value["status"], "stop", "round {round}: once stop answered, the document says stop");
+        return (status_url, events_url, Seen::Document(doc));
+    }
+    if watch_stream {
+        let stream = client.get(server.local(&events_url)).send().await.unwrap().bytes().await.unwrap();
+        assert!(stream.ends_with(b"data: [DONE]\n\n"), "round {round}");
+        return (status_url, events_url, Seen::Stream(stream));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let doc = client.get(&local_status).send().await.unwrap().bytes().await.unwrap();
+        let value: Value = serde_json::from_slice(&doc).unwrap();
+        if matches!(value["status"].as_str(), Some("done" | "error" | "stop")) {
+            return (status_url, events_url, Seen::Document(doc));
+        }
+        assert!(std::time::Instant::now() < deadline, "round {round}: never final");
+    }
+}
+
+#[tokio::test]
+async fn kill_9_right_after_a_final_status_was_seen_changes_nothing_that_was_seen() {
+    let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), Default::default()).await.unwrap();
+    let upstream = mock.api_base().to_string();
+    let data = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut server = start(data.path(), &upstream);
+    let rounds = 24;
+    for round in 0..rounds {
+        let (status_url, events_url, seen) = observe_final(&client, &server, round).await;
+        // The worst moment: at once, with whatever is still queued for the store.
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+        server = start(data.path(), &upstream);
+        match seen {
+            Seen::Document(before) => {
+                let after = client.get(server.local(&status_url)).send().await.unwrap().bytes().await.unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&before),
+                    String::from_utf8_lossy(&after),
+                    "round {round}: the document seen as final changed after a crash"
+                );
+            }
+            Seen::Stream(before) => {
+                let after = client.get(server.local(&events_url)).send().await.unwrap().bytes().await.unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&before),
+                    String::from_utf8_lossy(&after),
+                    "round {round}: the stream seen to its end changed after a crash"
+                );
+            }
+        }
+    }
+}

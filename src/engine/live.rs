@@ -2,6 +2,12 @@
 //!
 //! Readers never hold the lock while writing to their sockets: they copy out `Bytes` handles (cheap) and go.
 //! So a slow reader costs only its own cursor, never the worker's or another reader's time.
+//!
+//! Nothing final is visible before it is durable. Ending a request is two steps: [`LiveRequest::stage_final`]
+//! fixes the final state (from then on no chunk is accepted, so a stop wins every race with a late chunk) but
+//! readers still see the request as running; once the store has committed it, [`LiveRequest::publish_final`]
+//! makes it visible: the document's final status, the stream's named event and `[DONE]`, the 204 at the end.
+//! Whoever saw a final status therefore finds exactly the same after a crash.
 
 use super::raw::{RawRecorder, Stored};
 use super::sse;
@@ -69,8 +75,28 @@ pub struct LiveState {
     /// The raw response so far.
     raw: RawRecorder,
     pub cancel_reason: Option<CancelReason>,
+    /// The final state, fixed but not yet durable: readers do not see it until it is published.
+    staged: Option<Progress>,
     version: u64,
     doc_cache: Option<(u64, Bytes)>,
+}
+
+impl LiveState {
+    /// Whether the request is ending or ended: no chunk or transition is accepted any more.
+    pub fn closed(&self) -> bool {
+        self.staged.is_some() || self.progress.status.is_final()
+    }
+
+    fn stage(&mut self, status: Status, error: Option<ErrorInfo>, now: f64) {
+        let mut progress = self.progress.clone();
+        progress.status = status;
+        progress.error = error;
+        if progress.request_at.is_some() {
+            progress.finished_at.get_or_insert(now);
+        }
+        progress.processed_at = Some(now);
+        self.staged = Some(progress);
+    }
 }
 
 pub struct LiveRequest {
@@ -107,6 +133,7 @@ impl LiveRequest {
                 events: Vec::new(),
                 raw: RawRecorder::default(),
                 cancel_reason: None,
+                staged: None,
                 version: 0,
                 doc_cache: None,
             }),
@@ -144,7 +171,7 @@ impl LiveRequest {
     /// the frame when possible); `None` once the request is final (a stop won the race: nothing after it is kept).
     pub fn push_event(&self, data: &str) -> Option<(u64, ChunkKind, Bytes)> {
         self.update(|st| {
-            if st.progress.status.is_final() {
+            if st.closed() {
                 return (false, None);
             }
             let kind = match &mut st.body {
@@ -241,21 +268,19 @@ impl LiveRequest {
         doc
     }
 
-    /// Marks the request stopped (or ending for `reason`) unless it is already final. `true` if it was running.
+    /// Tells the worker to end the call for `reason`, unless the request is already ending. `true` if it was
+    /// running. A stop fixes the final state (`stop`) at once, so that no chunk received later is kept; it
+    /// becomes visible once durable, like every final state.
     pub fn cancel_with(&self, reason: CancelReason, now: f64) -> bool {
         let cancelled = self.update(|st| {
-            if st.progress.status.is_final() || st.cancel_reason.is_some() {
+            if st.closed() || st.cancel_reason.is_some() {
                 return (false, false);
             }
             st.cancel_reason = Some(reason);
             if reason == CancelReason::Stop {
-                st.progress.status = Status::Stop;
-                if st.progress.request_at.is_some() {
-                    st.progress.finished_at.get_or_insert(now);
-                }
-                st.progress.processed_at = Some(now);
+                st.stage(Status::Stop, None, now);
             }
-            (true, true)
+            (false, true)
         });
         if cancelled {
             self.cancel.cancel();
@@ -263,25 +288,32 @@ impl LiveRequest {
         cancelled
     }
 
-    /// Moves to a final status (unless already final), and returns what to store: the progress, the body, and
-    /// the last piece of the raw response if one is still unstored.
-    pub fn finalize(
+    /// Fixes the final state (unless a stop already did) without showing it, and returns what to store: the
+    /// progress, the body, and the last piece of the raw response if one is still unstored.
+    pub fn stage_final(
         &self,
         status: Status,
         error: Option<ErrorInfo>,
         now: f64,
     ) -> (Progress, Option<String>, Option<Stored>) {
         self.update(|st| {
-            if !st.progress.status.is_final() {
-                st.progress.status = status;
-                st.progress.error = error;
-                if st.progress.request_at.is_some() {
-                    st.progress.finished_at.get_or_insert(now);
-                }
-                st.progress.processed_at = Some(now);
+            if st.staged.is_none() && !st.progress.status.is_final() {
+                st.stage(status, error, now);
             }
+            let progress = st.staged.clone().unwrap_or_else(|| st.progress.clone());
             let leftover = st.raw.finish();
-            (true, (st.progress.clone(), st.body.to_json(), leftover))
+            (false, (progress, st.body.to_json(), leftover))
+        })
+    }
+
+    /// Shows the staged final state to readers: call once it is durable.
+    pub fn publish_final(&self) {
+        self.update(|st| match st.staged.take() {
+            Some(progress) => {
+                st.progress = progress;
+                (true, ())
+            }
+            None => (false, ()),
         })
     }
 

@@ -41,6 +41,10 @@ pub fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
+/// How long shutdown waits for a failing store before it gives up (what is unstored is recovered on the next
+/// start).
+const SHUTDOWN_STORE_WAIT: Duration = Duration::from_secs(10);
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub limits: Limits,
@@ -66,6 +70,11 @@ pub(crate) struct Inner {
     config: EngineConfig,
     stores: Stores,
     persister: Persister,
+    /// One permit per running request, taken before anything is awaited on create, so that `max_in_flight`
+    /// holds exactly under any burst.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Set when the persister's task ended while the engine still runs: nothing can be stored any more.
+    persister_died: Arc<AtomicBool>,
     /// Woken when a webhook delivery is queued.
     webhook_wake: Arc<tokio::sync::Notify>,
     upstream: Upstream,
@@ -116,8 +125,21 @@ pub enum CreateError {
     WebhookRefused(String),
     #[error("the request could not be stored")]
     Store(#[from] StoreError),
+    #[error("the server cannot store requests right now (its store is failing); nothing was created, retry shortly")]
+    StoreFailing,
     #[error("the request could not be prepared: {0}")]
     Internal(String),
+}
+
+/// What a stop did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// Stopped; the final status `stop` is stored.
+    Stopped,
+    /// The request had already finished (or was finishing) with this status.
+    AlreadyFinal(Status),
+    /// Stopped, but the store has not taken the final status yet (it is failing); it will once it can.
+    NotYetDurable,
 }
 
 /// What the create endpoint answers with.
@@ -135,9 +157,23 @@ impl Engine {
         upstream: Upstream,
         webhook_wake: Arc<tokio::sync::Notify>,
     ) -> Self {
-        let (persister, _task) = Persister::start(stores.requests.clone(), config.flush_interval);
+        let (persister, task) = Persister::start(stores.requests.clone(), config.flush_interval);
+        let persister_died = Arc::new(AtomicBool::new(false));
+        let died = persister_died.clone();
+        // The persister only ends once every handle is gone, i.e. with the engine; ending earlier is a bug
+        // (a panic), and it must not go unnoticed: health turns bad and creates are refused.
+        tokio::spawn(async move {
+            let outcome = task.await;
+            died.store(true, Ordering::SeqCst);
+            match outcome {
+                Ok(()) => tracing::debug!("the persister stopped"),
+                Err(e) => tracing::error!(error = %e, "the persister died: nothing more can be stored"),
+            }
+        });
         Self {
             inner: Arc::new(Inner {
+                slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
+                persister_died,
                 config,
                 stores,
                 persister,
@@ -160,7 +196,18 @@ impl Engine {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.inner.hub.lock().len()
+        self.inner.config.max_in_flight.saturating_sub(self.inner.slots.available_permits())
+    }
+
+    /// Whether the store takes writes: `None` when it does, else why not (for `/healthz` and the log).
+    pub fn store_problem(&self) -> Option<&'static str> {
+        if self.inner.persister_died.load(Ordering::SeqCst) || !self.inner.persister.running() {
+            Some("the writer to the store has stopped")
+        } else if !self.inner.persister.healthy() {
+            Some("the store refuses writes")
+        } else {
+            None
+        }
     }
 
     pub fn accepting(&self) -> bool {
@@ -180,9 +227,11 @@ impl Engine {
         if !self.accepting() {
             return Err(CreateError::ShuttingDown);
         }
-        if self.in_flight() >= inner.config.max_in_flight {
-            return Err(CreateError::Overloaded(inner.config.max_in_flight));
+        if self.store_problem().is_some() {
+            return Err(CreateError::StoreFailing);
         }
+        let slot =
+            inner.slots.clone().try_acquire_owned().map_err(|_| CreateError::Overloaded(inner.config.max_in_flight))?;
         let key = inner.upstream.key_for(caller_key);
         if key.is_none() && inner.upstream.requires_key() {
             return Err(CreateError::MissingKey);
@@ -235,7 +284,7 @@ impl Engine {
         inner.persister.commit(WriteOp::Insert(meta.clone())).await?;
         let live = LiveRequest::new(meta.clone());
         inner.hub.lock().insert(id, live.clone());
-        inner.tasks.spawn(worker::run(inner.clone(), live.clone(), key, upstream_body, held));
+        inner.tasks.spawn(worker::run(inner.clone(), live.clone(), key, upstream_body, (held, slot)));
         if !self.accepting() {
             // Shutdown began while this one was being accepted: it ends as interrupted like the others.
             live.cancel_with(CancelReason::Shutdown, unix_now());
@@ -281,11 +330,19 @@ impl Engine {
         Ok(stored.filter(|s| url.matches(&s.meta.locator)).map(|s| Found::Stored(Box::new(s))))
     }
 
-    /// Stops a running request. `false` when it was already final.
-    pub fn stop(&self, found: &Found) -> bool {
+    /// Stops a running request and waits until its final status is durable (at most `wait`).
+    pub async fn stop(&self, found: &Found, wait: Duration) -> StopOutcome {
         match found {
-            Found::Live(live) => live.cancel_with(CancelReason::Stop, unix_now()),
-            Found::Stored(_) => false,
+            Found::Live(live) => {
+                let stopped = live.cancel_with(CancelReason::Stop, unix_now());
+                // Stopped or already ending: either way the answer waits for the final status to be stored, so
+                // that whoever is told `stop` (or `already finished`) finds the same in the document.
+                if tokio::time::timeout(wait, live.settled.cancelled()).await.is_err() {
+                    return StopOutcome::NotYetDurable;
+                }
+                if stopped { StopOutcome::Stopped } else { StopOutcome::AlreadyFinal(live.status()) }
+            }
+            Found::Stored(stored) => StopOutcome::AlreadyFinal(stored.progress.status),
         }
     }
 
@@ -373,10 +430,15 @@ impl Engine {
             for live in running {
                 live.cancel_with(CancelReason::Shutdown, unix_now());
             }
-            inner.tasks.wait().await;
+            // Bounded: with a failing store a final status may never be stored; the next start recovers it.
+            if tokio::time::timeout(SHUTDOWN_STORE_WAIT, inner.tasks.wait()).await.is_err() {
+                tracing::error!("requests could not store their final status; the next start ends them as interrupted");
+            }
         }
-        if let Err(e) = inner.persister.flush().await {
-            tracing::error!(error = %e, "final flush to the store failed");
+        match tokio::time::timeout(SHUTDOWN_STORE_WAIT, inner.persister.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "final flush to the store failed"),
+            Err(_) => tracing::error!("the store did not take the last writes in time; the next start recovers them"),
         }
         inner.closing.cancel();
     }
@@ -392,20 +454,33 @@ impl Engine {
 }
 
 impl Inner {
-    /// Moves a request to its final status, makes it durable, then lets it leave memory.
+    /// Ends a request: fixes its final state, makes it durable, and only then shows it to readers and lets it
+    /// leave memory. While the store fails the final write is retried; the request stays running in every
+    /// reader's eyes, and if the process dies meanwhile, recovery ends it as interrupted (nothing final was shown).
     async fn settle(&self, live: &LiveRequest, status: Status, error: Option<ErrorInfo>) {
-        let (progress, body, leftover) = live.finalize(status, error, unix_now());
+        let (progress, body, leftover) = live.stage_final(status, error, unix_now());
         let id = live.meta.locator.id;
         if let Some((seq, piece)) = leftover {
             self.persister.push(WriteOp::Raw { id, seq, piece }).await;
         }
         let webhook_url = live.meta.options.webhook_url.clone();
         let has_webhook = webhook_url.is_some();
-        // Durable before the request leaves memory, but at the next regular flush: final statuses share
-        // transactions instead of forcing one each.
-        if let Err(e) = self.persister.push_durable(WriteOp::Finish { id, progress, body, webhook_url }).await {
-            tracing::error!(request = %id, error = %e, "could not store the final status");
+        let finish = WriteOp::Finish { id, progress, body, webhook_url };
+        // Final statuses share the regular flush instead of forcing a commit each.
+        let mut delay = Duration::from_millis(100);
+        while let Err(e) = self.persister.push_durable(finish.clone()).await {
+            tracing::error!(request = %id, error = %e, "could not store the final status; retrying");
+            if self.closing.is_cancelled() {
+                tracing::error!(request = %id, "shutting down with the final status unstored; the next start ends it as interrupted");
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.closing.cancelled() => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
+        live.publish_final();
         if has_webhook {
             self.webhook_wake.notify_one();
         }

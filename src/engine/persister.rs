@@ -7,15 +7,29 @@
 //!   waits behind more than one slice.
 //!
 //! Jumping the queue is safe: a request's other writes are only ever queued after its insert was acknowledged.
+//!
+//! A failing store loses nothing that was accepted. A bulk slice that fails stays at the head of its lane and is
+//! tried again with a growing delay (at most [`MAX_BACKOFF`]) for as long as the store fails; meanwhile the store
+//! counts as unhealthy ([`Persister::healthy`]: `/healthz` answers 503 and creates are refused), and a create's
+//! insert is tried a few times and then refused, so that callers hear of it at once instead of waiting. Only a
+//! write that fails while the others of its slice succeed, written one by one, is given up (it can never be
+//! stored), loudly.
 
 use crate::store::{Store, StoreError, WriteOp};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 /// Writes per transaction in the bulk lane.
 const SLICE: usize = 1024;
+
+/// The longest wait between two tries of a slice the store refused.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Failed tries of a slice before its writes are tried one by one to find one that can never be stored.
+const TRIES_BEFORE_SPLIT: u32 = 3;
 
 type Ack = oneshot::Sender<Result<(), StoreError>>;
 
@@ -31,14 +45,27 @@ enum Cmd {
 #[derive(Clone)]
 pub struct Persister {
     tx: mpsc::Sender<Cmd>,
+    /// False from a failed commit until the next successful one.
+    healthy: Arc<AtomicBool>,
 }
 
 impl Persister {
     /// Starts the flushing task; it ends once every `Persister` handle is dropped and the queue is written.
     pub fn start(store: Arc<dyn Store>, interval: Duration) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(65_536);
-        let task = tokio::spawn(run(store, interval, rx));
-        (Self { tx }, task)
+        let healthy = Arc::new(AtomicBool::new(true));
+        let task = tokio::spawn(run(store, interval, rx, healthy.clone()));
+        (Self { tx, healthy }, task)
+    }
+
+    /// Whether the last commit succeeded.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Whether the flushing task still runs.
+    pub fn running(&self) -> bool {
+        !self.tx.is_closed()
     }
 
     /// Queues a write; it is durable within the flush interval.
@@ -84,6 +111,12 @@ struct Lanes {
     /// When the oldest bulk write arrived.
     bulk_since: Option<Instant>,
     flush_now: bool,
+    /// The slice being written, taken off the front of `bulk` (acks count it as bulk's first writes); it stays
+    /// here while the store refuses it.
+    head: Option<Arc<[WriteOp]>>,
+    /// Consecutive failed tries of the head slice, and when to try it again.
+    failures: u32,
+    retry_at: Option<Instant>,
 }
 
 impl Lanes {
@@ -97,25 +130,43 @@ impl Lanes {
                 self.bulk_since.get_or_insert_with(Instant::now);
                 self.bulk.push(op);
                 if let Some(ack) = ack {
-                    self.bulk_acks.push((self.bulk.len(), ack));
+                    self.bulk_acks.push((self.queued(), ack));
                 }
             }
             Cmd::Flush(ack) => {
-                self.bulk_acks.push((self.bulk.len(), ack));
+                self.bulk_acks.push((self.queued(), ack));
                 self.flush_now = true;
             }
         }
     }
 
     fn bulk_due(&self, interval: Duration) -> bool {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return false;
+        }
         self.flush_now
+            || self.head.is_some()
             || self.bulk.len() >= SLICE
             || self.bulk_since.is_some_and(|since| since.elapsed() >= interval)
             || (self.bulk.is_empty() && !self.bulk_acks.is_empty())
     }
 
     fn is_empty(&self) -> bool {
-        self.urgent.is_empty() && self.bulk.is_empty() && self.bulk_acks.is_empty()
+        self.urgent.is_empty() && self.head.is_none() && self.bulk.is_empty() && self.bulk_acks.is_empty()
+    }
+
+    /// Bulk writes not yet durable, the head slice included.
+    fn queued(&self) -> usize {
+        self.head.as_ref().map_or(0, |h| h.len()) + self.bulk.len()
+    }
+
+    /// When the bulk lane comes due if nothing arrives: the flush deadline, or the retry time after a failure.
+    fn next_due(&self, interval: Duration) -> Option<Instant> {
+        match (self.retry_at, self.bulk_since) {
+            (Some(at), _) => Some(at),
+            (None, Some(since)) => Some(since + interval),
+            (None, None) => None,
+        }
     }
 }
 
@@ -125,15 +176,15 @@ fn answer(acks: impl IntoIterator<Item = Ack>, result: &Result<(), StoreError>) 
     }
 }
 
-async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<Cmd>) {
+async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<Cmd>, healthy: Arc<AtomicBool>) {
     let mut lanes = Lanes::default();
     let mut open = true;
     while open || !lanes.is_empty() {
         // Wait for work, or for the bulk lane to come due.
         if open && lanes.urgent.is_empty() && !lanes.bulk_due(interval) {
-            let next = match lanes.bulk_since {
+            let next = match lanes.next_due(interval) {
                 None if lanes.is_empty() => rx.recv().await.ok_or(()),
-                Some(since) => match tokio::time::timeout_at(since + interval, rx.recv()).await {
+                Some(due) => match tokio::time::timeout_at(due, rx.recv()).await {
                     Ok(cmd) => cmd.ok_or(()),
                     Err(_) => Err(()),
                 },
@@ -161,48 +212,130 @@ async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<C
 
         if !lanes.urgent.is_empty() {
             let ops: Arc<[WriteOp]> = std::mem::take(&mut lanes.urgent).into();
-            let result = write_with_retry(&*store, ops).await;
+            let result = write_urgent(&*store, ops).await;
+            healthy.store(result.is_ok(), Ordering::SeqCst);
             answer(std::mem::take(&mut lanes.urgent_acks), &result);
             continue;
         }
         if lanes.bulk_due(interval) {
-            let n = lanes.bulk.len().min(SLICE);
-            let ops: Arc<[WriteOp]> = lanes.bulk.drain(..n).collect::<Vec<_>>().into();
-            let result = write_with_retry(&*store, ops).await;
-            let (done, waiting): (Vec<_>, Vec<_>) = lanes.bulk_acks.drain(..).partition(|(upto, _)| *upto <= n);
-            answer(done.into_iter().map(|(_, ack)| ack), &result);
-            lanes.bulk_acks = waiting.into_iter().map(|(upto, ack)| (upto - n, ack)).collect();
-            if lanes.bulk.is_empty() {
-                lanes.bulk_since = None;
-                lanes.flush_now = !lanes.bulk_acks.is_empty();
+            write_head_slice(&*store, &mut lanes, &healthy).await;
+        } else if !open && lanes.retry_at.is_some() {
+            // Closing with a store that fails: wait for the next try rather than spin.
+            if let Some(at) = lanes.retry_at {
+                tokio::time::sleep_until(at).await;
             }
         }
     }
 }
 
-/// A failed batch is retried a few times (a busy or briefly full disk). If it still fails, its writes are tried
-/// one by one, so that one bad write costs only itself and not the other requests of the batch.
-async fn write_with_retry(store: &dyn Store, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
-    if ops.is_empty() {
-        return Ok(());
+/// Tries the head slice of the bulk lane once. On success its writes leave the lane and their acks are sent; on
+/// failure it stays for a later try, unless splitting it finds writes that can never be stored.
+async fn write_head_slice(store: &dyn Store, lanes: &mut Lanes, healthy: &AtomicBool) {
+    let ops = match lanes.head.take() {
+        Some(head) => head,
+        None => {
+            let n = lanes.bulk.len().min(SLICE);
+            lanes.bulk.drain(..n).collect::<Vec<_>>().into()
+        }
+    };
+    let n = ops.len();
+    if n == 0 {
+        let result = Ok(());
+        answer(lanes.bulk_acks.drain(..).map(|(_, ack)| ack), &result);
+        lanes.bulk_since = None;
+        lanes.flush_now = false;
+        return;
     }
+    let result = match store.write(ops.clone()).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            lanes.failures += 1;
+            healthy.store(false, Ordering::SeqCst);
+            if lanes.failures < TRIES_BEFORE_SPLIT || ops.len() == 1 {
+                tracing::error!(error = %e, writes = n, tries = lanes.failures, "writing to the store failed; keeping the writes and retrying");
+                lanes.retry_at = Some(Instant::now() + backoff(lanes.failures));
+                lanes.head = Some(ops);
+                return;
+            }
+            match write_one_by_one(store, &ops).await {
+                // Nothing went in: the store itself fails. Keep everything and try again later.
+                None => {
+                    tracing::error!(error = %e, writes = n, tries = lanes.failures, "the store refuses every write; keeping the writes and retrying");
+                    lanes.retry_at = Some(Instant::now() + backoff(lanes.failures));
+                    lanes.head = Some(ops);
+                    return;
+                }
+                Some(outcome) => outcome,
+            }
+        }
+    };
+    healthy.store(true, Ordering::SeqCst);
+    lanes.failures = 0;
+    lanes.retry_at = None;
+    let (done, waiting): (Vec<_>, Vec<_>) = lanes.bulk_acks.drain(..).partition(|(upto, _)| *upto <= n);
+    answer(done.into_iter().map(|(_, ack)| ack), &result);
+    lanes.bulk_acks = waiting.into_iter().map(|(upto, ack)| (upto - n, ack)).collect();
+    if lanes.bulk.is_empty() {
+        lanes.bulk_since = None;
+        lanes.flush_now = !lanes.bulk_acks.is_empty();
+    }
+}
+
+/// Writes each op on its own. `None` when none could be written (the store is down); otherwise the writes that
+/// failed while others succeeded can never be stored: they are given up, loudly.
+async fn write_one_by_one(store: &dyn Store, ops: &[WriteOp]) -> Option<Result<(), StoreError>> {
+    let mut failed = Vec::new();
+    let mut written = 0usize;
+    for op in ops {
+        match store.write(Arc::from([op.clone()])).await {
+            Ok(()) => written += 1,
+            Err(e) => failed.push((op.clone(), e)),
+        }
+    }
+    if written == 0 {
+        return None;
+    }
+    let mut last = None;
+    for (op, e) in failed {
+        tracing::error!(error = %e, write = %describe(&op), "a write the store refuses while it accepts others is given up");
+        last = Some(e);
+    }
+    Some(last.map_or(Ok(()), Err))
+}
+
+/// Names a write for the log, without its data.
+fn describe(op: &WriteOp) -> String {
+    match op {
+        WriteOp::Insert(meta) => format!("insert of {}", meta.locator.id),
+        WriteOp::Event { id, seq, .. } => format!("event {seq} of {id}"),
+        WriteOp::Raw { id, seq, .. } => format!("raw piece {seq} of {id}"),
+        WriteOp::Progress { id, .. } => format!("progress of {id}"),
+        WriteOp::Finish { id, .. } => format!("final status of {id}"),
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(50).saturating_mul(1 << failures.min(10)).min(MAX_BACKOFF)
+}
+
+/// A create's insert: a few quick tries, then the failure goes back to the caller (who answers 503), so that
+/// nobody waits on a store that is down.
+async fn write_urgent(store: &dyn Store, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
     let mut delay = Duration::from_millis(20);
-    for attempt in 1..=4 {
+    let mut tries = 0;
+    loop {
+        tries += 1;
         match store.write(ops.clone()).await {
             Ok(()) => return Ok(()),
+            Err(e) if tries >= 3 => {
+                tracing::error!(error = %e, writes = ops.len(), "could not store new requests; they are refused");
+                return Err(e);
+            }
             Err(e) => {
-                tracing::warn!(error = %e, attempt, writes = ops.len(), "writing to the store failed; retrying");
+                tracing::warn!(error = %e, tries, "storing new requests failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 4;
             }
         }
     }
-    let mut last_error = None;
-    for op in ops.iter() {
-        if let Err(e) = store.write(Arc::from([op.clone()])).await {
-            tracing::error!(error = %e, "a write could not be stored and is lost");
-            last_error = Some(e);
-        }
-    }
-    last_error.map_or(Ok(()), Err)
 }

@@ -26,7 +26,7 @@ pub(super) async fn run(
     live: Arc<LiveRequest>,
     key: Option<UpstreamKey>,
     body: String,
-    held: Option<Box<dyn std::any::Any + Send + Sync>>,
+    held: (Option<Box<dyn std::any::Any + Send + Sync>>, tokio::sync::OwnedSemaphorePermit),
 ) {
     let timeout = live.meta.options.timeout;
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
@@ -61,7 +61,7 @@ pub fn interrupted() -> ErrorInfo {
 
 async fn transition(inner: &Inner, live: &LiveRequest, apply: impl FnOnce(&mut crate::document::Progress)) {
     let progress = live.update(|st| {
-        if st.progress.status.is_final() {
+        if st.closed() {
             return (false, None);
         }
         apply(&mut st.progress);
@@ -83,7 +83,7 @@ async fn call(inner: &Inner, live: &LiveRequest, key: Option<UpstreamKey>, body:
     // `request_at` is stored with the next transition.
     let now = super::unix_now();
     live.update(|st| {
-        if st.progress.status.can_become(Status::Posting) {
+        if !st.closed() && st.progress.status.can_become(Status::Posting) {
             st.progress.status = Status::Posting;
             st.progress.request_at = Some(now);
         }

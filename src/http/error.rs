@@ -79,7 +79,7 @@ impl From<CreateError> for ApiError {
     fn from(e: CreateError) -> Self {
         let message = e.to_string();
         match e {
-            CreateError::ShuttingDown | CreateError::Overloaded(_) => {
+            CreateError::ShuttingDown | CreateError::Overloaded(_) | CreateError::StoreFailing => {
                 let mut err = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
                 err.retry_after = Some(1);
                 err

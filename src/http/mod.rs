@@ -66,8 +66,24 @@ async fn index(axum::extract::State(app): axum::extract::State<AppState>) -> Jso
     }))
 }
 
-async fn health(axum::extract::State(app): axum::extract::State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({"status": "ok", "in_flight": app.engine.in_flight(), "accepting": app.engine.accepting()}))
+/// 200 while the server can take requests; 503 (the error format, naming the problem) while its store fails.
+async fn health(axum::extract::State(app): axum::extract::State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match app.engine.store_problem() {
+        None => Json(json!({"status": "ok", "in_flight": app.engine.in_flight(), "accepting": app.engine.accepting()}))
+            .into_response(),
+        Some(problem) => {
+            let mut err = ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "store_failing",
+                format!(
+                    "Not healthy: {problem}. Requests already accepted are kept in memory and retried; see the server log."
+                ),
+            );
+            err.retry_after = Some(1);
+            err.into_response()
+        }
+    }
 }
 
 async fn not_found() -> ApiError {

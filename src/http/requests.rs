@@ -5,7 +5,7 @@ use super::error::ApiError;
 use crate::document::{BodyView, RequestMeta, render};
 use crate::domain::locator::ParsedUrl;
 use crate::domain::{Access, Kind, Suffix};
-use crate::engine::Found;
+use crate::engine::{Found, StopOutcome};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -68,7 +68,7 @@ pub async fn get(
         Suffix::Status => status(&app, &found, &headers).await,
         Suffix::Events => events(&app, found, &headers, query.last_event_id.as_deref()),
         Suffix::Raw => raw(&app, found).await,
-        Suffix::Stop => Ok(stop(&app, &found)),
+        Suffix::Stop => Ok(stop(&app, &found).await),
     }
 }
 
@@ -83,7 +83,7 @@ pub async fn post(
     }
     let found = find(&app, &url).await?;
     authorize(found.meta(), &headers, None)?;
-    Ok(stop(&app, &found))
+    Ok(stop(&app, &found).await)
 }
 
 pub async fn delete(
@@ -158,25 +158,27 @@ fn events(app: &AppState, found: Found, headers: &HeaderMap, query_last: Option<
     }
     let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query_last).map(str::trim);
     let after = match last {
-        None | Some("") => 0,
-        Some(text) => text.parse::<u64>().map_err(|_| {
+        None | Some("") => None,
+        Some(text) => Some(text.parse::<u64>().map_err(|_| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_last_event_id",
                 "Last-Event-ID must be a whole event number.",
             )
             .with_param(Some("last_event_id"))
-        })?,
+        })?),
     };
     let (is_final, count) = match &found {
         Found::Live(live) => live.position(),
         Found::Stored(stored) => (stored.progress.status.is_final(), stored.event_count),
     };
-    if is_final && after >= count {
-        // Everything was delivered: 204 tells EventSource to stop reconnecting.
+    // 204 (which tells EventSource to stop reconnecting) only for a reader who says it has everything; a reader
+    // with nothing yet gets the replay, even of a request that ended before its first chunk (its named event
+    // and `[DONE]`).
+    if is_final && after.is_some_and(|after| after >= count) {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    let body = Body::from_stream(app.engine.follow(found, after));
+    let body = Body::from_stream(app.engine.follow(found, after.unwrap_or(0)));
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -203,20 +205,32 @@ async fn raw(app: &AppState, found: Found) -> Result<Response, ApiError> {
         .into_response())
 }
 
-fn stop(app: &AppState, found: &Found) -> Response {
+/// How long a stop waits for its final status to be stored before it answers.
+const STOP_DURABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn stop(app: &AppState, found: &Found) -> Response {
     let status_url = found.meta().locator.url(&app.engine.urls().base, Suffix::Status);
-    if !app.engine.stop(found) {
-        return ApiError::new(
+    match app.engine.stop(found, STOP_DURABLE_WAIT).await {
+        StopOutcome::Stopped => Json(json!({
+            "status": "success",
+            "README": "The request was stopped: the upstream call was dropped and what was received is kept at `status_url`.",
+            "endpoints": {"status_url": status_url},
+        }))
+        .into_response(),
+        StopOutcome::AlreadyFinal(status) => ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "already_finished",
-            format!("This request already finished (status `{}`); stop has no effect.", found.status().as_str()),
+            format!("This request already finished (status `{}`); stop has no effect.", status.as_str()),
         )
-        .into_response();
+        .into_response(),
+        StopOutcome::NotYetDurable => {
+            let mut err = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "The upstream call was dropped, but the server cannot store the final status right now (its store is failing); it becomes `stop` once stored. Check `status_url` shortly.",
+            );
+            err.retry_after = Some(1);
+            err.into_response()
+        }
     }
-    Json(json!({
-        "status": "success",
-        "README": "The request was stopped: the upstream call was dropped and what was received is kept at `status_url`.",
-        "endpoints": {"status_url": status_url},
-    }))
-    .into_response()
 }

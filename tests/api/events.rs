@@ -114,3 +114,22 @@ async fn async_requests_have_no_event_stream() {
     let url = endpoint(&created, "status_url").replace(".json", ".txt");
     assert_eq!(app.get(&url, None).await.status(), 404);
 }
+
+#[tokio::test]
+async fn a_stream_that_ended_before_its_first_chunk_replays_its_error_and_done_to_a_new_reader() {
+    let app = spawn_app().await;
+    let created = app.stream(json!({"messages": user("hi"), "mock": {"status": 401}})).await;
+    let events_url = endpoint(&created, "stream_events_url");
+    let doc = app.wait_final(&endpoint(&created, "status_url"), None).await;
+    assert_eq!(doc["status"], "error");
+    // A reader with nothing yet (a browser's first EventSource connection) gets the replay, not a bare 204.
+    let events = app.events(&events_url, &[]).await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0].event, "error");
+    let error: Value = serde_json::from_str(&events[0].data).unwrap();
+    assert_eq!(error["error"]["code"], "upstream_error");
+    assert_eq!(events[1].data, "[DONE]");
+    // Its reconnect says it has everything (the `[DONE]` carried id 0): 204 ends it.
+    let again = app.client.get(&events_url).header("Last-Event-ID", "0").send().await.unwrap();
+    assert_eq!(again.status(), 204);
+}

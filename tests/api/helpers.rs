@@ -47,9 +47,39 @@ pub async fn spawn_with(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
     start(args, mock, data_dir).await
 }
 
+/// As [`spawn_with`], on a store the test made (over `data_dir`, which the app then owns).
+pub async fn spawn_on(
+    stores: offload::store::Stores,
+    data_dir: TempDir,
+    adjust: impl FnOnce(&mut ServeArgs),
+) -> TestApp {
+    let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), MockConfig::default()).await.unwrap();
+    let mut args = ServeArgs {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        data_dir: Some(data_dir.path().to_path_buf()),
+        upstream_url: Some(mock.api_base()),
+        flush_interval_ms: Some(10),
+        ..ServeArgs::default()
+    };
+    adjust(&mut args);
+    start_on(args, mock, data_dir, Some(stores)).await
+}
+
 async fn start(args: ServeArgs, mock: MockServer, data_dir: TempDir) -> TestApp {
+    start_on(args, mock, data_dir, None).await
+}
+
+async fn start_on(
+    args: ServeArgs,
+    mock: MockServer,
+    data_dir: TempDir,
+    stores: Option<offload::store::Stores>,
+) -> TestApp {
     let settings = Settings::resolve(args).unwrap();
-    let app = Application::build(settings).await.unwrap();
+    let app = match stores {
+        Some(stores) => Application::build_on(settings, stores).await.unwrap(),
+        None => Application::build(settings).await.unwrap(),
+    };
     let base = app.base_url().to_owned();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {

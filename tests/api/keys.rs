@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 /// Creates a key with the CLI (a separate process on the same store) and returns it.
-fn create_key(app: &TestApp, name: &str, limits: &[&str]) -> String {
+pub(crate) fn create_key(app: &TestApp, name: &str, limits: &[&str]) -> String {
     let mut args = vec!["create", "--name", name];
     args.extend(limits);
     let out = keys_cli(app.data_dir.path(), &args);
@@ -19,7 +19,7 @@ async fn create_with(app: &TestApp, header: (&str, String), body: &Value) -> req
 }
 
 /// Keys created while the server runs take effect within a second.
-async fn settle() {
+pub(crate) async fn settle() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
 }
 
@@ -61,7 +61,7 @@ async fn with_a_key_in_the_store_every_create_needs_one_in_any_of_three_headers(
     assert_eq!(app.create("async-chatgpt", &body).await.status(), 200);
 }
 
-async fn burst(app: &TestApp, key: &str, body: &Value, n: usize) -> Vec<reqwest::Response> {
+pub(crate) async fn burst(app: &TestApp, key: &str, body: &Value, n: usize) -> Vec<reqwest::Response> {
     let calls = (0..n).map(|_| create_with(app, ("X-API-Key", key.to_owned()), body));
     futures_util::future::join_all(calls).await
 }

@@ -120,10 +120,15 @@ impl KeyStore for SqliteStore {
         // On the writer thread: the read and the increment cannot interleave with another charge.
         self.write_with(move |conn| {
             let tx = conn.transaction().map_err(db_err)?;
-            if limits.requests_per_day.is_some_and(|max| usage(&tx, &id, &day).is_ok_and(|n| n >= max)) {
+            // A usage that cannot be read fails the charge (fail closed): it is never taken as "under quota".
+            if let Some(max) = limits.requests_per_day
+                && usage(&tx, &id, &day)? >= max
+            {
                 return Ok(Charge::DayFull);
             }
-            if limits.requests_per_month.is_some_and(|max| usage(&tx, &id, &month).is_ok_and(|n| n >= max)) {
+            if let Some(max) = limits.requests_per_month
+                && usage(&tx, &id, &month)? >= max
+            {
                 return Ok(Charge::MonthFull);
             }
             for period in [&day, &month] {
