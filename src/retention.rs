@@ -1,6 +1,6 @@
 //! Deletes finished requests older than the retention period, in bounded batches so that serving never stalls.
 
-use crate::engine::unix_now;
+use crate::domain::unix_now;
 use crate::store::Store;
 use std::sync::Arc;
 use std::time::Duration;

@@ -21,6 +21,9 @@ pub struct RequestMeta {
     pub from_status_url: Option<String>,
     /// A JSON object: exactly what is sent upstream, minus `stream` (set by the endpoint).
     pub parameters: Box<RawValue>,
+    /// The node that runs the request (not part of the document). `None` in stores written before nodes were
+    /// recorded.
+    pub owner: Option<crate::domain::NodeId>,
 }
 
 /// The `options` object of the document.

@@ -41,6 +41,45 @@ impl fmt::Debug for RequestId {
     }
 }
 
+/// A running `offload serve` process: a fresh random id at every start, so that a restarted node is a new node
+/// and the requests of its previous run are recognised as cut off.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeId(Uuid);
+
+impl NodeId {
+    pub fn generate() -> Self {
+        Self(Uuid::new_v4())
+    }
+
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(Uuid::from_bytes(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Uuid::parse_str(s.trim()).ok().map(Self)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 /// Which create endpoint made the request; the number is the first segment of its URLs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {

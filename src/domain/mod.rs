@@ -1,5 +1,6 @@
 //! Domain types: everything that crosses the edge is parsed into one of these once, and is valid from then on.
 
+pub mod clock;
 pub mod create;
 pub mod ids;
 pub mod locator;
@@ -8,8 +9,9 @@ pub mod service_key;
 pub mod status;
 pub mod token;
 
+pub use clock::unix_now;
 pub use create::{Continuation, CreateRequest, FieldError, Limits};
-pub use ids::{Access, Kind, RequestId};
+pub use ids::{Access, Kind, NodeId, RequestId};
 pub use locator::{Locator, Suffix};
 pub use secret::UpstreamKey;
 pub use service_key::{ApiKey, KeyLimits, ServiceKey};

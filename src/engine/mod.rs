@@ -19,9 +19,11 @@ mod worker;
 use crate::document::model::Options;
 use crate::document::{Assembler, ErrorInfo, RequestMeta, Urls};
 use crate::domain::locator::ParsedUrl;
+use crate::cluster::Peers;
 use crate::domain::{
-    Access, AccessToken, Continuation, CreateRequest, Kind, Limits, Locator, RequestId, Status, UpstreamKey,
+    Access, AccessToken, Continuation, CreateRequest, Kind, Limits, Locator, NodeId, RequestId, Status, UpstreamKey,
 };
+use crate::store::nodes::NodeStore;
 use crate::store::{Store, StoreError, StoredRequest, Stores, WriteOp};
 use crate::upstream::Upstream;
 use live::{CancelReason, LiveRequest};
@@ -36,10 +38,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Unix time in seconds, with sub-second precision.
-pub fn unix_now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
+use crate::domain::unix_now;
 
 /// How long shutdown waits for a failing store before it gives up (what is unstored is recovered on the next
 /// start).
@@ -59,6 +58,8 @@ pub struct EngineConfig {
     pub poll_interval: Duration,
     /// Whether `webhook_url` may point at loopback and private addresses.
     pub allow_private_webhooks: bool,
+    /// This node: the owner recorded on every request it accepts.
+    pub node: NodeId,
 }
 
 #[derive(Clone)]
@@ -83,26 +84,48 @@ pub(crate) struct Inner {
     accepting: AtomicBool,
     /// Cancelled at the very end of shutdown: open event streams end.
     closing: CancellationToken,
+    /// The other nodes on a shared store (`None` on a store of one node).
+    peers: Option<Arc<Peers>>,
 }
 
 /// A request found by its URL.
 pub enum Found {
+    /// Running on this node.
     Live(Arc<LiveRequest>),
+    /// Finished, or running on a node that is gone (it is about to be ended as interrupted): the store's view.
     Stored(Box<StoredRequest>),
+    /// Running on another node, reachable at `address`: that node serves it.
+    Elsewhere { stored: Box<StoredRequest>, address: String },
 }
 
 impl Found {
     pub fn meta(&self) -> &RequestMeta {
         match self {
             Found::Live(live) => &live.meta,
-            Found::Stored(stored) => &stored.meta,
+            Found::Stored(stored) | Found::Elsewhere { stored, .. } => &stored.meta,
         }
     }
 
     pub fn status(&self) -> Status {
         match self {
             Found::Live(live) => live.status(),
-            Found::Stored(stored) => stored.progress.status,
+            Found::Stored(stored) | Found::Elsewhere { stored, .. } => stored.progress.status,
+        }
+    }
+
+    /// The address of the node that runs the request, when it is another one.
+    pub fn elsewhere(&self) -> Option<&str> {
+        match self {
+            Found::Elsewhere { address, .. } => Some(address),
+            _ => None,
+        }
+    }
+
+    /// The store's view, for a request whose node could not be reached.
+    pub fn into_stored(self) -> Self {
+        match self {
+            Found::Elsewhere { stored, .. } => Found::Stored(stored),
+            other => other,
         }
     }
 }
@@ -140,6 +163,8 @@ pub enum StopOutcome {
     AlreadyFinal(Status),
     /// Stopped, but the store has not taken the final status yet (it is failing); it will once it can.
     NotYetDurable,
+    /// The request runs on another node that cannot be reached.
+    Unreachable,
 }
 
 /// What the create endpoint answers with.
@@ -156,6 +181,7 @@ impl Engine {
         stores: Stores,
         upstream: Upstream,
         webhook_wake: Arc<tokio::sync::Notify>,
+        peers: Option<Arc<Peers>>,
     ) -> Self {
         let (persister, task) = Persister::start(stores.requests.clone(), config.flush_interval);
         let persister_died = Arc::new(AtomicBool::new(false));
@@ -183,6 +209,7 @@ impl Engine {
                 tasks: TaskTracker::new(),
                 accepting: AtomicBool::new(true),
                 closing: CancellationToken::new(),
+                peers,
             }),
         }
     }
@@ -279,6 +306,7 @@ impl Engine {
             },
             from_status_url: req.continuation.map(|c| c.from_status_url),
             parameters: RawValue::from_string(parameters_json).map_err(|e| CreateError::Internal(e.to_string()))?,
+            owner: Some(inner.config.node),
         });
 
         inner.persister.commit(WriteOp::Insert(meta.clone())).await?;
@@ -308,7 +336,7 @@ impl Engine {
         }
         let body = match &found {
             Found::Live(live) => live.update(|st| (false, st.body.to_json())),
-            Found::Stored(stored) => stored.body.clone(),
+            Found::Stored(stored) | Found::Elsewhere { stored, .. } => stored.body.clone(),
         };
         let body: Value = body.and_then(|b| serde_json::from_str(&b).ok()).unwrap_or(Value::Null);
         let parameters: Value = serde_json::from_str(meta.parameters.get()).unwrap_or(Value::Null);
@@ -326,8 +354,22 @@ impl Engine {
         if let Some(live) = live {
             return Ok(url.matches(&live.meta.locator).then_some(Found::Live(live)));
         }
-        let stored = self.inner.stores.requests.get(url.id).await?;
-        Ok(stored.filter(|s| url.matches(&s.meta.locator)).map(|s| Found::Stored(Box::new(s))))
+        let Some(stored) = self.inner.stores.requests.get(url.id).await?.filter(|s| url.matches(&s.meta.locator))
+        else {
+            return Ok(None);
+        };
+        let stored = Box::new(stored);
+        if stored.progress.status.is_final() {
+            return Ok(Some(Found::Stored(stored)));
+        }
+        let address = match (&self.inner.peers, stored.meta.owner) {
+            (Some(peers), Some(owner)) => peers.address(owner).await?,
+            _ => None,
+        };
+        Ok(Some(match address {
+            Some(address) => Found::Elsewhere { stored, address },
+            None => Found::Stored(stored),
+        }))
     }
 
     /// Stops a running request and waits until its final status is durable (at most `wait`).
@@ -342,7 +384,11 @@ impl Engine {
                 }
                 if stopped { StopOutcome::Stopped } else { StopOutcome::AlreadyFinal(live.status()) }
             }
-            Found::Stored(stored) => StopOutcome::AlreadyFinal(stored.progress.status),
+            Found::Stored(stored) | Found::Elsewhere { stored, .. } if stored.progress.status.is_final() => {
+                StopOutcome::AlreadyFinal(stored.progress.status)
+            }
+            // Running on a node this one cannot reach (or that just died): only that node can stop it.
+            Found::Stored(_) | Found::Elsewhere { .. } => StopOutcome::Unreachable,
         }
     }
 
@@ -378,10 +424,66 @@ impl Engine {
         view.map(Some).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
-    /// Ends every request a crash cut off as `error`/`interrupted`, keeping what was received.
+    /// On a store of one node: ends every request a crash cut off as `error`/`interrupted`, keeping what was
+    /// received. (On a shared store the requests of other nodes may be running: see [`Self::take_over_orphans`].)
     pub async fn recover(&self) -> Result<usize, StoreError> {
+        let cut_off = self.inner.stores.requests.unfinished().await?;
+        self.end_cut_off(cut_off).await
+    }
+
+    /// On a shared store: ends the requests whose node is gone, as `error`/`interrupted`. Several nodes may do this
+    /// at once; the store's final write applies to a request once, so each ends (and its webhook is queued) once.
+    pub async fn take_over_orphans(&self) -> Result<usize, StoreError> {
+        let orphans = self.inner.stores.requests.orphans().await?;
+        self.end_cut_off(orphans).await
+    }
+
+    /// On a shared store, until `closing`: renews this node's lease, removes dead peers and ends their requests.
+    /// A round runs every fifth of the lease, so a dead node's requests end at most about 1.2 leases (plus a
+    /// one-second probe) after its last renewal.
+    pub async fn run_membership(&self, nodes: Arc<dyn NodeStore>, lease: Duration, closing: CancellationToken) {
+        let Some(peers) = self.inner.peers.clone() else { return };
+        let every = lease / 5;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = closing.cancelled() => return,
+            }
+            match crate::cluster::round(&peers, &*nodes, lease).await {
+                Ok(round) if round.lost => {
+                    tracing::error!(
+                        node = %peers.me.id,
+                        "this node was taken for dead (its lease ran out while it could not be reached); ending its running requests and joining again"
+                    );
+                    self.end_all_running().await;
+                    if let Err(e) = nodes.join(&peers.me, lease).await {
+                        tracing::error!(error = %e, "could not join the cluster again; retrying");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "could not renew this node's lease; retrying"),
+            }
+            match self.take_over_orphans().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(count = n, "ended requests of a node that is gone as interrupted"),
+                Err(e) => tracing::error!(error = %e, "could not end the requests of a node that is gone; retrying"),
+            }
+        }
+    }
+
+    /// Ends every running request as interrupted and waits (bounded) until each is settled.
+    async fn end_all_running(&self) {
+        let running: Vec<_> = self.inner.hub.lock().values().cloned().collect();
+        for live in &running {
+            live.cancel_with(CancelReason::Shutdown, unix_now());
+        }
+        for live in running {
+            let _ = tokio::time::timeout(SHUTDOWN_STORE_WAIT, live.settled.cancelled()).await;
+        }
+    }
+
+    async fn end_cut_off(&self, cut_off: Vec<StoredRequest>) -> Result<usize, StoreError> {
         let store = &self.inner.stores.requests;
-        let cut_off = store.unfinished().await?;
         let count = cut_off.len();
         for request in cut_off {
             let id = request.meta.locator.id;

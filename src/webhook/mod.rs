@@ -11,7 +11,7 @@ pub mod signature;
 pub mod ssrf;
 
 use crate::document::{BodyView, Urls, render};
-use crate::engine::unix_now;
+use crate::domain::unix_now;
 use crate::store::{Store, WebhookJob, WebhookState, WebhookStatus, WebhookStore};
 use rand::Rng;
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
