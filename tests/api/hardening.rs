@@ -1,7 +1,7 @@
-//! Hardening: who may read the store.
+//! Hardening: who may read the store, and which webhook addresses are refused.
 
 use crate::helpers::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[cfg(unix)]
 fn mode_of(path: &std::path::Path) -> u32 {
@@ -52,4 +52,41 @@ async fn a_store_readable_by_others_is_tightened_at_start() {
     let created = app.stream(json!({"messages": user("still works")})).await;
     let doc = app.wait_final(&endpoint(&created, "status_url"), None).await;
     assert_eq!(doc["status"], "done");
+}
+
+/// IPv6 literals that carry a loopback, private or metadata IPv4 address.
+const EMBEDDED_INTERNAL: [&str; 8] = [
+    "http://[::127.0.0.1]/hook",                          // IPv4-compatible
+    "http://[::ffff:0:7f00:1]/hook",                      // IPv4-translated
+    "http://[2002:7f00:1::]/hook",                        // 6to4
+    "http://[2002:a9fe:a9fe::1]/latest/meta-data",        // 6to4, cloud metadata
+    "http://[64:ff9b::a00:1]/hook",                       // NAT64, 10.0.0.1
+    "http://[64:ff9b:1::7f00:1]/hook",                    // local-use NAT64
+    "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/hook", // Teredo, client 127.0.0.1
+    "http://[2001:0:c0a8:1:8000:63bf:f7f7:f7f7]/hook",    // Teredo, server 192.168.0.1
+];
+
+#[tokio::test]
+async fn a_webhook_to_an_ipv6_address_embedding_an_internal_ipv4_is_a_400() {
+    let app = spawn_app().await;
+    for url in EMBEDDED_INTERNAL {
+        let response = app.create("stream-chatgpt", &json!({"messages": user("hi"), "webhook_url": url})).await;
+        let status = response.status();
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(status, 400, "{url}: {error}");
+        assert_eq!(error["status"], "error");
+        assert_eq!(error["error"]["param"], "webhook_url", "{url}");
+    }
+    assert_eq!(app.total_requests(), 0, "a refused create leaves nothing behind");
+}
+
+#[tokio::test]
+async fn a_webhook_to_an_ipv6_address_embedding_a_public_ipv4_is_accepted() {
+    let app = spawn_app().await;
+    for url in ["http://[::ffff:0:808:808]/hook", "http://[2002:808:808::1]/hook", "http://[64:ff9b::808:808]/hook"] {
+        // The upstream never answers, so the request never ends and no webhook leaves this machine.
+        let body = json!({"messages": user("hi"), "webhook_url": url, "mock": {"stall_headers": true}});
+        let created = app.stream(body).await;
+        assert_eq!(created["status"], "success", "{url}");
+    }
 }
