@@ -1,4 +1,4 @@
-//! Hardening: who may read the store, and which webhook addresses are refused.
+//! Hardening: who may read the store, which webhook addresses are refused, and what the mock upstream shows.
 
 use crate::helpers::*;
 use serde_json::{Value, json};
@@ -89,4 +89,39 @@ async fn a_webhook_to_an_ipv6_address_embedding_a_public_ipv4_is_accepted() {
         let created = app.stream(body).await;
         assert_eq!(created["status"], "success", "{url}");
     }
+}
+
+#[tokio::test]
+async fn the_mock_never_shows_the_authorization_it_received() {
+    let app = spawn_with_mock(mock_expecting("sk-secret-caller-key"), |_| {}).await;
+    let send = |key: &'static str| {
+        app.client
+            .post(app.url("/v1/async-chatgpt"))
+            .header("X-OpenAI-API-Key", key)
+            .json(&json!({"messages": user("hi")}))
+            .send()
+    };
+    for key in ["sk-secret-caller-key", "sk-another-key"] {
+        let created: Value = send(key).await.unwrap().json().await.unwrap();
+        app.wait_final(&endpoint(&created, "status_url"), None).await;
+    }
+    let listing =
+        reqwest::get(format!("http://{}/_mock/requests", app.mock.addr())).await.unwrap().text().await.unwrap();
+    assert!(!listing.contains("sk-secret-caller-key") && !listing.contains("sk-another-key"), "{listing}");
+    assert!(!listing.contains("Bearer"), "{listing}");
+    let calls = app.mock_requests().await;
+    assert_eq!(calls[0]["authorization"], true);
+    assert_eq!(calls[0]["authorization_expected"], true);
+    assert_eq!(calls[1]["authorization"], true);
+    assert_eq!(calls[1]["authorization_expected"], false, "another key than the expected one");
+}
+
+#[tokio::test]
+async fn the_mock_tells_when_no_authorization_came() {
+    let app = spawn_app().await;
+    let created = app.stream(json!({"messages": user("hi")})).await;
+    app.wait_final(&endpoint(&created, "status_url"), None).await;
+    let sent = app.mock_requests().await.pop().unwrap();
+    assert_eq!(sent["authorization"], false);
+    assert_eq!(sent["authorization_expected"], Value::Null, "no key was expected");
 }

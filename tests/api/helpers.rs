@@ -34,7 +34,12 @@ pub async fn spawn_app() -> TestApp {
 /// Starts the app with settings adjusted by `adjust` (they start from the defaults, port 0, a fresh data
 /// directory and the mock upstream).
 pub async fn spawn_with(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
-    let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), MockConfig::default()).await.unwrap();
+    spawn_with_mock(MockConfig::default(), adjust).await
+}
+
+/// Like [`spawn_with`], with the mock upstream started from `mock` (e.g. the key it expects calls to carry).
+pub async fn spawn_with_mock(mock: MockConfig, adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
+    let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), mock).await.unwrap();
     let data_dir = tempfile::tempdir().unwrap();
     let mut args = ServeArgs {
         listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -45,6 +50,11 @@ pub async fn spawn_with(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
     };
     adjust(&mut args);
     start(args, mock, data_dir).await
+}
+
+/// A mock that reports whether each call carried `Authorization: Bearer <key>` (it never shows the value).
+pub fn mock_expecting(key: &str) -> MockConfig {
+    MockConfig { expected_key: offload::domain::UpstreamKey::new(key), ..MockConfig::default() }
 }
 
 async fn start(args: ServeArgs, mock: MockServer, data_dir: TempDir) -> TestApp {
