@@ -1,7 +1,8 @@
 //! The body of `POST /v1/stream-chatgpt` and `/v1/async-chatgpt`, parsed once into validated types.
 //!
 //! OffloadGPT's own options are taken out; every other field is a Chat Completions parameter and goes upstream
-//! unchanged, known or not, so that new upstream parameters work without a release.
+//! unchanged, known or not, so that new upstream parameters work without a release. A top-level `null` counts as
+//! not given: it is neither sent upstream nor kept in `parameters`.
 
 use super::Access;
 use super::locator::{ParsedUrl, Suffix};
@@ -129,9 +130,12 @@ impl CreateRequest {
 
         debug_assert!(OPTION_FIELDS.iter().all(|f| !fields.contains_key(*f)));
         fields.shift_remove("stream");
+        // A parameter given as `null` is not given (the seed: optional parameters "default to null"); only the
+        // top level: a `null` inside a value is the upstream's business.
+        fields.retain(|_, value| !value.is_null());
         normalize_messages(&mut fields)?;
         match fields.get("model") {
-            None | Some(Value::Null) => {
+            None => {
                 fields.shift_insert(0, "model".into(), Value::String(limits.default_model.clone()));
             }
             Some(Value::String(m)) if !m.trim().is_empty() => {}
@@ -296,6 +300,20 @@ mod tests {
         assert!(!req.parameters.contains_key("access"));
         assert!(!req.parameters.contains_key("stream"));
         assert_eq!(req.parameters["brand_new_param"], json!({"x": 1}));
+    }
+
+    #[test]
+    fn top_level_nulls_are_dropped_and_nested_ones_kept() {
+        let req = parse(json!({
+            "messages": [{"role": "user", "content": "hi", "name": null}], "temperature": null, "tools": null,
+            "user": null, "model": null, "response_format": {"type": "json_object", "schema": null}, "seed": 0
+        }))
+        .unwrap();
+        let keys: Vec<&str> = req.parameters.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["model", "messages", "response_format", "seed"]);
+        assert_eq!(req.parameters["model"], "gpt-3.5-turbo");
+        assert_eq!(req.parameters["messages"][0]["name"], Value::Null);
+        assert_eq!(req.parameters["response_format"]["schema"], Value::Null);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Hardening: who may read the store, which webhook addresses are refused, and what the mock upstream shows.
+//! Hardening: who may read the store, which webhook addresses are refused, what the mock upstream shows, and
+//! `null` parameters.
 
 use crate::helpers::*;
 use serde_json::{Value, json};
@@ -124,4 +125,30 @@ async fn the_mock_tells_when_no_authorization_came() {
     let sent = app.mock_requests().await.pop().unwrap();
     assert_eq!(sent["authorization"], false);
     assert_eq!(sent["authorization_expected"], Value::Null, "no key was expected");
+}
+
+#[tokio::test]
+async fn null_parameters_are_not_given() {
+    let app = spawn_app().await;
+    let created = app
+        .create_ok(
+            "async-chatgpt",
+            &json!({
+                "messages": [{"role": "user", "content": "hi", "name": null}],
+                "temperature": null, "tools": null, "user": null, "seed": 3,
+                "response_format": {"type": "text", "json_schema": null}
+            }),
+        )
+        .await;
+    let doc = app.wait_final(&endpoint(&created, "status_url"), None).await;
+    let sent = app.mock_requests().await.pop().unwrap();
+    for name in ["temperature", "tools", "user"] {
+        assert!(sent["body"].get(name).is_none(), "`{name}: null` went upstream: {}", sent["body"]);
+        assert!(doc["parameters"].get(name).is_none(), "`{name}` is in parameters: {}", doc["parameters"]);
+    }
+    assert_eq!(sent["body"]["seed"], 3);
+    assert_eq!(sent["body"]["messages"][0]["name"], Value::Null, "a nested null is passed through");
+    assert_eq!(sent["body"]["response_format"], json!({"type": "text", "json_schema": null}));
+    assert_eq!(doc["parameters"]["response_format"], json!({"type": "text", "json_schema": null}));
+    assert!(sent["body"]["messages"][0].as_object().unwrap().contains_key("name"));
 }
