@@ -4,7 +4,7 @@
 //! Controls come from the process defaults (`offload mock-upstream --words ... --delay-ms ...`) and, per call,
 //! from a `mock` object in the request body, which offload passes upstream unchanged like any unknown field:
 //! `{"mock": {"words": 64, "delay_ms": 20, "ttft_ms": 100, "status": 500, "stall_after": 3, "drop_after": 5,
-//! "stall_headers": true, "comment_after": 3, "content": "exact reply",
+//! "stall_headers": true, "comment_after": 3, "bom": true, "content": "exact reply",
 //! "tool_calls": [{"name": "f", "arguments": "{}"}]}}`.
 //! A non-streaming answer is paced too: headers after `ttft_ms`, then the JSON body in `words` pieces
 //! `delay_ms` apart; `stall_after` and `drop_after` count those pieces (for streams: events).
@@ -70,6 +70,8 @@ struct Controls {
     drop_after: Option<usize>,
     /// Stream: an SSE comment line (`: ping`) after this many events, as some OpenAI-compatible servers send.
     comment_after: Option<usize>,
+    /// Stream: a byte order mark before the first event, which the event stream format allows.
+    bom: bool,
     tool_calls: Option<Vec<MockToolCall>>,
 }
 
@@ -266,6 +268,9 @@ async fn completions(State(state): State<Arc<MockState>>, headers: HeaderMap, bo
             pieces.insert(at, ": ping\n\n".to_owned());
         }
         pieces.push("data: [DONE]\n\n".to_owned());
+        if controls.bom {
+            pieces[0].insert(0, '\u{feff}');
+        }
         pieces
     } else {
         // The JSON body is sent in as many pieces as there are words, paced like a stream, so that a slow

@@ -1,5 +1,5 @@
-//! Hardening: who may read the store, which webhook addresses are refused, what the mock upstream shows, and
-//! `null` parameters.
+//! Hardening: who may read the store, which webhook addresses are refused, what the mock upstream shows,
+//! `null` parameters, and an upstream stream that starts with a byte order mark.
 
 use crate::helpers::*;
 use serde_json::{Value, json};
@@ -151,4 +151,18 @@ async fn null_parameters_are_not_given() {
     assert_eq!(sent["body"]["response_format"], json!({"type": "text", "json_schema": null}));
     assert_eq!(doc["parameters"]["response_format"], json!({"type": "text", "json_schema": null}));
     assert!(sent["body"]["messages"][0].as_object().unwrap().contains_key("name"));
+}
+
+#[tokio::test]
+async fn a_stream_starting_with_a_byte_order_mark_ends_done_and_raw_keeps_the_mark() {
+    let app = spawn_app().await;
+    let created = app.stream(json!({"messages": user("hi"), "mock": {"bom": true, "content": "one two"}})).await;
+    let doc = app.wait_final(&endpoint(&created, "status_url"), None).await;
+    assert_eq!(doc["status"], "done", "{doc}");
+    assert_eq!(doc["response"]["body"]["choices"][0]["message"]["content"], "one two");
+    let events = app.events(&endpoint(&created, "stream_events_url"), &[]).await;
+    assert_eq!(content_of(&events), "one two");
+    let raw = app.get(doc["endpoints"]["response_raw_url"].as_str().unwrap(), None).await.bytes().await.unwrap();
+    let body_at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(raw[body_at..].starts_with("\u{feff}data: {".as_bytes()), "{}", String::from_utf8_lossy(&raw));
 }
