@@ -8,6 +8,7 @@ mod browser;
 mod continuation;
 mod create;
 mod events;
+mod hardening;
 mod helpers;
 mod keys;
 mod lifecycle;
