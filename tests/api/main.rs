@@ -9,6 +9,7 @@ mod continuation;
 mod create;
 mod events;
 mod helpers;
+mod hostile;
 mod keys;
 mod lifecycle;
 mod status;
