@@ -63,8 +63,9 @@ impl Application {
         };
         let upstream_url = mock.as_ref().map(MockServer::api_base).unwrap_or_else(|| settings.upstream_url.clone());
         let stores = Stores::of(Arc::new(SqliteStore::open(&settings.data_dir, settings.sqlite_synchronous)?));
+        let open_allowed = settings.listen.ip().is_loopback() || settings.allow_open;
         if !stores.keys.active_keys_exist().await? {
-            if !settings.listen.ip().is_loopback() && !settings.allow_open {
+            if !open_allowed {
                 return Err(StartError::Open { addr: settings.listen });
             }
             tracing::warn!(
@@ -111,7 +112,7 @@ impl Application {
         }
         let gate = Arc::new(Gatekeeper::new(stores.keys.clone()));
         let body = BodyLimits { max_bytes: settings.max_body_bytes, timeout: settings.body_timeout };
-        let router = crate::http::router(engine.clone(), gate, body);
+        let router = crate::http::router(engine.clone(), gate, body, open_allowed);
         let limits =
             ServerLimits { max_connections: connection_cap(settings.server.max_connections), ..settings.server };
         if mock.is_some() {

@@ -77,6 +77,16 @@ async fn create(app: AppState, kind: Kind, request: Request) -> Result<Json<Valu
         },
     };
     let key = app.gate.authenticate(presented).await.map_err(|r| ApiError::from(r).closing(http1))?;
+    if key.is_none() && !app.open_allowed {
+        let mut refused = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "This server takes no requests: it has no service key, and it does not run open on a public address. \
+             Its operator must create one (`offload keys create`).",
+        );
+        refused.retry_after = Some(60);
+        return Err(refused.closing(http1));
+    }
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

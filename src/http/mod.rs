@@ -21,6 +21,9 @@ pub struct AppState {
     pub engine: Engine,
     pub gate: Arc<Gatekeeper>,
     pub body: BodyLimits,
+    /// Whether creates are taken without a service key while none exists: on a loopback listener, or when told
+    /// `--allow-open`. Otherwise revoking the last key closes the server instead of opening it to anyone.
+    pub open_allowed: bool,
 }
 
 /// How much of a create body is read, and for how long.
@@ -30,7 +33,7 @@ pub struct BodyLimits {
     pub timeout: Duration,
 }
 
-pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits) -> Router {
+pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits, open_allowed: bool) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods(Any)
@@ -49,7 +52,7 @@ pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits) -> Router
         .layer(cors)
         // Outermost, so that whatever layer or extractor answers an error, the caller gets the JSON format.
         .layer(axum::middleware::map_response(error::json_errors))
-        .with_state(AppState { engine, gate, body })
+        .with_state(AppState { engine, gate, body, open_allowed })
 }
 
 /// The token of an `Authorization: Bearer <token>` header.

@@ -414,3 +414,24 @@ async fn a_public_listener_without_service_keys_refuses_to_start_unless_allow_op
         .is_ok()
     );
 }
+
+#[tokio::test]
+async fn revoking_the_last_key_of_a_public_server_closes_it_instead_of_opening_it() {
+    let data = tempfile::tempdir().unwrap();
+    let key = keys_cli(data.path(), &["create", "--name", "only"]).lines().last().unwrap().trim().to_owned();
+    let dir = data.path().to_path_buf();
+    let app = spawn_with(|a| {
+        a.listen = Some("0.0.0.0:0".parse().unwrap());
+        a.data_dir = Some(dir);
+    })
+    .await;
+    let body = json!({"messages": user("hi")});
+    let with_key = app.client.post(app.url("/v1/async-chatgpt")).header("X-API-Key", &key).json(&body).send().await;
+    assert_eq!(with_key.unwrap().status(), 200);
+    keys_cli(data.path(), &["revoke", "only"]);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let response = app.create("async-chatgpt", &body).await;
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    assert!(error["error"]["message"].as_str().unwrap().contains("offload keys create"), "{error}");
+}
