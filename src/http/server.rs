@@ -4,7 +4,8 @@
 //! Every connection has a watchdog that only looks at it while no request is in progress on it:
 //! - a request head must arrive whole within `header_timeout` of its first byte (of the accept, for the first
 //!   request), so a half-sent head (slowloris) cannot hold a socket;
-//! - a connection with nothing in progress and nothing arriving is closed `idle_timeout` after its last response.
+//! - a connection with nothing in progress and nothing arriving is closed `idle_timeout` after its last response
+//!   (on HTTP/2 this is the only clock after the first request: bytes between requests are control frames).
 //!
 //! While a request is in progress (a handler running or a response body being sent) the watchdog stays out of the
 //! way: an event stream may stay silent for as long as its request takes. The create body has its own time limit,
@@ -26,7 +27,7 @@ use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -125,6 +126,9 @@ async fn connection(
     let io = TokioIo::new(Watched { inner: tcp, state: state.clone() });
     let service_state = state.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        if request.version() == hyper::Version::HTTP_2 {
+            service_state.http2.store(true, Ordering::Relaxed);
+        }
         let guard = Busy::begin(service_state.clone());
         let mut router = router.clone();
         async move {
@@ -176,6 +180,9 @@ struct ConnState {
     opened: Instant,
     /// Requests in progress (HTTP/2 may have many).
     busy: AtomicUsize,
+    /// HTTP/2 was spoken: bytes arriving while idle are control frames (pings, window updates), not the start of
+    /// a request head, so only the idle timeout applies.
+    http2: AtomicBool,
     /// When the last request in progress ended (or the connection opened).
     idle_since: AtomicU64,
     /// When the first byte arrived after `idle_since`, or [`NONE`]. Starts at 0: the clock of the first request
@@ -192,6 +199,7 @@ impl ConnState {
         Self {
             opened: Instant::now(),
             busy: AtomicUsize::new(0),
+            http2: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             first_byte: AtomicU64::new(0),
             changed: Notify::new(),
@@ -222,6 +230,7 @@ impl ConnState {
     /// Bytes arrived: if the connection was idle and waiting, the head's clock starts now.
     fn on_read(&self) {
         if self.is_idle()
+            && !self.http2.load(Ordering::Relaxed)
             && self.first_byte.load(Ordering::Relaxed) == NONE
             && self.first_byte.compare_exchange(NONE, self.now(), Ordering::AcqRel, Ordering::Relaxed).is_ok()
         {

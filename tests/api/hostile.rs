@@ -435,3 +435,25 @@ async fn revoking_the_last_key_of_a_public_server_closes_it_instead_of_opening_i
     let error: Value = response.json().await.unwrap();
     assert!(error["error"]["message"].as_str().unwrap().contains("offload keys create"), "{error}");
 }
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served_with_json_errors() {
+    let app = spawn_app().await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let health = h2.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.version(), reqwest::Version::HTTP_2);
+    assert_eq!(health.status(), 200);
+    let created: Value = h2
+        .post(app.url("/v1/async-chatgpt"))
+        .json(&json!({"messages": user("hi")}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(created["status"], "success", "{created}");
+    let missing = h2.get(app.url("/1/r/pub/%ff")).send().await.unwrap();
+    assert_eq!(missing.status(), 400);
+    assert_eq!(missing.json::<Value>().await.unwrap()["error"]["code"], "invalid_url");
+}
