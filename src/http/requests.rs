@@ -1,25 +1,55 @@
 //! The endpoints of one request: `.json` (and `DELETE`), `.txt`, `.raw`, `/stop`.
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ApiPath};
 use crate::document::{BodyView, RequestMeta, render};
 use crate::domain::locator::ParsedUrl;
 use crate::domain::{Access, Kind, Suffix};
 use crate::engine::{Found, StopOutcome};
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::hash::{Hash, Hasher};
 
-#[derive(Deserialize, Default)]
+/// `?stream_token=` and `?last_event_id=`; other parameters are ignored. A parameter given twice, or whose
+/// percent-escapes are not UTF-8, is a 400 naming it.
+#[derive(Default)]
 pub struct StreamQuery {
     stream_token: Option<String>,
     last_event_id: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for StreamQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let mut query = StreamQuery::default();
+        let Some(text) = parts.uri.query() else { return Ok(query) };
+        for (name, value) in url::form_urlencoded::parse(text.as_bytes()) {
+            let (param, slot) = match name.as_ref() {
+                "stream_token" => ("stream_token", &mut query.stream_token),
+                "last_event_id" => ("last_event_id", &mut query.last_event_id),
+                _ => continue,
+            };
+            let invalid = |message: String| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message).with_param(Some(param))
+            };
+            if slot.is_some() {
+                return Err(invalid(format!("`{param}` is given more than once in the query string; give it once.")));
+            }
+            // The decoder replaces bytes that are not UTF-8 with U+FFFD.
+            if value.contains('\u{FFFD}') {
+                return Err(invalid(format!("`{param}` is not valid: its percent-escapes must decode to UTF-8 text.")));
+            }
+            *slot = Some(value.into_owned());
+        }
+        Ok(query)
+    }
 }
 
 fn parse_url(kind: &str, rest: &str) -> Result<ParsedUrl, ApiError> {
@@ -56,8 +86,8 @@ fn authorize(meta: &RequestMeta, headers: &HeaderMap, stream_token: Option<&str>
 
 pub async fn get(
     State(app): State<AppState>,
-    Path((kind, rest)): Path<(String, String)>,
-    Query(query): Query<StreamQuery>,
+    ApiPath((kind, rest)): ApiPath<(String, String)>,
+    query: StreamQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let url = parse_url(&kind, &rest)?;
@@ -74,7 +104,7 @@ pub async fn get(
 
 pub async fn post(
     State(app): State<AppState>,
-    Path((kind, rest)): Path<(String, String)>,
+    ApiPath((kind, rest)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let url = parse_url(&kind, &rest)?;
@@ -88,7 +118,7 @@ pub async fn post(
 
 pub async fn delete(
     State(app): State<AppState>,
-    Path((kind, rest)): Path<(String, String)>,
+    ApiPath((kind, rest)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let url = parse_url(&kind, &rest)?;

@@ -10,6 +10,7 @@ mod create;
 mod events;
 mod hardening;
 mod helpers;
+mod hostile;
 mod keys;
 mod lifecycle;
 mod limits;
