@@ -68,7 +68,6 @@ impl Application {
             None
         };
         let upstream_url = mock.as_ref().map(MockServer::api_base).unwrap_or_else(|| settings.upstream_url.clone());
-        let stores = Stores::of(Arc::new(SqliteStore::open(&settings.data_dir, settings.sqlite_synchronous)?));
         let open_allowed = settings.listen.ip().is_loopback() || settings.allow_open;
         if !stores.keys.active_keys_exist().await? {
             if !open_allowed {
