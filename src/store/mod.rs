@@ -14,6 +14,7 @@
 //! names the rule a write broke.
 
 mod columns;
+pub mod postgres;
 pub mod sqlite;
 
 use crate::document::{Progress, RequestMeta};
