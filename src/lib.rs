@@ -12,7 +12,7 @@
 //! - [`engine`]: the running requests: the in-memory hub of live requests, the worker that performs an upstream
 //!   call, the persister that batches writes to the store, crash recovery and shutdown.
 //! - [`upstream`]: the HTTP client for the OpenAI-compatible upstream.
-//! - [`store`]: the [`store::Store`] trait and its implementations (SQLite).
+//! - [`store`]: the [`store::Store`] trait and its implementations (SQLite, PostgreSQL).
 //! - [`http`]: the HTTP surface: routes, extractors, the JSON error format, SSE; the accept loop and its
 //!   connection limits.
 //! - [`keys`]: service keys: authentication, rates, quotas, and the `offload keys` commands.

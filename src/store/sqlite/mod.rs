@@ -134,8 +134,15 @@ struct ReadPool {
     idle: Mutex<Vec<Connection>>,
 }
 
+/// A busy or locked database (another connection holds the lock past the busy timeout, or a read snapshot went
+/// stale before its write) may pass on a second try; anything else will not.
 fn db_err(e: rusqlite::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Database(e.to_string()),
+    }
 }
 
 fn json_err(e: serde_json::Error) -> StoreError {
