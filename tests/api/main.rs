@@ -11,6 +11,7 @@ mod events;
 mod helpers;
 mod keys;
 mod lifecycle;
+mod openapi;
 mod status;
 mod stop;
 mod timeouts;
