@@ -3,6 +3,7 @@
 
 pub mod create;
 pub mod error;
+pub mod openapi;
 pub mod requests;
 pub mod server;
 
@@ -44,6 +45,7 @@ pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits, open_allo
     Router::new()
         .route("/", get(index))
         .route("/healthz", get(health))
+        .route("/openapi.json", get(openapi::document))
         .route("/v1/stream-chatgpt", post(create::stream))
         .route("/v1/async-chatgpt", post(create::asynchronous))
         .route("/{kind}/r/{*rest}", get(requests::get).post(requests::post).delete(requests::delete))

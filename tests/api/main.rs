@@ -14,6 +14,7 @@ mod hostile;
 mod keys;
 mod lifecycle;
 mod limits;
+mod openapi;
 mod status;
 mod stop;
 mod store_failure;
