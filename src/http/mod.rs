@@ -52,6 +52,7 @@ pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits, open_allo
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(cors)
+        .layer(axum::middleware::from_fn(requests::allow_by_ending))
         // Outermost, so that whatever layer or extractor answers an error, the caller gets the JSON format.
         .layer(axum::middleware::map_response(error::json_errors))
         .with_state(AppState { engine, gate, body, open_allowed })

@@ -186,18 +186,22 @@ fn events(app: &AppState, found: Found, headers: &HeaderMap, query_last: Option<
             "Requests made with /v1/async-chatgpt have no event stream; poll their status_url instead.",
         ));
     }
-    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query_last).map(str::trim);
-    let after = match last {
-        None | Some("") => None,
-        Some(text) => Some(text.parse::<u64>().map_err(|_| {
+    // Both are checked, so that a bad `?last_event_id=` is refused whatever the header says; the header wins.
+    let event_number = |text: &str| match text.trim() {
+        "" => Ok(None),
+        text => text.parse::<u64>().map(Some).map_err(|_| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_last_event_id",
                 "Last-Event-ID must be a whole event number.",
             )
             .with_param(Some("last_event_id"))
-        })?),
+        }),
     };
+    let header = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("-"));
+    let from_header = header.map(event_number).transpose()?.flatten();
+    let from_query = query_last.map(event_number).transpose()?.flatten();
+    let after = from_header.or(from_query);
     let (is_final, count) = match &found {
         Found::Live(live) => live.position(),
         Found::Stored(stored) => (stored.progress.status.is_final(), stored.event_count),
@@ -263,4 +267,33 @@ async fn stop(app: &AppState, found: &Found) -> Response {
             err.into_response()
         }
     }
+}
+
+/// The methods a request URL answers, by its ending: what `Allow` says on its 405s and to `OPTIONS` (the one
+/// catch-all route serves all four endpoints, so the router alone would list the union of their methods).
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    let (_, last) = path.rsplit_once('/')?;
+    if last == "stop" {
+        Some("GET,HEAD,POST")
+    } else if last.ends_with(".json") {
+        Some("GET,HEAD,DELETE")
+    } else if last.ends_with(".txt") || last.ends_with(".raw") {
+        Some("GET,HEAD")
+    } else {
+        None
+    }
+}
+
+/// Sets `Allow` on the 405s and `OPTIONS` answers of request URLs.
+pub async fn allow_by_ending(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = request.uri().path();
+    let allow = if path.contains("/r/") { allowed_methods(path) } else { None };
+    let options = request.method() == axum::http::Method::OPTIONS;
+    let mut response = next.run(request).await;
+    if let Some(allow) = allow
+        && (options || response.status() == StatusCode::METHOD_NOT_ALLOWED)
+    {
+        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
+    response
 }
