@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub struct Application {
     listener: TcpListener,
@@ -155,10 +156,20 @@ impl Application {
         let local = self.listener.local_addr()?;
         tracing::info!("offload {} listening on {local} (public URL {})", env!("CARGO_PKG_VERSION"), self.base_url);
         let background = CancellationToken::new();
-        let deliveries = tokio::spawn(self.deliverer.clone().run(background.clone()));
+        // Background work is tracked: a task that ends before shutdown is logged as an error and started again,
+        // and shutdown waits for each.
+        let tasks = TaskTracker::new();
+        let deliverer = self.deliverer.clone();
+        tasks.spawn(supervise("webhook deliveries", background.clone(), move |closing| {
+            deliverer.clone().run(closing)
+        }));
         if let Some(retention) = self.retention {
-            tokio::spawn(crate::retention::sweep(self.requests.clone(), retention, background.clone()));
+            let requests = self.requests.clone();
+            tasks.spawn(supervise("the retention sweep", background.clone(), move |closing| {
+                crate::retention::sweep(requests.clone(), retention, closing)
+            }));
         }
+        tasks.close();
         let closing = CancellationToken::new();
         let serving = crate::http::server::serve(self.listener, self.router, self.limits, closing.clone());
         tokio::pin!(serving);
@@ -171,7 +182,7 @@ impl Application {
             engine.shutdown(grace).await;
             background.cancel();
             // Attempts under way finish (each is bounded by the webhook timeout); the rest wait in the store.
-            let _ = deliveries.await;
+            tasks.wait().await;
         };
         tokio::select! {
             () = &mut serving => return Ok(()),
@@ -183,6 +194,29 @@ impl Application {
             tracing::warn!("connections still open 5 s after draining; closing them");
         }
         Ok(())
+    }
+}
+
+/// Runs a background task until `closing`; if it ends before (a panic, a bug), says so loudly and starts it again
+/// after a second.
+async fn supervise<F, Fut>(name: &'static str, closing: CancellationToken, make: F)
+where
+    F: Fn(CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let outcome = tokio::spawn(make(closing.clone())).await;
+        if closing.is_cancelled() {
+            return;
+        }
+        match outcome {
+            Ok(()) => tracing::error!("{name} stopped unexpectedly; starting it again"),
+            Err(e) => tracing::error!(error = %e, "{name} died; starting it again"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = closing.cancelled() => return,
+        }
     }
 }
 
