@@ -19,7 +19,7 @@ pub struct Cli {
 enum Command {
     /// Run the server.
     Serve(Box<ServeArgs>),
-    /// Manage service keys (the server runs open while there are none).
+    /// Manage service keys (while there are none the server runs open: on loopback, or with --allow-open).
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Run the built-in OpenAI-compatible mock upstream on its own.

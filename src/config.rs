@@ -2,6 +2,7 @@
 //! named by `--config`, else its default.
 
 use crate::domain::UpstreamKey;
+use crate::http::server::ServerLimits;
 use crate::store::sqlite::Synchronous;
 use crate::webhook::WebhookConfig;
 use crate::webhook::signature::WebhookSecret;
@@ -88,6 +89,24 @@ pub struct ServeArgs {
     /// How long finished requests are kept, e.g. `30d`, `12h`; `0` keeps them forever [default: 30d].
     #[arg(long, env = "OFFLOAD_RETENTION")]
     pub retention: Option<String>,
+    /// A request head must arrive whole within this time of its first byte (of the connection, for the first
+    /// request) [default: 10s].
+    #[arg(long, env = "OFFLOAD_HEADER_TIMEOUT")]
+    pub header_timeout: Option<String>,
+    /// A create body must arrive whole within this time of its head; 408 otherwise [default: 30s].
+    #[arg(long, env = "OFFLOAD_BODY_TIMEOUT")]
+    pub body_timeout: Option<String>,
+    /// A connection with no request in progress is closed this long after its last response [default: 60s].
+    #[arg(long, env = "OFFLOAD_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// Client connections served at once (also kept below the open-file limit); at the cap, the connection idle
+    /// the longest makes room for a new one [default: 10000].
+    #[arg(long, env = "OFFLOAD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Serve on a non-loopback address even while no service key exists: anyone who reaches it can create
+    /// requests.
+    #[arg(long, env = "OFFLOAD_ALLOW_OPEN", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_open: Option<bool>,
 }
 
 /// Settings after merging and checking.
@@ -112,6 +131,12 @@ pub struct Settings {
     pub webhooks: WebhookConfig,
     /// `None` keeps finished requests forever.
     pub retention: Option<Duration>,
+    /// Connection limits: header and idle timeouts, the connection cap.
+    pub server: ServerLimits,
+    /// Longest wait for a create body after its head.
+    pub body_timeout: Duration,
+    /// Serve open (no service key) on a non-loopback address.
+    pub allow_open: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +162,15 @@ fn duration(name: &'static str, text: &str) -> Result<Duration, ConfigError> {
         name,
         reason: format!("{text:?} is not a duration like 30d, 12h or 90s ({e})"),
     })
+}
+
+/// A duration that must not be zero (a zero time limit would close every connection at once).
+fn positive(name: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let value = duration(name, text)?;
+    if value.is_zero() {
+        return Err(ConfigError::Invalid { name, reason: "must be more than 0".into() });
+    }
+    Ok(value)
 }
 
 impl ServeArgs {
@@ -166,6 +200,11 @@ impl ServeArgs {
             webhook_backoff: self.webhook_backoff.or(other.webhook_backoff),
             webhook_timeout: self.webhook_timeout.or(other.webhook_timeout),
             retention: self.retention.or(other.retention),
+            header_timeout: self.header_timeout.or(other.header_timeout),
+            body_timeout: self.body_timeout.or(other.body_timeout),
+            idle_timeout: self.idle_timeout.or(other.idle_timeout),
+            max_connections: self.max_connections.or(other.max_connections),
+            allow_open: self.allow_open.or(other.allow_open),
         }
     }
 }
@@ -204,6 +243,10 @@ impl Settings {
                 });
             }
         };
+        let max_connections = a.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(ConfigError::Invalid { name: "max_connections", reason: "must be at least 1".into() });
+        }
         let default_upstream = Url::parse("https://api.openai.com/v1")
             .map_err(|e| ConfigError::Invalid { name: "upstream_url", reason: e.to_string() })?;
         Ok(Settings {
@@ -236,6 +279,13 @@ impl Settings {
                 timeout: duration("webhook_timeout", a.webhook_timeout.as_deref().unwrap_or("10s"))?,
             },
             retention: Some(duration("retention", a.retention.as_deref().unwrap_or("30d"))?).filter(|d| !d.is_zero()),
+            server: ServerLimits {
+                header_timeout: positive("header_timeout", a.header_timeout.as_deref().unwrap_or("10s"))?,
+                idle_timeout: positive("idle_timeout", a.idle_timeout.as_deref().unwrap_or("60s"))?,
+                max_connections,
+            },
+            body_timeout: positive("body_timeout", a.body_timeout.as_deref().unwrap_or("30s"))?,
+            allow_open: a.allow_open.unwrap_or(false),
         })
     }
 }
@@ -277,6 +327,23 @@ mod tests {
         assert_eq!(s.retention, Some(Duration::from_secs(30 * 86_400)));
         assert!(Settings::resolve(ServeArgs { retention: Some("soon".into()), ..ServeArgs::default() }).is_err());
         assert!(Settings::resolve(ServeArgs { webhook_secret: Some("plain".into()), ..ServeArgs::default() }).is_err());
+    }
+
+    #[test]
+    fn connection_limits_have_public_defaults_and_refuse_zero() {
+        let s = Settings::resolve(ServeArgs::default()).unwrap();
+        assert_eq!(s.server.header_timeout, Duration::from_secs(10));
+        assert_eq!(s.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(s.server.max_connections, 10_000);
+        assert_eq!(s.body_timeout, Duration::from_secs(30));
+        assert!(!s.allow_open);
+        for args in [
+            ServeArgs { header_timeout: Some("0".into()), ..ServeArgs::default() },
+            ServeArgs { body_timeout: Some("0s".into()), ..ServeArgs::default() },
+            ServeArgs { max_connections: Some(0), ..ServeArgs::default() },
+        ] {
+            assert!(Settings::resolve(args).is_err());
+        }
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //! - [`engine`]: the running requests: the in-memory hub of live requests, the worker that performs an upstream
 //!   call, the persister that batches writes to the store, crash recovery and shutdown.
 //! - [`upstream`]: the HTTP client for the OpenAI-compatible upstream.
-//! - [`store`]: the [`store::Store`] trait and its implementations (SQLite).
-//! - [`http`]: the HTTP surface: routes, extractors, the JSON error format, SSE.
+//! - [`store`]: the [`store::Store`] trait and its implementations (SQLite, PostgreSQL).
+//! - [`http`]: the HTTP surface: routes, extractors, the JSON error format, SSE; the accept loop and its
+//!   connection limits.
 //! - [`keys`]: service keys: authentication, rates, quotas, and the `offload keys` commands.
 //! - [`mock`]: the built-in OpenAI-compatible mock upstream used by tests, benchmarks and new users.
 //! - [`webhook`]: webhook delivery (signing, retries, SSRF guard).

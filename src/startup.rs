@@ -4,24 +4,27 @@ use crate::config::Settings;
 use crate::document::Urls;
 use crate::domain::Limits;
 use crate::engine::{Engine, EngineConfig};
+use crate::http::BodyLimits;
+use crate::http::server::ServerLimits;
 use crate::keys::Gatekeeper;
 use crate::mock::{MockConfig, MockServer};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, Stores};
 use crate::upstream::Upstream;
 use crate::webhook::Deliverer;
-use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub struct Application {
     listener: TcpListener,
     engine: Engine,
     router: axum::Router,
+    limits: ServerLimits,
     base_url: String,
     shutdown_grace: Duration,
     deliverer: Arc<Deliverer>,
@@ -41,6 +44,13 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("cannot build the webhook client: {0}")]
     Webhooks(reqwest::Error),
+    #[error(
+        "refusing to serve on {addr} with no service key: anyone who can reach this address could create requests \
+         (and spend the upstream key). Create a key with `offload keys create --name NAME` and send it as \
+         `Authorization: Bearer <key>`, listen on a loopback address, or pass --allow-open (OFFLOAD_ALLOW_OPEN=true, \
+         `allow_open = true` in the config file) to serve open anyway"
+    )]
+    Open { addr: SocketAddr },
 }
 
 impl Application {
@@ -59,6 +69,16 @@ impl Application {
             None
         };
         let upstream_url = mock.as_ref().map(MockServer::api_base).unwrap_or_else(|| settings.upstream_url.clone());
+        let open_allowed = settings.listen.ip().is_loopback() || settings.allow_open;
+        if !stores.keys.active_keys_exist().await? {
+            if !open_allowed {
+                return Err(StartError::Open { addr: settings.listen });
+            }
+            tracing::warn!(
+                "NO SERVICE KEYS: this server accepts create calls from anyone who can reach it. \
+                 Create a key with `offload keys create --name NAME` to require one."
+            );
+        }
         let listener = TcpListener::bind(settings.listen)
             .await
             .map_err(|source| StartError::Bind { addr: settings.listen, source })?;
@@ -93,17 +113,14 @@ impl Application {
         if recovered > 0 {
             tracing::warn!(count = recovered, "ended requests cut off by a previous stop as interrupted");
         }
-        if !stores.keys.active_keys_exist().await? {
-            tracing::warn!(
-                "NO SERVICE KEYS: this server accepts create calls from anyone who can reach it. \
-                 Create a key with `offload keys create --name NAME` to require one."
-            );
-        }
         if settings.webhooks.allow_private {
             tracing::warn!("webhooks may target loopback and private addresses (--allow-private-webhooks)");
         }
         let gate = Arc::new(Gatekeeper::new(stores.keys.clone()));
-        let router = crate::http::router(engine.clone(), gate, settings.max_body_bytes);
+        let body = BodyLimits { max_bytes: settings.max_body_bytes, timeout: settings.body_timeout };
+        let router = crate::http::router(engine.clone(), gate, body, open_allowed);
+        let limits =
+            ServerLimits { max_connections: connection_cap(settings.server.max_connections), ..settings.server };
         if mock.is_some() {
             tracing::info!("using the built-in mock upstream at {upstream_url}");
         }
@@ -111,6 +128,7 @@ impl Application {
             listener,
             engine,
             router,
+            limits,
             base_url,
             shutdown_grace: settings.shutdown_grace,
             deliverer,
@@ -138,41 +156,97 @@ impl Application {
         let local = self.listener.local_addr()?;
         tracing::info!("offload {} listening on {local} (public URL {})", env!("CARGO_PKG_VERSION"), self.base_url);
         let background = CancellationToken::new();
-        let deliveries = tokio::spawn(self.deliverer.clone().run(background.clone()));
+        // Background work is tracked: a task that ends before shutdown is logged as an error and started again,
+        // and shutdown waits for each.
+        let tasks = TaskTracker::new();
+        let deliverer = self.deliverer.clone();
+        tasks.spawn(supervise("webhook deliveries", background.clone(), move |closing| {
+            deliverer.clone().run(closing)
+        }));
         if let Some(retention) = self.retention {
-            tokio::spawn(crate::retention::sweep(self.requests.clone(), retention, background.clone()));
+            let requests = self.requests.clone();
+            tasks.spawn(supervise("the retention sweep", background.clone(), move |closing| {
+                crate::retention::sweep(requests.clone(), retention, closing)
+            }));
         }
+        tasks.close();
+        let closing = CancellationToken::new();
+        let serving = crate::http::server::serve(self.listener, self.router, self.limits, closing.clone());
+        tokio::pin!(serving);
         let engine = self.engine.clone();
         let grace = self.shutdown_grace;
-        let drained = Arc::new(tokio::sync::Notify::new());
-        let drained_signal = drained.clone();
-        // Events are small writes that must leave at once: without TCP_NODELAY, Nagle's algorithm can hold one
-        // back until the previous write is acknowledged.
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-            }
-        });
-        let server = axum::serve(listener, self.router).with_graceful_shutdown(async move {
+        // Connections keep being accepted and served while running requests drain (reads work, creates get 503).
+        let drained = async move {
             shutdown.await;
             tracing::info!("shutting down: no new requests; running ones get {grace:?} to finish");
             engine.shutdown(grace).await;
             background.cancel();
             // Attempts under way finish (each is bounded by the webhook timeout); the rest wait in the store.
-            let _ = deliveries.await;
-            drained_signal.notify_one();
-        });
+            tasks.wait().await;
+        };
         tokio::select! {
-            result = server => result,
-            _ = async {
-                drained.notified().await;
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            } => {
-                tracing::warn!("connections still open 5 s after draining; closing them");
-                Ok(())
-            }
+            () = &mut serving => return Ok(()),
+            () = drained => {}
+        }
+        closing.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), serving).await.is_err() {
+            // Dropping the server future aborts the connections still open.
+            tracing::warn!("connections still open 5 s after draining; closing them");
+        }
+        Ok(())
+    }
+}
+
+/// Runs a background task until `closing`; if it ends before (a panic, a bug), says so loudly and starts it again
+/// after a second.
+async fn supervise<F, Fut>(name: &'static str, closing: CancellationToken, make: F)
+where
+    F: Fn(CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let outcome = tokio::spawn(make(closing.clone())).await;
+        if closing.is_cancelled() {
+            return;
+        }
+        match outcome {
+            Ok(()) => tracing::error!("{name} stopped unexpectedly; starting it again"),
+            Err(e) => tracing::error!(error = %e, "{name} died; starting it again"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = closing.cancelled() => return,
         }
     }
+}
+
+/// How many open files the process may have: the soft limit raised to the hard one, so that a default `ulimit -n`
+/// of 1024 does not cap a server that may hold thousands of connections.
+fn raise_file_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => Some(limit),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit");
+            None
+        }
+    }
+}
+
+/// `max_connections`, lowered if needed to leave a quarter of the open-file limit (at least 64) to the store,
+/// the upstream and webhook calls and the runtime: running out of file descriptors must cost new connections,
+/// never the requests already accepted.
+fn connection_cap(max_connections: usize) -> usize {
+    let Some(files) = raise_file_limit() else { return max_connections };
+    let reserve = (files / 4).max(64);
+    let fits = usize::try_from(files.saturating_sub(reserve)).unwrap_or(usize::MAX).max(1);
+    if fits < max_connections {
+        tracing::warn!(
+            "serving at most {fits} connections at once, not {max_connections} (--max-connections): the open-file \
+             limit is {files}; raise it (`ulimit -n`, LimitNOFILE=) to serve more"
+        );
+        return fits;
+    }
+    max_connections
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

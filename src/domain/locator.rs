@@ -66,7 +66,12 @@ impl ParsedUrl {
 
     /// Parses the path segments after `{kind}/r/`. Anything malformed is `None` (a 404 to the caller).
     pub fn from_segments(kind: &str, rest: &[&str]) -> Option<Self> {
-        let kind = Kind::from_code(kind.parse().ok()?)?;
+        // Exactly `1` or `2`: `01` or `+1` would be a second URL for the same request.
+        let kind = match kind {
+            "1" => Kind::Stream,
+            "2" => Kind::Async,
+            _ => return None,
+        };
         let (access, date, last, stop) = match rest {
             [access, y, mo, d, h, mi, s, last] => (access, [y, mo, d, h, mi, s], *last, false),
             [access, y, mo, d, h, mi, s, last, "stop"] => (access, [y, mo, d, h, mi, s], *last, true),
@@ -168,6 +173,15 @@ mod tests {
     }
 
     #[test]
+    fn a_kind_written_another_way_is_not_a_url() {
+        // Found by `a_url_that_parses_is_written_the_one_way_we_write_it`: `01` parsed as kind 1.
+        for kind in ["01", "+1", "002", "1 "] {
+            let path = format!("/{kind}/r/pub/2023/06/01/16/47/21/154dff1d-a1b1-4270-bbbc-66b9a5700a12.json");
+            assert!(ParsedUrl::from_url_path(&path).is_none(), "{path}");
+        }
+    }
+
+    #[test]
     fn a_url_with_another_date_kind_or_access_does_not_match() {
         let loc = seed_locator();
         let path = loc.url("", Suffix::Status);
@@ -184,5 +198,125 @@ mod tests {
             ParsedUrl::from_url_path("/3/r/pub/2023/06/01/16/47/21/154dff1d-a1b1-4270-bbbc-66b9a5700a12.json")
                 .is_none()
         );
+    }
+}
+
+/// Properties over generated URLs: parsing never panics, every URL a locator builds parses back to it, and a
+/// URL that parses is written the one way this server writes it.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any instant from 1970 to the end of year 9999, the years a URL can hold.
+    fn locator() -> impl Strategy<Value = Locator> {
+        (any::<bool>(), any::<bool>(), 0i64..=253_402_300_799, any::<[u8; 16]>()).prop_map(
+            |(stream, private, created_at, id)| Locator {
+                kind: if stream { Kind::Stream } else { Kind::Async },
+                access: if private { Access::Private } else { Access::Public },
+                created_at,
+                id: RequestId::from_bytes(id),
+            },
+        )
+    }
+
+    fn suffix() -> impl Strategy<Value = Suffix> {
+        prop::sample::select(&[Suffix::Status, Suffix::Events, Suffix::Raw, Suffix::Stop][..])
+    }
+
+    /// Segments that are often almost right: the pieces of real URLs, their near misses, and noise.
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(
+                &["1", "2", "3", "01", "+1", "r", "pub", "priv", "stop", "2023", "06", "6", "+6", "٦", "00", "99", "",]
+                    [..]
+            )
+            .prop_map(str::to_owned),
+            "[0-9]{1,5}",
+            id_with_ending(),
+            ".{0,40}",
+        ]
+    }
+
+    /// A date segment of `width` digits, or now and then a near miss.
+    fn date_part(width: usize) -> impl Strategy<Value = String> {
+        prop_oneof![
+            8 => prop::collection::vec(prop::char::range('0', '9'), width).prop_map(String::from_iter),
+            1 => "[0-9]{1,5}",
+            1 => prop::sample::select(&["+1", "-1", " 12", "1e1", "٦٦", "0x1"][..]).prop_map(str::to_owned),
+        ]
+    }
+
+    fn id_with_ending() -> impl Strategy<Value = String> {
+        (any::<[u8; 16]>(), prop::sample::select(&["", ".json", ".txt", ".raw", ".JSON", ".json.txt"][..]))
+            .prop_map(|(id, end)| format!("{}{end}", RequestId::from_bytes(id)))
+    }
+
+    /// How this server writes a parsed URL.
+    fn written(p: &ParsedUrl) -> String {
+        let [y, mo, d, h, mi, s] = p.date.0;
+        let ending = match p.suffix {
+            Suffix::Status => ".json",
+            Suffix::Events => ".txt",
+            Suffix::Raw => ".raw",
+            Suffix::Stop => "/stop",
+        };
+        format!(
+            "{}/r/{}/{y:04}/{mo:02}/{d:02}/{h:02}/{mi:02}/{s:02}/{}{ending}",
+            p.kind.code(),
+            p.access.segment(),
+            p.id
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_segments_give_a_url_or_none(kind in segment(), rest in prop::collection::vec(segment(), 0..12)) {
+            let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+            let _ = ParsedUrl::from_segments(&kind, &rest);
+        }
+
+        #[test]
+        fn any_path_gives_a_url_or_none(parts in prop::collection::vec(segment(), 0..14)) {
+            let _ = ParsedUrl::from_url_path(&parts.join("/"));
+        }
+
+        #[test]
+        fn a_url_that_parses_is_written_the_one_way_we_write_it(
+            kind in prop::sample::select(&["1", "2", "3", "01", "+1", " 1", "1 "][..]),
+            access in prop::sample::select(&["pub", "priv", "PUB", "public", ""][..]),
+            date in [date_part(4), date_part(2), date_part(2), date_part(2), date_part(2), date_part(2)],
+            last in prop_oneof![
+                4 => id_with_ending(),
+                1 => segment(),
+            ],
+            stop in any::<bool>(),
+        ) {
+            let mut rest: Vec<&str> = std::iter::once(access).chain(date.iter().map(String::as_str)).collect();
+            rest.push(&last);
+            if stop {
+                rest.push("stop");
+            }
+            if let Some(parsed) = ParsedUrl::from_segments(kind, &rest) {
+                prop_assert_eq!(written(&parsed), format!("{kind}/r/{}", rest.join("/")));
+            }
+        }
+
+        #[test]
+        fn every_url_of_a_locator_parses_back_to_it(
+            loc in locator(),
+            suffix in suffix(),
+            base in prop::sample::select(&["", "http://127.0.0.1:8080", "https://h.example/r/base", "/r"][..]),
+        ) {
+            let url = loc.url(base, suffix);
+            let parsed = ParsedUrl::from_url_path(&url);
+            prop_assert!(parsed.is_some(), "{} does not parse", url);
+            let Some(parsed) = parsed else { return Ok(()) };
+            prop_assert_eq!(parsed.suffix, suffix);
+            prop_assert_eq!((parsed.kind, parsed.access, parsed.id), (loc.kind, loc.access, loc.id));
+            prop_assert!(parsed.matches(&loc), "{} does not match {:?}", url, loc);
+        }
     }
 }

@@ -172,7 +172,7 @@ impl Lanes {
 
 fn answer(acks: impl IntoIterator<Item = Ack>, result: &Result<(), StoreError>) {
     for ack in acks {
-        let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| StoreError::Database(e.to_string())));
+        let _ = ack.send(result.clone());
     }
 }
 

@@ -5,6 +5,8 @@
 //! placeholder ("the events go here") and `.raw` is rebuilt from the events. At the first byte that differs (a
 //! comment, `data:` without a space, CRLF, multi-line data), it cuts the placeholder to the events before that
 //! point and records every piece verbatim from there on, so `.raw` is exact either way.
+//!
+//! The parser gets the same bytes minus any byte order mark at the start ([`SkipBom`]); the recorder keeps it.
 
 use crate::store::RawPiece;
 use bytes::{Buf, Bytes, BytesMut};
@@ -151,6 +153,45 @@ impl RawRecorder {
     }
 }
 
+/// The UTF-8 byte order mark.
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
+/// Takes the byte order marks off the start of a stream body on its way into the SSE parser.
+///
+/// The event stream format allows one there, and `eventsource-stream` 0.2 panics on it: it strips it by slicing
+/// its first string at byte 1, inside the three-byte mark. Bytes that may still be the start of a mark are held
+/// back until the next piece tells.
+#[derive(Debug, Default)]
+pub struct SkipBom {
+    held: Vec<u8>,
+    past: bool,
+}
+
+impl SkipBom {
+    /// What the parser gets of the next piece received (possibly nothing yet).
+    pub fn feed(&mut self, bytes: Bytes) -> Bytes {
+        if self.past {
+            return bytes;
+        }
+        let mut rest = if self.held.is_empty() {
+            bytes
+        } else {
+            let mut held = std::mem::take(&mut self.held);
+            held.extend_from_slice(&bytes);
+            Bytes::from(held)
+        };
+        while rest.starts_with(BOM) {
+            rest.advance(BOM.len());
+        }
+        if rest.len() < BOM.len() && BOM.starts_with(&rest) {
+            self.held = rest.to_vec();
+            return Bytes::new();
+        }
+        self.past = true;
+        rest
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +243,20 @@ mod tests {
         let (stored, raw) = record(&["data: {\"a\":1}\n\ndata: {\"a\""], &["{\"a\":1}"], false);
         assert_eq!(raw, b"HTTP/1.1 200 OK\r\n\r\ndata: {\"a\":1}\n\ndata: {\"a\"".to_vec());
         assert!(matches!(&stored.last().unwrap().1, RawPiece::Bytes(b) if &b[..] == b"data: {\"a\""));
+    }
+
+    #[test]
+    fn byte_order_marks_at_the_start_are_skipped_however_the_body_is_split() {
+        let body = b"\xef\xbb\xbf\xef\xbb\xbfdata: \xef\xbb\xbf\n\n";
+        for cut in 0..=body.len() {
+            let mut skip = SkipBom::default();
+            let mut out = skip.feed(Bytes::copy_from_slice(&body[..cut])).to_vec();
+            out.extend_from_slice(&skip.feed(Bytes::copy_from_slice(&body[cut..])));
+            assert_eq!(out, b"data: \xef\xbb\xbf\n\n", "cut at {cut}");
+        }
+        let mut skip = SkipBom::default();
+        assert!(skip.feed(Bytes::from_static(b"\xef\xbb")).is_empty(), "maybe a mark: held");
+        assert_eq!(&skip.feed(Bytes::from_static(b"!"))[..], b"\xef\xbb!", "not a mark after all");
     }
 
     #[test]

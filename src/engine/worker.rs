@@ -2,7 +2,7 @@
 
 use super::Inner;
 use super::live::{CancelReason, LiveBody, LiveRequest, json_body};
-use super::raw::Stored;
+use super::raw::{SkipBom, Stored};
 use crate::document::{ChunkKind, ErrorInfo};
 use crate::domain::{Kind, Status, UpstreamKey};
 use crate::store::WriteOp;
@@ -165,6 +165,7 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
     live.raw_start_stream();
     let tap: Arc<Mutex<Vec<Bytes>>> = Arc::default();
     let tap_in = tap.clone();
+    let mut skip_bom = SkipBom::default();
     let mut events = response
         .bytes_stream()
         .inspect(move |piece| {
@@ -172,6 +173,7 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
                 tap_in.lock().push(bytes.clone());
             }
         })
+        .map(move |piece| piece.map(|bytes| skip_bom.feed(bytes)))
         .eventsource();
     let mut saw_done = false;
     let mut failure = None;

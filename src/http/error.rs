@@ -2,8 +2,12 @@
 
 use crate::engine::CreateError;
 use crate::keys::Refusal;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 #[derive(Debug)]
@@ -13,15 +17,24 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<&'static str>,
     pub retry_after: Option<u64>,
+    /// Answered before the request body was read: `Connection: close` (HTTP/1.1), so that the rest of the body
+    /// is not read (or waited for) just to keep the connection.
+    pub close: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), param: None, retry_after: None }
+        Self { status, code, message: message.into(), param: None, retry_after: None, close: false }
     }
 
     pub fn with_param(mut self, param: Option<&'static str>) -> Self {
         self.param = param;
+        self
+    }
+
+    /// Closes an HTTP/1.x connection after this answer (HTTP/2 has no such header; its stream is reset instead).
+    pub fn closing(mut self, http1: bool) -> Self {
+        self.close = http1;
         self
     }
 
@@ -54,7 +67,80 @@ impl IntoResponse for ApiError {
         if let Some(seconds) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
+        if self.close {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
+    }
+}
+
+/// The last word on every response: an error status whose body is not JSON (an extractor's or a layer's plain
+/// text, an empty 405) gets the JSON format of the contract, keeping its status and headers.
+pub async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    let (code, message) = generic(status);
+    let (json_parts, body) = ApiError::new(status, code, message).into_response().into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in &json_parts.headers {
+        parts.headers.insert(name, value.clone());
+    }
+    Response::from_parts(parts, body)
+}
+
+/// Code and message for an error status that reached [`json_errors`] without a body of ours.
+fn generic(status: StatusCode) -> (&'static str, String) {
+    match status {
+        StatusCode::BAD_REQUEST => (
+            "bad_request",
+            "The request could not be understood (its URL, query string or headers are malformed).".into(),
+        ),
+        StatusCode::NOT_FOUND => ("not_found", "There is nothing at this URL.".into()),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "This method is not allowed on this URL.".into()),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ("payload_too_large", "The request body is larger than this server accepts.".into())
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ("unsupported_media_type", "This content type is not accepted here.".into())
+        }
+        s if s.is_server_error() => ("internal_error", "The server could not complete this; try again.".into()),
+        s => ("client_error", format!("The request was refused ({}).", s.canonical_reason().unwrap_or("client error"))),
+    }
+}
+
+/// `Path`, with its rejections in the JSON format.
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state).await.map(|Path(value)| ApiPath(value)).map_err(ApiError::from)
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        if rejection.status().is_server_error() {
+            return Self::internal(&rejection.body_text());
+        }
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_url",
+            "This URL's path is not valid: every percent-escape (`%xx`) must decode to UTF-8 text.",
+        )
     }
 }
 

@@ -3,25 +3,38 @@
 
 pub mod create;
 pub mod error;
+pub mod openapi;
 pub mod requests;
+pub mod server;
 
 use crate::engine::Engine;
 use crate::keys::Gatekeeper;
-use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use error::ApiError;
 use serde_json::json;
 use std::sync::Arc;
+use std::time::Duration;
 use tower_http::cors::{AllowHeaders, Any, CorsLayer};
 
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
     pub gate: Arc<Gatekeeper>,
+    pub body: BodyLimits,
+    /// Whether creates are taken without a service key while none exists: on a loopback listener, or when told
+    /// `--allow-open`. Otherwise revoking the last key closes the server instead of opening it to anyone.
+    pub open_allowed: bool,
 }
 
-pub fn router(engine: Engine, gate: Arc<Gatekeeper>, max_body_bytes: usize) -> Router {
+/// How much of a create body is read, and for how long.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
+pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits, open_allowed: bool) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods(Any)
@@ -32,14 +45,17 @@ pub fn router(engine: Engine, gate: Arc<Gatekeeper>, max_body_bytes: usize) -> R
     Router::new()
         .route("/", get(index))
         .route("/healthz", get(health))
+        .route("/openapi.json", get(openapi::document))
         .route("/v1/stream-chatgpt", post(create::stream))
         .route("/v1/async-chatgpt", post(create::asynchronous))
         .route("/{kind}/r/{*rest}", get(requests::get).post(requests::post).delete(requests::delete))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(cors)
-        .with_state(AppState { engine, gate })
+        .layer(axum::middleware::from_fn(requests::allow_by_ending))
+        // Outermost, so that whatever layer or extractor answers an error, the caller gets the JSON format.
+        .layer(axum::middleware::map_response(error::json_errors))
+        .with_state(AppState { engine, gate, body, open_allowed })
 }
 
 /// The token of an `Authorization: Bearer <token>` header.

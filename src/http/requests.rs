@@ -1,25 +1,55 @@
 //! The endpoints of one request: `.json` (and `DELETE`), `.txt`, `.raw`, `/stop`.
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ApiPath};
 use crate::document::{BodyView, RequestMeta, render};
 use crate::domain::locator::ParsedUrl;
 use crate::domain::{Access, Kind, Suffix};
 use crate::engine::{Found, StopOutcome};
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::hash::{Hash, Hasher};
 
-#[derive(Deserialize, Default)]
+/// `?stream_token=` and `?last_event_id=`; other parameters are ignored. A parameter given twice, or whose
+/// percent-escapes are not UTF-8, is a 400 naming it.
+#[derive(Default)]
 pub struct StreamQuery {
     stream_token: Option<String>,
     last_event_id: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for StreamQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let mut query = StreamQuery::default();
+        let Some(text) = parts.uri.query() else { return Ok(query) };
+        for (name, value) in url::form_urlencoded::parse(text.as_bytes()) {
+            let (param, slot) = match name.as_ref() {
+                "stream_token" => ("stream_token", &mut query.stream_token),
+                "last_event_id" => ("last_event_id", &mut query.last_event_id),
+                _ => continue,
+            };
+            let invalid = |message: String| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message).with_param(Some(param))
+            };
+            if slot.is_some() {
+                return Err(invalid(format!("`{param}` is given more than once in the query string; give it once.")));
+            }
+            // The decoder replaces bytes that are not UTF-8 with U+FFFD.
+            if value.contains('\u{FFFD}') {
+                return Err(invalid(format!("`{param}` is not valid: its percent-escapes must decode to UTF-8 text.")));
+            }
+            *slot = Some(value.into_owned());
+        }
+        Ok(query)
+    }
 }
 
 fn parse_url(kind: &str, rest: &str) -> Result<ParsedUrl, ApiError> {
@@ -56,8 +86,8 @@ fn authorize(meta: &RequestMeta, headers: &HeaderMap, stream_token: Option<&str>
 
 pub async fn get(
     State(app): State<AppState>,
-    Path((kind, rest)): Path<(String, String)>,
-    Query(query): Query<StreamQuery>,
+    ApiPath((kind, rest)): ApiPath<(String, String)>,
+    query: StreamQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let url = parse_url(&kind, &rest)?;
@@ -74,7 +104,7 @@ pub async fn get(
 
 pub async fn post(
     State(app): State<AppState>,
-    Path((kind, rest)): Path<(String, String)>,
+    ApiPath((kind, rest)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let url = parse_url(&kind, &rest)?;
@@ -88,7 +118,7 @@ pub async fn post(
 
 pub async fn delete(
     State(app): State<AppState>,
-    Path((kind, rest)): Path<(String, String)>,
+    ApiPath((kind, rest)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let url = parse_url(&kind, &rest)?;
@@ -156,18 +186,22 @@ fn events(app: &AppState, found: Found, headers: &HeaderMap, query_last: Option<
             "Requests made with /v1/async-chatgpt have no event stream; poll their status_url instead.",
         ));
     }
-    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query_last).map(str::trim);
-    let after = match last {
-        None | Some("") => None,
-        Some(text) => Some(text.parse::<u64>().map_err(|_| {
+    // Both are checked, so that a bad `?last_event_id=` is refused whatever the header says; the header wins.
+    let event_number = |text: &str| match text.trim() {
+        "" => Ok(None),
+        text => text.parse::<u64>().map(Some).map_err(|_| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_last_event_id",
                 "Last-Event-ID must be a whole event number.",
             )
             .with_param(Some("last_event_id"))
-        })?),
+        }),
     };
+    let header = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("-"));
+    let from_header = header.map(event_number).transpose()?.flatten();
+    let from_query = query_last.map(event_number).transpose()?.flatten();
+    let after = from_header.or(from_query);
     let (is_final, count) = match &found {
         Found::Live(live) => live.position(),
         Found::Stored(stored) => (stored.progress.status.is_final(), stored.event_count),
@@ -233,4 +267,33 @@ async fn stop(app: &AppState, found: &Found) -> Response {
             err.into_response()
         }
     }
+}
+
+/// The methods a request URL answers, by its ending: what `Allow` says on its 405s and to `OPTIONS` (the one
+/// catch-all route serves all four endpoints, so the router alone would list the union of their methods).
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    let (_, last) = path.rsplit_once('/')?;
+    if last == "stop" {
+        Some("GET,HEAD,POST")
+    } else if last.ends_with(".json") {
+        Some("GET,HEAD,DELETE")
+    } else if last.ends_with(".txt") || last.ends_with(".raw") {
+        Some("GET,HEAD")
+    } else {
+        None
+    }
+}
+
+/// Sets `Allow` on the 405s and `OPTIONS` answers of request URLs.
+pub async fn allow_by_ending(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = request.uri().path();
+    let allow = if path.contains("/r/") { allowed_methods(path) } else { None };
+    let options = request.method() == axum::http::Method::OPTIONS;
+    let mut response = next.run(request).await;
+    if let Some(allow) = allow
+        && (options || response.status() == StatusCode::METHOD_NOT_ALLOWED)
+    {
+        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
+    response
 }

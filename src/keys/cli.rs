@@ -4,8 +4,8 @@
 use crate::config::{ServeArgs, Settings};
 use crate::domain::service_key::new_key_id;
 use crate::domain::{ApiKey, KeyLimits, ServiceKey};
-use crate::store::KeyStore;
 use crate::store::sqlite::SqliteStore;
+use crate::store::{Conflict, KeyStore, StoreError};
 use clap::{Args, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -85,7 +85,12 @@ pub async fn run(command: KeysCommand) -> Result<(), String> {
                 revoked_at: None,
                 limits: KeyLimits { requests_per_day, requests_per_month, rate, max_in_flight },
             };
-            store.create_key(&key, secret.hash()).await.map_err(|e| e.to_string())?;
+            store.create_key(&key, secret.hash()).await.map_err(|e| match e {
+                StoreError::Conflict(Conflict::KeyNameTaken) => {
+                    format!("a key named {:?} already exists; choose another --name", key.name)
+                }
+                e => e.to_string(),
+            })?;
             writeln!(out, "created key {:?} ({}); this is the only time it is shown:", key.name, key.id).map_err(io)?;
             writeln!(out, "{}", secret.as_str()).map_err(io)?;
         }

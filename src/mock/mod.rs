@@ -4,14 +4,18 @@
 //! Controls come from the process defaults (`offload mock-upstream --words ... --delay-ms ...`) and, per call,
 //! from a `mock` object in the request body, which offload passes upstream unchanged like any unknown field:
 //! `{"mock": {"words": 64, "delay_ms": 20, "ttft_ms": 100, "status": 500, "stall_after": 3, "drop_after": 5,
-//! "stall_headers": true, "comment_after": 3, "content": "exact reply",
+//! "stall_headers": true, "comment_after": 3, "bom": true, "content": "exact reply",
 //! "tool_calls": [{"name": "f", "arguments": "{}"}]}}`.
 //! A non-streaming answer is paced too: headers after `ttft_ms`, then the JSON body in `words` pieces
 //! `delay_ms` apart; `stall_after` and `drop_after` count those pieces (for streams: events).
 //!
 //! `GET /_mock/stats` counts calls, completed responses and responses the client abandoned (the connection was
-//! dropped mid-way); `GET /_mock/requests` shows the last calls received (body and whether a key was sent).
+//! dropped mid-way); `GET /_mock/requests` shows the last calls received: the body, whether an `Authorization`
+//! header came (`"authorization": true`), and, when the mock was started with an [`MockConfig::expected_key`],
+//! whether it was `Bearer <that key>` (`"authorization_expected"`, else `null`). The header's value itself is
+//! never shown: it is the caller's upstream key.
 
+use crate::domain::UpstreamKey;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -28,6 +32,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use subtle::ConstantTimeEq;
 
 /// Defaults for every call; a call's `mock` object overrides them.
 #[derive(Args, Debug, Clone, Deserialize, Default)]
@@ -44,6 +49,10 @@ pub struct MockConfig {
     #[arg(long)]
     #[serde(default)]
     pub delay_ms: Option<u64>,
+    /// The key a test expects calls to carry; `/_mock/requests` tells whether each did, never what came.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub expected_key: Option<UpstreamKey>,
 }
 
 /// The per-call controls.
@@ -61,6 +70,8 @@ struct Controls {
     drop_after: Option<usize>,
     /// Stream: an SSE comment line (`: ping`) after this many events, as some OpenAI-compatible servers send.
     comment_after: Option<usize>,
+    /// Stream: a byte order mark before the first event, which the event stream format allows.
+    bom: bool,
     tool_calls: Option<Vec<MockToolCall>>,
 }
 
@@ -222,9 +233,15 @@ async fn completions(State(state): State<Arc<MockState>>, headers: HeaderMap, bo
     };
     {
         let mut recent = state.recent.lock();
+        let authorization = headers.get(header::AUTHORIZATION);
+        let expected = state.defaults.expected_key.as_ref().map(|key| {
+            let wanted = format!("Bearer {}", key.expose());
+            authorization.is_some_and(|v| bool::from(v.as_bytes().ct_eq(wanted.as_bytes())))
+        });
         recent.push_back(json!({
             "body": request,
-            "authorization": headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
+            "authorization": authorization.is_some(),
+            "authorization_expected": expected,
         }));
         while recent.len() > 32 {
             recent.pop_front();
@@ -251,6 +268,9 @@ async fn completions(State(state): State<Arc<MockState>>, headers: HeaderMap, bo
             pieces.insert(at, ": ping\n\n".to_owned());
         }
         pieces.push("data: [DONE]\n\n".to_owned());
+        if controls.bom {
+            pieces[0].insert(0, '\u{feff}');
+        }
         pieces
     } else {
         // The JSON body is sent in as many pieces as there are words, paced like a stream, so that a slow

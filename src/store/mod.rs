@@ -4,9 +4,17 @@
 //! Storage is split by query family, one trait each: [`Store`] (requests, events, raw responses), [`WebhookStore`]
 //! (webhook deliveries) and [`KeyStore`] (service keys and their usage). An implementation provides all three.
 //!
-//! Implementations: [`sqlite::SqliteStore`] (embedded, the default). Every implementation must pass the contract
-//! suite in `tests/store_contract.rs`.
+//! Implementations: [`sqlite::SqliteStore`] (embedded, the default) and [`postgres::PostgresStore`] (a server
+//! shared by several nodes). Every implementation must pass the contract suite in `tests/store_contract.rs`, also
+//! with two handles open on one store at once (what two processes, or two nodes, are). Both lay a request out in
+//! the same columns ([`columns`]).
+//!
+//! Errors say what a caller can do about them: [`StoreError::is_retryable`] is true for failures that may pass on
+//! a second try (a busy database, a lost race between transactions, a dropped connection), and a [`Conflict`]
+//! names the rule a write broke.
 
+mod columns;
+pub mod postgres;
 pub mod sqlite;
 
 use crate::document::{Progress, RequestMeta};
@@ -15,16 +23,39 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
+    /// A failure that may pass when tried again: the database is busy or locked, a transaction lost a race to
+    /// another (serialization failure, deadlock), or the connection to the database is down.
+    #[error("the database is unavailable for now: {0}")]
+    Unavailable(String),
+    /// A failure that will not pass by itself (a bad query, a full disk, a schema from another version).
     #[error("database error: {0}")]
     Database(String),
     #[error("stored data could not be read back: {0}")]
     Corrupt(String),
     #[error("the store is closed")]
     Closed,
-    #[error("{0}")]
-    Conflict(String),
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed if made again (after a short wait).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A write refused because it breaks a rule of the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    /// Key names are unique (revoked keys keep theirs).
+    #[error("a key with this name already exists")]
+    KeyNameTaken,
+    /// A key with the same id or the same secret exists (a collision of random values: generate the key again).
+    #[error("a key with this id or secret already exists")]
+    KeyExists,
 }
 
 /// One store seen through each of its query families; every component gets only the family it needs.
@@ -134,6 +165,21 @@ pub enum WebhookState {
     Failed,
 }
 
+impl WebhookStatus {
+    /// A delivery just queued.
+    pub fn pending() -> Self {
+        Self {
+            state: WebhookState::Pending,
+            attempts: 0,
+            first_attempt_at: None,
+            last_attempt_at: None,
+            last_status_code: None,
+            last_error: None,
+            next_attempt_at: None,
+        }
+    }
+}
+
 impl WebhookState {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -174,6 +220,18 @@ pub trait WebhookStore: Send + Sync + 'static {
 pub struct Periods {
     pub day: String,
     pub month: String,
+}
+
+impl Periods {
+    /// The usage counter of the day, as stored (`d:2026-11-22`).
+    pub fn day_key(&self) -> String {
+        format!("d:{}", self.day)
+    }
+
+    /// The usage counter of the month, as stored (`m:2026-11`).
+    pub fn month_key(&self) -> String {
+        format!("m:{}", self.month)
+    }
 }
 
 /// A key's usage in the current periods.

@@ -34,17 +34,16 @@ pub async fn spawn_app() -> TestApp {
 /// Starts the app with settings adjusted by `adjust` (they start from the defaults, port 0, a fresh data
 /// directory and the mock upstream).
 pub async fn spawn_with(adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
-    let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), MockConfig::default()).await.unwrap();
+    spawn_with_mock(MockConfig::default(), adjust).await
+}
+
+/// Like [`spawn_with`], with the mock upstream started from `mock` (e.g. the key it expects calls to carry).
+pub async fn spawn_with_mock(mock: MockConfig, adjust: impl FnOnce(&mut ServeArgs)) -> TestApp {
+    let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), mock).await.unwrap();
     let data_dir = tempfile::tempdir().unwrap();
-    let mut args = ServeArgs {
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        data_dir: Some(data_dir.path().to_path_buf()),
-        upstream_url: Some(mock.api_base()),
-        flush_interval_ms: Some(10),
-        ..ServeArgs::default()
-    };
+    let mut args = test_args(&mock, &data_dir);
     adjust(&mut args);
-    start(args, mock, data_dir).await
+    start_on(args, mock, data_dir, None).await
 }
 
 /// As [`spawn_with`], on a store the test made (over `data_dir`, which the app then owns).
@@ -54,19 +53,25 @@ pub async fn spawn_on(
     adjust: impl FnOnce(&mut ServeArgs),
 ) -> TestApp {
     let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), MockConfig::default()).await.unwrap();
-    let mut args = ServeArgs {
+    let mut args = test_args(&mock, &data_dir);
+    adjust(&mut args);
+    start_on(args, mock, data_dir, Some(stores)).await
+}
+
+/// The settings every test starts from: port 0, the data directory, the mock upstream, quick flushes.
+fn test_args(mock: &MockServer, data_dir: &TempDir) -> ServeArgs {
+    ServeArgs {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         data_dir: Some(data_dir.path().to_path_buf()),
         upstream_url: Some(mock.api_base()),
         flush_interval_ms: Some(10),
         ..ServeArgs::default()
-    };
-    adjust(&mut args);
-    start_on(args, mock, data_dir, Some(stores)).await
+    }
 }
 
-async fn start(args: ServeArgs, mock: MockServer, data_dir: TempDir) -> TestApp {
-    start_on(args, mock, data_dir, None).await
+/// A mock that reports whether each call carried `Authorization: Bearer <key>` (it never shows the value).
+pub fn mock_expecting(key: &str) -> MockConfig {
+    MockConfig { expected_key: offload::domain::UpstreamKey::new(key), ..MockConfig::default() }
 }
 
 async fn start_on(

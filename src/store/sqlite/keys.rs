@@ -2,9 +2,9 @@
 
 use super::{SqliteStore, db_err, json_err};
 use crate::domain::{KeyLimits, ServiceKey, TokenHash};
-use crate::store::{Charge, KeyStore, Periods, StoreError, Usage};
+use crate::store::{Charge, Conflict, KeyStore, Periods, StoreError, Usage};
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 const SELECT_KEY: &str = "SELECT id, name, created_at, revoked_at, limits FROM service_keys";
 
@@ -26,19 +26,25 @@ fn with_limits((mut key, limits): (ServiceKey, String)) -> Result<ServiceKey, St
     Ok(key)
 }
 
+/// A unique column of `service_keys` already holds the value: which one, by the message SQLite names it in.
+fn conflict_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, message) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+            if message.as_deref().is_some_and(|m| m.contains("service_keys.name")) {
+                Conflict::KeyNameTaken.into()
+            } else {
+                Conflict::KeyExists.into()
+            }
+        }
+        _ => db_err(e),
+    }
+}
+
 fn usage(conn: &Connection, key_id: &str, period: &str) -> Result<u64, StoreError> {
     conn.prepare_cached("SELECT count FROM key_usage WHERE key_id = ?1 AND period = ?2")
         .and_then(|mut s| s.query_row(params![key_id, period], |r| r.get::<_, u64>(0)).optional())
         .map(Option::unwrap_or_default)
         .map_err(db_err)
-}
-
-fn day(periods: &Periods) -> String {
-    format!("d:{}", periods.day)
-}
-
-fn month(periods: &Periods) -> String {
-    format!("m:{}", periods.month)
 }
 
 #[async_trait]
@@ -51,12 +57,7 @@ impl KeyStore for SqliteStore {
                 "INSERT INTO service_keys (id, name, hash, created_at, revoked_at, limits) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![key.id, key.name, hash.as_bytes(), key.created_at, key.revoked_at, limits],
             )
-            .map_err(|e| match e {
-                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    StoreError::Conflict(format!("a key named {:?} already exists", key.name))
-                }
-                e => db_err(e),
-            })?;
+            .map_err(conflict_err)?;
             Ok(())
         })
         .await
@@ -83,8 +84,8 @@ impl KeyStore for SqliteStore {
             rows.into_iter()
                 .map(|row| {
                     let key = with_limits(row)?;
-                    let today = usage(conn, &key.id, &day(&periods))?;
-                    let this_month = usage(conn, &key.id, &month(&periods))?;
+                    let today = usage(conn, &key.id, &periods.day_key())?;
+                    let this_month = usage(conn, &key.id, &periods.month_key())?;
                     Ok((key, Usage { today, this_month }))
                 })
                 .collect()
@@ -116,19 +117,21 @@ impl KeyStore for SqliteStore {
     }
 
     async fn charge(&self, key: &ServiceKey, periods: &Periods) -> Result<Charge, StoreError> {
-        let (id, limits, day, month) = (key.id.clone(), key.limits.clone(), day(periods), month(periods));
-        // On the writer thread: the read and the increment cannot interleave with another charge.
+        let (id, limits, day, month) = (key.id.clone(), key.limits.clone(), periods.day_key(), periods.month_key());
+        // On the writer thread: the read and the increment cannot interleave with another charge of this handle.
+        // The transaction takes the write lock before it reads (IMMEDIATE), so neither can they with a charge of
+        // another handle on the same file: it waits its turn instead of failing on a snapshot gone stale.
         self.write_with(move |conn| {
-            let tx = conn.transaction().map_err(db_err)?;
             // A usage that cannot be read fails the charge (fail closed): it is never taken as "under quota".
-            if let Some(max) = limits.requests_per_day
-                && usage(&tx, &id, &day)? >= max
-            {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let full = |period: &str, max: Option<u64>| match max {
+                Some(max) => usage(&tx, &id, period).map(|n| n >= max),
+                None => Ok(false),
+            };
+            if full(&day, limits.requests_per_day)? {
                 return Ok(Charge::DayFull);
             }
-            if let Some(max) = limits.requests_per_month
-                && usage(&tx, &id, &month)? >= max
-            {
+            if full(&month, limits.requests_per_month)? {
                 return Ok(Charge::MonthFull);
             }
             for period in [&day, &month] {
@@ -146,7 +149,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn refund(&self, key_id: &str, periods: &Periods) -> Result<(), StoreError> {
-        let (id, day, month) = (key_id.to_owned(), day(periods), month(periods));
+        let (id, day, month) = (key_id.to_owned(), periods.day_key(), periods.month_key());
         self.write_with(move |conn| {
             conn.execute(
                 "UPDATE key_usage SET count = MAX(count - 1, 0) WHERE key_id = ?1 AND period IN (?2, ?3)",

@@ -6,6 +6,11 @@
 //! thread pool; WAL lets them run while the writer commits. Another process (the `offload keys` command) may
 //! open the same file: SQLite's locking and the busy timeout keep them apart.
 //!
+//! The store holds private conversations, so only the user the server runs as may read it: the directory is
+//! created 0700 and the database file 0600 (created empty by us before SQLite opens it: SQLite gives its `-wal`
+//! and `-shm` files the database file's mode). A directory or file found with wider permissions is tightened at
+//! start, with a warning in the log.
+//!
 //! One file per query family: [`requests`], [`webhooks`], [`keys`].
 
 mod keys;
@@ -129,8 +134,15 @@ struct ReadPool {
     idle: Mutex<Vec<Connection>>,
 }
 
+/// A busy or locked database (another connection holds the lock past the busy timeout, or a read snapshot went
+/// stale before its write) may pass on a second try; anything else will not.
 fn db_err(e: rusqlite::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Database(e.to_string()),
+    }
 }
 
 fn json_err(e: serde_json::Error) -> StoreError {
@@ -141,6 +153,95 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(db_err)?;
     conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
     Ok(conn)
+}
+
+/// `offload.db-wal`, `offload.db-shm`: the files SQLite keeps next to the database in WAL mode.
+fn wal_file(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Files and directories only their owner may use.
+#[cfg(unix)]
+mod owner_only {
+    use std::fs::{DirBuilder, OpenOptions, Permissions};
+    use std::io;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    use std::path::Path;
+
+    /// The most a directory of the store may allow: its owner's.
+    pub const DIR: u32 = 0o700;
+    /// The most a file of the store may allow: reading and writing by its owner.
+    pub const FILE: u32 = 0o600;
+
+    /// Creates the directory (and missing parents) 0700, or tightens it if it exists.
+    pub fn create_dir(dir: &Path) -> io::Result<()> {
+        DirBuilder::new().recursive(true).mode(DIR).create(dir)?;
+        tighten(dir, DIR)
+    }
+
+    /// Creates an empty file 0600 if there is none (SQLite takes an empty file as a new database), or tightens
+    /// the one there.
+    pub fn create_file(path: &Path) -> io::Result<()> {
+        match OpenOptions::new().write(true).create_new(true).mode(FILE).open(path) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => tighten(path, FILE),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes away every permission beyond `allowed` from `path`, if it exists. A path that cannot be tightened
+    /// (owned by another user) stops the start: the store would be readable by others.
+    pub fn tighten(path: &Path, allowed: u32) -> io::Result<()> {
+        let mode = match std::fs::metadata(path) {
+            Ok(meta) => meta.permissions().mode() & 0o7777,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if mode & 0o777 & !allowed == 0 {
+            return Ok(());
+        }
+        let tightened = mode & allowed;
+        std::fs::set_permissions(path, Permissions::from_mode(tightened)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "{} has mode {mode:04o}, open to other users, and cannot be changed to {tightened:04o} ({e}); \
+                     change it yourself or run offload as its owner",
+                    path.display()
+                ),
+            )
+        })?;
+        tracing::warn!(
+            path = %path.display(),
+            from = %format!("{mode:04o}"),
+            to = %format!("{tightened:04o}"),
+            "the store was open to other users; its permissions were tightened"
+        );
+        Ok(())
+    }
+}
+
+/// Elsewhere the platform's defaults apply.
+#[cfg(not(unix))]
+mod owner_only {
+    use std::io;
+    use std::path::Path;
+
+    pub const FILE: u32 = 0;
+
+    pub fn create_dir(dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+
+    pub fn create_file(_path: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    pub fn tighten(_path: &Path, _allowed: u32) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Copies the WAL back into the database file every quarter second, without blocking the writer (a passive
@@ -172,9 +273,15 @@ impl ReadPool {
 impl SqliteStore {
     /// Opens (creating if needed) `offload.db` in `data_dir`.
     pub fn open(data_dir: &Path, synchronous: Synchronous) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| StoreError::Database(format!("cannot create {}: {e}", data_dir.display())))?;
+        owner_only::create_dir(data_dir)
+            .map_err(|e| StoreError::Database(format!("cannot prepare {}: {e}", data_dir.display())))?;
         let path = data_dir.join("offload.db");
+        owner_only::create_file(&path)
+            .map_err(|e| StoreError::Database(format!("cannot prepare {}: {e}", path.display())))?;
+        let companions = [wal_file(&path, "-wal"), wal_file(&path, "-shm")];
+        for file in &companions {
+            owner_only::tighten(file, owner_only::FILE).map_err(|e| StoreError::Database(e.to_string()))?;
+        }
         let conn = open(&path)?;
         let sync = match synchronous {
             Synchronous::Normal => "NORMAL",
@@ -193,6 +300,10 @@ impl SqliteStore {
             )));
         }
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        // SQLite has created the WAL files by now, with the database file's mode; this only checks it did.
+        for file in &companions {
+            owner_only::tighten(file, owner_only::FILE).map_err(|e| StoreError::Database(e.to_string()))?;
+        }
 
         let (tx, mut rx) = mpsc::channel::<WriteJob>(1024);
         let mut writer = Writer { conn, rkeys: HashMap::new() };

@@ -1,26 +1,14 @@
 //! The request family: requests, their events and raw responses.
 
-use super::{SqliteStore, Writer, db_err, json_err};
-use crate::document::model::Options;
-use crate::document::{Progress, RequestMeta};
-use crate::domain::{Access, Kind, Locator, RequestId, TokenHash};
+use super::{SqliteStore, Writer, db_err};
+use crate::document::Progress;
+use crate::domain::RequestId;
+use crate::store::columns::{RequestRow, encode_meta, encode_progress, event_text};
 use crate::store::{RawPiece, Store, StoreError, StoredRequest, WriteOp};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::sync::Arc;
-
-/// The parts of [`RequestMeta`] kept as one JSON column.
-#[derive(Serialize, Deserialize)]
-struct MetaColumn {
-    created: f64,
-    conversation_id: String,
-    options: Options,
-    #[serde(default)]
-    from_status_url: Option<String>,
-}
 
 /// The internal key of a request: from the map of live requests, else from the table. `None` when the request
 /// is gone (deleted while a write for it was queued): such writes are dropped, never left orphaned.
@@ -84,14 +72,8 @@ fn apply_in_transaction(w: &mut Writer, ops: &[WriteOp], inserted: &mut Vec<Requ
     for op in ops {
         match op {
             WriteOp::Insert(meta) => {
-                let column = MetaColumn {
-                    created: meta.created,
-                    conversation_id: meta.conversation_id.clone(),
-                    options: meta.options.clone(),
-                    from_status_url: meta.from_status_url.clone(),
-                };
-                let meta_json = serde_json::to_string(&column).map_err(json_err)?;
-                let progress = serde_json::to_string(&Progress::pending()).map_err(json_err)?;
+                let meta_json = encode_meta(meta)?;
+                let progress = encode_progress(&Progress::pending())?;
                 tx.prepare_cached(
                     "INSERT INTO requests (id, kind, access, created_at, bearer, stream_token, meta, parameters, status, progress)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9)",
@@ -133,14 +115,14 @@ fn apply_in_transaction(w: &mut Writer, ops: &[WriteOp], inserted: &mut Vec<Requ
             }
             WriteOp::Progress { id, progress } => {
                 let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
-                let json = serde_json::to_string(progress).map_err(json_err)?;
+                let json = encode_progress(progress)?;
                 tx.prepare_cached("UPDATE requests SET status = ?2, progress = ?3 WHERE rkey = ?1")
                     .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json]))
                     .map_err(db_err)?;
             }
             WriteOp::Finish { id, progress, body, webhook_url } => {
                 let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
-                let json = serde_json::to_string(progress).map_err(json_err)?;
+                let json = encode_progress(progress)?;
                 let final_at = progress.processed_at.map(|t| t as i64);
                 tx.prepare_cached(
                     "UPDATE requests SET status = ?2, progress = ?3, body = ?4, final_at = ?5 WHERE rkey = ?1",
@@ -161,59 +143,20 @@ const SELECT_REQUEST: &str =
     (SELECT COALESCE(MAX(seq), 0) FROM events WHERE events.rkey = requests.rkey) FROM requests";
 
 fn row_to_request(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredRequest, StoreError>> {
-    let id: Vec<u8> = row.get(0)?;
-    let kind: u8 = row.get(1)?;
-    let access: u8 = row.get(2)?;
-    let created_at: i64 = row.get(3)?;
-    let bearer: Option<Vec<u8>> = row.get(4)?;
-    let stream_token: Option<Vec<u8>> = row.get(5)?;
-    let meta: String = row.get(6)?;
-    let parameters: String = row.get(7)?;
-    let progress: String = row.get(8)?;
-    let body: Option<String> = row.get(9)?;
-    let event_count: i64 = row.get(10)?;
-    Ok(decode(id, kind, access, created_at, bearer, stream_token, &meta, parameters, &progress, body, event_count))
-}
-
-#[expect(clippy::too_many_arguments, reason = "one argument per stored column")]
-fn decode(
-    id: Vec<u8>,
-    kind: u8,
-    access: u8,
-    created_at: i64,
-    bearer: Option<Vec<u8>>,
-    stream_token: Option<Vec<u8>>,
-    meta: &str,
-    parameters: String,
-    progress: &str,
-    body: Option<String>,
-    event_count: i64,
-) -> Result<StoredRequest, StoreError> {
-    let corrupt = |what: &str| StoreError::Corrupt(what.to_owned());
-    let id = RequestId::from_bytes(id.try_into().map_err(|_| corrupt("request id"))?);
-    let column: MetaColumn = serde_json::from_str(meta).map_err(json_err)?;
-    let hash =
-        |b: Option<Vec<u8>>| b.map(|b| TokenHash::from_bytes(&b).ok_or_else(|| corrupt("token hash"))).transpose();
-    Ok(StoredRequest {
-        meta: RequestMeta {
-            locator: Locator {
-                kind: Kind::from_code(kind).ok_or_else(|| corrupt("kind"))?,
-                access: Access::from_code(access).ok_or_else(|| corrupt("access"))?,
-                created_at,
-                id,
-            },
-            created: column.created,
-            conversation_id: column.conversation_id,
-            bearer: hash(bearer)?,
-            stream_token: hash(stream_token)?,
-            options: column.options,
-            from_status_url: column.from_status_url,
-            parameters: RawValue::from_string(parameters).map_err(json_err)?,
-        },
-        progress: serde_json::from_str(progress).map_err(json_err)?,
-        body,
-        event_count: u64::try_from(event_count).unwrap_or(0),
-    })
+    Ok(RequestRow {
+        id: row.get(0)?,
+        kind: row.get(1)?,
+        access: row.get(2)?,
+        created_at: row.get(3)?,
+        bearer: row.get(4)?,
+        stream_token: row.get(5)?,
+        meta: row.get(6)?,
+        parameters: row.get(7)?,
+        progress: row.get(8)?,
+        body: row.get(9)?,
+        event_count: row.get(10)?,
+    }
+    .decode())
 }
 
 #[async_trait]
@@ -242,11 +185,7 @@ impl Store for SqliteStore {
                 .map_err(db_err)?;
             let rows = stmt
                 .query_map(params![id.as_bytes(), after, limit as i64], |r| {
-                    let data: Vec<u8> = r.get(1)?;
-                    // Stored from text received as UTF-8; the lossy path cannot lose anything.
-                    let data =
-                        String::from_utf8(data).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-                    Ok((r.get::<_, u64>(0)?, data))
+                    Ok((r.get::<_, u64>(0)?, event_text(r.get(1)?)))
                 })
                 .map_err(db_err)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(db_err)

@@ -2,22 +2,13 @@
 
 use super::{SqliteStore, db_err, json_err};
 use crate::domain::RequestId;
-use crate::store::{StoreError, WebhookJob, WebhookState, WebhookStatus, WebhookStore};
+use crate::store::{StoreError, WebhookJob, WebhookStatus, WebhookStore};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Queues a delivery (inside the transaction that stores the final status). Queuing twice keeps the first.
 pub(super) fn queue(conn: &Connection, id: RequestId, url: &str, due: f64) -> Result<(), StoreError> {
-    let status = WebhookStatus {
-        state: WebhookState::Pending,
-        attempts: 0,
-        first_attempt_at: None,
-        last_attempt_at: None,
-        last_status_code: None,
-        last_error: None,
-        next_attempt_at: None,
-    };
-    let json = serde_json::to_string(&status).map_err(json_err)?;
+    let json = serde_json::to_string(&WebhookStatus::pending()).map_err(json_err)?;
     conn.prepare_cached(
         "INSERT OR IGNORE INTO webhooks (request_id, url, state, next_attempt_at, status) VALUES (?1, ?2, 'pending', ?3, ?4)",
     )

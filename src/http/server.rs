@@ -1,0 +1,396 @@
+//! The accept loop and the life of one connection: HTTP/1.1 and HTTP/2 (prior knowledge) on hyper, with the
+//! limits a public server needs against slow or idle clients.
+//!
+//! Every connection has a watchdog that only looks at it while no request is in progress on it:
+//! - a request head must arrive whole within `header_timeout` of its first byte (of the accept, for the first
+//!   request), so a half-sent head (slowloris) cannot hold a socket;
+//! - a connection with nothing in progress and nothing arriving is closed `idle_timeout` after its last response
+//!   (on HTTP/2 this is the only clock after the first request: bytes between requests are control frames).
+//!
+//! While a request is in progress (a handler running or a response body being sent) the watchdog stays out of the
+//! way: an event stream may stay silent for as long as its request takes. The create body has its own time limit,
+//! applied by the handler that reads it (`--body-timeout`, 408).
+//!
+//! At most `max_connections` connections are served at once, a number kept below the process's open-file limit
+//! so that the store and the upstream calls always find a file descriptor. A connection accepted at the cap takes
+//! the place of the connection that has been idle the longest (one with no request in progress: a half-sent head
+//! or a kept-alive connection): a flood of idle sockets is shed to serve the next real request instead of
+//! starving it. When every connection is busy, the accept loop waits for one to end (and closes the newcomer if
+//! none ends within a second). Accept errors (out of file descriptors, say) back off instead of spinning.
+
+use axum::Router;
+use axum::body::Body;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower_service::Service;
+
+/// The connection-level limits (see the module comment).
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// A request head must arrive whole within this time of its first byte.
+    pub header_timeout: Duration,
+    /// A connection with no request in progress is closed this long after its last response.
+    pub idle_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+/// How long a connection accepted while every slot is busy waits for one before it is closed.
+const ADMIT_WAIT: Duration = Duration::from_secs(1);
+/// Pause after an accept error that is not about one connection (out of file descriptors or memory).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// HTTP/2 pings find a peer that vanished under a silent event stream.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// "No byte read since the connection went idle."
+const NONE: u64 = u64::MAX;
+
+/// Serves `router` on `listener` until `closing` is cancelled; then stops accepting, lets every connection finish
+/// the response it is sending (an idle one closes at once) and returns when all have ended. Dropping the future
+/// aborts the connections still open.
+pub async fn serve(listener: TcpListener, router: Router, limits: ServerLimits, closing: CancellationToken) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    let builder = Arc::new(builder);
+    let registry = Arc::new(Registry::new(limits.max_connections));
+    let mut connections = JoinSet::new();
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = closing.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _peer)) => tcp,
+            Err(e) if is_about_one_connection(&e) => continue,
+            Err(e) => {
+                if last_warning.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                    tracing::warn!(error = %e, "cannot accept connections; shedding an idle one and retrying");
+                    last_warning = Some(Instant::now());
+                }
+                registry.shed_one();
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        // Events are small writes that must leave at once: without TCP_NODELAY, Nagle's algorithm can hold one
+        // back until the previous write is acknowledged.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
+        }
+        let Some(slot) = registry.admit().await else {
+            tracing::debug!("every connection is busy; closing a new one");
+            continue;
+        };
+        connections.spawn(connection(builder.clone(), tcp, router.clone(), slot, limits.clone(), closing.clone()));
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+/// Errors of `accept` that concern only the connection being accepted; the next accept may succeed at once.
+fn is_about_one_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock)
+}
+
+/// Serves one connection under its watchdog.
+async fn connection(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tcp: TcpStream,
+    router: Router,
+    slot: Slot,
+    limits: ServerLimits,
+    closing: CancellationToken,
+) {
+    let state = slot.state.clone();
+    let io = TokioIo::new(Watched { inner: tcp, state: state.clone() });
+    let service_state = state.clone();
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        if request.version() == hyper::Version::HTTP_2 {
+            service_state.http2.store(true, Ordering::Relaxed);
+        }
+        let guard = Busy::begin(service_state.clone());
+        let mut router = router.clone();
+        async move {
+            let response = router.call(request.map(Body::new)).await?;
+            Ok::<_, std::convert::Infallible>(response.map(|body| Tracked { body, _guard: guard }))
+        }
+    });
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut graceful = false;
+    loop {
+        let deadline = state.deadline(&limits);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            () = state.changed.notified() => {}
+            () = sleep_until(deadline) => {
+                if state.deadline(&limits).is_some_and(|d| d <= Instant::now()) {
+                    tracing::debug!("closing a connection that sent no complete request in time");
+                    break;
+                }
+            }
+            () = state.shed.cancelled() => {
+                tracing::debug!("shedding an idle connection to make room");
+                break;
+            }
+            () = closing.cancelled(), if !graceful => {
+                conn.as_mut().graceful_shutdown();
+                graceful = true;
+            }
+        }
+    }
+    drop(slot);
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the watchdog knows about one connection. Times are milliseconds since `opened`.
+struct ConnState {
+    opened: Instant,
+    /// Requests in progress (HTTP/2 may have many).
+    busy: AtomicUsize,
+    /// HTTP/2 was spoken: bytes arriving while idle are control frames (pings, window updates), not the start of
+    /// a request head, so only the idle timeout applies.
+    http2: AtomicBool,
+    /// When the last request in progress ended (or the connection opened).
+    idle_since: AtomicU64,
+    /// When the first byte arrived after `idle_since`, or [`NONE`]. Starts at 0: the clock of the first request
+    /// head runs from the accept.
+    first_byte: AtomicU64,
+    /// Wakes the watchdog when its deadline may have moved earlier.
+    changed: Notify,
+    /// Cancelled to close this connection to make room for a new one.
+    shed: CancellationToken,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            busy: AtomicUsize::new(0),
+            http2: AtomicBool::new(false),
+            idle_since: AtomicU64::new(0),
+            first_byte: AtomicU64::new(0),
+            changed: Notify::new(),
+            shed: CancellationToken::new(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(NONE - 1)
+    }
+
+    fn is_idle(&self) -> bool {
+        self.busy.load(Ordering::Acquire) == 0
+    }
+
+    /// When the watchdog closes this connection if nothing changes; `None` while a request is in progress.
+    fn deadline(&self, limits: &ServerLimits) -> Option<Instant> {
+        if !self.is_idle() {
+            return None;
+        }
+        let at = |millis: u64, limit: Duration| self.opened + Duration::from_millis(millis) + limit;
+        match self.first_byte.load(Ordering::Acquire) {
+            NONE => Some(at(self.idle_since.load(Ordering::Acquire), limits.idle_timeout)),
+            first => Some(at(first, limits.header_timeout)),
+        }
+    }
+
+    /// Bytes arrived: if the connection was idle and waiting, the head's clock starts now.
+    fn on_read(&self) {
+        if self.is_idle()
+            && !self.http2.load(Ordering::Relaxed)
+            && self.first_byte.load(Ordering::Relaxed) == NONE
+            && self.first_byte.compare_exchange(NONE, self.now(), Ordering::AcqRel, Ordering::Relaxed).is_ok()
+        {
+            self.changed.notify_one();
+        }
+    }
+}
+
+/// Marks a request in progress until dropped (with the response body, or with the handler if it never answered).
+struct Busy(Arc<ConnState>);
+
+impl Busy {
+    fn begin(state: Arc<ConnState>) -> Self {
+        state.busy.fetch_add(1, Ordering::AcqRel);
+        Self(state)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let state = &self.0;
+        if state.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            state.idle_since.store(state.now(), Ordering::Release);
+            state.first_byte.store(NONE, Ordering::Release);
+            state.changed.notify_one();
+        }
+    }
+}
+
+/// A response body that keeps its request marked in progress until it is sent (or dropped).
+struct Tracked {
+    body: Body,
+    _guard: Busy,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The socket, telling the watchdog when bytes arrive.
+struct Watched {
+    inner: TcpStream,
+    state: Arc<ConnState>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.state.on_read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The open connections, in the order they were accepted.
+struct Registry {
+    cap: usize,
+    next_id: AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<ConnState>>>,
+    /// A connection ended: a slot may be free.
+    freed: Notify,
+}
+
+/// A connection's place in the registry; freed on drop.
+struct Slot {
+    registry: Arc<Registry>,
+    id: u64,
+    state: Arc<ConnState>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.registry.open.lock().remove(&self.id);
+        self.registry.freed.notify_one();
+    }
+}
+
+impl Registry {
+    fn new(cap: usize) -> Self {
+        Self { cap: cap.max(1), next_id: AtomicU64::new(0), open: Mutex::new(BTreeMap::new()), freed: Notify::new() }
+    }
+
+    /// A slot for a new connection: a free one, else the slot of the connection idle the longest (shed), else the
+    /// first one freed within [`ADMIT_WAIT`].
+    async fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let deadline = Instant::now() + ADMIT_WAIT;
+        loop {
+            {
+                let mut open = self.open.lock();
+                if open.len() < self.cap {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let state = Arc::new(ConnState::new());
+                    open.insert(id, state.clone());
+                    return Some(Slot { registry: self.clone(), id, state });
+                }
+                Self::shed_oldest_idle(&open);
+            }
+            if tokio::time::timeout_at(deadline, self.freed.notified()).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Sheds the connection idle the longest, to free a file descriptor or a slot.
+    fn shed_one(&self) {
+        Self::shed_oldest_idle(&self.open.lock());
+    }
+
+    /// Unless a shed connection is still closing (its slot is about to be freed), sheds the oldest idle one.
+    fn shed_oldest_idle(open: &BTreeMap<u64, Arc<ConnState>>) {
+        if open.values().any(|c| c.shed.is_cancelled()) {
+            return;
+        }
+        let idle_from = |c: &ConnState| c.opened + Duration::from_millis(c.idle_since.load(Ordering::Acquire));
+        if let Some(victim) = open.values().filter(|c| c.is_idle()).min_by_key(|c| idle_from(c)) {
+            victim.shed.cancel();
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! `GET /openapi.json` checked against the code, so that the document cannot drift from it:
+//! - the router's routes (read from `src/http/mod.rs`) and the document's paths are the same, method for method;
+//! - every status the document lists for an operation is produced here by a real call (except 500, which needs
+//!   the server's own store to fail), and every answer of those calls has a documented status, content type,
+//!   required headers and a body that validates against the documented schema;
+//! - a method the document does not list for a path is 405, with an `Allow` header naming the ones it does.
+
+use crate::helpers::*;
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+fn document() -> Value {
+    serde_json::from_str(offload::http::openapi::DOCUMENT).unwrap()
+}
+
+/// Follows a local `$ref` (`#/components/...`) once, or returns the value itself.
+fn resolve<'a>(doc: &'a Value, value: &'a Value) -> &'a Value {
+    match value.get("$ref").and_then(Value::as_str) {
+        Some(reference) => doc
+            .pointer(reference.trim_start_matches('#'))
+            .unwrap_or_else(|| panic!("dangling $ref {reference} in openapi.json")),
+        None => value,
+    }
+}
+
+/// A validator for a schema of the document, with the document's components in reach of its `$ref`s.
+fn validator(doc: &Value, schema: &Value) -> jsonschema::Validator {
+    let root = json!({"allOf": [schema], "components": doc["components"]});
+    jsonschema::options().with_draft(jsonschema::Draft::Draft202012).build(&root).unwrap()
+}
+
+fn assert_valid(doc: &Value, schema: &Value, instance: &Value, what: &str) {
+    let validator = validator(doc, schema);
+    let errors: Vec<String> =
+        validator.iter_errors(instance).map(|e| format!("{e} at {}", e.instance_path())).collect();
+    assert!(errors.is_empty(), "{what} does not match the document: {errors:?}\n{instance}");
+}
+
+/// The documented path template a concrete path belongs to: same segments, each `{param}` (with any literal
+/// suffix such as `{id}.json`) matching a non-empty text.
+fn template_of(doc: &Value, path: &str) -> String {
+    let segments: Vec<&str> = path.split('/').collect();
+    let matches = |template: &str| {
+        let parts: Vec<&str> = template.split('/').collect();
+        parts.len() == segments.len()
+            && parts.iter().zip(&segments).all(|(t, s)| match (t.find('{'), t.find('}')) {
+                (Some(open), Some(close)) => {
+                    let (prefix, suffix) = (&t[..open], &t[close + 1..]);
+                    s.len() > prefix.len() + suffix.len() && s.starts_with(prefix) && s.ends_with(suffix)
+                }
+                _ => t == s,
+            })
+    };
+    let found: Vec<&String> = doc["paths"].as_object().unwrap().keys().filter(|t| matches(t)).collect();
+    assert_eq!(found.len(), 1, "{path} matches {found:?} in openapi.json");
+    found[0].clone()
+}
+
+/// One answer of the server, read whole.
+struct Answer {
+    method: Method,
+    path: String,
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("{} {}: not JSON ({e}): {}", self.method, self.path, self.body))
+    }
+}
+
+async fn call(app: &TestApp, request: reqwest::RequestBuilder) -> Answer {
+    let request = request.build().unwrap();
+    let (method, path) = (request.method().clone(), request.url().path().to_owned());
+    let response = app.client.execute(request).await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = String::from_utf8_lossy(&response.bytes().await.unwrap()).into_owned();
+    Answer { method, path, status, headers, body }
+}
+
+/// The events of an event-stream body, as an SSE client (and schemathesis) reads them.
+fn sse_events(body: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    let mut last_id: Option<String> = None;
+    for block in body.split("\n\n") {
+        let (mut event, mut data) = (None, Vec::new());
+        for line in block.lines().filter(|l| !l.starts_with(':')) {
+            let (field, value) =
+                line.split_once(':').map_or((line, ""), |(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)));
+            match field {
+                "data" => data.push(value),
+                "event" => event = Some(value.to_owned()),
+                "id" => last_id = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+        if !data.is_empty() {
+            let mut e = json!({"event": event.unwrap_or_else(|| "message".into()), "data": data.join("\n")});
+            if let Some(id) = &last_id {
+                e["id"] = json!(id);
+            }
+            events.push(e);
+        }
+    }
+    events
+}
+
+/// Checks an answer against the document; returns the (template, method, status) it exercised.
+fn conforms(doc: &Value, answer: &Answer) -> (String, String, String) {
+    let template = template_of(doc, &answer.path);
+    let method = answer.method.as_str().to_lowercase();
+    let what = format!("{} {} -> {}", answer.method, answer.path, answer.status);
+    let operation = doc["paths"][&template]
+        .get(&method)
+        .unwrap_or_else(|| panic!("{what}: {} {template} is not in openapi.json", answer.method));
+    let status = answer.status.to_string();
+    let documented = operation["responses"]
+        .get(&status)
+        .unwrap_or_else(|| panic!("{what}: status not documented for {} {template}: {}", answer.method, answer.body));
+    let documented = resolve(doc, documented);
+    match documented.get("content").and_then(Value::as_object) {
+        None => assert!(answer.body.is_empty(), "{what}: documented without a body, got {}", answer.body),
+        Some(content) => {
+            let content_type = answer.headers.get("content-type").map(|v| v.to_str().unwrap()).unwrap_or_default();
+            let media = content_type.split(';').next().unwrap().trim();
+            let schema = &content
+                .get(media)
+                .unwrap_or_else(|| panic!("{what}: content type {content_type:?} not documented: {}", answer.body))["schema"];
+            match media {
+                "application/json" => assert_valid(doc, schema, &answer.json(), &what),
+                "text/event-stream" => {
+                    let events = sse_events(&answer.body);
+                    assert!(!events.is_empty(), "{what}: no events");
+                    for event in &events {
+                        assert_valid(doc, schema, event, &what);
+                    }
+                }
+                _ => assert_valid(doc, schema, &json!(answer.body), &what),
+            }
+        }
+    }
+    for (name, header) in documented.get("headers").and_then(Value::as_object).into_iter().flatten() {
+        let header = resolve(doc, header);
+        let Some(value) = answer.headers.get(name.as_str()) else {
+            assert!(header["required"] != true, "{what}: required header {name} missing");
+            continue;
+        };
+        let value = value.to_str().unwrap();
+        let typed =
+            if header["schema"]["type"] == "integer" { json!(value.parse::<i64>().unwrap()) } else { json!(value) };
+        assert_valid(doc, &header["schema"], &typed, &format!("{what}: header {name}"));
+    }
+    (template, method, status)
+}
+
+/// Every (template, method, status) the document lists.
+fn documented_responses(doc: &Value) -> BTreeSet<(String, String, String)> {
+    let mut all = BTreeSet::new();
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap().iter().filter(|(k, _)| *k != "parameters") {
+            for status in operation["responses"].as_object().unwrap().keys() {
+                all.insert((template.clone(), method.clone(), status.clone()));
+            }
+        }
+    }
+    all
+}
+
+#[tokio::test]
+async fn openapi_json_serves_the_embedded_openapi_3_1_document_of_this_version() {
+    let app = spawn_app().await;
+    let response = app.get(&app.url("/openapi.json"), None).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let served: Value = response.json().await.unwrap();
+    assert_eq!(served, document());
+    assert!(served["openapi"].as_str().unwrap().starts_with("3.1."));
+    assert_eq!(served["info"]["version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn the_router_and_the_document_have_the_same_paths_and_methods() {
+    let doc = document();
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/http/mod.rs")).unwrap();
+    let methods_in = |code: &str| -> BTreeSet<String> {
+        ["get", "post", "put", "patch", "delete"]
+            .into_iter()
+            .filter(|m| {
+                code.match_indices(&format!("{m}("))
+                    .any(|(i, _)| i == 0 || !code[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == ':'))
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    let documented_methods = |template: &str| -> BTreeSet<String> {
+        doc["paths"][template].as_object().unwrap().keys().filter(|k| *k != "parameters").cloned().collect()
+    };
+    let templates: BTreeSet<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
+    let mut covered = BTreeSet::new();
+    let routes: Vec<&str> = source.split(".route(\"").skip(1).collect();
+    assert!(routes.len() >= 6, "could not read the routes of src/http/mod.rs");
+    for route in routes {
+        let (path, rest) = route.split_once('"').unwrap();
+        let methods = methods_in(rest.split("\n").next().unwrap());
+        match path.split_once("{*") {
+            // A catch-all route serves every documented path under its prefix: together, the same methods.
+            Some((prefix, _)) => {
+                let prefix_pattern: Vec<&str> = prefix.trim_end_matches('/').split('/').collect();
+                let under: Vec<&String> = templates
+                    .iter()
+                    .filter(|t| {
+                        let segments: Vec<&str> = t.split('/').collect();
+                        segments.len() > prefix_pattern.len()
+                            && prefix_pattern
+                                .iter()
+                                .zip(&segments)
+                                .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
+                    })
+                    .collect();
+                assert!(!under.is_empty(), "route {path} is not in openapi.json");
+                let union: BTreeSet<String> = under.iter().flat_map(|t| documented_methods(t)).collect();
+                assert_eq!(union, methods, "methods of route {path} vs the document's paths under it");
+                covered.extend(under.into_iter().cloned());
+            }
+            None => {
+                assert!(templates.contains(path), "route {path} is not in openapi.json");
+                assert_eq!(documented_methods(path), methods, "methods of route {path}");
+                covered.insert(path.to_owned());
+            }
+        }
+    }
+    let unrouted: Vec<&String> = templates.difference(&covered).collect();
+    assert!(unrouted.is_empty(), "documented but not routed: {unrouted:?}");
+}
+
+/// A stream request that has finished, with its URLs.
+async fn finished_stream(app: &TestApp, extra: Value) -> Value {
+    let mut body = json!({"messages": user("hi"), "mock": {"words": 3, "delay_ms": 1}});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let created = app.stream(body).await;
+    let bearer = created["authorization"]["bearer_token"].as_str().map(str::to_owned);
+    app.wait_final(&endpoint(&created, "status_url"), bearer.as_deref()).await;
+    created
+}
+
+fn urls_of(created: &Value) -> (String, String, String, String) {
+    let status = endpoint(created, "status_url");
+    let base = status.trim_end_matches(".json").to_owned();
+    (status, format!("{base}.txt"), format!("{base}.raw"), format!("{base}/stop"))
+}
+
+const CREATES: [&str; 2] = ["/v1/stream-chatgpt", "/v1/async-chatgpt"];
+
+#[tokio::test]
+async fn every_documented_status_is_answered_and_every_answer_matches_the_document() {
+    let doc = document();
+    let mut seen = BTreeSet::new();
+    let app = spawn_app().await;
+    let c = &app.client;
+    let mut check = |answer: Answer| seen.insert(conforms(&doc, &answer));
+
+    for path in ["/", "/healthz", "/openapi.json"] {
+        check(call(&app, c.get(app.url(path))).await);
+    }
+
+    // The endpoints of a finished public stream request.
+    let created =
+        call(&app, c.post(app.url(CREATES[0])).json(&json!({"messages": user("hi"), "mock": {"words": 3}}))).await;
+    let created_json = created.json();
+    check(created);
+    app.wait_final(&endpoint(&created_json, "status_url"), None).await;
+    let (status, txt, raw, stop) = urls_of(&created_json);
+    let document = call(&app, c.get(&status)).await;
+    let etag = document.headers["etag"].to_str().unwrap().to_owned();
+    check(document);
+    check(call(&app, c.get(&status).header("If-None-Match", &etag)).await);
+    let events = call(&app, c.get(&txt)).await;
+    let last = sse_events(&events.body).iter().filter_map(|e| e["id"].as_str().map(str::to_owned)).next_back().unwrap();
+    check(events);
+    check(call(&app, c.get(&txt).header("Last-Event-ID", &last)).await);
+    check(call(&app, c.get(format!("{txt}?last_event_id=two"))).await);
+    check(call(&app, c.get(&raw)).await);
+    check(call(&app, c.get(&stop)).await);
+    check(call(&app, c.post(&stop)).await);
+
+    // Async create; stop while running (GET and POST); delete; everything of a deleted request is 404.
+    for method in [Method::GET, Method::POST] {
+        let body = json!({"messages": user("hi"), "mock": {"words": 500, "delay_ms": 20}});
+        let created = call(&app, c.post(app.url(CREATES[1])).json(&body)).await;
+        let created_json = created.json();
+        check(created);
+        let (status, _, raw, stop) = urls_of(&created_json);
+        check(call(&app, c.request(method, &stop)).await);
+        check(call(&app, c.delete(&status)).await);
+        // The `.txt` of the deleted (async) request's id under the stream URL of the first one.
+        let deleted_txt = txt.replace(&id_of(&txt), &id_of(&status));
+        for request in
+            [c.get(&status), c.delete(&status), c.get(&raw), c.get(&stop), c.post(&stop), c.get(&deleted_txt)]
+        {
+            check(call(&app, request).await);
+        }
+    }
+
+    // A private request: every endpoint needs its token.
+    let private = finished_stream(&app, json!({"access": "private"})).await;
+    let (status, txt, raw, stop) = urls_of(&private);
+    for request in [c.get(&status), c.delete(&status), c.get(&txt), c.get(&raw), c.get(&stop), c.post(&stop)] {
+        check(call(&app, request).await);
+    }
+
+    // A URL that is not valid UTF-8 once decoded.
+    let bad = status.replace(&id_of(&status), "%ff");
+    let bad_base = bad.trim_end_matches(".json").to_owned();
+    for request in [
+        c.get(&bad),
+        c.delete(&bad),
+        c.get(format!("{bad_base}.txt")),
+        c.get(format!("{bad_base}.raw")),
+        c.get(format!("{bad_base}/stop")),
+        c.post(format!("{bad_base}/stop")),
+    ] {
+        check(call(&app, request).await);
+    }
+
+    // The create errors a caller can cause.
+    let running = app.stream(json!({"messages": user("hi"), "mock": {"words": 500, "delay_ms": 20}})).await;
+    for create in CREATES {
+        let url = app.url(create);
+        check(call(&app, c.post(&url).json(&json!({"messages": []}))).await);
+        check(call(&app, c.post(&url).header("content-type", "text/plain").body("hi")).await);
+        let unknown = status.replace(&id_of(&status), "00000000-0000-4000-8000-000000000000");
+        check(call(&app, c.post(&url).json(&json!({"messages": user("more"), "from_status_url": unknown}))).await);
+        let from_running = json!({"messages": user("more"), "from_status_url": endpoint(&running, "status_url")});
+        check(call(&app, c.post(&url).json(&from_running)).await);
+        let wrong_token =
+            json!({"messages": user("more"), "from_status_url": status, "from_bearer_token": "0".repeat(32)});
+        check(call(&app, c.post(&url).json(&wrong_token)).await);
+    }
+    c.post(endpoint(&running, "stop_url")).send().await.unwrap();
+
+    // 413 under a small body limit.
+    let small = spawn_with(|a| a.max_body_bytes = Some(1024)).await;
+    for create in CREATES {
+        let body = json!({"messages": user(&"x".repeat(2000))});
+        check(call(&small, small.client.post(small.url(create)).json(&body)).await);
+    }
+
+    // 401 and 429 once keys exist: a key allowed one request a day.
+    let keyed = spawn_app().await;
+    let out = keys_cli(keyed.data_dir.path(), &["create", "--name", "one", "--requests-per-day", "1"]);
+    let key = out.lines().last().unwrap().trim().to_owned();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let body = json!({"messages": user("hi"), "mock": {"words": 1}});
+    assert_eq!(
+        keyed.client.post(keyed.url(CREATES[1])).bearer_auth(&key).json(&body).send().await.unwrap().status(),
+        200
+    );
+    for create in CREATES {
+        check(call(&keyed, keyed.client.post(keyed.url(create)).json(&body)).await);
+        check(call(&keyed, keyed.client.post(keyed.url(create)).header("X-API-Key", &key).json(&body)).await);
+    }
+
+    // 503 at capacity.
+    let full = spawn_with(|a| a.max_in_flight = Some(1)).await;
+    full.stream(json!({"messages": user("hi"), "mock": {"words": 500, "delay_ms": 20}})).await;
+    for create in CREATES {
+        check(call(&full, full.client.post(full.url(create)).json(&json!({"messages": user("hi")}))).await);
+    }
+
+    // 500 needs the server's own store to fail: not something a caller can cause.
+    let missing: Vec<_> =
+        documented_responses(&doc).difference(&seen).filter(|(_, _, status)| status != "500").cloned().collect();
+    assert!(missing.is_empty(), "documented but never answered: {missing:?}");
+}
+
+#[tokio::test]
+async fn an_undocumented_method_is_405_with_an_allow_header_naming_the_documented_ones() {
+    let doc = document();
+    let app = spawn_app().await;
+    let stream = finished_stream(&app, json!({})).await;
+    let (status, txt, raw, stop) = urls_of(&stream);
+    let mut urls = vec![status, txt, raw, stop];
+    urls.extend(["/", "/healthz", "/openapi.json"].into_iter().chain(CREATES).map(|p| app.url(p)));
+    for url in urls {
+        let path = reqwest::Url::parse(&url).unwrap().path().to_owned();
+        let template = template_of(&doc, &path);
+        let documented: BTreeSet<String> = doc["paths"][&template]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "parameters")
+            .map(|k| k.to_uppercase())
+            .collect();
+        for method in [Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
+            if documented.contains(method.as_str()) {
+                continue;
+            }
+            let answer = call(&app, app.client.request(method.clone(), &url)).await;
+            assert_eq!(answer.status, 405, "{method} {path}: {}", answer.body);
+            assert_eq!(answer.headers["content-type"], "application/json", "{method} {path}");
+            let allow = answer.headers.get("allow").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+            let allowed: BTreeSet<String> =
+                allow.split(',').map(|m| m.trim().to_uppercase()).filter(|m| !m.is_empty() && m != "HEAD").collect();
+            assert_eq!(allowed, documented, "{method} {path}: Allow: {allow:?}");
+        }
+    }
+}
