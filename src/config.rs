@@ -4,6 +4,7 @@
 use crate::domain::UpstreamKey;
 use crate::http::server::ServerLimits;
 use crate::store::sqlite::Synchronous;
+use crate::store::{DatabaseUrl, StoreLocation};
 use crate::webhook::WebhookConfig;
 use crate::webhook::signature::WebhookSecret;
 use clap::Args;
@@ -107,6 +108,18 @@ pub struct ServeArgs {
     /// requests.
     #[arg(long, env = "OFFLOAD_ALLOW_OPEN", num_args = 0..=1, default_missing_value = "true")]
     pub allow_open: Option<bool>,
+    /// Where requests are stored: `postgres://user:password@host/database` for a PostgreSQL database shared by
+    /// several nodes [default: the embedded SQLite store in --data-dir].
+    #[arg(long, env = "OFFLOAD_STORE", hide_env_values = true)]
+    pub store: Option<String>,
+    /// With a shared store: the base URL at which the other nodes reach this one [default: http://<listen
+    /// address>; required when listening on all interfaces].
+    #[arg(long, env = "OFFLOAD_ADVERTISE_URL")]
+    pub advertise_url: Option<Url>,
+    /// With a shared store: how long a node that stopped renewing its lease counts as alive; its unfinished
+    /// requests end as interrupted about 1.2 times this after it died [default: 10s].
+    #[arg(long, env = "OFFLOAD_NODE_LEASE")]
+    pub node_lease: Option<String>,
 }
 
 /// Settings after merging and checking.
@@ -137,6 +150,10 @@ pub struct Settings {
     pub body_timeout: Duration,
     /// Serve open (no service key) on a non-loopback address.
     pub allow_open: bool,
+    pub store: StoreLocation,
+    /// With a shared store: how peers reach this node (`None`: from the listen address).
+    pub advertise_url: Option<String>,
+    pub node_lease: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +222,9 @@ impl ServeArgs {
             idle_timeout: self.idle_timeout.or(other.idle_timeout),
             max_connections: self.max_connections.or(other.max_connections),
             allow_open: self.allow_open.or(other.allow_open),
+            store: self.store.or(other.store),
+            advertise_url: self.advertise_url.or(other.advertise_url),
+            node_lease: self.node_lease.or(other.node_lease),
         }
     }
 }
@@ -247,12 +267,29 @@ impl Settings {
         if max_connections == 0 {
             return Err(ConfigError::Invalid { name: "max_connections", reason: "must be at least 1".into() });
         }
+        let data_dir = a.data_dir.unwrap_or_else(|| PathBuf::from("offload-data"));
+        let store = match a.store.as_deref().map(str::trim) {
+            None | Some("") => StoreLocation::Sqlite { data_dir: data_dir.clone(), synchronous: sqlite_synchronous },
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                StoreLocation::Postgres(DatabaseUrl::new(url))
+            }
+            Some(_) => {
+                return Err(ConfigError::Invalid {
+                    name: "store",
+                    reason: "must be a PostgreSQL URL (postgres://user:password@host:5432/database); leave it out for the embedded SQLite store in --data-dir".into(),
+                });
+            }
+        };
+        let node_lease = positive("node_lease", a.node_lease.as_deref().unwrap_or("10s"))?;
+        if node_lease < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid { name: "node_lease", reason: "must be at least 1s".into() });
+        }
         let default_upstream = Url::parse("https://api.openai.com/v1")
             .map_err(|e| ConfigError::Invalid { name: "upstream_url", reason: e.to_string() })?;
         Ok(Settings {
             listen: a.listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
             public_url: a.public_url.map(|u| u.as_str().trim_end_matches('/').to_owned()),
-            data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from("offload-data")),
+            data_dir,
             upstream_url: a.upstream_url.unwrap_or(default_upstream),
             upstream_h2c: a.upstream_h2c.unwrap_or(false),
             upstream_key: a.upstream_key.as_deref().and_then(UpstreamKey::new),
@@ -286,6 +323,9 @@ impl Settings {
             },
             body_timeout: positive("body_timeout", a.body_timeout.as_deref().unwrap_or("30s"))?,
             allow_open: a.allow_open.unwrap_or(false),
+            store,
+            advertise_url: a.advertise_url.map(|u| u.as_str().trim_end_matches('/').to_owned()),
+            node_lease,
         })
     }
 }

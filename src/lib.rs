@@ -24,6 +24,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod document;
 pub mod domain;

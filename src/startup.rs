@@ -1,14 +1,16 @@
 //! Builds the application from settings and runs it until a shutdown signal.
 
+use crate::cluster::Peers;
 use crate::config::Settings;
 use crate::document::Urls;
 use crate::domain::Limits;
+use crate::domain::NodeId;
 use crate::engine::{Engine, EngineConfig};
 use crate::http::BodyLimits;
 use crate::http::server::ServerLimits;
 use crate::keys::Gatekeeper;
 use crate::mock::{MockConfig, MockServer};
-use crate::store::sqlite::SqliteStore;
+use crate::store::nodes::{NodeRecord, NodeStore};
 use crate::store::{Store, Stores};
 use crate::upstream::Upstream;
 use crate::webhook::Deliverer;
@@ -29,6 +31,9 @@ pub struct Application {
     shutdown_grace: Duration,
     deliverer: Arc<Deliverer>,
     requests: Arc<dyn Store>,
+    nodes: Arc<dyn NodeStore>,
+    /// On a shared store: the node lease, renewed by the membership task.
+    membership: Option<Duration>,
     retention: Option<Duration>,
     /// The in-process mock upstream (`--mock-upstream`), kept alive as long as the application.
     _mock: Option<MockServer>,
@@ -40,6 +45,10 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot start the mock upstream: {0}")]
     Mock(std::io::Error),
+    #[error(
+        "listening on {addr} (all interfaces) with a shared store: set --advertise-url to the address at which the other nodes reach this one"
+    )]
+    NoAdvertiseUrl { addr: SocketAddr },
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("cannot build the webhook client: {0}")]
@@ -56,7 +65,7 @@ pub enum StartError {
 impl Application {
     /// Binds the listener, opens the store and ends what a previous crash cut off. Port 0 picks a free port.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
-        let stores = Stores::of(Arc::new(SqliteStore::open(&settings.data_dir, settings.sqlite_synchronous)?));
+        let stores = settings.store.open().await?;
         Self::build_on(settings, stores).await
     }
 
@@ -89,6 +98,23 @@ impl Application {
             format!("http://{host}:{}", local.port())
         });
 
+        // On a shared store this node joins the others: it records itself with a lease, and its peers reach it at
+        // its advertised address to follow, stop or delete the requests it runs.
+        let node = NodeId::generate();
+        let peers = if stores.nodes.shared() {
+            let address = match &settings.advertise_url {
+                Some(url) => url.clone(),
+                None if local.ip().is_unspecified() => return Err(StartError::NoAdvertiseUrl { addr: local }),
+                None => format!("http://{local}"),
+            };
+            let me = NodeRecord { id: node, address };
+            stores.nodes.join(&me, settings.node_lease).await?;
+            tracing::info!(node = %node, address = %me.address, "joined the nodes of the shared store");
+            Some(Arc::new(Peers::new(me, stores.nodes.clone())))
+        } else {
+            None
+        };
+
         let urls = Urls { base: base_url.clone() };
         let deliverer = Arc::new(
             Deliverer::new(stores.webhooks.clone(), stores.requests.clone(), urls.clone(), settings.webhooks.clone())
@@ -106,10 +132,16 @@ impl Application {
             keep_alive: settings.keep_alive,
             poll_interval: Duration::from_millis(250),
             allow_private_webhooks: settings.webhooks.allow_private,
+            node,
         };
         let upstream = Upstream::new(&upstream_url, settings.upstream_key.clone(), settings.upstream_h2c);
-        let engine = Engine::new(config, stores.clone(), upstream, deliverer.wake.clone());
-        let recovered = engine.recover().await?;
+        let engine = Engine::new(config, stores.clone(), upstream, deliverer.wake.clone(), peers.clone());
+        // One node per embedded store: what is not final was cut off by its previous run. On a shared store only
+        // the requests of nodes that are gone are (others may be running right now).
+        let recovered = match peers {
+            None => engine.recover().await?,
+            Some(_) => engine.take_over_orphans().await?,
+        };
         if recovered > 0 {
             tracing::warn!(count = recovered, "ended requests cut off by a previous stop as interrupted");
         }
@@ -133,6 +165,8 @@ impl Application {
             shutdown_grace: settings.shutdown_grace,
             deliverer,
             requests: stores.requests,
+            nodes: stores.nodes,
+            membership: peers.map(|_| settings.node_lease),
             retention: settings.retention,
             _mock: mock,
         })
@@ -160,9 +194,14 @@ impl Application {
         // and shutdown waits for each.
         let tasks = TaskTracker::new();
         let deliverer = self.deliverer.clone();
-        tasks.spawn(supervise("webhook deliveries", background.clone(), move |closing| {
-            deliverer.clone().run(closing)
-        }));
+        tasks.spawn(supervise("webhook deliveries", background.clone(), move |closing| deliverer.clone().run(closing)));
+        if let Some(lease) = self.membership {
+            let (engine, nodes) = (self.engine.clone(), self.nodes.clone());
+            tasks.spawn(supervise("node membership", background.clone(), move |closing| {
+                let (engine, nodes) = (engine.clone(), nodes.clone());
+                async move { engine.run_membership(nodes, lease, closing).await }
+            }));
+        }
         if let Some(retention) = self.retention {
             let requests = self.requests.clone();
             tasks.spawn(supervise("the retention sweep", background.clone(), move |closing| {
@@ -175,6 +214,7 @@ impl Application {
         tokio::pin!(serving);
         let engine = self.engine.clone();
         let grace = self.shutdown_grace;
+        let (membership, nodes, node) = (self.membership, self.nodes.clone(), self.engine.node());
         // Connections keep being accepted and served while running requests drain (reads work, creates get 503).
         let drained = async move {
             shutdown.await;
@@ -183,6 +223,12 @@ impl Application {
             background.cancel();
             // Attempts under way finish (each is bounded by the webhook timeout); the rest wait in the store.
             tasks.wait().await;
+            if membership.is_some() {
+                // Every request of this node is final now: leaving tells the others at once.
+                if let Err(e) = nodes.leave(node).await {
+                    tracing::warn!(error = %e, "could not leave the nodes of the shared store; its lease will run out");
+                }
+            }
         };
         tokio::select! {
             () = &mut serving => return Ok(()),

@@ -11,15 +11,21 @@
 use bytes::Bytes;
 use offload::document::model::Options;
 use offload::document::{ErrorInfo, Progress, RequestMeta, ResponseMeta};
-use offload::domain::{Access, Kind, Locator, RequestId, Status, TokenHash};
+use offload::domain::{Access, Kind, Locator, NodeId, RequestId, Status, TokenHash};
 use offload::domain::{KeyLimits, ServiceKey};
+use offload::store::nodes::{NodeRecord, Renewal};
 use offload::store::{
     Charge, Conflict, Periods, RawPiece, Store, StoreError, Stores, WebhookState, WebhookStatus, WriteOp,
 };
 use serde_json::value::RawValue;
 use std::sync::Arc;
+use std::time::Duration;
 
 fn meta(access: Access) -> Arc<RequestMeta> {
+    owned_by(access, None)
+}
+
+fn owned_by(access: Access, owner: Option<NodeId>) -> Arc<RequestMeta> {
     let id = RequestId::generate();
     Arc::new(RequestMeta {
         locator: Locator { kind: Kind::Stream, access, created_at: 1_700_000_000, id },
@@ -36,6 +42,7 @@ fn meta(access: Access) -> Arc<RequestMeta> {
         from_status_url: Some("http://x/1/r/pub/2023/01/01/00/00/00/y.json".into()),
         parameters: RawValue::from_string(r#"{"model":"m","messages":[{"role":"user","content":"hé"}]}"#.into())
             .unwrap(),
+        owner,
     })
 }
 
@@ -226,14 +233,16 @@ pub async fn a_batch_has_the_effect_of_its_ops_applied_in_order(store: Arc<dyn S
                 webhook_url: Some("https://h.example/n".into()),
             },
             WriteOp::Progress { id: o, progress: progress(Status::Streaming) },
+            event(o, 1, b"\"c\""),
             WriteOp::Finish { id: o, progress: progress(Status::Error), body: Some("{}".into()), webhook_url: None },
+            // After the final status nothing is kept: a final status never changes.
             WriteOp::Finish {
                 id: o,
                 progress: progress(Status::Done),
                 body: Some("{\"o\":2}".into()),
                 webhook_url: Some("https://h.example/o".into()),
             },
-            event(o, 1, b"\"c\""),
+            event(o, 2, b"\"d\""),
             // A request that does not exist: its writes are dropped, the rest of the batch stands.
             event(ghost, 1, b"{}"),
             WriteOp::Progress { id: ghost, progress: progress(Status::Streaming) },
@@ -245,7 +254,7 @@ pub async fn a_batch_has_the_effect_of_its_ops_applied_in_order(store: Arc<dyn S
     assert_eq!(store.events(n, 0, 10).await.unwrap(), vec![(1, "\"b\"".to_owned())], "the last write of a seq");
     assert_eq!(store.raw(n).await.unwrap(), b"y");
     let got = store.get(o).await.unwrap().unwrap();
-    assert_eq!((got.progress, got.body.as_deref()), (progress(Status::Done), Some("{\"o\":2}")));
+    assert_eq!((got.progress, got.body.as_deref()), (progress(Status::Error), Some("{}")));
     assert_eq!(store.events(o, 0, 10).await.unwrap(), vec![(1, "\"c\"".to_owned())]);
     assert!(store.get(ghost).await.unwrap().is_none());
     assert!(store.events(ghost, 0, 10).await.unwrap().is_empty());
@@ -330,6 +339,120 @@ pub async fn a_final_status_with_a_webhook_queues_one_claimable_delivery(stores:
     assert!(hooks.claim_webhooks(f64::MAX / 2.0, 60.0, 10).await.unwrap().iter().all(|j| j.id != id));
     assert!(store.delete(id).await.unwrap());
     assert!(hooks.webhook(id).await.unwrap().is_none(), "delete removes the delivery");
+}
+
+pub async fn a_final_request_takes_no_more_writes(store: Arc<dyn Store>) {
+    let m = owned_by(Access::Public, Some(NodeId::generate()));
+    let id = m.locator.id;
+    let event = |seq: u64| WriteOp::Event { id, seq, data: Bytes::from(format!("{{\"n\":{seq}}}")) };
+    write(&store, vec![WriteOp::Insert(m.clone()), event(1), event(2), finish(id, None)]).await;
+    let before = store.get(id).await.unwrap().unwrap();
+    assert_eq!(before.meta.owner, m.owner, "the owner reads back");
+    let late = WriteOp::Finish {
+        id,
+        progress: progress(Status::Error),
+        body: Some("{\"late\":true}".into()),
+        webhook_url: Some("https://h.example/late".into()),
+    };
+    write(&store, vec![event(3), WriteOp::Progress { id, progress: progress(Status::Streaming) }, late]).await;
+    let after = store.get(id).await.unwrap().unwrap();
+    assert_eq!(after.progress, before.progress, "a final status never changes");
+    assert_eq!(after.body, before.body);
+    assert_eq!(after.event_count, 2, "no event is added to a final request");
+    assert_eq!(store.events(id, 0, 10).await.unwrap().len(), 2);
+}
+
+pub async fn nodes_join_expire_and_are_removed_by_exactly_one_handle(a: Stores, b: Stores) {
+    let short = NodeRecord { id: NodeId::generate(), address: "http://127.0.0.1:1".into() };
+    let long = NodeRecord { id: NodeId::generate(), address: "http://127.0.0.1:2".into() };
+    a.nodes.join(&short, Duration::from_millis(300)).await.unwrap();
+    b.nodes.join(&long, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(b.nodes.node(short.id).await.unwrap(), Some(short.clone()), "seen through the other handle");
+    assert!(a.nodes.expired_nodes().await.unwrap().is_empty());
+    assert_eq!(a.nodes.renew(short.id, Duration::from_millis(300)).await.unwrap(), Renewal::Renewed);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(b.nodes.expired_nodes().await.unwrap(), vec![short.clone()]);
+    assert!(!a.nodes.remove_expired(long.id).await.unwrap(), "a live node is never removed");
+    let (x, y) = tokio::join!(a.nodes.remove_expired(short.id), b.nodes.remove_expired(short.id));
+    assert_eq!([x.unwrap(), y.unwrap()].iter().filter(|removed| **removed).count(), 1, "removed exactly once");
+    assert_eq!(a.nodes.renew(short.id, Duration::from_secs(1)).await.unwrap(), Renewal::Lost);
+    assert!(b.nodes.node(short.id).await.unwrap().is_none());
+    b.nodes.leave(long.id).await.unwrap();
+    assert!(a.nodes.node(long.id).await.unwrap().is_none());
+}
+
+pub async fn orphans_are_the_unfinished_requests_of_nodes_that_are_gone(stores: Stores) {
+    let alive = NodeRecord { id: NodeId::generate(), address: "http://127.0.0.1:1".into() };
+    let gone = NodeRecord { id: NodeId::generate(), address: "http://127.0.0.1:2".into() };
+    stores.nodes.join(&alive, Duration::from_secs(60)).await.unwrap();
+    stores.nodes.join(&gone, Duration::from_secs(60)).await.unwrap();
+    let running_alive = owned_by(Access::Public, Some(alive.id));
+    let running_gone = owned_by(Access::Public, Some(gone.id));
+    let finished_gone = owned_by(Access::Public, Some(gone.id));
+    let ownerless = owned_by(Access::Public, None);
+    let ids = [&running_alive, &running_gone, &finished_gone, &ownerless].map(|m| m.locator.id);
+    write(
+        &stores.requests,
+        vec![
+            WriteOp::Insert(running_alive),
+            WriteOp::Insert(running_gone),
+            WriteOp::Insert(finished_gone),
+            finish(ids[2], None),
+            WriteOp::Insert(ownerless),
+        ],
+    )
+    .await;
+    let orphans = |s: Stores| async move {
+        let mut found: Vec<RequestId> =
+            s.requests.orphans().await.unwrap().into_iter().map(|r| r.meta.locator.id).collect();
+        found.sort();
+        found
+    };
+    let mut expected = vec![ids[3]];
+    assert_eq!(orphans(stores.clone()).await, expected, "a request of no recorded node is an orphan");
+    stores.nodes.leave(gone.id).await.unwrap();
+    expected.push(ids[1]);
+    expected.sort();
+    assert_eq!(orphans(stores.clone()).await, expected, "the running requests of a node that is gone");
+}
+
+pub async fn two_handles_ending_one_request_at_once_store_one_final_status_and_one_webhook(a: Stores, b: Stores) {
+    for _ in 0..20 {
+        let m = meta(Access::Public);
+        let id = m.locator.id;
+        write(&a.requests, vec![WriteOp::Insert(m)]).await;
+        let done = WriteOp::Finish {
+            id,
+            progress: progress(Status::Done),
+            body: Some("{\"by\":\"a\"}".into()),
+            webhook_url: Some("https://h.example/a".into()),
+        };
+        let interrupted = WriteOp::Finish {
+            id,
+            progress: progress(Status::Error),
+            body: Some("{\"by\":\"b\"}".into()),
+            webhook_url: Some("https://h.example/b".into()),
+        };
+        let (x, y) = tokio::join!(a.requests.write(Arc::from([done])), b.requests.write(Arc::from([interrupted])));
+        x.unwrap();
+        y.unwrap();
+        let stored = a.requests.get(id).await.unwrap().unwrap();
+        let jobs = b.webhooks.claim_webhooks(f64::MAX / 4.0, 60.0, 100).await.unwrap();
+        let mine: Vec<_> = jobs.iter().filter(|j| j.id == id).collect();
+        assert_eq!(mine.len(), 1, "one delivery");
+        // Whoever won, the document and its webhook come from the same final write.
+        match stored.progress.status {
+            Status::Done => assert_eq!(
+                (stored.body.as_deref(), mine[0].url.as_str()),
+                (Some("{\"by\":\"a\"}"), "https://h.example/a")
+            ),
+            Status::Error => assert_eq!(
+                (stored.body.as_deref(), mine[0].url.as_str()),
+                (Some("{\"by\":\"b\"}"), "https://h.example/b")
+            ),
+            other => panic!("not final: {other:?}"),
+        }
+    }
 }
 
 pub async fn a_final_status_without_a_webhook_queues_nothing(stores: Stores) {
@@ -543,21 +666,25 @@ macro_rules! contract_suite {
                 a_failed_batch_changes_nothing,
                 a_batch_has_the_effect_of_its_ops_applied_in_order,
                 concurrent_writers_lose_nothing,
-                purging_deletes_only_requests_finished_before_the_cutoff
+                purging_deletes_only_requests_finished_before_the_cutoff,
+                a_final_request_takes_no_more_writes
             );
             contract_suite!(@families $fixture;
                 a_final_status_with_a_webhook_queues_one_claimable_delivery,
                 a_final_status_without_a_webhook_queues_nothing,
                 writes_to_a_deleted_request_are_dropped,
                 keys_are_found_by_hash_listed_and_revoked,
-                charging_is_exact_under_concurrency_and_refunds_give_back
+                charging_is_exact_under_concurrency_and_refunds_give_back,
+                orphans_are_the_unfinished_requests_of_nodes_that_are_gone
             );
             contract_suite!(@opening $fixture);
             contract_suite!(@pairs $fixture;
                 requests_written_through_one_handle_are_read_through_the_other,
                 webhook_claims_are_exclusive_across_handles,
                 quota_charges_are_exact_across_handles,
-                keys_created_through_one_handle_are_seen_by_the_other
+                keys_created_through_one_handle_are_seen_by_the_other,
+                nodes_join_expire_and_are_removed_by_exactly_one_handle,
+                two_handles_ending_one_request_at_once_store_one_final_status_and_one_webhook
             );
         }
     };

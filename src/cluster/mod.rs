@@ -94,8 +94,7 @@ impl Peers {
         let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(1), self.client.get(url).send()).await else {
             return false;
         };
-        let Ok(Ok(body)) =
-            tokio::time::timeout(Duration::from_secs(1), response.json::<serde_json::Value>()).await
+        let Ok(Ok(body)) = tokio::time::timeout(Duration::from_secs(1), response.json::<serde_json::Value>()).await
         else {
             return false;
         };

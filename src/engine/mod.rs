@@ -16,15 +16,15 @@ pub mod reader;
 pub mod sse;
 mod worker;
 
-use crate::document::model::Options;
-use crate::document::{Assembler, ErrorInfo, RequestMeta, Urls};
-use crate::domain::locator::ParsedUrl;
 use crate::cluster::Peers;
+use crate::document::model::Options;
+use crate::document::{Assembler, BodyView, ErrorInfo, RequestMeta, Urls, render};
+use crate::domain::locator::ParsedUrl;
 use crate::domain::{
     Access, AccessToken, Continuation, CreateRequest, Kind, Limits, Locator, NodeId, RequestId, Status, UpstreamKey,
 };
 use crate::store::nodes::NodeStore;
-use crate::store::{Store, StoreError, StoredRequest, Stores, WriteOp};
+use crate::store::{StoreError, StoredRequest, Stores, WriteOp};
 use crate::upstream::Upstream;
 use live::{CancelReason, LiveRequest};
 use parking_lot::Mutex;
@@ -118,6 +118,16 @@ impl Found {
         match self {
             Found::Elsewhere { address, .. } => Some(address),
             _ => None,
+        }
+    }
+
+    /// `(is_final, event_count)`: whether a reader who has `event_count` events has everything.
+    pub fn position(&self) -> (bool, u64) {
+        match self {
+            Found::Live(live) => live.position(),
+            Found::Stored(stored) | Found::Elsewhere { stored, .. } => {
+                (stored.progress.status.is_final(), stored.event_count)
+            }
         }
     }
 
@@ -402,8 +412,39 @@ impl Engine {
         self.inner.stores.requests.delete(id).await
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.stores.requests
+    /// The status document's bytes: rendered once per change for a live request, from the store otherwise.
+    pub fn document(&self, found: &Found, webhook: Option<&RawValue>) -> bytes::Bytes {
+        match found {
+            Found::Live(live) => live.document(&self.inner.config.urls, webhook),
+            Found::Stored(stored) | Found::Elsewhere { stored, .. } => {
+                let body = stored.body.as_deref().and_then(|b| serde_json::from_str::<&RawValue>(b).ok());
+                let view = body.map_or(BodyView::None, BodyView::Json);
+                render(&stored.meta, &stored.progress, view, &self.inner.config.urls, webhook).into()
+            }
+        }
+    }
+
+    /// The raw upstream response so far; `None` before the upstream answered.
+    pub async fn raw(&self, found: &Found) -> Result<Option<Vec<u8>>, StoreError> {
+        match found {
+            Found::Live(live) => Ok(live.raw()),
+            Found::Stored(stored) | Found::Elsewhere { stored, .. } => {
+                if stored.progress.response.is_none() {
+                    return Ok(None);
+                }
+                self.inner.stores.requests.raw(stored.meta.locator.id).await.map(Some)
+            }
+        }
+    }
+
+    /// The HTTP client for calls to other nodes, when there are any.
+    pub fn peer_client(&self) -> Option<&reqwest::Client> {
+        self.inner.peers.as_deref().map(Peers::client)
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> NodeId {
+        self.inner.config.node
     }
 
     /// The `webhook` object of a request's document: `waiting` until it is final, then the delivery state.

@@ -50,7 +50,7 @@ pub(super) fn follow(inner: Arc<Inner>, found: Found, after: u64) -> impl Stream
                     }
                 }
             }
-            Found::Stored(mut stored) => {
+            Found::Stored(mut stored) | Found::Elsewhere { mut stored, .. } => {
                 let id = stored.meta.locator.id;
                 let mut cursor = after;
                 let mut idle = std::time::Duration::ZERO;

@@ -10,12 +10,8 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, Method, Response, Uri, header};
 
 /// Request headers that carry meaning for the endpoints of a request.
-const PASSED_ON: [HeaderName; 4] = [
-    header::AUTHORIZATION,
-    header::IF_NONE_MATCH,
-    header::ACCEPT,
-    HeaderName::from_static("last-event-id"),
-];
+const PASSED_ON: [HeaderName; 4] =
+    [header::AUTHORIZATION, header::IF_NONE_MATCH, header::ACCEPT, HeaderName::from_static("last-event-id")];
 
 /// Response headers that describe the connection between the two nodes, not the answer.
 const HOP_BY_HOP: [HeaderName; 4] =

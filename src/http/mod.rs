@@ -3,6 +3,7 @@
 
 pub mod create;
 pub mod error;
+pub mod forward;
 pub mod openapi;
 pub mod requests;
 pub mod server;
@@ -86,8 +87,14 @@ async fn index(axum::extract::State(app): axum::extract::State<AppState>) -> Jso
 async fn health(axum::extract::State(app): axum::extract::State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     match app.engine.store_problem() {
-        None => Json(json!({"status": "ok", "in_flight": app.engine.in_flight(), "accepting": app.engine.accepting()}))
-            .into_response(),
+        None => Json(json!({
+            "status": "ok",
+            "in_flight": app.engine.in_flight(),
+            "accepting": app.engine.accepting(),
+            // Peers check it to tell this process from another one at the same address.
+            "node": app.engine.node().to_string(),
+        }))
+        .into_response(),
         Some(problem) => {
             let mut err = ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,

@@ -2,7 +2,7 @@
 
 use super::AppState;
 use super::error::{ApiError, ApiPath};
-use crate::document::{BodyView, RequestMeta, render};
+use crate::document::RequestMeta;
 use crate::domain::locator::ParsedUrl;
 use crate::domain::{Access, Kind, Suffix};
 use crate::engine::{Found, StopOutcome};
@@ -10,10 +10,9 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use serde_json::value::RawValue;
 use std::hash::{Hash, Hasher};
 
 /// `?stream_token=` and `?last_event_id=`; other parameters are ignored. A parameter given twice, or whose
@@ -84,20 +83,64 @@ fn authorize(meta: &RequestMeta, headers: &HeaderMap, stream_token: Option<&str>
     }))
 }
 
+/// The request a URL names, once the caller may see it: here, or relayed to the node that runs it.
+enum Located {
+    Here(Found),
+    /// Answered by the node that runs the request.
+    Relayed(Response),
+}
+
+/// The call as it came, for relaying it.
+struct Call<'a> {
+    method: Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+}
+
+/// Finds the request, checks the caller's credentials, and, when another node runs it, relays the call to that
+/// node. If that node cannot be reached (it may have just died), the store's view is served instead.
+async fn locate(
+    app: &AppState,
+    url: &ParsedUrl,
+    call: Call<'_>,
+    stream_token: Option<&str>,
+) -> Result<Located, ApiError> {
+    let found = find(app, url).await?;
+    authorize(found.meta(), call.headers, stream_token)?;
+    let (Some(address), Some(client)) = (found.elsewhere(), app.engine.peer_client()) else {
+        return Ok(Located::Here(found));
+    };
+    if super::forward::was_forwarded(call.headers) {
+        // Relayed once already: this node answers with what it knows, so a call never goes round in circles.
+        return Ok(Located::Here(found.into_stored()));
+    }
+    match super::forward::forward(client, address, call.method, call.uri, call.headers).await {
+        Ok(response) => Ok(Located::Relayed(response)),
+        Err(e) => {
+            tracing::warn!(error = %e, "answering from the store instead");
+            Ok(Located::Here(found.into_stored()))
+        }
+    }
+}
+
 pub async fn get(
     State(app): State<AppState>,
     ApiPath((kind, rest)): ApiPath<(String, String)>,
     query: StreamQuery,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let url = parse_url(&kind, &rest)?;
-    let found = find(&app, &url).await?;
     let stream_token = if url.suffix == Suffix::Events { query.stream_token.as_deref() } else { None };
-    authorize(found.meta(), &headers, stream_token)?;
+    let call = Call { method: Method::GET, uri: &uri, headers: &headers };
+    let found = match locate(&app, &url, call, stream_token).await? {
+        Located::Here(found) => found,
+        Located::Relayed(response) => return Ok(response),
+    };
     match url.suffix {
         Suffix::Status => status(&app, &found, &headers).await,
         Suffix::Events => events(&app, found, &headers, query.last_event_id.as_deref()),
-        Suffix::Raw => raw(&app, found).await,
+        Suffix::Raw => raw(&app, &found).await,
         Suffix::Stop => Ok(stop(&app, &found).await),
     }
 }
@@ -105,20 +148,24 @@ pub async fn get(
 pub async fn post(
     State(app): State<AppState>,
     ApiPath((kind, rest)): ApiPath<(String, String)>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let url = parse_url(&kind, &rest)?;
     if url.suffix != Suffix::Stop {
         return Err(only_get());
     }
-    let found = find(&app, &url).await?;
-    authorize(found.meta(), &headers, None)?;
-    Ok(stop(&app, &found).await)
+    let call = Call { method: Method::POST, uri: &uri, headers: &headers };
+    match locate(&app, &url, call, None).await? {
+        Located::Here(found) => Ok(stop(&app, &found).await),
+        Located::Relayed(response) => Ok(response),
+    }
 }
 
 pub async fn delete(
     State(app): State<AppState>,
     ApiPath((kind, rest)): ApiPath<(String, String)>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let url = parse_url(&kind, &rest)?;
@@ -129,8 +176,11 @@ pub async fn delete(
             "DELETE applies to a request's status URL (ending in .json).",
         ));
     }
-    let found = find(&app, &url).await?;
-    authorize(found.meta(), &headers, None)?;
+    let call = Call { method: Method::DELETE, uri: &uri, headers: &headers };
+    let found = match locate(&app, &url, call, None).await? {
+        Located::Here(found) => found,
+        Located::Relayed(response) => return Ok(response),
+    };
     app.engine.delete(found).await.map_err(|e| ApiError::internal(&e))?;
     Ok(Json(json!({
         "status": "success",
@@ -155,14 +205,7 @@ fn etag_of(bytes: &[u8]) -> String {
 
 async fn status(app: &AppState, found: &Found, headers: &HeaderMap) -> Result<Response, ApiError> {
     let webhook = app.engine.webhook_view(found).await.map_err(|e| ApiError::internal(&e))?;
-    let doc: bytes::Bytes = match found {
-        Found::Live(live) => live.document(app.engine.urls(), webhook.as_deref()),
-        Found::Stored(stored) => {
-            let body = stored.body.as_deref().and_then(|b| serde_json::from_str::<&RawValue>(b).ok());
-            let view = body.map_or(BodyView::None, BodyView::Json);
-            render(&stored.meta, &stored.progress, view, app.engine.urls(), webhook.as_deref()).into()
-        }
-    };
+    let doc = app.engine.document(found, webhook.as_deref());
     let etag = etag_of(&doc);
     let not_modified = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| {
         v.split(',').any(|t| t.trim() == etag || t.trim() == "*" || t.trim().trim_start_matches("W/") == etag)
@@ -202,10 +245,7 @@ fn events(app: &AppState, found: Found, headers: &HeaderMap, query_last: Option<
     let from_header = header.map(event_number).transpose()?.flatten();
     let from_query = query_last.map(event_number).transpose()?.flatten();
     let after = from_header.or(from_query);
-    let (is_final, count) = match &found {
-        Found::Live(live) => live.position(),
-        Found::Stored(stored) => (stored.progress.status.is_final(), stored.event_count),
-    };
+    let (is_final, count) = found.position();
     // 204 (which tells EventSource to stop reconnecting) only for a reader who says it has everything; a reader
     // with nothing yet gets the replay, even of a request that ended before its first chunk (its named event
     // and `[DONE]`).
@@ -224,17 +264,10 @@ fn events(app: &AppState, found: Found, headers: &HeaderMap, query_last: Option<
         .into_response())
 }
 
-async fn raw(app: &AppState, found: Found) -> Result<Response, ApiError> {
-    let not_yet = || ApiError::not_found("The upstream has not answered yet; the raw response appears once it does.");
-    let bytes: Vec<u8> = match &found {
-        Found::Live(live) => live.raw().ok_or_else(not_yet)?,
-        Found::Stored(stored) => {
-            if stored.progress.response.is_none() {
-                return Err(not_yet());
-            }
-            app.engine.store().raw(stored.meta.locator.id).await.map_err(|e| ApiError::internal(&e))?
-        }
-    };
+async fn raw(app: &AppState, found: &Found) -> Result<Response, ApiError> {
+    let bytes = app.engine.raw(found).await.map_err(|e| ApiError::internal(&e))?.ok_or_else(|| {
+        ApiError::not_found("The upstream has not answered yet; the raw response appears once it does.")
+    })?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], bytes)
         .into_response())
 }
@@ -257,6 +290,15 @@ async fn stop(app: &AppState, found: &Found) -> Response {
             format!("This request already finished (status `{}`); stop has no effect.", status.as_str()),
         )
         .into_response(),
+        StopOutcome::Unreachable => {
+            let mut err = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "This request runs on another node of this service that cannot be reached right now; retry shortly (if that node is gone, the request ends as interrupted within seconds).",
+            );
+            err.retry_after = Some(1);
+            err.into_response()
+        }
         StopOutcome::NotYetDurable => {
             let mut err = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

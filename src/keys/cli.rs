@@ -4,7 +4,6 @@
 use crate::config::{ServeArgs, Settings};
 use crate::domain::service_key::new_key_id;
 use crate::domain::{ApiKey, KeyLimits, ServiceKey};
-use crate::store::sqlite::SqliteStore;
 use crate::store::{Conflict, KeyStore, StoreError};
 use clap::{Args, Subcommand};
 use std::io::Write;
@@ -19,6 +18,9 @@ pub struct StoreArgs {
     /// Directory of the SQLite store [default: ./offload-data].
     #[arg(long, env = "OFFLOAD_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The shared PostgreSQL store (`postgres://...`), as given to `offload serve --store`.
+    #[arg(long, env = "OFFLOAD_STORE", hide_env_values = true)]
+    store: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -53,11 +55,15 @@ pub enum KeysCommand {
     },
 }
 
-fn open(args: StoreArgs) -> Result<SqliteStore, String> {
-    let settings =
-        Settings::resolve(ServeArgs { config: args.config, data_dir: args.data_dir, ..ServeArgs::default() })
-            .map_err(|e| e.to_string())?;
-    SqliteStore::open(&settings.data_dir, settings.sqlite_synchronous).map_err(|e| e.to_string())
+async fn open(args: StoreArgs) -> Result<std::sync::Arc<dyn KeyStore>, String> {
+    let settings = Settings::resolve(ServeArgs {
+        config: args.config,
+        data_dir: args.data_dir,
+        store: args.store,
+        ..ServeArgs::default()
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(settings.store.open().await.map_err(|e| e.to_string())?.keys)
 }
 
 fn limit(value: Option<u64>) -> String {
@@ -76,7 +82,7 @@ pub async fn run(command: KeysCommand) -> Result<(), String> {
             if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
                 return Err("--rate must be a positive number of requests per second".into());
             }
-            let store = open(store)?;
+            let store = open(store).await?;
             let secret = ApiKey::generate().map_err(|e| e.to_string())?;
             let key = ServiceKey {
                 id: new_key_id().map_err(|e| e.to_string())?,
@@ -95,7 +101,7 @@ pub async fn run(command: KeysCommand) -> Result<(), String> {
             writeln!(out, "{}", secret.as_str()).map_err(io)?;
         }
         KeysCommand::List { store } => {
-            let store = open(store)?;
+            let store = open(store).await?;
             let (periods, _, _) = super::periods_now();
             let keys = store.keys(&periods).await.map_err(|e| e.to_string())?;
             writeln!(
@@ -123,7 +129,7 @@ pub async fn run(command: KeysCommand) -> Result<(), String> {
             }
         }
         KeysCommand::Revoke { name_or_id, store } => {
-            let store = open(store)?;
+            let store = open(store).await?;
             if !store.revoke_key(&name_or_id, now).await.map_err(|e| e.to_string())? {
                 return Err(format!("no active key named {name_or_id:?}"));
             }

@@ -4,7 +4,7 @@
 use super::{StoreError, StoredRequest};
 use crate::document::model::Options;
 use crate::document::{Progress, RequestMeta};
-use crate::domain::{Access, Kind, Locator, RequestId, TokenHash};
+use crate::domain::{Access, Kind, Locator, NodeId, RequestId, TokenHash};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -53,6 +53,8 @@ pub(super) struct RequestRow {
     pub body: Option<String>,
     /// The highest stored event seq (0 without events).
     pub event_count: i64,
+    /// The node that runs (or ran) the request.
+    pub owner: Option<Vec<u8>>,
 }
 
 impl RequestRow {
@@ -77,6 +79,10 @@ impl RequestRow {
                 options: column.options,
                 from_status_url: column.from_status_url,
                 parameters: RawValue::from_string(self.parameters).map_err(json_err)?,
+                owner: self
+                    .owner
+                    .map(|b| b.try_into().map(NodeId::from_bytes).map_err(|_| corrupt("owner")))
+                    .transpose()?,
             },
             progress: serde_json::from_str(&self.progress).map_err(json_err)?,
             body: self.body,

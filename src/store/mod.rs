@@ -14,6 +14,7 @@
 //! names the rule a write broke.
 
 mod columns;
+pub mod nodes;
 pub mod postgres;
 pub mod sqlite;
 
@@ -21,6 +22,7 @@ use crate::document::{Progress, RequestMeta};
 use crate::domain::{RequestId, ServiceKey, TokenHash};
 use async_trait::async_trait;
 use bytes::Bytes;
+use nodes::NodeStore;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -58,17 +60,74 @@ pub enum Conflict {
     KeyExists,
 }
 
+/// Where the store is, as configured: the embedded SQLite file, or a PostgreSQL database shared by nodes.
+#[derive(Debug, Clone)]
+pub enum StoreLocation {
+    Sqlite { data_dir: std::path::PathBuf, synchronous: sqlite::Synchronous },
+    Postgres(DatabaseUrl),
+}
+
+impl StoreLocation {
+    /// Opens the store (creating or upgrading its schema).
+    pub async fn open(&self) -> Result<Stores, StoreError> {
+        Ok(match self {
+            StoreLocation::Sqlite { data_dir, synchronous } => {
+                Stores::of(Arc::new(sqlite::SqliteStore::open(data_dir, *synchronous)?))
+            }
+            StoreLocation::Postgres(url) => {
+                Stores::of(Arc::new(postgres::PostgresStore::connect(url.expose(), None).await?))
+            }
+        })
+    }
+}
+
+/// A database URL, which may carry a password: shown (in logs, errors, `Debug`) without it.
+#[derive(Clone)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: &str) -> Self {
+        Self(url.to_owned())
+    }
+
+    /// The URL itself, for the database driver only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match url::Url::parse(&self.0) {
+            Ok(mut url) => {
+                if url.password().is_some() {
+                    let _ = url.set_password(Some("***"));
+                }
+                f.write_str(url.as_str())
+            }
+            Err(_) => f.write_str("<a PostgreSQL URL>"),
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
 /// One store seen through each of its query families; every component gets only the family it needs.
 #[derive(Clone)]
 pub struct Stores {
     pub requests: Arc<dyn Store>,
     pub webhooks: Arc<dyn WebhookStore>,
     pub keys: Arc<dyn KeyStore>,
+    pub nodes: Arc<dyn NodeStore>,
 }
 
 impl Stores {
-    pub fn of<S: Store + WebhookStore + KeyStore>(store: Arc<S>) -> Self {
-        Self { requests: store.clone(), webhooks: store.clone(), keys: store }
+    pub fn of<S: Store + WebhookStore + KeyStore + NodeStore>(store: Arc<S>) -> Self {
+        Self { requests: store.clone(), webhooks: store.clone(), keys: store.clone(), nodes: store }
     }
 }
 
@@ -94,6 +153,10 @@ pub enum RawPiece {
 }
 
 /// One change to the store. A batch of them is applied in order, in one transaction.
+///
+/// Once a request is final nothing of it changes: later writes to it (events, raw pieces, progress, another final
+/// status and its webhook) are dropped. So when two nodes end the same request at once, the first final status
+/// stored is the one everyone sees, and its webhook is queued once.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
     /// A newly accepted request, in status `pending`.
@@ -128,6 +191,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Requests not in a final status (after a crash: the ones it cut off).
     async fn unfinished(&self) -> Result<Vec<StoredRequest>, StoreError>;
+
+    /// Requests not in a final status whose node is gone ([`nodes::NodeStore`]): no one will end them but the
+    /// node that finds them.
+    async fn orphans(&self) -> Result<Vec<StoredRequest>, StoreError>;
 
     /// Deletes up to `limit` requests that reached their final status before `before` (unix seconds), with
     /// everything of them. Returns how many were deleted.

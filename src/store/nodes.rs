@@ -28,6 +28,10 @@ pub enum Renewal {
 
 #[async_trait]
 pub trait NodeStore: Send + Sync + 'static {
+    /// Whether several server processes may run requests on this store at once (PostgreSQL); an embedded store
+    /// has one, so on start every request not final was cut off by its previous run.
+    fn shared(&self) -> bool;
+
     /// Registers a node with a lease of `lease` from now.
     async fn join(&self, node: &NodeRecord, lease: Duration) -> Result<(), StoreError>;
 

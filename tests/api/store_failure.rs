@@ -4,7 +4,8 @@
 
 use super::helpers::*;
 use async_trait::async_trait;
-use offload::domain::{RequestId, ServiceKey, TokenHash};
+use offload::domain::{NodeId, RequestId, ServiceKey, TokenHash};
+use offload::store::nodes::{NodeRecord, NodeStore, Renewal};
 use offload::store::sqlite::{SqliteStore, Synchronous};
 use offload::store::{
     Charge, KeyStore, Periods, Store, StoreError, StoredRequest, Stores, Usage, WebhookJob, WebhookStatus,
@@ -58,6 +59,9 @@ impl Store for Flaky {
     async fn unfinished(&self) -> Result<Vec<StoredRequest>, StoreError> {
         self.inner.unfinished().await
     }
+    async fn orphans(&self) -> Result<Vec<StoredRequest>, StoreError> {
+        self.inner.orphans().await
+    }
     async fn purge_finished(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
         self.writes()?;
         self.inner.purge_finished(before, limit).await
@@ -103,6 +107,31 @@ impl KeyStore for Flaky {
     }
     async fn refund(&self, key_id: &str, periods: &Periods) -> Result<(), StoreError> {
         self.inner.refund(key_id, periods).await
+    }
+}
+
+#[async_trait]
+impl NodeStore for Flaky {
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+    async fn join(&self, node: &NodeRecord, lease: Duration) -> Result<(), StoreError> {
+        self.inner.join(node, lease).await
+    }
+    async fn renew(&self, id: NodeId, lease: Duration) -> Result<Renewal, StoreError> {
+        self.inner.renew(id, lease).await
+    }
+    async fn leave(&self, id: NodeId) -> Result<(), StoreError> {
+        self.inner.leave(id).await
+    }
+    async fn node(&self, id: NodeId) -> Result<Option<NodeRecord>, StoreError> {
+        self.inner.node(id).await
+    }
+    async fn expired_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.inner.expired_nodes().await
+    }
+    async fn remove_expired(&self, id: NodeId) -> Result<bool, StoreError> {
+        self.inner.remove_expired(id).await
     }
 }
 

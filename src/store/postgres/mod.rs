@@ -20,6 +20,7 @@
 //! One file per query family: [`requests`], [`webhooks`], [`keys`].
 
 mod keys;
+mod nodes;
 mod requests;
 mod webhooks;
 
@@ -40,7 +41,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MIGRATION_LOCK: i64 = 0x6f66_666c_6f61_6401;
 
 /// The schema, one step per version: step `i` brings version `i` to `i + 1`. Steps are only ever appended.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE requests (
     rkey bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     id uuid NOT NULL CONSTRAINT requests_id_unique UNIQUE,
@@ -125,7 +127,18 @@ BEGIN
     UPDATE key_usage SET count = GREATEST(count - 1, 0) WHERE key_id = p_key AND period IN (p_day, p_month);
 END
 $$;
-"#];
+"#,
+    r#"
+-- Cluster: every request records the node that runs it; nodes hold leases on the database's clock.
+ALTER TABLE requests ADD COLUMN owner uuid;
+CREATE TABLE nodes (
+    id uuid PRIMARY KEY,
+    address text NOT NULL,
+    joined_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    lease_until timestamptz NOT NULL
+);
+"#,
+];
 
 pub struct PostgresStore {
     pool: Pool,

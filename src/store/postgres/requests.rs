@@ -16,22 +16,26 @@ use uuid::Uuid;
 ///
 /// - `ins` inserts the new requests (a duplicate id fails the statement, so the whole batch);
 /// - `lk` locks the other requests the batch writes to, and drops those deleted meanwhile (a delete that commits
-///   first makes the lock find nothing; one that comes later waits for this statement);
+///   first makes the lock find nothing; one that comes later waits for this statement) and those already final:
+///   nothing of a final request ever changes, whichever node writes;
 /// - `rk` maps every request the batch may write to its internal key: the new ones and the locked ones;
-/// - `upd` sets status and progress (and, for a final status, body and `final_at`) of locked requests;
-/// - `ev`, `raw` and `hook` write events, raw pieces and queued webhook deliveries of requests in `rk`.
+/// - `upd` sets status and progress (and, for a final status, body and `final_at`) of locked requests that are
+///   still not final when the update runs (two nodes ending one request at once: the second finds it final);
+/// - `ev` and `raw` write events and raw pieces of requests in `rk`; `hook` queues the webhook deliveries of
+///   requests this statement inserted or updated, so a delivery is queued once, by the write that ended it.
 ///
 /// `upd` joins `lk`, so a row is locked before it is updated in the same statement (locking a row this statement
 /// already updated would skip it).
 const WRITE: &str = "
 WITH ins AS (
     INSERT INTO requests
-        (id, kind, access, created_at, bearer, stream_token, meta, parameters, status, progress, body, final_at)
+        (id, kind, access, created_at, bearer, stream_token, meta, parameters, status, progress, body, final_at, owner)
     SELECT * FROM UNNEST($1::uuid[], $2::smallint[], $3::smallint[], $4::bigint[], $5::bytea[], $6::bytea[],
-        $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bigint[])
+        $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bigint[], $31::uuid[])
     RETURNING id, rkey
 ), lk AS (
-    SELECT id, rkey FROM requests WHERE id = ANY($13::uuid[]) FOR KEY SHARE
+    SELECT id, rkey FROM requests WHERE id = ANY($13::uuid[]) AND status NOT IN ('done', 'error', 'stop')
+    FOR KEY SHARE
 ), rk AS (
     SELECT id, rkey FROM ins UNION ALL SELECT id, rkey FROM lk
 ), upd AS (
@@ -41,7 +45,8 @@ WITH ins AS (
     FROM UNNEST($14::uuid[], $15::text[], $16::text[], $17::bool[], $18::text[], $19::bigint[])
         AS u (id, status, progress, finished, body, final_at)
     JOIN lk ON lk.id = u.id
-    WHERE r.rkey = lk.rkey
+    WHERE r.rkey = lk.rkey AND r.status NOT IN ('done', 'error', 'stop')
+    RETURNING r.id
 ), ev AS (
     INSERT INTO events (rkey, seq, data)
     SELECT rk.rkey, u.seq, u.data FROM UNNEST($20::uuid[], $21::bigint[], $22::bytea[]) AS u (id, seq, data)
@@ -56,13 +61,17 @@ WITH ins AS (
 ), hook AS (
     INSERT INTO webhooks (request_id, url, state, next_attempt_at, status)
     SELECT u.id, u.url, 'pending', u.due, $30 FROM UNNEST($27::uuid[], $28::text[], $29::float8[]) AS u (id, url, due)
-    JOIN rk ON rk.id = u.id
+    JOIN (SELECT id FROM ins UNION ALL SELECT id FROM upd) w ON w.id = u.id
     ON CONFLICT (request_id) DO NOTHING
 )
 SELECT 1";
 
 const SELECT_REQUEST: &str = "SELECT id, kind, access, created_at, bearer, stream_token, meta, parameters, progress,
-    body, (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.rkey = r.rkey) FROM requests r";
+    body, (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.rkey = r.rkey), owner FROM requests r";
+
+/// Requests not final whose node is gone (or that predate nodes).
+const ORPHANS: &str = "WHERE status NOT IN ('done', 'error', 'stop')
+    AND (owner IS NULL OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = r.owner))";
 
 fn uuid(id: RequestId) -> Uuid {
     Uuid::from_bytes(*id.as_bytes())
@@ -84,6 +93,7 @@ struct Folded<'a> {
 /// - an op on a request that comes before the request's `Insert` is dropped (one by one, it would find no
 ///   request, or the insert would fail the batch);
 /// - status and progress ops on one request fold into one update (or into its insert), see [`Folded`];
+/// - nothing after a request's first final status is kept (a final status never changes);
 /// - an event or raw piece written twice keeps the last.
 #[derive(Default)]
 struct Batch<'a> {
@@ -106,6 +116,7 @@ impl<'a> Batch<'a> {
         let mut batch = Batch::default();
         let mut event_at: HashMap<(RequestId, u64), usize> = HashMap::new();
         let mut raw_at: HashMap<(RequestId, u64), usize> = HashMap::new();
+        let mut ended = std::collections::HashSet::new();
         for (at, op) in ops.iter().enumerate() {
             let id = match op {
                 WriteOp::Insert(meta) => {
@@ -118,6 +129,9 @@ impl<'a> Batch<'a> {
                 | WriteOp::Progress { id, .. }
                 | WriteOp::Finish { id, .. } => *id,
             };
+            if ended.contains(&id) {
+                continue;
+            }
             match inserted_at.get(&id) {
                 Some(insert) if *insert > at => continue,
                 Some(_) => {}
@@ -150,6 +164,7 @@ impl<'a> Batch<'a> {
                     }
                 }
                 WriteOp::Finish { progress, body, webhook_url, .. } => {
+                    ended.insert(id);
                     if let Some(state) = batch.folded.get_mut(&id) {
                         state.progress = Some(progress);
                         state.finish = Some((body.as_deref(), progress.processed_at.map(|t| t as i64)));
@@ -180,6 +195,7 @@ struct WriteParams<'a> {
     ins_progress: Vec<String>,
     ins_body: Vec<Option<&'a str>>,
     ins_final_at: Vec<Option<i64>>,
+    ins_owner: Vec<Option<Uuid>>,
     lock_id: Vec<Uuid>,
     upd_id: Vec<Uuid>,
     upd_status: Vec<&'static str>,
@@ -217,6 +233,7 @@ impl<'a> WriteParams<'a> {
             ins_progress: Vec::with_capacity(n),
             ins_body: Vec::with_capacity(n),
             ins_final_at: Vec::with_capacity(n),
+            ins_owner: Vec::with_capacity(n),
             lock_id: batch.locked.iter().map(|id| uuid(*id)).collect(),
             upd_id: Vec::new(),
             upd_status: Vec::new(),
@@ -267,6 +284,7 @@ impl<'a> WriteParams<'a> {
             p.ins_progress.push(encode_progress(progress)?);
             p.ins_body.push(body);
             p.ins_final_at.push(final_at);
+            p.ins_owner.push(meta.owner.map(|n| n.as_uuid()));
         }
         for id in &batch.locked {
             let Some(state) = batch.folded.get(id) else { continue };
@@ -290,7 +308,7 @@ impl<'a> WriteParams<'a> {
         Ok(p)
     }
 
-    fn as_params(&self) -> [&(dyn ToSql + Sync); 30] {
+    fn as_params(&self) -> [&(dyn ToSql + Sync); 31] {
         [
             &self.ins_id,
             &self.ins_kind,
@@ -322,6 +340,7 @@ impl<'a> WriteParams<'a> {
             &self.hook_url,
             &self.hook_due,
             &self.hook_status,
+            &self.ins_owner,
         ]
     }
 }
@@ -344,6 +363,7 @@ fn row_to_request(row: &tokio_postgres::Row) -> Result<StoredRequest, StoreError
         progress: row.try_get(8).map_err(pg_err)?,
         body: row.try_get(9).map_err(pg_err)?,
         event_count: row.try_get(10).map_err(pg_err)?,
+        owner: row.try_get::<_, Option<Uuid>>(11).map_err(pg_err)?.map(|u| u.as_bytes().to_vec()),
     }
     .decode()
 }
@@ -459,6 +479,13 @@ impl Store for PostgresStore {
             .prepare_cached(&format!("{SELECT_REQUEST} WHERE status NOT IN ('done', 'error', 'stop')"))
             .await
             .map_err(pg_err)?;
+        let rows = client.query(&stmt, &[]).await.map_err(pg_err)?;
+        rows.iter().map(row_to_request).collect()
+    }
+
+    async fn orphans(&self) -> Result<Vec<StoredRequest>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&format!("{SELECT_REQUEST} {ORPHANS}")).await.map_err(pg_err)?;
         let rows = client.query(&stmt, &[]).await.map_err(pg_err)?;
         rows.iter().map(row_to_request).collect()
     }

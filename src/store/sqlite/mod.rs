@@ -14,6 +14,7 @@
 //! One file per query family: [`requests`], [`webhooks`], [`keys`].
 
 mod keys;
+mod nodes;
 mod requests;
 mod webhooks;
 
@@ -40,7 +41,8 @@ CREATE TABLE IF NOT EXISTS requests (
     status TEXT NOT NULL,
     progress TEXT NOT NULL,
     body TEXT,
-    final_at INTEGER
+    final_at INTEGER,
+    owner BLOB
 );
 CREATE INDEX IF NOT EXISTS requests_unfinished ON requests(status) WHERE status NOT IN ('done', 'error', 'stop');
 CREATE INDEX IF NOT EXISTS requests_final_at ON requests(final_at) WHERE final_at IS NOT NULL;
@@ -83,11 +85,26 @@ CREATE TABLE IF NOT EXISTS key_usage (
     count INTEGER NOT NULL,
     PRIMARY KEY (key_id, period)
 ) WITHOUT ROWID;
-PRAGMA user_version = 4;
+CREATE TABLE IF NOT EXISTS nodes (
+    id BLOB PRIMARY KEY,
+    address TEXT NOT NULL,
+    lease_until REAL NOT NULL
+) WITHOUT ROWID;
+PRAGMA user_version = 5;
 ";
 
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
+
+/// Upgrades from an older version, step by step; step `i` brings version `4 + i` to `5 + i`.
+const UPGRADES: &[&str] = &["
+ALTER TABLE requests ADD COLUMN owner BLOB;
+CREATE TABLE IF NOT EXISTS nodes (id BLOB PRIMARY KEY, address TEXT NOT NULL, lease_until REAL NOT NULL) WITHOUT ROWID;
+PRAGMA user_version = 5;
+"];
+
+/// The oldest version [`UPGRADES`] start from.
+const OLDEST_UPGRADABLE: i64 = 4;
 
 /// What the writer thread owns: the write connection, and the internal key of every live request.
 ///
@@ -292,7 +309,14 @@ impl SqliteStore {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA wal_autocheckpoint = 0;"
         ))
         .map_err(db_err)?;
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_err)?;
+        let mut version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_err)?;
+        while (OLDEST_UPGRADABLE..SCHEMA_VERSION).contains(&version) {
+            let step = usize::try_from(version - OLDEST_UPGRADABLE).unwrap_or(usize::MAX);
+            let Some(sql) = UPGRADES.get(step) else { break };
+            conn.execute_batch(&format!("BEGIN; {sql} COMMIT;")).map_err(db_err)?;
+            tracing::info!(from = version, to = version + 1, "upgraded the store's schema");
+            version += 1;
+        }
         if version != 0 && version != SCHEMA_VERSION {
             return Err(StoreError::Database(format!(
                 "{} has schema version {version}, this offload reads version {SCHEMA_VERSION}; use a new --data-dir",

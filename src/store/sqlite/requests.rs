@@ -6,24 +6,32 @@ use crate::domain::RequestId;
 use crate::store::columns::{RequestRow, encode_meta, encode_progress, event_text};
 use crate::store::{RawPiece, Store, StoreError, StoredRequest, WriteOp};
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// The internal key of a request: from the map of live requests, else from the table. `None` when the request
-/// is gone (deleted while a write for it was queued): such writes are dropped, never left orphaned.
+/// The internal key of a request that may still be written to: from the map of live requests, else from the
+/// table. `None` when the request is gone (deleted while a write for it was queued) or already final: such
+/// writes are dropped, so nothing of a final request ever changes and nothing is left orphaned.
 fn rkey(conn: &Connection, rkeys: &mut HashMap<RequestId, i64>, id: RequestId) -> Result<Option<i64>, StoreError> {
     if let Some(key) = rkeys.get(&id) {
         return Ok(Some(*key));
     }
     let key: Option<i64> = conn
-        .prepare_cached("SELECT rkey FROM requests WHERE id = ?1")
+        .prepare_cached("SELECT rkey FROM requests WHERE id = ?1 AND status NOT IN ('done', 'error', 'stop')")
         .and_then(|mut s| s.query_row([id.as_bytes()], |r| r.get(0)).optional())
         .map_err(db_err)?;
     if let Some(key) = key {
         rkeys.insert(id, key);
     }
     Ok(key)
+}
+
+/// The internal key of a request, final or not.
+fn any_rkey(conn: &Connection, id: RequestId) -> Result<Option<i64>, StoreError> {
+    conn.prepare_cached("SELECT rkey FROM requests WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id.as_bytes()], |r| r.get(0)).optional())
+        .map_err(db_err)
 }
 
 /// Deletes one request and everything of it; whether it existed.
@@ -37,8 +45,10 @@ fn delete_rows(conn: &Connection, rkey: i64, id: &[u8]) -> rusqlite::Result<bool
 
 fn delete(w: &mut Writer, id: RequestId) -> Result<bool, StoreError> {
     let Writer { conn, rkeys } = w;
-    let tx = conn.transaction().map_err(db_err)?;
-    let Some(key) = rkey(&tx, rkeys, id)? else {
+    // IMMEDIATE: take the write lock before reading, so that a writer of another process (the `keys` command)
+    // makes this one wait its turn instead of failing on a snapshot gone stale.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+    let Some(key) = any_rkey(&tx, id)? else {
         return Ok(false);
     };
     let deleted = delete_rows(&tx, key, id.as_bytes()).map_err(db_err)?;
@@ -68,15 +78,27 @@ fn apply(w: &mut Writer, ops: &[WriteOp]) -> Result<(), StoreError> {
 
 fn apply_in_transaction(w: &mut Writer, ops: &[WriteOp], inserted: &mut Vec<RequestId>) -> Result<(), StoreError> {
     let Writer { conn, rkeys } = w;
-    let tx = conn.transaction().map_err(db_err)?;
+    // IMMEDIATE: take the write lock before reading, so that a writer of another process (the `keys` command)
+    // makes this one wait its turn instead of failing on a snapshot gone stale.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+    // Requests this batch ended: nothing after their final status is written.
+    let mut ended = std::collections::HashSet::new();
     for op in ops {
+        if let WriteOp::Event { id, .. }
+        | WriteOp::Raw { id, .. }
+        | WriteOp::Progress { id, .. }
+        | WriteOp::Finish { id, .. } = op
+            && ended.contains(id)
+        {
+            continue;
+        }
         match op {
             WriteOp::Insert(meta) => {
                 let meta_json = encode_meta(meta)?;
                 let progress = encode_progress(&Progress::pending())?;
                 tx.prepare_cached(
-                    "INSERT INTO requests (id, kind, access, created_at, bearer, stream_token, meta, parameters, status, progress)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9)",
+                    "INSERT INTO requests (id, kind, access, created_at, bearer, stream_token, meta, parameters, status, progress, owner)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10)",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -89,6 +111,7 @@ fn apply_in_transaction(w: &mut Writer, ops: &[WriteOp], inserted: &mut Vec<Requ
                         meta_json,
                         meta.parameters.get(),
                         progress,
+                        meta.owner.map(|n| n.as_bytes().to_vec()),
                     ])
                 })
                 .map_err(db_err)?;
@@ -116,19 +139,32 @@ fn apply_in_transaction(w: &mut Writer, ops: &[WriteOp], inserted: &mut Vec<Requ
             WriteOp::Progress { id, progress } => {
                 let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
                 let json = encode_progress(progress)?;
-                tx.prepare_cached("UPDATE requests SET status = ?2, progress = ?3 WHERE rkey = ?1")
-                    .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json]))
-                    .map_err(db_err)?;
+                tx.prepare_cached(
+                    "UPDATE requests SET status = ?2, progress = ?3
+                     WHERE rkey = ?1 AND status NOT IN ('done', 'error', 'stop')",
+                )
+                .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json]))
+                .map_err(db_err)?;
             }
             WriteOp::Finish { id, progress, body, webhook_url } => {
-                let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
+                let Some(key) = rkey(&tx, rkeys, *id)? else {
+                    ended.insert(*id);
+                    continue;
+                };
                 let json = encode_progress(progress)?;
                 let final_at = progress.processed_at.map(|t| t as i64);
-                tx.prepare_cached(
-                    "UPDATE requests SET status = ?2, progress = ?3, body = ?4, final_at = ?5 WHERE rkey = ?1",
-                )
-                .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json, body, final_at]))
-                .map_err(db_err)?;
+                // Conditional even with the key in hand: another handle on the file may have ended it first.
+                let changed = tx
+                    .prepare_cached(
+                        "UPDATE requests SET status = ?2, progress = ?3, body = ?4, final_at = ?5
+                         WHERE rkey = ?1 AND status NOT IN ('done', 'error', 'stop')",
+                    )
+                    .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json, body, final_at]))
+                    .map_err(db_err)?;
+                ended.insert(*id);
+                if changed == 0 {
+                    continue;
+                }
                 if let Some(url) = webhook_url {
                     super::webhooks::queue(&tx, *id, url, progress.processed_at.unwrap_or(0.0))?;
                 }
@@ -140,7 +176,7 @@ fn apply_in_transaction(w: &mut Writer, ops: &[WriteOp], inserted: &mut Vec<Requ
 
 const SELECT_REQUEST: &str =
     "SELECT id, kind, access, created_at, bearer, stream_token, meta, parameters, progress, body,
-    (SELECT COALESCE(MAX(seq), 0) FROM events WHERE events.rkey = requests.rkey) FROM requests";
+    (SELECT COALESCE(MAX(seq), 0) FROM events WHERE events.rkey = requests.rkey), owner FROM requests";
 
 fn row_to_request(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredRequest, StoreError>> {
     Ok(RequestRow {
@@ -155,6 +191,7 @@ fn row_to_request(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredRequ
         progress: row.get(8)?,
         body: row.get(9)?,
         event_count: row.get(10)?,
+        owner: row.get(11)?,
     }
     .decode())
 }
@@ -256,6 +293,20 @@ impl Store for SqliteStore {
             }
             tx.commit().map_err(db_err)?;
             Ok(rows.len())
+        })
+        .await
+    }
+
+    async fn orphans(&self) -> Result<Vec<StoredRequest>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "{SELECT_REQUEST} WHERE status NOT IN ('done', 'error', 'stop')
+                     AND (owner IS NULL OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = requests.owner))"
+                ))
+                .map_err(db_err)?;
+            let rows = stmt.query_map([], row_to_request).map_err(db_err)?;
+            rows.map(|r| r.map_err(db_err)?).collect()
         })
         .await
     }

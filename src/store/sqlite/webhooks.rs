@@ -4,7 +4,7 @@ use super::{SqliteStore, db_err, json_err};
 use crate::domain::RequestId;
 use crate::store::{StoreError, WebhookJob, WebhookStatus, WebhookStore};
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// Queues a delivery (inside the transaction that stores the final status). Queuing twice keeps the first.
 pub(super) fn queue(conn: &Connection, id: RequestId, url: &str, due: f64) -> Result<(), StoreError> {
@@ -26,7 +26,7 @@ fn decode(id: Vec<u8>, url: String, status: &str) -> Result<WebhookJob, StoreErr
 impl WebhookStore for SqliteStore {
     async fn claim_webhooks(&self, now: f64, lease: f64, limit: usize) -> Result<Vec<WebhookJob>, StoreError> {
         self.write_with(move |conn| {
-            let tx = conn.transaction().map_err(db_err)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
             let rows: Vec<(Vec<u8>, String, String)> = tx
                 .prepare_cached(
                     "UPDATE webhooks SET next_attempt_at = ?1 + ?2 WHERE request_id IN (
