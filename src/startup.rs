@@ -160,9 +160,7 @@ impl Application {
         // and shutdown waits for each.
         let tasks = TaskTracker::new();
         let deliverer = self.deliverer.clone();
-        tasks.spawn(supervise("webhook deliveries", background.clone(), move |closing| {
-            deliverer.clone().run(closing)
-        }));
+        tasks.spawn(supervise("webhook deliveries", background.clone(), move |closing| deliverer.clone().run(closing)));
         if let Some(retention) = self.retention {
             let requests = self.requests.clone();
             tasks.spawn(supervise("the retention sweep", background.clone(), move |closing| {
