@@ -6,15 +6,12 @@
 //! - a method the document does not list for a path is 405, with an `Allow` header naming the ones it does, and
 //!   `OPTIONS` on a request URL names them too.
 
+use crate::flaky::spawn_flaky;
 use crate::helpers::*;
-use offload::domain::RequestId;
-use offload::store::sqlite::{SqliteStore, Synchronous};
-use offload::store::{Store, StoreError, StoredRequest, Stores, WriteOp};
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -314,64 +311,6 @@ fn closing(answer: Answer) -> Answer {
     answer
 }
 
-/// The real SQLite store, with switches that make reading or writing requests fail as a lost disk would: the
-/// 500s and 503s of a failing store, caused for real. (`store_failure.rs` has a fuller one, key lookups too.)
-struct Failing {
-    inner: Arc<SqliteStore>,
-    reads: AtomicBool,
-    writes: AtomicBool,
-}
-
-impl Failing {
-    fn unless(&self, switch: &AtomicBool) -> Result<(), StoreError> {
-        match switch.load(Ordering::SeqCst) {
-            true => Err(StoreError::Database("disk I/O error (caused by the test)".into())),
-            false => Ok(()),
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Store for Failing {
-    async fn write(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
-        self.unless(&self.writes)?;
-        self.inner.write(ops).await
-    }
-    async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
-        self.unless(&self.reads)?;
-        self.inner.get(id).await
-    }
-    async fn events(&self, id: RequestId, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError> {
-        self.unless(&self.reads)?;
-        self.inner.events(id, after, limit).await
-    }
-    async fn raw(&self, id: RequestId) -> Result<Vec<u8>, StoreError> {
-        self.unless(&self.reads)?;
-        self.inner.raw(id).await
-    }
-    async fn delete(&self, id: RequestId) -> Result<bool, StoreError> {
-        self.unless(&self.writes)?;
-        self.inner.delete(id).await
-    }
-    async fn unfinished(&self) -> Result<Vec<StoredRequest>, StoreError> {
-        self.inner.unfinished().await
-    }
-    async fn purge_finished(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
-        self.unless(&self.writes)?;
-        self.inner.purge_finished(before, limit).await
-    }
-}
-
-/// A server on a [`Failing`] store (requests only; webhooks and keys use the SQLite store directly).
-async fn spawn_failing() -> (TestApp, Arc<Failing>) {
-    let data_dir = tempfile::tempdir().unwrap();
-    let inner = Arc::new(SqliteStore::open(data_dir.path(), Synchronous::Normal).unwrap());
-    let failing =
-        Arc::new(Failing { inner: inner.clone(), reads: AtomicBool::new(false), writes: AtomicBool::new(false) });
-    let stores = Stores { requests: failing.clone(), webhooks: inner.clone(), keys: inner };
-    (spawn_on(stores, data_dir, |_| {}).await, failing)
-}
-
 /// A create body whose request runs for about ten seconds.
 fn long_running() -> Value {
     json!({"messages": user("hi"), "mock": {"words": 500, "delay_ms": 20}})
@@ -531,20 +470,21 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     }
 
     // A store that fails. Reads: 500 from every endpoint of a stored request (a stopped one has left memory).
-    let (flaky, store) = spawn_failing().await;
+    let (flaky, store) = spawn_flaky().await;
     let c = &flaky.client;
     let stopped = flaky.stream(long_running()).await;
     assert_eq!(c.post(endpoint(&stopped, "stop_url")).send().await.unwrap().status(), 200);
     let (status, txt, raw, stop) = urls_of(&stopped);
-    store.reads.store(true, Ordering::SeqCst);
+    store.fail_reads.store(true, Ordering::SeqCst);
     for request in [c.get(&status), c.delete(&status), c.get(&txt), c.get(&raw), c.get(&stop), c.post(&stop)] {
         check(call(&flaky, request).await);
     }
-    store.reads.store(false, Ordering::SeqCst);
+    store.fail_reads.store(false, Ordering::SeqCst);
     // Writes: once the chunks of a running request cannot be stored, /healthz and creates answer 503, and a stop
     // answers 503 once it has waited for its final status to be stored.
-    let running = [flaky.stream(long_running()).await, flaky.stream(long_running()).await];
-    store.writes.store(true, Ordering::SeqCst);
+    let running =
+        [flaky.stream(long_running()).await, flaky.stream(long_running()).await, flaky.stream(long_running()).await];
+    store.fail_writes.store(true, Ordering::SeqCst);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let health = loop {
         let health = call(&flaky, c.get(flaky.url("/healthz"))).await;
@@ -562,10 +502,13 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
         .into_iter()
         .zip(&running)
         .map(|(method, created)| call(&flaky, c.request(method, endpoint(created, "stop_url"))));
-    for answer in futures_util::future::join_all(stops).await {
+    // A DELETE of a running request waits for its end to be stored the same way (at the same time as the stops).
+    let delete = call(&flaky, c.delete(endpoint(&running[2], "status_url")));
+    let (stops, delete) = tokio::join!(futures_util::future::join_all(stops), delete);
+    for answer in stops.into_iter().chain([delete]) {
         check(answer);
     }
-    store.writes.store(false, Ordering::SeqCst);
+    store.fail_writes.store(false, Ordering::SeqCst);
 
     // A create's 500 (the OS random source failing to make its tokens) is not something a test can cause.
     let missing: Vec<_> = documented_responses(&doc)
