@@ -403,11 +403,15 @@ impl Engine {
     }
 
     /// Deletes a request and everything of it; a running one is ended first.
-    pub async fn delete(&self, found: Found) -> Result<bool, StoreError> {
+    /// Deletes a request and everything of it; a running one is ended first (waiting at most `wait` for that:
+    /// `Err(StoreError::Unavailable)` when the store is failing, and nothing is deleted).
+    pub async fn delete(&self, found: Found, wait: Duration) -> Result<bool, StoreError> {
         let id = found.meta().locator.id;
         if let Found::Live(live) = &found {
             live.cancel_with(CancelReason::Delete, unix_now());
-            live.settled.cancelled().await;
+            if tokio::time::timeout(wait, live.settled.cancelled()).await.is_err() {
+                return Err(StoreError::Unavailable("the request's end could not be stored in time".into()));
+            }
         }
         self.inner.stores.requests.delete(id).await
     }

@@ -181,7 +181,19 @@ pub async fn delete(
         Located::Here(found) => found,
         Located::Relayed(response) => return Ok(response),
     };
-    app.engine.delete(found).await.map_err(|e| ApiError::internal(&e))?;
+    app.engine.delete(found, STOP_DURABLE_WAIT).await.map_err(|e| match e {
+        e if e.is_retryable() => {
+            tracing::error!(error = %e, "could not delete a request");
+            let mut err = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "The request could not be deleted right now (the server's store is failing); nothing was deleted. Retry shortly.",
+            );
+            err.retry_after = Some(1);
+            err
+        }
+        e => ApiError::internal(&e),
+    })?;
     Ok(Json(json!({
         "status": "success",
         "README": "The request was deleted with its events and raw response; its URLs now answer 404.",

@@ -8,6 +8,7 @@ mod browser;
 mod continuation;
 mod create;
 mod events;
+mod flaky;
 mod hardening;
 mod helpers;
 mod hostile;

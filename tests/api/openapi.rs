@@ -1,15 +1,20 @@
 //! `GET /openapi.json` checked against the code, so that the document cannot drift from it:
 //! - the router's routes (read from `src/http/mod.rs`) and the document's paths are the same, method for method;
-//! - every status the document lists for an operation is produced here by a real call (except 500, which needs
-//!   the server's own store to fail), and every answer of those calls has a documented status, content type,
-//!   required headers and a body that validates against the documented schema;
-//! - a method the document does not list for a path is 405, with an `Allow` header naming the ones it does.
+//! - every status the document lists for an operation is produced here by a real call (the 500s and 503s of a
+//!   failing store with a store made to fail; all but a create's 500), and every answer of those calls has a
+//!   documented status, content type, required headers and a body that validates against the documented schema;
+//! - a method the document does not list for a path is 405, with an `Allow` header naming the ones it does, and
+//!   `OPTIONS` on a request URL names them too.
 
+use crate::flaky::spawn_flaky;
 use crate::helpers::*;
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 fn document() -> Value {
     serde_json::from_str(offload::http::openapi::DOCUMENT).unwrap()
@@ -257,6 +262,60 @@ fn urls_of(created: &Value) -> (String, String, String, String) {
 
 const CREATES: [&str; 2] = ["/v1/stream-chatgpt", "/v1/async-chatgpt"];
 
+/// Sends a request over a raw HTTP/1.1 connection, for what reqwest will not send: a body that stops short of
+/// its `Content-Length`. `headers` are header lines, each ending in CRLF.
+async fn raw_call(app: &TestApp, method: Method, path: &str, headers: &str, body: &[u8]) -> Answer {
+    let mut conn = TcpStream::connect(app.base.trim_start_matches("http://")).await.unwrap();
+    conn.write_all(format!("{method} {path} HTTP/1.1\r\nHost: offload\r\n{headers}\r\n").as_bytes()).await.unwrap();
+    conn.write_all(body).await.unwrap();
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let complete = |buf: &[u8]| {
+            let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length =
+                head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
+            (buf.len() >= end + length).then_some((end, length))
+        };
+        loop {
+            if let Some(done) = complete(&buf) {
+                return (buf, done);
+            }
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "{method} {path}: closed before a whole response: {:?}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let (buf, (end, length)) = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no response within 10 s"));
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (name, value) in lines.filter_map(|l| l.split_once(':')) {
+        headers.append(
+            reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()).unwrap(),
+            value.trim().parse().unwrap(),
+        );
+    }
+    let body = String::from_utf8_lossy(&buf[end..end + length]).into_owned();
+    Answer { method, path: path.to_owned(), status, headers, body }
+}
+
+/// An answer given before the body was read whole: it closes the (HTTP/1.1) connection, as documented.
+fn closing(answer: Answer) -> Answer {
+    let connection = answer.headers.get("connection").map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(connection.as_deref(), Some("close"), "{} {} -> {}", answer.method, answer.path, answer.status);
+    answer
+}
+
+/// A create body whose request runs for about ten seconds.
+fn long_running() -> Value {
+    json!({"messages": user("hi"), "mock": {"words": 500, "delay_ms": 20}})
+}
+
 #[tokio::test]
 async fn every_documented_status_is_answered_and_every_answer_matches_the_document() {
     let doc = document();
@@ -284,15 +343,26 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     let last = sse_events(&events.body).iter().filter_map(|e| e["id"].as_str().map(str::to_owned)).next_back().unwrap();
     check(events);
     check(call(&app, c.get(&txt).header("Last-Event-ID", &last)).await);
-    check(call(&app, c.get(format!("{txt}?last_event_id=two"))).await);
+    for query in ["last_event_id=two", "last_event_id=1&last_event_id=2", "stream_token=%ff"] {
+        check(call(&app, c.get(format!("{txt}?{query}"))).await);
+    }
     check(call(&app, c.get(&raw)).await);
     check(call(&app, c.get(&stop)).await);
     check(call(&app, c.post(&stop)).await);
 
+    // A stream request that ended before its first chunk: a new reader gets the replay of its end, a reader
+    // that has everything (the `[DONE]` of no events carries id 0) gets 204.
+    let failed = finished_stream(&app, json!({"mock": {"status": 401}})).await;
+    let (_, failed_txt, _, _) = urls_of(&failed);
+    let replay = call(&app, c.get(&failed_txt)).await;
+    let names: Vec<Value> = sse_events(&replay.body).iter().map(|e| e["event"].clone()).collect();
+    assert_eq!(names, [json!("error"), json!("message")], "{}", replay.body);
+    check(replay);
+    check(call(&app, c.get(&failed_txt).header("Last-Event-ID", "0")).await);
+
     // Async create; stop while running (GET and POST); delete; everything of a deleted request is 404.
     for method in [Method::GET, Method::POST] {
-        let body = json!({"messages": user("hi"), "mock": {"words": 500, "delay_ms": 20}});
-        let created = call(&app, c.post(app.url(CREATES[1])).json(&body)).await;
+        let created = call(&app, c.post(app.url(CREATES[1])).json(&long_running())).await;
         let created_json = created.json();
         check(created);
         let (status, _, raw, stop) = urls_of(&created_json);
@@ -329,10 +399,14 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     }
 
     // The create errors a caller can cause.
-    let running = app.stream(json!({"messages": user("hi"), "mock": {"words": 500, "delay_ms": 20}})).await;
+    let running = app.stream(long_running()).await;
+    let not_text = reqwest::header::HeaderValue::from_bytes(b"sk-\xff").unwrap();
     for create in CREATES {
         let url = app.url(create);
         check(call(&app, c.post(&url).json(&json!({"messages": []}))).await);
+        check(
+            call(&app, c.post(&url).json(&json!({"messages": user("hi")})).header("X-OpenAI-API-Key", &not_text)).await,
+        );
         check(call(&app, c.post(&url).header("content-type", "text/plain").body("hi")).await);
         let unknown = status.replace(&id_of(&status), "00000000-0000-4000-8000-000000000000");
         check(call(&app, c.post(&url).json(&json!({"messages": user("more"), "from_status_url": unknown}))).await);
@@ -344,17 +418,36 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     }
     c.post(endpoint(&running, "stop_url")).send().await.unwrap();
 
-    // 413 under a small body limit.
-    let small = spawn_with(|a| a.max_body_bytes = Some(1024)).await;
+    // 413 for a declared size over the limit, before any of the body is sent; 408 for a body that stops short.
+    let small = spawn_with(|a| {
+        a.max_body_bytes = Some(1024);
+        a.body_timeout = Some("1s".into());
+    })
+    .await;
+    let json_of_length = |n: usize| format!("Content-Type: application/json\r\nContent-Length: {n}\r\n");
     for create in CREATES {
-        let body = json!({"messages": user(&"x".repeat(2000))});
-        check(call(&small, small.client.post(small.url(create)).json(&body)).await);
+        check(closing(raw_call(&small, Method::POST, create, &json_of_length(1025), b"").await));
+    }
+    let trickling = json_of_length(200);
+    let trickles = CREATES.map(|create| raw_call(&small, Method::POST, create, &trickling, b"{\"messages\": "));
+    for answer in futures_util::future::join_all(trickles).await {
+        check(closing(answer));
     }
 
-    // 401 and 429 once keys exist: a key allowed one request a day.
+    // 401 and 429 once keys exist: a key allowed one request a day. 503 on a public address whose last key was
+    // revoked.
     let keyed = spawn_app().await;
     let out = keys_cli(keyed.data_dir.path(), &["create", "--name", "one", "--requests-per-day", "1"]);
     let key = out.lines().last().unwrap().trim().to_owned();
+    let public_dir = tempfile::tempdir().unwrap();
+    keys_cli(public_dir.path(), &["create", "--name", "only"]);
+    let public = spawn_with(|a| {
+        a.listen = Some("0.0.0.0:0".parse().unwrap());
+        a.data_dir = Some(public_dir.path().to_path_buf());
+    })
+    .await;
+    keys_cli(public_dir.path(), &["revoke", "only"]);
+    // Whether keys exist is looked up at most once a second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let body = json!({"messages": user("hi"), "mock": {"words": 1}});
     assert_eq!(
@@ -362,25 +455,78 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
         200
     );
     for create in CREATES {
-        check(call(&keyed, keyed.client.post(keyed.url(create)).json(&body)).await);
-        check(call(&keyed, keyed.client.post(keyed.url(create)).header("X-API-Key", &key).json(&body)).await);
+        let post = || keyed.client.post(keyed.url(create)).json(&body);
+        check(call(&keyed, post()).await);
+        check(call(&keyed, post().header("X-API-Key", &not_text)).await);
+        check(call(&keyed, post().header("X-API-Key", &key)).await);
+        check(call(&public, public.client.post(public.url(create)).json(&body)).await);
     }
 
     // 503 at capacity.
     let full = spawn_with(|a| a.max_in_flight = Some(1)).await;
-    full.stream(json!({"messages": user("hi"), "mock": {"words": 500, "delay_ms": 20}})).await;
+    full.stream(long_running()).await;
     for create in CREATES {
         check(call(&full, full.client.post(full.url(create)).json(&json!({"messages": user("hi")}))).await);
     }
 
-    // 500 needs the server's own store to fail: not something a caller can cause.
-    let missing: Vec<_> =
-        documented_responses(&doc).difference(&seen).filter(|(_, _, status)| status != "500").cloned().collect();
+    // A store that fails. Reads: 500 from every endpoint of a stored request (a stopped one has left memory).
+    let (flaky, store) = spawn_flaky().await;
+    let c = &flaky.client;
+    let stopped = flaky.stream(long_running()).await;
+    assert_eq!(c.post(endpoint(&stopped, "stop_url")).send().await.unwrap().status(), 200);
+    let (status, txt, raw, stop) = urls_of(&stopped);
+    store.fail_reads.store(true, Ordering::SeqCst);
+    for request in [c.get(&status), c.delete(&status), c.get(&txt), c.get(&raw), c.get(&stop), c.post(&stop)] {
+        check(call(&flaky, request).await);
+    }
+    store.fail_reads.store(false, Ordering::SeqCst);
+    // Writes: once the chunks of a running request cannot be stored, /healthz and creates answer 503, and a stop
+    // answers 503 once it has waited for its final status to be stored.
+    let running =
+        [flaky.stream(long_running()).await, flaky.stream(long_running()).await, flaky.stream(long_running()).await];
+    store.fail_writes.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let health = call(&flaky, c.get(flaky.url("/healthz"))).await;
+        if health.status == 503 {
+            break health;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "/healthz still {} with the store failing", health.status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    check(health);
+    for create in CREATES {
+        check(call(&flaky, c.post(flaky.url(create)).json(&json!({"messages": user("hi")}))).await);
+    }
+    let stops = [Method::GET, Method::POST]
+        .into_iter()
+        .zip(&running)
+        .map(|(method, created)| call(&flaky, c.request(method, endpoint(created, "stop_url"))));
+    // A DELETE of a running request waits for its end to be stored the same way (at the same time as the stops).
+    let delete = call(&flaky, c.delete(endpoint(&running[2], "status_url")));
+    let (stops, delete) = tokio::join!(futures_util::future::join_all(stops), delete);
+    for answer in stops.into_iter().chain([delete]) {
+        check(answer);
+    }
+    store.fail_writes.store(false, Ordering::SeqCst);
+
+    // A create's 500 (the OS random source failing to make its tokens) is not something a test can cause.
+    let missing: Vec<_> = documented_responses(&doc)
+        .difference(&seen)
+        .filter(|(template, _, status)| !(CREATES.contains(&template.as_str()) && status == "500"))
+        .cloned()
+        .collect();
     assert!(missing.is_empty(), "documented but never answered: {missing:?}");
 }
 
+/// The methods an `Allow` header names, `HEAD` (implied by `GET`) left out.
+fn allowed(answer: &Answer) -> BTreeSet<String> {
+    let allow = answer.headers.get("allow").map(|v| v.to_str().unwrap()).unwrap_or_default();
+    allow.split(',').map(|m| m.trim().to_uppercase()).filter(|m| !m.is_empty() && m != "HEAD").collect()
+}
+
 #[tokio::test]
-async fn an_undocumented_method_is_405_with_an_allow_header_naming_the_documented_ones() {
+async fn an_undocumented_method_is_405_and_options_on_a_request_url_names_its_methods_in_allow() {
     let doc = document();
     let app = spawn_app().await;
     let stream = finished_stream(&app, json!({})).await;
@@ -404,10 +550,21 @@ async fn an_undocumented_method_is_405_with_an_allow_header_naming_the_documente
             let answer = call(&app, app.client.request(method.clone(), &url)).await;
             assert_eq!(answer.status, 405, "{method} {path}: {}", answer.body);
             assert_eq!(answer.headers["content-type"], "application/json", "{method} {path}");
-            let allow = answer.headers.get("allow").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
-            let allowed: BTreeSet<String> =
-                allow.split(',').map(|m| m.trim().to_uppercase()).filter(|m| !m.is_empty() && m != "HEAD").collect();
-            assert_eq!(allowed, documented, "{method} {path}: Allow: {allow:?}");
+            assert_eq!(allowed(&answer), documented, "{method} {path}: {:?}", answer.headers.get("allow"));
+        }
+        // `OPTIONS` is answered for CORS (a browser's preflight or not); on a request URL with the same `Allow`.
+        for preflight in [false, true] {
+            let mut options = app.client.request(Method::OPTIONS, &url);
+            if preflight {
+                options =
+                    options.header("Origin", "https://example.com").header("Access-Control-Request-Method", "GET");
+            }
+            let answer = call(&app, options).await;
+            assert_eq!(answer.status, 200, "OPTIONS {path}: {}", answer.body);
+            assert_eq!(answer.headers["access-control-allow-origin"], "*", "OPTIONS {path}");
+            if path.contains("/r/") {
+                assert_eq!(allowed(&answer), documented, "OPTIONS {path}: {:?}", answer.headers.get("allow"));
+            }
         }
     }
 }

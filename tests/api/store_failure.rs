@@ -1,150 +1,10 @@
-//! A store that fails, caused for real: the server runs on its SQLite store wrapped so that a switch makes every
-//! write (or every key lookup) fail as a full disk or a lost database would. The engine, the persister and the
-//! HTTP layer are the real ones.
+//! A store that fails, caused for real (see [`super::flaky`]): loud, refusing creates, losing nothing accepted.
 
+use super::flaky::spawn_flaky;
 use super::helpers::*;
-use async_trait::async_trait;
-use offload::domain::{NodeId, RequestId, ServiceKey, TokenHash};
-use offload::store::nodes::{NodeRecord, NodeStore, Renewal};
-use offload::store::sqlite::{SqliteStore, Synchronous};
-use offload::store::{
-    Charge, KeyStore, Periods, Store, StoreError, StoredRequest, Stores, Usage, WebhookJob, WebhookStatus,
-    WebhookStore, WriteOp,
-};
 use serde_json::json;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-/// The real SQLite store, with switches that make its writes or its key lookups fail.
-struct Flaky {
-    inner: SqliteStore,
-    fail_writes: AtomicBool,
-    fail_keys: AtomicBool,
-}
-
-fn broken() -> StoreError {
-    StoreError::Database("disk I/O error (caused by the test)".into())
-}
-
-impl Flaky {
-    fn writes(&self) -> Result<(), StoreError> {
-        if self.fail_writes.load(Ordering::SeqCst) { Err(broken()) } else { Ok(()) }
-    }
-
-    fn keys(&self) -> Result<(), StoreError> {
-        if self.fail_keys.load(Ordering::SeqCst) { Err(broken()) } else { Ok(()) }
-    }
-}
-
-#[async_trait]
-impl Store for Flaky {
-    async fn write(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
-        self.writes()?;
-        self.inner.write(ops).await
-    }
-    async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
-        self.inner.get(id).await
-    }
-    async fn events(&self, id: RequestId, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError> {
-        self.inner.events(id, after, limit).await
-    }
-    async fn raw(&self, id: RequestId) -> Result<Vec<u8>, StoreError> {
-        self.inner.raw(id).await
-    }
-    async fn delete(&self, id: RequestId) -> Result<bool, StoreError> {
-        self.writes()?;
-        self.inner.delete(id).await
-    }
-    async fn unfinished(&self) -> Result<Vec<StoredRequest>, StoreError> {
-        self.inner.unfinished().await
-    }
-    async fn orphans(&self) -> Result<Vec<StoredRequest>, StoreError> {
-        self.inner.orphans().await
-    }
-    async fn purge_finished(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
-        self.writes()?;
-        self.inner.purge_finished(before, limit).await
-    }
-}
-
-#[async_trait]
-impl WebhookStore for Flaky {
-    async fn claim_webhooks(&self, now: f64, lease: f64, limit: usize) -> Result<Vec<WebhookJob>, StoreError> {
-        self.writes()?;
-        self.inner.claim_webhooks(now, lease, limit).await
-    }
-    async fn record_webhook(&self, id: RequestId, status: WebhookStatus) -> Result<(), StoreError> {
-        self.writes()?;
-        self.inner.record_webhook(id, status).await
-    }
-    async fn webhook(&self, id: RequestId) -> Result<Option<WebhookStatus>, StoreError> {
-        self.inner.webhook(id).await
-    }
-}
-
-#[async_trait]
-impl KeyStore for Flaky {
-    async fn create_key(&self, key: &ServiceKey, hash: TokenHash) -> Result<(), StoreError> {
-        self.inner.create_key(key, hash).await
-    }
-    async fn key_by_hash(&self, hash: TokenHash) -> Result<Option<ServiceKey>, StoreError> {
-        self.keys()?;
-        self.inner.key_by_hash(hash).await
-    }
-    async fn keys(&self, periods: &Periods) -> Result<Vec<(ServiceKey, Usage)>, StoreError> {
-        self.inner.keys(periods).await
-    }
-    async fn revoke_key(&self, name_or_id: &str, at: i64) -> Result<bool, StoreError> {
-        self.inner.revoke_key(name_or_id, at).await
-    }
-    async fn active_keys_exist(&self) -> Result<bool, StoreError> {
-        self.inner.active_keys_exist().await
-    }
-    async fn charge(&self, key: &ServiceKey, periods: &Periods) -> Result<Charge, StoreError> {
-        self.keys()?;
-        self.inner.charge(key, periods).await
-    }
-    async fn refund(&self, key_id: &str, periods: &Periods) -> Result<(), StoreError> {
-        self.inner.refund(key_id, periods).await
-    }
-}
-
-#[async_trait]
-impl NodeStore for Flaky {
-    fn shared(&self) -> bool {
-        self.inner.shared()
-    }
-    async fn join(&self, node: &NodeRecord, lease: Duration) -> Result<(), StoreError> {
-        self.inner.join(node, lease).await
-    }
-    async fn renew(&self, id: NodeId, lease: Duration) -> Result<Renewal, StoreError> {
-        self.inner.renew(id, lease).await
-    }
-    async fn leave(&self, id: NodeId) -> Result<(), StoreError> {
-        self.inner.leave(id).await
-    }
-    async fn node(&self, id: NodeId) -> Result<Option<NodeRecord>, StoreError> {
-        self.inner.node(id).await
-    }
-    async fn expired_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        self.inner.expired_nodes().await
-    }
-    async fn remove_expired(&self, id: NodeId) -> Result<bool, StoreError> {
-        self.inner.remove_expired(id).await
-    }
-}
-
-async fn spawn_flaky() -> (TestApp, Arc<Flaky>) {
-    let data_dir = tempfile::tempdir().unwrap();
-    let flaky = Arc::new(Flaky {
-        inner: SqliteStore::open(data_dir.path(), Synchronous::Normal).unwrap(),
-        fail_writes: AtomicBool::new(false),
-        fail_keys: AtomicBool::new(false),
-    });
-    let app = spawn_on(Stores::of(flaky.clone()), data_dir, |_| {}).await;
-    (app, flaky)
-}
 
 #[tokio::test]
 async fn a_failing_store_is_loud_refuses_creates_and_loses_no_accepted_request() {
@@ -218,4 +78,21 @@ async fn an_unreadable_quota_count_refuses_the_create_instead_of_counting_it_as_
     let refused = create().await.unwrap();
     assert_eq!(refused.status(), 503, "a quota that cannot be read must not admit");
     assert_eq!(app.total_requests(), 1);
+}
+
+#[tokio::test]
+async fn delete_of_a_running_request_while_the_store_fails_answers_503_in_bounded_time_and_deletes_nothing() {
+    let (app, flaky) = spawn_flaky().await;
+    let created = app.stream(json!({"messages": user("hi"), "mock": {"words": 400, "delay_ms": 20}})).await;
+    let status_url = endpoint(&created, "status_url");
+    app.wait_status(&status_url, "streaming").await;
+    flaky.fail_writes.store(true, Ordering::SeqCst);
+    let started = tokio::time::Instant::now();
+    let response = app.client.delete(&status_url).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(started.elapsed() < Duration::from_secs(20), "answered in bounded time");
+    flaky.fail_writes.store(false, Ordering::SeqCst);
+    // The call was dropped and the request ends once the store takes it; it was not deleted.
+    let doc = app.wait_final(&status_url, None).await;
+    assert_eq!(doc["status"], "error", "{doc}");
 }

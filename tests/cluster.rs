@@ -1,0 +1,406 @@
+//! Cluster mode, tested as users run it: three real `offload serve` processes on one PostgreSQL database, sharing
+//! one public URL, reached each on its own port as a load balancer without stickiness would. Faults are caused for
+//! real (kill -9 of a node).
+//!
+//! Each test makes a database of its own on the machine's PostgreSQL (`OFFLOAD_TEST_POSTGRES_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/test`, used only to create and drop it) and drops it afterwards. Without a
+//! server the tests are skipped with a warning, except under CI.
+
+#![expect(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly on anything unexpected")]
+
+use axum::extract::State;
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PUBLIC: &str = "http://offload.test";
+/// Short, so that a dead node is noticed quickly in tests (the default is 10 s).
+const LEASE: &str = "2s";
+
+/// One `offload serve` process.
+struct Node {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Node {
+    /// The URL of this node for a public URL handed out by any node.
+    fn local(&self, public_url: &str) -> String {
+        public_url.replacen(PUBLIC, &format!("http://{}", self.addr), 1)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+/// A database of its own for one test, dropped when the test ends (also when it fails).
+struct Database {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime: the drop happens on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await {
+                    tokio::spawn(connection);
+                    let dropped = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                    if let Err(e) = dropped {
+                        eprintln!("warning: could not drop the test database {name}: {e}");
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn database() -> Option<Database> {
+    let admin_url = std::env::var("OFFLOAD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let (client, connection) = match tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "PostgreSQL is required under CI: {e}");
+            eprintln!("WARNING: PostgreSQL is unreachable ({e}); the cluster tests are SKIPPED");
+            return None;
+        }
+    };
+    tokio::spawn(connection);
+    let name = format!("offload_cluster_{}", uuid::Uuid::new_v4().simple());
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let mut url = url::Url::parse(&admin_url).unwrap();
+    url.set_path(&format!("/{name}"));
+    Some(Database { admin_url, name, url: url.to_string() })
+}
+
+/// Starts a node on `db` and reads its address from its log.
+#[expect(clippy::zombie_processes, reason = "the child is owned by `Node`, whose Drop kills and waits for it")]
+fn start(db: &Database, upstream: &str, extra: &[&str]) -> Node {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--public-url", PUBLIC, "--upstream-url", upstream])
+        .args(["--store", &db.url, "--node-lease", LEASE, "--flush-interval-ms", "10"])
+        .args(extra)
+        .env("OFFLOAD_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("a node did not start"));
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().to_owned();
+            // Keep draining the log so that the process never blocks on a full pipe.
+            std::thread::spawn(move || while rx.recv().is_ok() {});
+            return Node { child, addr };
+        }
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    mock: offload::mock::MockServer,
+    db: Database,
+    client: reqwest::Client,
+}
+
+async fn cluster(extra: &[&str]) -> Option<Cluster> {
+    let db = database().await?;
+    let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), Default::default()).await.unwrap();
+    let upstream = mock.api_base().to_string();
+    let nodes = (0..3).map(|_| start(&db, &upstream, extra)).collect();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    Some(Cluster { nodes, mock, db, client })
+}
+
+impl Cluster {
+    async fn create(&self, node: usize, endpoint: &str, body: Value) -> Value {
+        let response =
+            self.client.post(self.nodes[node].url(&format!("/v1/{endpoint}"))).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    async fn document(&self, node: usize, status_url: &str) -> Value {
+        let response = self.client.get(self.nodes[node].local(status_url)).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    async fn wait_final(&self, node: usize, status_url: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let doc = self.document(node, status_url).await;
+            if matches!(doc["status"].as_str(), Some("done" | "error" | "stop")) {
+                return doc;
+            }
+            assert!(Instant::now() < deadline, "not final in time: {}", doc["status"]);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stream_bytes(&self, node: usize, events_url: &str, last_event_id: Option<&str>) -> (u16, String) {
+        let mut request = self.client.get(self.nodes[node].local(events_url));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+
+    async fn mock_stats(&self) -> Value {
+        let url = format!("http://{}/_mock/stats", self.mock.addr());
+        self.client.get(url).send().await.unwrap().json().await.unwrap()
+    }
+}
+
+fn endpoint(created: &Value, name: &str) -> String {
+    created["endpoints"][name].as_str().unwrap().to_owned()
+}
+
+fn content(doc: &Value) -> String {
+    doc["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_owned()
+}
+
+fn slow(words: usize) -> Value {
+    json!({"messages": [{"role": "user", "content": "hi"}], "mock": {"words": words, "delay_ms": 25}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_created_on_one_node_is_followed_on_a_second_and_polled_on_a_third() {
+    let Some(c) = cluster(&[]).await else { return };
+    let created = c.create(0, "stream-chatgpt", slow(60)).await;
+    let (status_url, events_url) = (endpoint(&created, "status_url"), endpoint(&created, "stream_events_url"));
+
+    // Node 1 follows the stream live; node 2 sees the body grow while it streams.
+    let follower = {
+        let (client, url) = (c.client.clone(), c.nodes[1].local(&events_url));
+        tokio::spawn(async move { client.get(url).send().await.unwrap().text().await.unwrap() })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let growing = loop {
+        let doc = c.document(2, &status_url).await;
+        if doc["status"] == "streaming" && !content(&doc).is_empty() {
+            break doc;
+        }
+        assert!(Instant::now() < deadline, "never seen streaming with text on another node");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let followed = follower.await.unwrap();
+    let done = c.wait_final(2, &status_url, Duration::from_secs(20)).await;
+    assert_eq!(done["status"], "done");
+    assert!(content(&done).starts_with(&content(&growing)), "the text grew");
+
+    // Every node replays the same stream, byte for byte, and serves the same document and raw response.
+    let (_, on_owner) = c.stream_bytes(0, &events_url, None).await;
+    assert_eq!(followed, on_owner, "followed live on another node = replayed on the owner");
+    assert!(followed.ends_with("data: [DONE]\n\n"));
+    assert_eq!(followed.matches("\nid: ").count() + usize::from(followed.starts_with("id: ")), 62);
+    let mut documents = Vec::new();
+    for node in 0..3 {
+        let doc = c.client.get(c.nodes[node].local(&status_url)).send().await.unwrap().text().await.unwrap();
+        let raw = c.client.get(c.nodes[node].local(&status_url.replace(".json", ".raw"))).send().await.unwrap();
+        assert_eq!(raw.status(), 200);
+        documents.push((doc, raw.text().await.unwrap()));
+    }
+    assert!(documents.windows(2).all(|w| w[0] == w[1]), "one document and one raw response on every node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_resumes_on_another_node_with_last_event_id_and_gets_204_at_the_end() {
+    let Some(c) = cluster(&[]).await else { return };
+    let created = c.create(0, "stream-chatgpt", slow(40)).await;
+    let events_url = endpoint(&created, "stream_events_url");
+
+    // Read the first five events on node 0, then drop the connection.
+    let response = c.client.get(c.nodes[0].local(&events_url)).send().await.unwrap();
+    let mut events = response.bytes_stream().eventsource();
+    let mut first = Vec::new();
+    while first.len() < 5 {
+        first.push(events.next().await.unwrap().unwrap());
+    }
+    drop(events);
+    assert_eq!(first[4].id, "5");
+
+    // Resume on node 1: events 6.. follow live, then [DONE].
+    let (status, rest) = c.stream_bytes(1, &events_url, Some("5")).await;
+    assert_eq!(status, 200);
+    assert!(rest.starts_with("id: 6\n"), "{}", &rest[..rest.len().min(80)]);
+    assert!(rest.ends_with("data: [DONE]\n\n"));
+    let (_, whole) = c.stream_bytes(2, &events_url, None).await;
+    assert!(whole.ends_with(&rest), "the resumed part is the tail of the whole stream");
+
+    // A reader that has everything gets 204 on any node.
+    for node in 0..3 {
+        assert_eq!(c.stream_bytes(node, &events_url, Some("42")).await.0, 204);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_delete_sent_to_another_node_drop_the_upstream_call_at_once() {
+    let Some(c) = cluster(&[]).await else { return };
+    let stopped = c.create(0, "stream-chatgpt", slow(2000)).await;
+    let deleted = c.create(0, "async-chatgpt", slow(2000)).await;
+    let status_url = endpoint(&stopped, "status_url");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.document(1, &status_url).await["status"] != "streaming" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let started = Instant::now();
+    let response = c.client.post(c.nodes[1].local(&endpoint(&stopped, "stop_url"))).send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(response.status(), 200);
+    assert!(took < Duration::from_secs(1), "stop through another node took {took:?}");
+    assert_eq!(c.document(2, &status_url).await["status"], "stop", "stopped, on every node at once");
+
+    let deleted_url = endpoint(&deleted, "status_url");
+    let started = Instant::now();
+    let response = c.client.delete(c.nodes[2].local(&deleted_url)).send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(response.status(), 200);
+    assert!(took < Duration::from_secs(1), "delete through another node took {took:?}");
+    for node in 0..3 {
+        assert_eq!(c.client.get(c.nodes[node].local(&deleted_url)).send().await.unwrap().status(), 404);
+    }
+    // The mock saw both connections dropped by offload.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.mock_stats().await["disconnected"].as_u64().unwrap() < 2 {
+        assert!(Instant::now() < deadline, "the upstream calls were not dropped: {}", c.mock_stats().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A webhook receiver that records every delivery.
+async fn receiver() -> (String, Arc<Mutex<Vec<String>>>) {
+    let hits: Arc<Mutex<Vec<String>>> = Arc::default();
+    async fn hook(State(hits): State<Arc<Mutex<Vec<String>>>>, body: String) -> axum::http::StatusCode {
+        hits.lock().push(body);
+        axum::http::StatusCode::NO_CONTENT
+    }
+    let app = axum::Router::new().route("/hook", axum::routing::post(hook)).with_state(hits.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_requests_end_as_interrupted_on_the_survivors_with_their_webhook_sent_once() {
+    let Some(mut c) = cluster(&["--allow-private-webhooks"]).await else { return };
+    let (hook, hits) = receiver().await;
+    let mut body = slow(2000);
+    body["webhook_url"] = json!(hook);
+    let created = c.create(0, "stream-chatgpt", body).await;
+    let status_url = endpoint(&created, "status_url");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seen = loop {
+        let doc = c.document(1, &status_url).await;
+        if content(&doc).split_whitespace().count() >= 10 {
+            break content(&doc);
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Let the chunks seen be flushed (10 ms here), then kill the node doing the work.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.nodes[0].kill();
+    let killed = Instant::now();
+
+    // Ended within about 1.2 leases (2 s here) plus a probe, by a survivor, with the text kept.
+    let doc = c.wait_final(1, &status_url, Duration::from_secs(10)).await;
+    let took = killed.elapsed();
+    assert_eq!(doc["status"], "error");
+    assert_eq!(doc["error"]["code"], "interrupted");
+    assert!(content(&doc).starts_with(&seen), "the text received before the crash is kept");
+    assert!(took < Duration::from_secs(6), "noticed after {took:?}");
+    assert_eq!(c.document(2, &status_url).await, doc, "the same on every survivor");
+
+    // The webhook is sent once, by one survivor.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hits.lock().is_empty() {
+        assert!(Instant::now() < deadline, "no webhook");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(hits.lock().len(), 1, "one delivery");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_a_node_never_ends_the_requests_another_node_runs() {
+    let Some(mut c) = cluster(&[]).await else { return };
+    let created: Vec<Value> =
+        futures_util::future::join_all((0..3).map(|_| c.create(0, "stream-chatgpt", slow(120)))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Node 1 dies and comes back (as a new node) while node 0's requests run; so does node 2, gracefully.
+    c.nodes[1].kill();
+    c.nodes[1] = start(&c.db, &c.mock.api_base().to_string(), &[]);
+    let graceful = c.nodes[2].child.id();
+    Command::new("kill").args(["-TERM", &graceful.to_string()]).status().unwrap();
+    let _ = c.nodes[2].child.wait();
+    c.nodes[2] = start(&c.db, &c.mock.api_base().to_string(), &[]);
+    for created in &created {
+        let doc = c.wait_final(1, &endpoint(created, "status_url"), Duration::from_secs(30)).await;
+        assert_eq!(doc["status"], "done", "{}", doc["error"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn day_quotas_are_exact_with_creates_spread_over_three_nodes() {
+    let Some(c) = cluster(&[]).await else { return };
+    let out = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["keys", "create", "--name", "spread", "--requests-per-day", "30", "--store", &c.db.url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key =
+        String::from_utf8(out.stdout).unwrap().split_whitespace().find(|w| w.starts_with("ofk_")).unwrap().to_owned();
+    // Nodes look up whether keys exist at most once a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let calls = (0..120).map(|i| {
+        c.client
+            .post(c.nodes[i % 3].url("/v1/async-chatgpt"))
+            .bearer_auth(&key)
+            .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    });
+    let statuses: Vec<u16> =
+        futures_util::future::join_all(calls).await.into_iter().map(|r| r.unwrap().status().as_u16()).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 30);
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 90);
+}
