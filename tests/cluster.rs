@@ -369,11 +369,11 @@ async fn restarting_a_node_never_ends_the_requests_another_node_runs() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Node 1 dies and comes back (as a new node) while node 0's requests run; so does node 2, gracefully.
     c.nodes[1].kill();
-    c.nodes[1] = start(&c.db, &c.mock.api_base().to_string(), &[]);
+    c.nodes[1] = start(&c.db, c.mock.api_base().as_ref(), &[]);
     let graceful = c.nodes[2].child.id();
     Command::new("kill").args(["-TERM", &graceful.to_string()]).status().unwrap();
     let _ = c.nodes[2].child.wait();
-    c.nodes[2] = start(&c.db, &c.mock.api_base().to_string(), &[]);
+    c.nodes[2] = start(&c.db, c.mock.api_base().as_ref(), &[]);
     for created in &created {
         let doc = c.wait_final(1, &endpoint(created, "status_url"), Duration::from_secs(30)).await;
         assert_eq!(doc["status"], "done", "{}", doc["error"]);

@@ -450,7 +450,7 @@ pub async fn two_handles_ending_one_request_at_once_store_one_final_status_and_o
                 (stored.body.as_deref(), mine[0].url.as_str()),
                 (Some("{\"by\":\"b\"}"), "https://h.example/b")
             ),
-            other => panic!("not final: {other:?}"),
+            other => unreachable!("not final: {other:?}"),
         }
     }
 }
