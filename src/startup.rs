@@ -142,13 +142,18 @@ impl Application {
             None => engine.recover().await?,
             Some(_) => engine.take_over_orphans().await?,
         };
+        // The in-flight slots of service keys held by a previous run (or a node that is gone).
+        let freed = stores.keys.release_orphaned_slots().await?;
+        if freed > 0 {
+            tracing::info!(count = freed, "gave back in-flight slots of service keys held by a previous run");
+        }
         if recovered > 0 {
             tracing::warn!(count = recovered, "ended requests cut off by a previous stop as interrupted");
         }
         if settings.webhooks.allow_private {
             tracing::warn!("webhooks may target loopback and private addresses (--allow-private-webhooks)");
         }
-        let gate = Arc::new(Gatekeeper::new(stores.keys.clone()));
+        let gate = Arc::new(Gatekeeper::new(stores.keys.clone(), node));
         let body = BodyLimits { max_bytes: settings.max_body_bytes, timeout: settings.body_timeout };
         let router = crate::http::router(engine.clone(), gate, body, open_allowed);
         let limits =

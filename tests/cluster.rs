@@ -380,27 +380,58 @@ async fn restarting_a_node_never_ends_the_requests_another_node_runs() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn day_quotas_are_exact_with_creates_spread_over_three_nodes() {
-    let Some(c) = cluster(&[]).await else { return };
+/// Creates a key through the CLI on the cluster's store; returns it.
+fn create_key(c: &Cluster, name: &str, limits: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_offload"))
-        .args(["keys", "create", "--name", "spread", "--requests-per-day", "30", "--store", &c.db.url])
+        .args(["keys", "create", "--name", name, "--store", &c.db.url])
+        .args(limits)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let key =
-        String::from_utf8(out.stdout).unwrap().split_whitespace().find(|w| w.starts_with("ofk_")).unwrap().to_owned();
+    String::from_utf8(out.stdout).unwrap().split_whitespace().find(|w| w.starts_with("ofk_")).unwrap().to_owned()
+}
+
+/// `n` creates at once with `key`, spread round-robin over the three nodes; the status of each.
+async fn spread(c: &Cluster, key: &str, body: &Value, n: usize) -> Vec<u16> {
+    let calls =
+        (0..n).map(|i| c.client.post(c.nodes[i % 3].url("/v1/stream-chatgpt")).bearer_auth(key).json(body).send());
+    futures_util::future::join_all(calls).await.into_iter().map(|r| r.unwrap().status().as_u16()).collect()
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_limit_is_exact_with_creates_spread_over_three_nodes() {
+    let Some(mut c) = cluster(&[]).await else { return };
+    let daily = create_key(&c, "daily", &["--requests-per-day", "30"]);
+    let parallel = create_key(&c, "parallel", &["--max-in-flight", "4"]);
+    let rated = create_key(&c, "rated", &["--rate", "0.1"]);
     // Nodes look up whether keys exist at most once a second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let calls = (0..120).map(|i| {
-        c.client
-            .post(c.nodes[i % 3].url("/v1/async-chatgpt"))
-            .bearer_auth(&key)
-            .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
-            .send()
-    });
-    let statuses: Vec<u16> =
-        futures_util::future::join_all(calls).await.into_iter().map(|r| r.unwrap().status().as_u16()).collect();
-    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 30);
-    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 90);
+    let quick = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let statuses = spread(&c, &daily, &quick, 120).await;
+    assert_eq!((count(&statuses, 200), count(&statuses, 429)), (30, 90), "the day quota");
+    let statuses = spread(&c, &rated, &quick, 90).await;
+    assert_eq!((count(&statuses, 200), count(&statuses, 429)), (1, 89), "the rate: one token in the bucket");
+    let statuses = spread(&c, &parallel, &slow(2000), 90).await;
+    assert_eq!((count(&statuses, 200), count(&statuses, 429)), (4, 86), "the in-flight limit");
+
+    // The slots of a node that dies are given back once it is noticed: the key can run again.
+    c.nodes[0].kill();
+    c.nodes[1].kill();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let statuses: Vec<u16> = {
+            let call = c.client.post(c.nodes[2].url("/v1/stream-chatgpt")).bearer_auth(&parallel).json(&slow(2000));
+            vec![call.send().await.unwrap().status().as_u16()]
+        };
+        if statuses[0] == 200 {
+            break;
+        }
+        assert_eq!(statuses[0], 429);
+        assert!(Instant::now() < deadline, "the dead nodes' slots were never given back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -15,7 +15,7 @@ use offload::domain::{Access, Kind, Locator, NodeId, RequestId, Status, TokenHas
 use offload::domain::{KeyLimits, ServiceKey};
 use offload::store::nodes::{NodeRecord, Renewal};
 use offload::store::{
-    Charge, Conflict, Periods, RawPiece, Store, StoreError, Stores, WebhookState, WebhookStatus, WriteOp,
+    Admit, Charge, Conflict, Periods, RawPiece, SlotId, Store, StoreError, Stores, WebhookState, WebhookStatus, WriteOp,
 };
 use serde_json::value::RawValue;
 use std::sync::Arc;
@@ -455,6 +455,72 @@ pub async fn two_handles_ending_one_request_at_once_store_one_final_status_and_o
     }
 }
 
+/// Admits `n` calls at once, spread over the handles; returns the outcomes.
+async fn admit_at_once(handles: &[&Stores], k: &ServiceKey, node: NodeId, n: usize) -> Vec<(Admit, SlotId)> {
+    let p = periods();
+    let calls = (0..n).map(|i| {
+        let (keys, k, p) = (handles[i % handles.len()].keys.clone(), k.clone(), p.clone());
+        async move {
+            let slot = SlotId::generate();
+            (keys.admit(&k, &p, node, slot).await.unwrap(), slot)
+        }
+    });
+    futures_util::future::join_all(calls).await
+}
+
+fn admitted(outcomes: &[(Admit, SlotId)]) -> usize {
+    outcomes.iter().filter(|(a, _)| matches!(a, Admit::Admitted { .. })).count()
+}
+
+pub async fn in_flight_slots_and_rates_are_exact_across_handles_and_refusals_take_nothing(a: Stores, b: Stores) {
+    let node = NodeId::generate();
+    a.nodes
+        .join(&NodeRecord { id: node, address: "http://127.0.0.1:1".into() }, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let parallel =
+        key("parallel", KeyLimits { max_in_flight: Some(5), requests_per_day: Some(7), ..Default::default() });
+    a.keys.create_key(&parallel, TokenHash::of("p")).await.unwrap();
+    let outcomes = admit_at_once(&[&a, &b], &parallel, node, 200).await;
+    assert_eq!(admitted(&outcomes), 5, "exactly the in-flight limit");
+    assert!(outcomes.iter().all(|(o, _)| matches!(o, Admit::Admitted { took_slot: true, .. } | Admit::InFlightFull)));
+    // Giving back two slots admits two more; the day quota (7) then refuses, and its refusals took no slot.
+    let slots: Vec<SlotId> =
+        outcomes.iter().filter(|(o, _)| matches!(o, Admit::Admitted { .. })).map(|(_, s)| *s).collect();
+    b.keys.release_slot(slots[0]).await.unwrap();
+    a.keys.release_slot(slots[1]).await.unwrap();
+    assert_eq!(admitted(&admit_at_once(&[&a, &b], &parallel, node, 50).await), 2);
+    a.keys.release_slot(slots[2]).await.unwrap();
+    assert_eq!(admit_at_once(&[&b], &parallel, node, 1).await[0].0, Admit::DayFull);
+    assert_eq!(admitted(&admit_at_once(&[&a], &parallel, node, 1).await), 0, "a refusal took no slot");
+
+    // A rate of one call per ten seconds: the bucket holds one token, and nothing refills during the burst.
+    let rated = key("rated", KeyLimits { rate: Some(0.1), ..Default::default() });
+    a.keys.create_key(&rated, TokenHash::of("r")).await.unwrap();
+    let outcomes = admit_at_once(&[&a, &b], &rated, node, 100).await;
+    assert_eq!(admitted(&outcomes), 1);
+    let wait = outcomes.iter().find_map(|(o, _)| match o {
+        Admit::RateLimited { wait } => Some(*wait),
+        _ => None,
+    });
+    assert!(wait.is_some_and(|w| w > 5.0 && w <= 10.0), "the wait for the next token: {wait:?}");
+    b.keys.return_token(&rated).await.unwrap();
+    assert_eq!(admitted(&admit_at_once(&[&a], &rated, node, 3).await), 1, "a returned token is taken again");
+
+    // Slots held by a node that is gone are given back; those of a live node are not.
+    let gone = NodeId::generate();
+    let orphan = admit_at_once(&[&b], &key_with_slots(&a, "orphaned").await, gone, 3).await;
+    assert_eq!(admitted(&orphan), 3);
+    assert_eq!(b.keys.release_orphaned_slots().await.unwrap(), 3);
+    assert_eq!(a.keys.release_orphaned_slots().await.unwrap(), 0, "the live node's slots stay");
+}
+
+async fn key_with_slots(stores: &Stores, name: &str) -> ServiceKey {
+    let k = key(name, KeyLimits { max_in_flight: Some(3), ..Default::default() });
+    stores.keys.create_key(&k, TokenHash::of(name)).await.unwrap();
+    k
+}
+
 pub async fn a_final_status_without_a_webhook_queues_nothing(stores: Stores) {
     let m = meta(Access::Public);
     let id = m.locator.id;
@@ -684,6 +750,7 @@ macro_rules! contract_suite {
                 quota_charges_are_exact_across_handles,
                 keys_created_through_one_handle_are_seen_by_the_other,
                 nodes_join_expire_and_are_removed_by_exactly_one_handle,
+                in_flight_slots_and_rates_are_exact_across_handles_and_refusals_take_nothing,
                 two_handles_ending_one_request_at_once_store_one_final_status_and_one_webhook
             );
         }

@@ -164,6 +164,12 @@ pub enum CreateError {
     Internal(String),
 }
 
+/// Something a request holds until it is final (a service key's in-flight slot), given back then.
+#[async_trait::async_trait]
+pub trait Held: Send + Sync + 'static {
+    async fn release(self: Box<Self>);
+}
+
 /// What a stop did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopOutcome {
@@ -258,7 +264,7 @@ impl Engine {
         kind: Kind,
         req: CreateRequest,
         caller_key: Option<UpstreamKey>,
-        held: Option<Box<dyn std::any::Any + Send + Sync>>,
+        held: Option<Box<dyn Held>>,
     ) -> Result<Created, CreateError> {
         let inner = &self.inner;
         if !self.accepting() {
@@ -512,6 +518,13 @@ impl Engine {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(count = n, "ended requests of a node that is gone as interrupted"),
                 Err(e) => tracing::error!(error = %e, "could not end the requests of a node that is gone; retrying"),
+            }
+            match self.inner.stores.keys.release_orphaned_slots().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(count = n, "gave back in-flight slots of service keys held by a node that is gone")
+                }
+                Err(e) => tracing::error!(error = %e, "could not give back the in-flight slots of a node that is gone"),
             }
         }
     }

@@ -26,7 +26,7 @@ pub(super) async fn run(
     live: Arc<LiveRequest>,
     key: Option<UpstreamKey>,
     body: String,
-    held: (Option<Box<dyn std::any::Any + Send + Sync>>, tokio::sync::OwnedSemaphorePermit),
+    held: (Option<Box<dyn super::Held>>, tokio::sync::OwnedSemaphorePermit),
 ) {
     let timeout = live.meta.options.timeout;
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
@@ -49,7 +49,11 @@ pub(super) async fn run(
         },
     };
     inner.settle(&live, status, error).await;
-    drop(held);
+    let (held, slot) = held;
+    if let Some(held) = held {
+        held.release().await;
+    }
+    drop(slot);
 }
 
 pub fn interrupted() -> ErrorInfo {

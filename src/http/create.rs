@@ -3,7 +3,7 @@
 use super::error::ApiError;
 use super::{AppState, BodyLimits};
 use crate::domain::{CreateRequest, Kind, UpstreamKey};
-use crate::engine::Created;
+use crate::engine::{Created, Held};
 use crate::keys::Refusal;
 use axum::Json;
 use axum::body::{Body, Bytes, HttpBody};
@@ -110,7 +110,7 @@ async fn create(app: AppState, kind: Kind, request: Request) -> Result<Json<Valu
         Some(key) => Some(app.gate.admit(key).await?),
         None => None,
     };
-    let held = admission.as_mut().and_then(|a| a.slot.take()).map(|slot| Box::new(slot) as _);
+    let held = admission.as_mut().and_then(|a| a.slot.take()).map(|slot| Box::new(slot) as Box<dyn Held>);
     match app.engine.create(kind, request, upstream_key, held).await {
         Ok(created) => Ok(Json(created_response(&app, &created))),
         Err(e) => {

@@ -1,19 +1,18 @@
 //! Service keys: who may create requests, and how many.
 //!
 //! When no key exists the server runs open. Otherwise every create call presents a key (`Authorization:
-//! Bearer`, `X-API-Key` or `X-RapidAPI-Key`), and its limits are applied in an order that makes a refusal cost
-//! nothing: an in-flight slot and a rate token are taken in memory (and given back if a later check refuses),
-//! then the day and month quotas are counted in the store in one atomic step. A create that fails after that is
-//! refunded.
+//! Bearer`, `X-API-Key` or `X-RapidAPI-Key`), and all of its limits (in-flight slots, rate, day and month quotas)
+//! are applied by the store in one atomic step ([`KeyStore::admit`]) that takes nothing when a limit refuses. A
+//! create that fails after that is refunded.
 //!
-//! Rates and in-flight counts are kept per server process; quotas are kept in the store and shared.
+//! Everything is kept in the store, so every limit is exact across all nodes of a cluster, as on one node.
 
 pub mod cli;
 
-use crate::domain::{ServiceKey, TokenHash};
-use crate::store::{Charge, KeyStore, Periods, StoreError};
+use crate::domain::{NodeId, ServiceKey, TokenHash};
+use crate::engine::Held;
+use crate::store::{Admit, KeyStore, Periods, SlotId, StoreError};
 use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
@@ -24,9 +23,9 @@ const OPEN_CHECK_TTL: Duration = Duration::from_secs(1);
 
 pub struct Gatekeeper {
     keys: Arc<dyn KeyStore>,
+    /// This node: the holder of the in-flight slots it takes.
+    node: NodeId,
     open: Mutex<Option<(Instant, bool)>>,
-    buckets: Mutex<HashMap<String, Bucket>>,
-    in_flight: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 /// Why a create call was refused.
@@ -53,35 +52,48 @@ pub struct Admission {
     pub slot: Option<InFlightSlot>,
 }
 
-/// One of a key's in-flight slots; freed on drop.
+/// One of a key's in-flight slots, held in the store (so that the limit holds across nodes) until
+/// [`Held::release`] gives it back. A slot that is dropped without being released (a panic on the way) is given
+/// back by a task of its own; one whose node dies is given back by the node that notices.
 pub struct InFlightSlot {
-    counts: Arc<Mutex<HashMap<String, u32>>>,
-    key_id: String,
+    keys: Arc<dyn KeyStore>,
+    id: Option<SlotId>,
 }
 
-impl Drop for InFlightSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.lock();
-        if let Some(n) = counts.get_mut(&self.key_id) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                counts.remove(&self.key_id);
+impl InFlightSlot {
+    async fn give_back(keys: &dyn KeyStore, id: SlotId) {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=5 {
+            match keys.release_slot(id).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, attempt, "could not give back an in-flight slot; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
             }
+        }
+        tracing::error!("an in-flight slot could not be given back; it is freed when this node restarts");
+    }
+}
+
+#[async_trait::async_trait]
+impl Held for InFlightSlot {
+    async fn release(mut self: Box<Self>) {
+        if let Some(id) = self.id.take() {
+            Self::give_back(&*self.keys, id).await;
         }
     }
 }
 
-/// A token bucket holding one second's worth of requests (at least one).
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn refill(&mut self, rate: f64) {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(rate.max(1.0));
-        self.at = now;
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let keys = self.keys.clone();
+            runtime.spawn(async move { Self::give_back(&*keys, id).await });
+        }
     }
 }
 
@@ -100,13 +112,8 @@ pub fn periods_now() -> (Periods, u64, u64) {
 }
 
 impl Gatekeeper {
-    pub fn new(keys: Arc<dyn KeyStore>) -> Self {
-        Self {
-            keys,
-            open: Mutex::new(None),
-            buckets: Mutex::new(HashMap::new()),
-            in_flight: Arc::new(Mutex::new(HashMap::new())),
-        }
+    pub fn new(keys: Arc<dyn KeyStore>, node: NodeId) -> Self {
+        Self { keys, node, open: Mutex::new(None) }
     }
 
     async fn keys_required(&self) -> Result<bool, StoreError> {
@@ -132,85 +139,61 @@ impl Gatekeeper {
         }
     }
 
-    /// Counts one create call against the key's limits. When a limit refuses it, nothing is counted.
+    /// Counts one create call against the key's limits, in the store, in one step: exact across nodes. When a
+    /// limit refuses it, nothing is counted.
     pub async fn admit(&self, key: &ServiceKey) -> Result<Admission, Refusal> {
         let limits = &key.limits;
-        let slot = match limits.max_in_flight {
-            Some(max) => {
-                let mut counts = self.in_flight.lock();
-                let n = counts.entry(key.id.clone()).or_insert(0);
-                if *n >= max {
-                    return Err(Refusal::Limit {
-                        message: format!(
-                            "This key may have at most {max} requests running at once (its max-in-flight limit); retry when one finishes."
-                        ),
-                        retry_after: 1,
-                    });
-                }
-                *n += 1;
-                Some(InFlightSlot { counts: self.in_flight.clone(), key_id: key.id.clone() })
-            }
-            None => None,
-        };
-        let took_token = match limits.rate {
-            Some(rate) => {
-                let mut buckets = self.buckets.lock();
-                let bucket = buckets
-                    .entry(key.id.clone())
-                    .or_insert_with(|| Bucket { tokens: rate.max(1.0), at: Instant::now() });
-                bucket.refill(rate);
-                if bucket.tokens < 1.0 {
-                    let wait = ((1.0 - bucket.tokens) / rate).ceil().max(1.0) as u64;
-                    return Err(Refusal::Limit {
-                        message: format!(
-                            "This key is limited to {rate} requests per second (its rate limit); retry shortly."
-                        ),
-                        retry_after: wait,
-                    });
-                }
-                bucket.tokens -= 1.0;
-                true
-            }
-            None => false,
-        };
         let (periods, to_midnight, to_month_end) = periods_now();
-        let refusal = match self.keys.charge(key, &periods).await {
-            Ok(Charge::Counted) => None,
-            Ok(Charge::DayFull) => Some(Refusal::Limit {
-                message: format!(
+        let slot = SlotId::generate();
+        let outcome = self.keys.admit(key, &periods, self.node, slot).await.map_err(Refusal::Store)?;
+        let refusal = |message: String, retry_after: u64| Err(Refusal::Limit { message, retry_after });
+        match outcome {
+            Admit::Admitted { took_slot, took_token } => Ok(Admission {
+                key_id: key.id.clone(),
+                periods,
+                took_token,
+                slot: took_slot.then(|| InFlightSlot { keys: self.keys.clone(), id: Some(slot) }),
+            }),
+            Admit::InFlightFull => refusal(
+                format!(
+                    "This key may have at most {} requests running at once (its max-in-flight limit); retry when one finishes.",
+                    limits.max_in_flight.unwrap_or_default()
+                ),
+                1,
+            ),
+            Admit::RateLimited { wait } => refusal(
+                format!(
+                    "This key is limited to {} requests per second (its rate limit); retry shortly.",
+                    limits.rate.unwrap_or_default()
+                ),
+                wait.ceil().max(1.0) as u64,
+            ),
+            Admit::DayFull => refusal(
+                format!(
                     "This key's quota of {} requests per day is used up; it resets at midnight UTC.",
                     limits.requests_per_day.unwrap_or_default()
                 ),
-                retry_after: to_midnight,
-            }),
-            Ok(Charge::MonthFull) => Some(Refusal::Limit {
-                message: format!(
+                to_midnight,
+            ),
+            Admit::MonthFull => refusal(
+                format!(
                     "This key's quota of {} requests per month is used up; it resets on the first of next month (UTC).",
                     limits.requests_per_month.unwrap_or_default()
                 ),
-                retry_after: to_month_end,
-            }),
-            Err(e) => Some(Refusal::Store(e)),
-        };
-        if let Some(refusal) = refusal {
-            if took_token {
-                self.give_back_token(&key.id, limits.rate.unwrap_or(1.0));
-            }
-            return Err(refusal);
-        }
-        Ok(Admission { key_id: key.id.clone(), periods, took_token, slot })
-    }
-
-    fn give_back_token(&self, key_id: &str, rate: f64) {
-        if let Some(bucket) = self.buckets.lock().get_mut(key_id) {
-            bucket.tokens = (bucket.tokens + 1.0).min(rate.max(1.0));
+                to_month_end,
+            ),
         }
     }
 
     /// Takes back a call whose create failed after it was admitted.
     pub async fn refund(&self, admission: Admission, key: &ServiceKey) {
-        if admission.took_token {
-            self.give_back_token(&admission.key_id, key.limits.rate.unwrap_or(1.0));
+        if admission.took_token
+            && let Err(e) = self.keys.return_token(key).await
+        {
+            tracing::error!(key = %admission.key_id, error = %e, "could not give back a rate token");
+        }
+        if let Some(slot) = admission.slot {
+            Box::new(slot).release().await;
         }
         if let Err(e) = self.keys.refund(&admission.key_id, &admission.periods).await {
             tracing::error!(key = %admission.key_id, error = %e, "could not refund a quota count");

@@ -19,7 +19,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use crate::document::{Progress, RequestMeta};
-use crate::domain::{RequestId, ServiceKey, TokenHash};
+use crate::domain::{NodeId, RequestId, ServiceKey, TokenHash};
 use async_trait::async_trait;
 use bytes::Bytes;
 use nodes::NodeStore;
@@ -339,4 +339,48 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Takes back one counted request (the create failed after it was counted).
     async fn refund(&self, key_id: &str, periods: &Periods) -> Result<(), StoreError>;
+
+    /// Admits one create call against all of the key's limits in one atomic step, in this order: its in-flight
+    /// slots, its rate (a bucket of `max(rate, 1)` tokens refilled at `rate` per second), its day and month quotas.
+    /// When a limit refuses, nothing is taken or counted. Exact across every handle and node: the store holds the
+    /// slots, the bucket and the counts.
+    async fn admit(&self, key: &ServiceKey, periods: &Periods, node: NodeId, slot: SlotId)
+    -> Result<Admit, StoreError>;
+
+    /// Gives back an in-flight slot taken by [`KeyStore::admit`] (its request is final, or its create failed).
+    async fn release_slot(&self, slot: SlotId) -> Result<(), StoreError>;
+
+    /// Gives back a rate token taken by [`KeyStore::admit`] (its create failed).
+    async fn return_token(&self, key: &ServiceKey) -> Result<(), StoreError>;
+
+    /// Gives back the in-flight slots held by nodes that are gone (a node without a record in the node family;
+    /// on a store of one node, at its start, that is every slot). Returns how many.
+    async fn release_orphaned_slots(&self) -> Result<usize, StoreError>;
+}
+
+/// An in-flight slot of a service key, chosen by the caller of [`KeyStore::admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SlotId(pub uuid::Uuid);
+
+impl SlotId {
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::new_v4())
+    }
+}
+
+/// The outcome of [`KeyStore::admit`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Admit {
+    /// Counted; the slot was taken if the key has an in-flight limit, a token if it has a rate.
+    Admitted {
+        took_slot: bool,
+        took_token: bool,
+    },
+    InFlightFull,
+    /// The bucket is empty; the next token comes in this many seconds.
+    RateLimited {
+        wait: f64,
+    },
+    DayFull,
+    MonthFull,
 }

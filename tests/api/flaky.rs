@@ -8,8 +8,8 @@ use offload::domain::{NodeId, RequestId, ServiceKey, TokenHash};
 use offload::store::nodes::{NodeRecord, NodeStore, Renewal};
 use offload::store::sqlite::{SqliteStore, Synchronous};
 use offload::store::{
-    Charge, KeyStore, Periods, Store, StoreError, StoredRequest, Stores, Usage, WebhookJob, WebhookStatus,
-    WebhookStore, WriteOp,
+    Admit, Charge, KeyStore, Periods, SlotId, Store, StoreError, StoredRequest, Stores, Usage, WebhookJob,
+    WebhookStatus, WebhookStore, WriteOp,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -117,6 +117,25 @@ impl KeyStore for Flaky {
     }
     async fn refund(&self, key_id: &str, periods: &Periods) -> Result<(), StoreError> {
         self.inner.refund(key_id, periods).await
+    }
+    async fn admit(
+        &self,
+        key: &ServiceKey,
+        periods: &Periods,
+        node: NodeId,
+        slot: SlotId,
+    ) -> Result<Admit, StoreError> {
+        self.keys()?;
+        self.inner.admit(key, periods, node, slot).await
+    }
+    async fn release_slot(&self, slot: SlotId) -> Result<(), StoreError> {
+        self.inner.release_slot(slot).await
+    }
+    async fn return_token(&self, key: &ServiceKey) -> Result<(), StoreError> {
+        self.inner.return_token(key).await
+    }
+    async fn release_orphaned_slots(&self) -> Result<usize, StoreError> {
+        self.inner.release_orphaned_slots().await
     }
 }
 

@@ -2,9 +2,9 @@
 //! the functions `offload_charge` and `offload_refund` of the schema (one round trip, one lock per key).
 
 use super::{PostgresStore, pg_err};
-use crate::domain::{ServiceKey, TokenHash};
+use crate::domain::{NodeId, ServiceKey, TokenHash};
 use crate::store::columns::json_err;
-use crate::store::{Charge, Conflict, KeyStore, Periods, StoreError, Usage};
+use crate::store::{Admit, Charge, Conflict, KeyStore, Periods, SlotId, StoreError, Usage};
 use async_trait::async_trait;
 use tokio_postgres::error::SqlState;
 
@@ -130,5 +130,79 @@ impl KeyStore for PostgresStore {
         let stmt = client.prepare_cached("SELECT offload_refund($1, $2, $3)").await.map_err(pg_err)?;
         client.execute(&stmt, &[&key_id, &periods.day_key(), &periods.month_key()]).await.map_err(pg_err)?;
         Ok(())
+    }
+
+    async fn admit(
+        &self,
+        key: &ServiceKey,
+        periods: &Periods,
+        node: NodeId,
+        slot: SlotId,
+    ) -> Result<Admit, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT o_outcome, o_wait FROM offload_admit($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+            .await
+            .map_err(pg_err)?;
+        let limits = &key.limits;
+        let (day_max, month_max) = (limit(limits.requests_per_day), limit(limits.requests_per_month));
+        let max_in_flight = limits.max_in_flight.map(i64::from);
+        let row = client
+            .query_one(
+                &stmt,
+                &[
+                    &key.id,
+                    &periods.day_key(),
+                    &periods.month_key(),
+                    &day_max,
+                    &month_max,
+                    &limits.rate,
+                    &max_in_flight,
+                    &node.as_uuid(),
+                    &slot.0,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        let wait: f64 = row.try_get(1).map_err(pg_err)?;
+        match row.try_get::<_, i32>(0).map_err(pg_err)? {
+            0 => Ok(Admit::Admitted { took_slot: limits.max_in_flight.is_some(), took_token: limits.rate.is_some() }),
+            1 => Ok(Admit::DayFull),
+            2 => Ok(Admit::MonthFull),
+            3 => Ok(Admit::InFlightFull),
+            4 => Ok(Admit::RateLimited { wait }),
+            other => Err(StoreError::Corrupt(format!("offload_admit returned {other}"))),
+        }
+    }
+
+    async fn release_slot(&self, slot: SlotId) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("DELETE FROM key_slots WHERE id = $1").await.map_err(pg_err)?;
+        client.execute(&stmt, &[&slot.0]).await.map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn return_token(&self, key: &ServiceKey) -> Result<(), StoreError> {
+        let Some(rate) = key.limits.rate else { return Ok(()) };
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE key_buckets SET tokens = least(greatest($2::float8, 1), tokens + 1) WHERE key_id = $1",
+            )
+            .await
+            .map_err(pg_err)?;
+        client.execute(&stmt, &[&key.id, &rate]).await.map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn release_orphaned_slots(&self) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "DELETE FROM key_slots s WHERE s.node IS NULL OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = s.node)",
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(usize::try_from(client.execute(&stmt, &[]).await.map_err(pg_err)?).unwrap_or(usize::MAX))
     }
 }

@@ -137,6 +137,62 @@ CREATE TABLE nodes (
     joined_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     lease_until timestamptz NOT NULL
 );
+-- Per-key in-flight slots (held by a node) and rate buckets: kept here so that they hold across nodes.
+CREATE TABLE key_slots (
+    id uuid PRIMARY KEY,
+    key_id text NOT NULL,
+    node uuid,
+    taken_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX key_slots_by_key ON key_slots (key_id);
+CREATE TABLE key_buckets (
+    key_id text PRIMARY KEY,
+    tokens double precision NOT NULL,
+    at double precision NOT NULL
+);
+-- Admits one call against every limit of a key, under the key's lock (the one charging takes), on the database's
+-- clock: 0 admitted, 1 day full, 2 month full, 3 in-flight full, 4 rate (with the wait for the next token).
+-- A refusal changes nothing.
+CREATE FUNCTION offload_admit(p_key text, p_day text, p_month text, p_day_max bigint, p_month_max bigint,
+    p_rate double precision, p_max_in_flight bigint, p_node uuid, p_slot uuid)
+RETURNS TABLE (o_outcome integer, o_wait double precision) LANGUAGE plpgsql AS $$
+DECLARE
+    v_now double precision := extract(epoch FROM clock_timestamp());
+    v_tokens double precision;
+    v_charged integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('offload_charge'), hashtext(current_schema() || '/' || p_key));
+    IF p_max_in_flight IS NOT NULL
+       AND (SELECT count(*) FROM key_slots s WHERE s.key_id = p_key) >= p_max_in_flight THEN
+        RETURN QUERY SELECT 3, 0::double precision;
+        RETURN;
+    END IF;
+    IF p_rate IS NOT NULL THEN
+        SELECT least(greatest(p_rate, 1), b.tokens + (v_now - b.at) * p_rate) INTO v_tokens
+        FROM key_buckets b WHERE b.key_id = p_key;
+        IF NOT FOUND THEN
+            v_tokens := greatest(p_rate, 1);
+        END IF;
+        IF v_tokens < 1 THEN
+            RETURN QUERY SELECT 4, (1 - v_tokens) / p_rate;
+            RETURN;
+        END IF;
+    END IF;
+    v_charged := offload_charge(p_key, p_day, p_month, p_day_max, p_month_max);
+    IF v_charged <> 0 THEN
+        RETURN QUERY SELECT v_charged, 0::double precision;
+        RETURN;
+    END IF;
+    IF p_rate IS NOT NULL THEN
+        INSERT INTO key_buckets (key_id, tokens, at) VALUES (p_key, v_tokens - 1, v_now)
+        ON CONFLICT (key_id) DO UPDATE SET tokens = EXCLUDED.tokens, at = EXCLUDED.at;
+    END IF;
+    IF p_max_in_flight IS NOT NULL THEN
+        INSERT INTO key_slots (id, key_id, node) VALUES (p_slot, p_key, p_node);
+    END IF;
+    RETURN QUERY SELECT 0, 0::double precision;
+END
+$$;
 "#,
 ];
 

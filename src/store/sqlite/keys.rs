@@ -1,8 +1,8 @@
 //! The key family: service keys (hashes only) and their usage per day and month.
 
 use super::{SqliteStore, db_err, json_err};
-use crate::domain::{KeyLimits, ServiceKey, TokenHash};
-use crate::store::{Charge, Conflict, KeyStore, Periods, StoreError, Usage};
+use crate::domain::{KeyLimits, NodeId, ServiceKey, TokenHash, unix_now};
+use crate::store::{Admit, Charge, Conflict, KeyStore, Periods, SlotId, StoreError, Usage};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
@@ -157,6 +157,110 @@ impl KeyStore for SqliteStore {
             )
             .map_err(db_err)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn admit(
+        &self,
+        key: &ServiceKey,
+        periods: &Periods,
+        node: NodeId,
+        slot: SlotId,
+    ) -> Result<Admit, StoreError> {
+        let (key, day, month, now) = (key.clone(), periods.day_key(), periods.month_key(), unix_now());
+        // On the writer thread, in one IMMEDIATE transaction: every check and what it takes happen at once.
+        self.write_with(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let limits = &key.limits;
+            if let Some(max) = limits.max_in_flight {
+                let held: u64 = tx
+                    .prepare_cached("SELECT COUNT(*) FROM key_slots WHERE key_id = ?1")
+                    .and_then(|mut s| s.query_row([&key.id], |r| r.get(0)))
+                    .map_err(db_err)?;
+                if held >= u64::from(max) {
+                    return Ok(Admit::InFlightFull);
+                }
+            }
+            let mut tokens = None;
+            if let Some(rate) = limits.rate {
+                let bucket: Option<(f64, f64)> = tx
+                    .prepare_cached("SELECT tokens, at FROM key_buckets WHERE key_id = ?1")
+                    .and_then(|mut s| s.query_row([&key.id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                    .map_err(db_err)?;
+                let capacity = rate.max(1.0);
+                let now_tokens = bucket.map_or(capacity, |(t, at)| (t + (now - at).max(0.0) * rate).min(capacity));
+                if now_tokens < 1.0 {
+                    return Ok(Admit::RateLimited { wait: (1.0 - now_tokens) / rate });
+                }
+                tokens = Some(now_tokens - 1.0);
+            }
+            let full = |period: &str, max: Option<u64>| match max {
+                Some(max) => usage(&tx, &key.id, period).map(|n| n >= max),
+                None => Ok(false),
+            };
+            if full(&day, limits.requests_per_day)? {
+                return Ok(Admit::DayFull);
+            }
+            if full(&month, limits.requests_per_month)? {
+                return Ok(Admit::MonthFull);
+            }
+            for period in [&day, &month] {
+                tx.prepare_cached(
+                    "INSERT INTO key_usage (key_id, period, count) VALUES (?1, ?2, 1)
+                     ON CONFLICT (key_id, period) DO UPDATE SET count = count + 1",
+                )
+                .and_then(|mut s| s.execute(params![key.id, period]))
+                .map_err(db_err)?;
+            }
+            if let Some(tokens) = tokens {
+                tx.prepare_cached(
+                    "INSERT INTO key_buckets (key_id, tokens, at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (key_id) DO UPDATE SET tokens = excluded.tokens, at = excluded.at",
+                )
+                .and_then(|mut s| s.execute(params![key.id, tokens, now]))
+                .map_err(db_err)?;
+            }
+            if limits.max_in_flight.is_some() {
+                tx.prepare_cached("INSERT INTO key_slots (id, key_id, node) VALUES (?1, ?2, ?3)")
+                    .and_then(|mut s| s.execute(params![&slot.0.as_bytes()[..], key.id, &node.as_bytes()[..]]))
+                    .map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)?;
+            Ok(Admit::Admitted { took_slot: limits.max_in_flight.is_some(), took_token: limits.rate.is_some() })
+        })
+        .await
+    }
+
+    async fn release_slot(&self, slot: SlotId) -> Result<(), StoreError> {
+        self.write_with(move |conn| {
+            conn.prepare_cached("DELETE FROM key_slots WHERE id = ?1")
+                .and_then(|mut s| s.execute([&slot.0.as_bytes()[..]]))
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn return_token(&self, key: &ServiceKey) -> Result<(), StoreError> {
+        let Some(rate) = key.limits.rate else { return Ok(()) };
+        let id = key.id.clone();
+        self.write_with(move |conn| {
+            conn.prepare_cached("UPDATE key_buckets SET tokens = MIN(?2, tokens + 1) WHERE key_id = ?1")
+                .and_then(|mut s| s.execute(params![id, rate.max(1.0)]))
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release_orphaned_slots(&self) -> Result<usize, StoreError> {
+        self.write_with(|conn| {
+            conn.prepare_cached(
+                "DELETE FROM key_slots WHERE node IS NULL OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = key_slots.node)",
+            )
+            .and_then(|mut s| s.execute([]))
+            .map_err(db_err)
         })
         .await
     }

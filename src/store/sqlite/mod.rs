@@ -90,6 +90,17 @@ CREATE TABLE IF NOT EXISTS nodes (
     address TEXT NOT NULL,
     lease_until REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS key_slots (
+    id BLOB PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    node BLOB
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS key_slots_by_key ON key_slots(key_id);
+CREATE TABLE IF NOT EXISTS key_buckets (
+    key_id TEXT PRIMARY KEY,
+    tokens REAL NOT NULL,
+    at REAL NOT NULL
+) WITHOUT ROWID;
 PRAGMA user_version = 5;
 ";
 
@@ -100,6 +111,17 @@ const SCHEMA_VERSION: i64 = 5;
 const UPGRADES: &[&str] = &["
 ALTER TABLE requests ADD COLUMN owner BLOB;
 CREATE TABLE IF NOT EXISTS nodes (id BLOB PRIMARY KEY, address TEXT NOT NULL, lease_until REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS key_slots (
+    id BLOB PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    node BLOB
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS key_slots_by_key ON key_slots(key_id);
+CREATE TABLE IF NOT EXISTS key_buckets (
+    key_id TEXT PRIMARY KEY,
+    tokens REAL NOT NULL,
+    at REAL NOT NULL
+) WITHOUT ROWID;
 PRAGMA user_version = 5;
 "];
 
