@@ -2,6 +2,7 @@
 //! callers' hands, stores everything as it arrives and serves it back.
 //!
 //! Layout (one job per module):
+//! - [`cluster`]: several nodes on one shared store: leases, taking over from dead nodes, reaching peers.
 //! - [`cli`]: the command line (`serve`, `mock-upstream`); `main.rs` only calls it.
 //! - [`config`]: settings from flags, `OFFLOAD_*` environment variables and an optional TOML file.
 //! - [`startup`]: [`startup::Application`] binds a listener (port 0 allowed), opens the store, recovers what a
