@@ -435,3 +435,23 @@ async fn every_key_limit_is_exact_with_creates_spread_over_three_nodes() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_past_its_lease_never_ends_the_requests_of_others_when_it_wakes() {
+    let Some(c) = cluster(&[]).await else { return };
+    // Node 0 runs requests for a few seconds; node 1 freezes for longer than a lease, then wakes.
+    let created: Vec<Value> =
+        futures_util::future::join_all((0..3).map(|_| c.create(0, "stream-chatgpt", slow(200)))).await;
+    let frozen = c.nodes[1].child.id().to_string();
+    Command::new("kill").args(["-STOP", &frozen]).status().unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    Command::new("kill").args(["-CONT", &frozen]).status().unwrap();
+    // Once awake it serves again (as a node that joined anew if it was taken for dead), and node 0's requests
+    // finish `done` as if nothing happened.
+    for created in &created {
+        let doc = c.wait_final(1, &endpoint(created, "status_url"), Duration::from_secs(30)).await;
+        assert_eq!(doc["status"], "done", "{}", doc["error"]);
+    }
+    let health = c.client.get(c.nodes[1].url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+}
