@@ -6,15 +6,14 @@
 //! `postgres://postgres@127.0.0.1:5432/test`, used only to create and drop it) and drops it afterwards. Without a
 //! server the tests are skipped with a warning, except under CI.
 
-#![expect(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly on anything unexpected")]
+#![expect(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 use axum::extract::State;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,33 +21,13 @@ const PUBLIC: &str = "http://offload.test";
 /// Short, so that a dead node is noticed quickly in tests (the default is 10 s).
 const LEASE: &str = "2s";
 
-/// One `offload serve` process.
-struct Node {
-    child: Child,
-    addr: String,
-}
+mod support;
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::Offload as Node;
 
-impl Node {
-    /// The URL of this node for a public URL handed out by any node.
-    fn local(&self, public_url: &str) -> String {
-        public_url.replacen(PUBLIC, &format!("http://{}", self.addr), 1)
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
+/// The URL of `node` for a public URL handed out by any node.
+fn local(node: &Node, public_url: &str) -> String {
+    public_url.replacen(PUBLIC, &format!("http://{}", node.addr), 1)
 }
 
 /// A database of its own for one test, dropped when the test ends (also when it fails).
@@ -97,37 +76,15 @@ async fn database() -> Option<Database> {
     Some(Database { admin_url, name, url: url.to_string() })
 }
 
-/// Starts a node on `db` and reads its address from its log.
-#[expect(clippy::zombie_processes, reason = "the child is owned by `Node`, whose Drop kills and waits for it")]
+/// Starts a node on `db`.
 fn start(db: &Database, upstream: &str, extra: &[&str]) -> Node {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
+    let mut command = Node::command();
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--public-url", PUBLIC, "--upstream-url", upstream])
         .args(["--store", &db.url, "--node-lease", LEASE, "--flush-interval-ms", "10"])
         .args(extra)
-        .env("OFFLOAD_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("a node did not start"));
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap().to_owned();
-            // Keep draining the log so that the process never blocks on a full pipe.
-            std::thread::spawn(move || while rx.recv().is_ok() {});
-            return Node { child, addr };
-        }
-    }
+        .env("OFFLOAD_LOG", "info");
+    Node::spawn(command)
 }
 
 struct Cluster {
@@ -155,7 +112,7 @@ impl Cluster {
     }
 
     async fn document(&self, node: usize, status_url: &str) -> Value {
-        let response = self.client.get(self.nodes[node].local(status_url)).send().await.unwrap();
+        let response = self.client.get(local(&self.nodes[node], status_url)).send().await.unwrap();
         assert_eq!(response.status(), 200);
         response.json().await.unwrap()
     }
@@ -173,7 +130,7 @@ impl Cluster {
     }
 
     async fn stream_bytes(&self, node: usize, events_url: &str, last_event_id: Option<&str>) -> (u16, String) {
-        let mut request = self.client.get(self.nodes[node].local(events_url));
+        let mut request = self.client.get(local(&self.nodes[node], events_url));
         if let Some(id) = last_event_id {
             request = request.header("Last-Event-ID", id);
         }
@@ -208,7 +165,7 @@ async fn a_request_created_on_one_node_is_followed_on_a_second_and_polled_on_a_t
 
     // Node 1 follows the stream live; node 2 sees the body grow while it streams.
     let follower = {
-        let (client, url) = (c.client.clone(), c.nodes[1].local(&events_url));
+        let (client, url) = (c.client.clone(), local(&c.nodes[1], &events_url));
         tokio::spawn(async move { client.get(url).send().await.unwrap().text().await.unwrap() })
     };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -232,8 +189,8 @@ async fn a_request_created_on_one_node_is_followed_on_a_second_and_polled_on_a_t
     assert_eq!(followed.matches("\nid: ").count() + usize::from(followed.starts_with("id: ")), 62);
     let mut documents = Vec::new();
     for node in 0..3 {
-        let doc = c.client.get(c.nodes[node].local(&status_url)).send().await.unwrap().text().await.unwrap();
-        let raw = c.client.get(c.nodes[node].local(&status_url.replace(".json", ".raw"))).send().await.unwrap();
+        let doc = c.client.get(local(&c.nodes[node], &status_url)).send().await.unwrap().text().await.unwrap();
+        let raw = c.client.get(local(&c.nodes[node], &status_url.replace(".json", ".raw"))).send().await.unwrap();
         assert_eq!(raw.status(), 200);
         documents.push((doc, raw.text().await.unwrap()));
     }
@@ -247,7 +204,7 @@ async fn a_reader_resumes_on_another_node_with_last_event_id_and_gets_204_at_the
     let events_url = endpoint(&created, "stream_events_url");
 
     // Read the first five events on node 0, then drop the connection.
-    let response = c.client.get(c.nodes[0].local(&events_url)).send().await.unwrap();
+    let response = c.client.get(local(&c.nodes[0], &events_url)).send().await.unwrap();
     let mut events = response.bytes_stream().eventsource();
     let mut first = Vec::new();
     while first.len() < 5 {
@@ -283,7 +240,7 @@ async fn stop_and_delete_sent_to_another_node_drop_the_upstream_call_at_once() {
     }
 
     let started = Instant::now();
-    let response = c.client.post(c.nodes[1].local(&endpoint(&stopped, "stop_url"))).send().await.unwrap();
+    let response = c.client.post(local(&c.nodes[1], &endpoint(&stopped, "stop_url"))).send().await.unwrap();
     let took = started.elapsed();
     assert_eq!(response.status(), 200);
     assert!(took < Duration::from_secs(1), "stop through another node took {took:?}");
@@ -291,12 +248,12 @@ async fn stop_and_delete_sent_to_another_node_drop_the_upstream_call_at_once() {
 
     let deleted_url = endpoint(&deleted, "status_url");
     let started = Instant::now();
-    let response = c.client.delete(c.nodes[2].local(&deleted_url)).send().await.unwrap();
+    let response = c.client.delete(local(&c.nodes[2], &deleted_url)).send().await.unwrap();
     let took = started.elapsed();
     assert_eq!(response.status(), 200);
     assert!(took < Duration::from_secs(1), "delete through another node took {took:?}");
     for node in 0..3 {
-        assert_eq!(c.client.get(c.nodes[node].local(&deleted_url)).send().await.unwrap().status(), 404);
+        assert_eq!(c.client.get(local(&c.nodes[node], &deleted_url)).send().await.unwrap().status(), 404);
     }
     // The mock saw both connections dropped by offload.
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -1,70 +1,32 @@
 //! Crash safety, tested by causing the crash: the real `offload` binary is killed with SIGKILL mid-stream and
 //! started again on the same data directory.
 
-#![expect(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly on anything unexpected")]
+#![expect(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 const SECRET_KEY: &str = "sk-crash-test-0123456789-SECRET";
 const PUBLIC: &str = "http://offload.test";
 
-struct Server {
-    child: Child,
-    addr: String,
-    log: mpsc::Receiver<String>,
-}
+mod support;
 
-/// Starts `offload serve` on port 0 and reads the bound address from its log.
-#[expect(clippy::zombie_processes, reason = "the child is owned by `Server`, whose Drop kills and waits for it")]
+use support::Offload as Server;
+
+/// Starts `offload serve` on port 0 against `upstream`, on `data_dir`.
 fn start(data_dir: &std::path::Path, upstream: &str) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
+    let mut command = Server::command();
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--public-url", PUBLIC, "--upstream-url", upstream])
         .arg("--data-dir")
         .arg(data_dir)
-        .env("OFFLOAD_LOG", "debug")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let line =
-            rx.recv_timeout(deadline - std::time::Instant::now()).unwrap_or_else(|_| panic!("server did not start"));
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap().to_owned();
-            return Server { child, addr, log: rx };
-        }
-    }
+        .env("OFFLOAD_LOG", "debug");
+    Server::spawn(command)
 }
 
-/// A server left running by a failing test is killed rather than orphaned.
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    /// A URL of this server for a public URL it handed out.
-    fn local(&self, public_url: &str) -> String {
-        public_url.replacen(PUBLIC, &format!("http://{}", self.addr), 1)
-    }
-
-    fn log_lines(&self) -> Vec<String> {
-        self.log.try_iter().collect()
-    }
+/// The URL of `server` for a public URL it handed out.
+fn local(server: &Server, public_url: &str) -> String {
+    public_url.replacen(PUBLIC, &format!("http://{}", server.addr), 1)
 }
 
 async fn get_json(client: &reqwest::Client, url: &str) -> Value {
@@ -96,8 +58,8 @@ async fn kill_9_mid_stream_then_restart_ends_the_request_as_interrupted_and_keep
     // One request that finishes before the crash, one private one cut off by it.
     let finished =
         create("stream-chatgpt", json!({"messages": [{"role": "user", "content": "a"}], "mock": {"words": 6}})).await;
-    let finished_status = server.local(finished["endpoints"]["status_url"].as_str().unwrap());
-    let finished_events = server.local(finished["endpoints"]["stream_events_url"].as_str().unwrap());
+    let finished_status = local(&server, finished["endpoints"]["status_url"].as_str().unwrap());
+    let finished_events = local(&server, finished["endpoints"]["stream_events_url"].as_str().unwrap());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while get_json(&client, &finished_status).await["status"] != "done" {
         assert!(std::time::Instant::now() < deadline);
@@ -109,7 +71,7 @@ async fn kill_9_mid_stream_then_restart_ends_the_request_as_interrupted_and_keep
     )
     .await;
     let bearer = cut["authorization"]["bearer_token"].as_str().unwrap().to_owned();
-    let cut_status = server.local(cut["endpoints"]["status_url"].as_str().unwrap());
+    let cut_status = local(&server, cut["endpoints"]["status_url"].as_str().unwrap());
     tokio::time::sleep(Duration::from_millis(600)).await;
     let before_crash: Value = client.get(&cut_status).bearer_auth(&bearer).send().await.unwrap().json().await.unwrap();
     assert_eq!(before_crash["status"], "streaming");
@@ -134,7 +96,7 @@ async fn kill_9_mid_stream_then_restart_ends_the_request_as_interrupted_and_keep
     let mut log = server.log_lines();
 
     let restarted = start(data.path(), &upstream);
-    let cut_status = restarted.local(cut["endpoints"]["status_url"].as_str().unwrap());
+    let cut_status = local(&restarted, cut["endpoints"]["status_url"].as_str().unwrap());
     let after: Value = client.get(&cut_status).bearer_auth(&bearer).send().await.unwrap().json().await.unwrap();
     assert_eq!(after["status"], "error");
     assert_eq!(after["error"]["code"], "interrupted");
@@ -142,7 +104,7 @@ async fn kill_9_mid_stream_then_restart_ends_the_request_as_interrupted_and_keep
     assert!(kept.starts_with(&seen), "text received before the crash is kept: {kept:?} vs {seen:?}");
     let events_url = format!(
         "{}?stream_token={}",
-        restarted.local(cut["endpoints"]["stream_events_url"].as_str().unwrap()),
+        local(&restarted, cut["endpoints"]["stream_events_url"].as_str().unwrap()),
         cut["authorization"]["stream_url_arg"].as_str().unwrap().trim_start_matches("stream_token=")
     );
     let events = client.get(&events_url).send().await.unwrap().text().await.unwrap();
@@ -153,8 +115,8 @@ async fn kill_9_mid_stream_then_restart_ends_the_request_as_interrupted_and_keep
     );
 
     let finished_after = snapshot(
-        restarted.local(finished["endpoints"]["status_url"].as_str().unwrap()),
-        restarted.local(finished["endpoints"]["stream_events_url"].as_str().unwrap()),
+        local(&restarted, finished["endpoints"]["status_url"].as_str().unwrap()),
+        local(&restarted, finished["endpoints"]["stream_events_url"].as_str().unwrap()),
     )
     .await;
     assert_eq!(finished_before, finished_after, "a finished request is identical before and after a restart");
@@ -217,10 +179,10 @@ async fn observe_final(client: &reqwest::Client, server: &Server, round: usize) 
         .unwrap();
     let status_url = created["endpoints"]["status_url"].as_str().unwrap().to_owned();
     let events_url = created["endpoints"]["stream_events_url"].as_str().unwrap().to_owned();
-    let local_status = server.local(&status_url);
+    let local_status = local(server, &status_url);
     if stop {
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let response = client.post(server.local(&status_url.replace(".json", "/stop"))).send().await.unwrap();
+        let response = client.post(local(server, &status_url.replace(".json", "/stop"))).send().await.unwrap();
         assert_eq!(response.status(), 200, "round {round}: stop");
         let doc = client.get(&local_status).send().await.unwrap().bytes().await.unwrap();
         let value: Value = serde_json::from_slice(&doc).unwrap();
@@ -228,7 +190,7 @@ async fn observe_final(client: &reqwest::Client, server: &Server, round: usize) 
         return (status_url, events_url, Seen::Document(doc));
     }
     if watch_stream {
-        let stream = client.get(server.local(&events_url)).send().await.unwrap().bytes().await.unwrap();
+        let stream = client.get(local(server, &events_url)).send().await.unwrap().bytes().await.unwrap();
         assert!(stream.ends_with(b"data: [DONE]\n\n"), "round {round}");
         return (status_url, events_url, Seen::Stream(stream));
     }
@@ -259,7 +221,7 @@ async fn kill_9_right_after_a_final_status_was_seen_changes_nothing_that_was_see
         server = start(data.path(), &upstream);
         match seen {
             Seen::Document(before) => {
-                let after = client.get(server.local(&status_url)).send().await.unwrap().bytes().await.unwrap();
+                let after = client.get(local(&server, &status_url)).send().await.unwrap().bytes().await.unwrap();
                 assert_eq!(
                     String::from_utf8_lossy(&before),
                     String::from_utf8_lossy(&after),
@@ -267,7 +229,7 @@ async fn kill_9_right_after_a_final_status_was_seen_changes_nothing_that_was_see
                 );
             }
             Seen::Stream(before) => {
-                let after = client.get(server.local(&events_url)).send().await.unwrap().bytes().await.unwrap();
+                let after = client.get(local(&server, &events_url)).send().await.unwrap().bytes().await.unwrap();
                 assert_eq!(
                     String::from_utf8_lossy(&before),
                     String::from_utf8_lossy(&after),

@@ -11,13 +11,11 @@
 //! `.ci/run` does it). Without it the test is skipped with a warning, except under CI (`CI` set), where it fails.
 //! `OFFLOAD_SCHEMATHESIS_SEED` replaces the fixed seed (to explore further than CI does).
 
-#![expect(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly on anything unexpected")]
+#![expect(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// Test cases per operation and phase: a run takes under a minute on 2 cores.
@@ -33,44 +31,15 @@ fn schemathesis() -> Option<PathBuf> {
     path.exists().then_some(path)
 }
 
-struct Server {
-    child: Child,
-    addr: String,
-}
+mod support;
 
-/// Starts `offload serve --mock-upstream` on port 0 and reads the bound address from its log.
-#[expect(clippy::zombie_processes, reason = "the child is owned by `Server`, whose Drop kills and waits for it")]
+use support::Offload as Server;
+
+/// Starts `offload serve --mock-upstream` on port 0.
 fn start(data_dir: &std::path::Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
-        .args(["serve", "--mock-upstream", "--listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = rx.recv_timeout(deadline - Instant::now()).unwrap_or_else(|_| panic!("server did not start"));
-        if let Some(rest) = line.split(" listening on ").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap().to_owned();
-            return Server { child, addr };
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    let mut command = Server::command();
+    command.args(["serve", "--mock-upstream", "--listen", "127.0.0.1:0"]).arg("--data-dir").arg(data_dir);
+    Server::spawn(command)
 }
 
 /// Creates a finished public request with `endpoint` and returns the TOML `parameters` that pin its URL.

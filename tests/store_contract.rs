@@ -867,5 +867,103 @@ async fn postgres() -> Option<Fixture> {
     Some(Fixture::Postgres { url, schema })
 }
 
+/// The schema of version 4, as the release before nodes wrote it (verbatim).
+const VERSION_4_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS requests (
+    rkey INTEGER PRIMARY KEY,
+    id BLOB NOT NULL UNIQUE,
+    kind INTEGER NOT NULL,
+    access INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    bearer BLOB,
+    stream_token BLOB,
+    meta TEXT NOT NULL,
+    parameters TEXT NOT NULL,
+    status TEXT NOT NULL,
+    progress TEXT NOT NULL,
+    body TEXT,
+    final_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS requests_unfinished ON requests(status) WHERE status NOT IN ('done', 'error', 'stop');
+CREATE INDEX IF NOT EXISTS requests_final_at ON requests(final_at) WHERE final_at IS NOT NULL;
+-- Rows in arrival order: with thousands of streams appending at once, a commit's chunks sit on a few
+-- consecutive pages instead of one page per stream; only the small index entries scatter.
+CREATE TABLE IF NOT EXISTS events (
+    pos INTEGER PRIMARY KEY,
+    rkey INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_request ON events(rkey, seq);
+CREATE TABLE IF NOT EXISTS raw_parts (
+    rkey INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    -- NULL: this piece is the request's events (1..=events_through, or all when that is NULL too).
+    bytes BLOB,
+    events_through INTEGER,
+    PRIMARY KEY (rkey, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS webhooks (
+    request_id BLOB PRIMARY KEY,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    status TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks(next_attempt_at) WHERE state IN ('pending', 'retrying');
+CREATE TABLE IF NOT EXISTS service_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    hash BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER,
+    limits TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_usage (
+    key_id TEXT NOT NULL,
+    period TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (key_id, period)
+) WITHOUT ROWID;
+PRAGMA user_version = 4;
+"#;
+
+#[tokio::test]
+async fn a_version_4_sqlite_store_is_upgraded_in_place_and_keeps_its_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = meta(Access::Public);
+    let id = m.locator.id;
+    {
+        // Written by the previous release: its schema, one finished request.
+        let conn = rusqlite::Connection::open(dir.path().join("offload.db")).unwrap();
+        conn.execute_batch(VERSION_4_SCHEMA).unwrap();
+        conn.execute(
+            "INSERT INTO requests (id, kind, access, created_at, meta, parameters, status, progress, body, final_at)
+             VALUES (?1, 1, 1, 1700000000, ?2, ?3, 'done', ?4, '{}', 1700000002)",
+            rusqlite::params![
+                &id.as_bytes()[..],
+                r#"{"created":1700000000.25,"conversation_id":"c","options":{"timeout":12.5,"connect_timeout":3}}"#,
+                m.parameters.get(),
+                serde_json::to_string(&progress(Status::Done)).unwrap(),
+            ],
+        )
+        .unwrap();
+    }
+    let stores =
+        Stores::of(Arc::new(offload::store::sqlite::SqliteStore::open(dir.path(), Default::default()).unwrap()));
+    let got = stores.requests.get(id).await.unwrap().unwrap();
+    assert_eq!(got.progress.status, Status::Done);
+    assert_eq!(got.meta.owner, None, "a request from before nodes has no owner");
+    // The new tables are there.
+    let node = NodeRecord { id: NodeId::generate(), address: "http://127.0.0.1:1".into() };
+    stores.nodes.join(&node, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(stores.keys.release_orphaned_slots().await.unwrap(), 0);
+    let version: i64 = rusqlite::Connection::open(dir.path().join("offload.db"))
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 5);
+}
+
 contract_suite!(sqlite_store, sqlite());
 contract_suite!(postgres_store, postgres());

@@ -42,6 +42,13 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// 503 with `Retry-After: 1`: the server cannot do it right now, but may in a moment.
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        let mut err = Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message);
+        err.retry_after = Some(1);
+        err
+    }
+
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
@@ -166,9 +173,7 @@ impl From<CreateError> for ApiError {
         let message = e.to_string();
         match e {
             CreateError::ShuttingDown | CreateError::Overloaded(_) | CreateError::StoreFailing => {
-                let mut err = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
-                err.retry_after = Some(1);
-                err
+                Self::unavailable("unavailable", message)
             }
             CreateError::MissingKey => {
                 Self::new(StatusCode::BAD_REQUEST, "missing_upstream_key", message).with_param(Some("X-OpenAI-API-Key"))
@@ -185,13 +190,10 @@ impl From<CreateError> for ApiError {
             }
             CreateError::Store(store) => {
                 tracing::error!(error = %store, "could not store a new request");
-                let mut err = Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                Self::unavailable(
                     "unavailable",
                     "The request could not be stored; nothing was created. Try again shortly.",
-                );
-                err.retry_after = Some(1);
-                err
+                )
             }
             CreateError::Internal(cause) => Self::internal(&cause),
         }

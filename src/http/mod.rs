@@ -95,17 +95,13 @@ async fn health(axum::extract::State(app): axum::extract::State<AppState>) -> ax
             "node": app.engine.node().to_string(),
         }))
         .into_response(),
-        Some(problem) => {
-            let mut err = ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "store_failing",
-                format!(
-                    "Not healthy: {problem}. Requests already accepted are kept in memory and retried; see the server log."
-                ),
-            );
-            err.retry_after = Some(1);
-            err.into_response()
-        }
+        Some(problem) => ApiError::unavailable(
+            "store_failing",
+            format!(
+                "Not healthy: {problem}. Requests already accepted are kept in memory and retried; see the server log."
+            ),
+        )
+        .into_response(),
     }
 }
 

@@ -184,13 +184,7 @@ pub async fn delete(
     app.engine.delete(found, STOP_DURABLE_WAIT).await.map_err(|e| match e {
         e if e.is_retryable() => {
             tracing::error!(error = %e, "could not delete a request");
-            let mut err = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "The request could not be deleted right now (the server's store is failing); nothing was deleted. Retry shortly.",
-            );
-            err.retry_after = Some(1);
-            err
+            ApiError::unavailable("unavailable", "The request could not be deleted right now (the server's store is failing); nothing was deleted. Retry shortly.")
         }
         e => ApiError::internal(&e),
     })?;
@@ -303,22 +297,10 @@ async fn stop(app: &AppState, found: &Found) -> Response {
         )
         .into_response(),
         StopOutcome::Unreachable => {
-            let mut err = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "This request runs on another node of this service that cannot be reached right now; retry shortly (if that node is gone, the request ends as interrupted within seconds).",
-            );
-            err.retry_after = Some(1);
-            err.into_response()
+            ApiError::unavailable("unavailable", "This request runs on another node of this service that cannot be reached right now; retry shortly (if that node is gone, the request ends as interrupted within seconds).").into_response()
         }
         StopOutcome::NotYetDurable => {
-            let mut err = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "The upstream call was dropped, but the server cannot store the final status right now (its store is failing); it becomes `stop` once stored. Check `status_url` shortly.",
-            );
-            err.retry_after = Some(1);
-            err.into_response()
+            ApiError::unavailable("unavailable", "The upstream call was dropped, but the server cannot store the final status right now (its store is failing); it becomes `stop` once stored. Check `status_url` shortly.").into_response()
         }
     }
 }

@@ -221,51 +221,20 @@ async fn a_flood_of_half_sent_requests_beyond_the_file_limit_does_not_stop_healt
 }
 
 /// `offload serve` with the mock upstream, run under `ulimit -n <files>`.
-struct LimitedServer {
-    child: std::process::Child,
-    addr: String,
-}
+struct LimitedServer;
 
 impl LimitedServer {
-    #[expect(clippy::zombie_processes, reason = "Drop kills and waits for the child")]
-    fn start(data_dir: &std::path::Path, files: u32) -> Self {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new("sh")
+    fn start(data_dir: &std::path::Path, files: u32) -> crate::support::Offload {
+        let mut command = std::process::Command::new("sh");
+        command
             .arg("-c")
             .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
             .arg(env!("CARGO_BIN_EXE_offload"))
             .args(["serve", "--listen", "127.0.0.1:0", "--mock-upstream"])
             .arg("--data-dir")
             .arg(data_dir)
-            .env("OFFLOAD_LOG", "info")
-            .stderr(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let line = rx.recv_timeout(deadline - Instant::now()).unwrap_or_else(|_| panic!("server did not start"));
-            if let Some(rest) = line.split(" listening on ").nth(1)
-                && !line.contains("mock upstream")
-            {
-                let addr = rest.split_whitespace().next().unwrap().to_owned();
-                return Self { child, addr };
-            }
-        }
-    }
-}
-
-impl Drop for LimitedServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+            .env("OFFLOAD_LOG", "info");
+        crate::support::Offload::spawn(command)
     }
 }
 

@@ -19,5 +19,7 @@ mod openapi;
 mod status;
 mod stop;
 mod store_failure;
+#[path = "../support/mod.rs"]
+mod support;
 mod timeouts;
 mod webhooks;

@@ -27,7 +27,34 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
-const SCHEMA: &str = "
+/// The tables version 5 added (nodes, per-key in-flight slots and rate buckets): in the schema of a new store,
+/// and in the upgrade of a version 4 one.
+macro_rules! version_5_tables {
+    () => {
+        "
+CREATE TABLE IF NOT EXISTS nodes (
+    id BLOB PRIMARY KEY,
+    address TEXT NOT NULL,
+    lease_until REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS key_slots (
+    id BLOB PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    node BLOB
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS key_slots_by_key ON key_slots(key_id);
+CREATE TABLE IF NOT EXISTS key_buckets (
+    key_id TEXT PRIMARY KEY,
+    tokens REAL NOT NULL,
+    at REAL NOT NULL
+) WITHOUT ROWID;
+PRAGMA user_version = 5;
+"
+    };
+}
+
+const SCHEMA: &str = concat!(
+    "
 CREATE TABLE IF NOT EXISTS requests (
     rkey INTEGER PRIMARY KEY,
     id BLOB NOT NULL UNIQUE,
@@ -85,45 +112,15 @@ CREATE TABLE IF NOT EXISTS key_usage (
     count INTEGER NOT NULL,
     PRIMARY KEY (key_id, period)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS nodes (
-    id BLOB PRIMARY KEY,
-    address TEXT NOT NULL,
-    lease_until REAL NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS key_slots (
-    id BLOB PRIMARY KEY,
-    key_id TEXT NOT NULL,
-    node BLOB
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS key_slots_by_key ON key_slots(key_id);
-CREATE TABLE IF NOT EXISTS key_buckets (
-    key_id TEXT PRIMARY KEY,
-    tokens REAL NOT NULL,
-    at REAL NOT NULL
-) WITHOUT ROWID;
-PRAGMA user_version = 5;
-";
+",
+    version_5_tables!()
+);
 
 /// The schema version this code reads and writes.
 const SCHEMA_VERSION: i64 = 5;
 
 /// Upgrades from an older version, step by step; step `i` brings version `4 + i` to `5 + i`.
-const UPGRADES: &[&str] = &["
-ALTER TABLE requests ADD COLUMN owner BLOB;
-CREATE TABLE IF NOT EXISTS nodes (id BLOB PRIMARY KEY, address TEXT NOT NULL, lease_until REAL NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS key_slots (
-    id BLOB PRIMARY KEY,
-    key_id TEXT NOT NULL,
-    node BLOB
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS key_slots_by_key ON key_slots(key_id);
-CREATE TABLE IF NOT EXISTS key_buckets (
-    key_id TEXT PRIMARY KEY,
-    tokens REAL NOT NULL,
-    at REAL NOT NULL
-) WITHOUT ROWID;
-PRAGMA user_version = 5;
-"];
+const UPGRADES: &[&str] = &[concat!("ALTER TABLE requests ADD COLUMN owner BLOB;", version_5_tables!())];
 
 /// The oldest version [`UPGRADES`] start from.
 const OLDEST_UPGRADABLE: i64 = 4;
