@@ -47,6 +47,30 @@ fn usage(conn: &Connection, key_id: &str, period: &str) -> Result<u64, StoreErro
         .map_err(db_err)
 }
 
+/// Counts one request against the key's day and month in `tx`, unless one is full (then nothing is written). A
+/// usage that cannot be read fails it (fail closed): it is never taken as "under quota".
+fn count(tx: &Connection, key_id: &str, limits: &KeyLimits, day: &str, month: &str) -> Result<Charge, StoreError> {
+    let full = |period: &str, max: Option<u64>| match max {
+        Some(max) => usage(tx, key_id, period).map(|n| n >= max),
+        None => Ok(false),
+    };
+    if full(day, limits.requests_per_day)? {
+        return Ok(Charge::DayFull);
+    }
+    if full(month, limits.requests_per_month)? {
+        return Ok(Charge::MonthFull);
+    }
+    for period in [day, month] {
+        tx.prepare_cached(
+            "INSERT INTO key_usage (key_id, period, count) VALUES (?1, ?2, 1)
+             ON CONFLICT (key_id, period) DO UPDATE SET count = count + 1",
+        )
+        .and_then(|mut s| s.execute(params![key_id, period]))
+        .map_err(db_err)?;
+    }
+    Ok(Charge::Counted)
+}
+
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn create_key(&self, key: &ServiceKey, hash: TokenHash) -> Result<(), StoreError> {
@@ -122,28 +146,12 @@ impl KeyStore for SqliteStore {
         // The transaction takes the write lock before it reads (IMMEDIATE), so neither can they with a charge of
         // another handle on the same file: it waits its turn instead of failing on a snapshot gone stale.
         self.write_with(move |conn| {
-            // A usage that cannot be read fails the charge (fail closed): it is never taken as "under quota".
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
-            let full = |period: &str, max: Option<u64>| match max {
-                Some(max) => usage(&tx, &id, period).map(|n| n >= max),
-                None => Ok(false),
-            };
-            if full(&day, limits.requests_per_day)? {
-                return Ok(Charge::DayFull);
+            let charge = count(&tx, &id, &limits, &day, &month)?;
+            if charge == Charge::Counted {
+                tx.commit().map_err(db_err)?;
             }
-            if full(&month, limits.requests_per_month)? {
-                return Ok(Charge::MonthFull);
-            }
-            for period in [&day, &month] {
-                tx.prepare_cached(
-                    "INSERT INTO key_usage (key_id, period, count) VALUES (?1, ?2, 1)
-                     ON CONFLICT (key_id, period) DO UPDATE SET count = count + 1",
-                )
-                .and_then(|mut s| s.execute(params![id, period]))
-                .map_err(db_err)?;
-            }
-            tx.commit().map_err(db_err)?;
-            Ok(Charge::Counted)
+            Ok(charge)
         })
         .await
     }
@@ -195,23 +203,10 @@ impl KeyStore for SqliteStore {
                 }
                 tokens = Some(now_tokens - 1.0);
             }
-            let full = |period: &str, max: Option<u64>| match max {
-                Some(max) => usage(&tx, &key.id, period).map(|n| n >= max),
-                None => Ok(false),
-            };
-            if full(&day, limits.requests_per_day)? {
-                return Ok(Admit::DayFull);
-            }
-            if full(&month, limits.requests_per_month)? {
-                return Ok(Admit::MonthFull);
-            }
-            for period in [&day, &month] {
-                tx.prepare_cached(
-                    "INSERT INTO key_usage (key_id, period, count) VALUES (?1, ?2, 1)
-                     ON CONFLICT (key_id, period) DO UPDATE SET count = count + 1",
-                )
-                .and_then(|mut s| s.execute(params![key.id, period]))
-                .map_err(db_err)?;
+            match count(&tx, &key.id, limits, &day, &month)? {
+                Charge::Counted => {}
+                Charge::DayFull => return Ok(Admit::DayFull),
+                Charge::MonthFull => return Ok(Admit::MonthFull),
             }
             if let Some(tokens) = tokens {
                 tx.prepare_cached(
