@@ -216,7 +216,11 @@
   function render(request) {
     const following = request.streamUrl && !request.streamEnded;
     const stored = request.finalText;
+    const transcript = $("transcript");
+    // Keeps a reader at the bottom there while the reply grows, and leaves one who scrolled up alone.
+    const atBottom = transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 40;
     request.reply.textContent = !following && stored ? stored : request.text;
+    if (atBottom) transcript.scrollTop = transcript.scrollHeight;
   }
 
   /** Fetches the status document now, then again every second until it is final. */
