@@ -5,6 +5,7 @@ pub mod create;
 pub mod error;
 pub mod forward;
 pub mod openapi;
+pub mod playground;
 pub mod requests;
 pub mod server;
 
@@ -45,6 +46,8 @@ pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits, open_allo
         .max_age(std::time::Duration::from_secs(86_400));
     Router::new()
         .route("/", get(index))
+        .route("/playground/app.js", get(playground::script))
+        .route("/playground/style.css", get(playground::style))
         .route("/healthz", get(health))
         .route("/openapi.json", get(openapi::document))
         .route("/v1/stream-chatgpt", post(create::stream))
@@ -69,9 +72,18 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
         .map(|(_, token)| token.trim())
 }
 
-async fn index(axum::extract::State(app): axum::extract::State<AppState>) -> Json<serde_json::Value> {
+/// The service description, or the playground page for a browser.
+async fn index(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if playground::wants_html(&headers) {
+        return playground::page(&app).await;
+    }
     let base = &app.engine.urls().base;
-    Json(json!({
+    let vary = [(axum::http::header::VARY, "Accept")];
+    (vary, Json(json!({
         "service": "offload",
         "version": env!("CARGO_PKG_VERSION"),
         "description": "Self-hosted OffloadGPT-compatible server: POST a chat completion request, get back URLs for its status, event stream, raw response and stop switch.",
@@ -80,7 +92,8 @@ async fn index(axum::extract::State(app): axum::extract::State<AppState>) -> Jso
             "async": format!("{base}/v1/async-chatgpt"),
         },
         "accepting": app.engine.accepting(),
-    }))
+    })))
+        .into_response()
 }
 
 /// 200 while the server can take requests; 503 (the error format, naming the problem) while its store fails.

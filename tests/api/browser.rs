@@ -73,7 +73,8 @@ async function main() {
 main().catch((e) => report({failure: String(e && e.stack || e)}));
 </script></body></html>"#;
 
-fn chromium() -> Option<std::path::PathBuf> {
+/// Where Chromium is installed, if it is.
+pub fn chromium() -> Option<std::path::PathBuf> {
     ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"]
         .iter()
         .map(std::path::PathBuf::from)

@@ -16,6 +16,7 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod openapi;
+mod playground;
 mod status;
 mod stop;
 mod store_failure;

@@ -324,9 +324,10 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     let c = &app.client;
     let mut check = |answer: Answer| seen.insert(conforms(&doc, &answer));
 
-    for path in ["/", "/healthz", "/openapi.json"] {
+    for path in ["/", "/healthz", "/openapi.json", "/playground/app.js", "/playground/style.css"] {
         check(call(&app, c.get(app.url(path))).await);
     }
+    check(call(&app, c.get(app.url("/")).header("Accept", "text/html")).await);
 
     // The endpoints of a finished public stream request.
     let created =
@@ -532,7 +533,9 @@ async fn an_undocumented_method_is_405_and_options_on_a_request_url_names_its_me
     let stream = finished_stream(&app, json!({})).await;
     let (status, txt, raw, stop) = urls_of(&stream);
     let mut urls = vec![status, txt, raw, stop];
-    urls.extend(["/", "/healthz", "/openapi.json"].into_iter().chain(CREATES).map(|p| app.url(p)));
+    urls.extend(
+        ["/", "/healthz", "/openapi.json", "/playground/app.js"].into_iter().chain(CREATES).map(|p| app.url(p)),
+    );
     for url in urls {
         let path = reqwest::Url::parse(&url).unwrap().path().to_owned();
         let template = template_of(&doc, &path);
