@@ -110,9 +110,9 @@ pub async fn run(args: ChatArgs) -> Result<Outcome, ClientError> {
     })?;
     let url = RequestUrl::parse(status_url)?;
     let token = text("/authorization/bearer_token");
-    eprintln!("offload: status {status_url}");
+    note!("offload: status {status_url}");
     if let Some(token) = token {
-        eprintln!("offload: private request; its bearer token (shown only now): {token}");
+        note!("offload: private request; its bearer token (shown only now): {token}");
     }
     let outcome = if args.asynchronous {
         Waiter { http: &http, url: &url, token, json: args.json }.wait(&mut interrupt).await?

@@ -10,6 +10,15 @@
 //! handed out into the others; [`stream`] reads an event stream, reconnecting with `Last-Event-ID`; [`poll`] waits
 //! on a status document (async requests).
 
+/// A line on stderr; a closed stderr is ignored (unlike `eprintln!`, which panics), so the client still ends
+/// as it should when nobody reads its notes.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 pub mod chat;
 pub mod follow;
 mod poll;
@@ -81,14 +90,14 @@ pub async fn run(command: ClientCommand) -> ExitCode {
     match result {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::Failed { status, message }) => {
-            eprintln!("offload: the request ended with status `{status}`: {message}");
+            note!("offload: the request ended with status `{status}`: {message}");
             ExitCode::FAILURE
         }
         Ok(Outcome::Interrupted { .. }) => ExitCode::from(130),
         // The reader of stdout is gone (`| head`): nothing more is wanted; the request itself goes on.
         Err(ClientError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("offload: error: {e}");
+            note!("offload: error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -195,7 +204,6 @@ fn resume_hint(url: &target::RequestUrl, token: Option<&str>, last_event_id: u64
     }
     let shown = if url.is_stream() { url.events() } else { url.status() };
     command.push_str(&format!(" '{shown}'"));
-    eprintln!();
-    eprintln!("offload: stopped following; the request goes on. Resume with:");
-    eprintln!("  {command}");
+    note!("\noffload: stopped following; the request goes on. Resume with:");
+    note!("  {command}");
 }

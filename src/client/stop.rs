@@ -22,6 +22,6 @@ pub async fn run(args: StopArgs) -> Result<(), ClientError> {
     }
     let answer = json_body(send(request, url.as_str()).await?, url.as_str()).await?;
     let readme = answer.get("README").and_then(Value::as_str).unwrap_or("The request was stopped.");
-    eprintln!("offload: {readme}");
+    note!("offload: {readme}");
     Ok(())
 }

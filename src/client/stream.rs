@@ -86,7 +86,7 @@ impl Reader<'_> {
                 });
             }
             let delay = FIRST_DELAY.saturating_mul(1 << (failures - 1)).min(MAX_DELAY);
-            eprintln!(
+            note!(
                 "\noffload: connection lost after event {} ({why}); reconnecting in {:.1} s",
                 progress.last_event_id,
                 delay.as_secs_f64()
