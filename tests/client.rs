@@ -448,3 +448,30 @@ fn completions_print_a_script_for_each_shell() {
         assert!(run.stdout.contains("offload") && run.stdout.contains("follow"), "{shell}: {}", run.stdout);
     }
 }
+
+#[test]
+fn following_gives_up_after_bounded_retries_when_the_server_is_gone_and_says_how_to_resume() {
+    let mut server = start();
+    let mut chat = server
+        .offload(&["chat", "--param", &mock(r#"{"words": 2000, "delay_ms": 20}"#), "long"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut some = [0u8; 16];
+    let mut stdout = chat.stdout.take().unwrap();
+    stdout.read_exact(&mut some).unwrap();
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let end = chat.wait().unwrap();
+    assert_eq!(end.code(), Some(1));
+    assert!(started.elapsed() < Duration::from_secs(30), "retries are bounded");
+    let mut stderr = String::new();
+    chat.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(stderr.matches("reconnecting in").count() >= 3, "{stderr}");
+    assert!(stderr.contains("gave up after"), "{stderr}");
+    assert!(stderr.contains("offload follow --last-event-id "), "{stderr}");
+}

@@ -120,7 +120,7 @@ pub async fn run(args: ChatArgs) -> Result<Outcome, ClientError> {
         Reader { http: &http, url: &url, token, json: args.json }.follow(0, &mut interrupt).await?
     };
     if let Outcome::Interrupted { last_event_id } = outcome {
-        resume_hint(&url, token, last_event_id);
+        resume_hint(&url, token, last_event_id, "stopped following; the request goes on");
     }
     Ok(outcome)
 }

@@ -34,7 +34,7 @@ pub async fn run(args: FollowArgs) -> Result<Outcome, ClientError> {
         Waiter { http: &http, url: &url, token, json: args.json }.wait(&mut interrupt).await?
     };
     if let Outcome::Interrupted { last_event_id } = outcome {
-        resume_hint(&url, token, last_event_id);
+        resume_hint(&url, token, last_event_id, "stopped following; the request goes on");
     }
     Ok(outcome)
 }

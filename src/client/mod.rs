@@ -193,8 +193,9 @@ impl Interrupt {
     }
 }
 
-/// Tells on stderr how to pick up where Ctrl-C left off: the request itself goes on.
-fn resume_hint(url: &target::RequestUrl, token: Option<&str>, last_event_id: u64) {
+/// Tells on stderr how to pick up where following ended (Ctrl-C, or a server gone for too long); the request
+/// itself goes on on the server.
+fn resume_hint(url: &target::RequestUrl, token: Option<&str>, last_event_id: u64, why: &str) {
     let mut command = String::from("offload follow");
     if url.is_stream() && last_event_id > 0 {
         command.push_str(&format!(" --last-event-id {last_event_id}"));
@@ -204,6 +205,6 @@ fn resume_hint(url: &target::RequestUrl, token: Option<&str>, last_event_id: u64
     }
     let shown = if url.is_stream() { url.events() } else { url.status() };
     command.push_str(&format!(" '{shown}'"));
-    note!("\noffload: stopped following; the request goes on. Resume with:");
+    note!("\noffload: {why}; resume with:");
     note!("  {command}");
 }

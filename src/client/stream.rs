@@ -9,6 +9,7 @@
 
 use super::target::RequestUrl;
 use super::{ClientError, Interrupt, Outcome, out, server_error};
+
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -79,6 +80,7 @@ impl Reader<'_> {
             failures = if progress.fresh > 0 { 1 } else { failures + 1 };
             if failures >= ATTEMPTS {
                 self.finish_line(&progress)?;
+                super::resume_hint(self.url, self.token, progress.last_event_id, "the server cannot be reached");
                 return Err(ClientError::GaveUp {
                     url: self.url.events().to_string(),
                     attempts: failures,
