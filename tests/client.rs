@@ -183,6 +183,9 @@ fn chat_async_prints_the_reply_when_done_and_no_progress_when_piped() {
         "only the status URL on stderr when it is not a terminal: {}",
         run.stderr
     );
+    // An async request has no stream: `follow` waits on its status document instead.
+    let followed = server.run(&["follow", &run.status_url()]).ok();
+    assert_eq!(followed.stdout, "An async reply.\n");
 }
 
 #[test]
