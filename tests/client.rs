@@ -287,9 +287,9 @@ fn proxy(server: &Server, cut_after: Duration) -> Proxy {
 #[test]
 fn follow_reconnects_with_last_event_id_after_the_connection_drops_and_misses_nothing() {
     let server = start();
-    // A stream request that takes about two seconds, followed through a proxy that cuts the first connection.
+    // A stream request that takes about three seconds, followed through a proxy that cuts the first connection.
     let mut chat = server
-        .offload(&["chat", "--param", &mock(r#"{"words": 60, "delay_ms": 30}"#), "slow"])
+        .offload(&["chat", "--param", &mock(r#"{"words": 100, "delay_ms": 30}"#), "slow"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -299,6 +299,8 @@ fn follow_reconnects_with_last_event_id_after_the_connection_drops_and_misses_no
     stderr.read_line(&mut line).unwrap();
     let url = line.trim().strip_prefix("offload: status ").unwrap().to_owned();
 
+    // Replayed at once to the follower: it has events before the cut, so the reconnect must name the last one.
+    wait_for_status(&server, &url, "streaming");
     let proxy = proxy(&server, Duration::from_millis(400));
     let through_proxy = url.replace(&server.base, &proxy.base).replace(".json", ".txt");
     let followed = server.run(&["follow", &through_proxy]).ok();
