@@ -1,10 +1,11 @@
-//! The command line: `offload serve` and `offload mock-upstream`.
+//! The command line: `offload serve`, `keys`, `mock-upstream`, `bench`, the client (`chat`, `follow`, `status`,
+//! `stop`) and `completions`.
 
 use crate::config::{ServeArgs, Settings};
 use crate::keys::cli::KeysCommand;
 use crate::mock::MockConfig;
 use crate::startup::{Application, shutdown_signal};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
@@ -32,6 +33,13 @@ enum Command {
     },
     /// Benchmark offload against the mock upstream called directly (see BENCHMARKS.md).
     Bench(Box<crate::bench::BenchArgs>),
+    #[command(flatten)]
+    Client(crate::client::ClientCommand),
+    /// Print a shell completion script, e.g. `offload completions bash > /etc/bash_completion.d/offload`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 pub async fn run() -> ExitCode {
@@ -42,6 +50,12 @@ pub async fn run() -> ExitCode {
         Command::Keys(command) => crate::keys::cli::run(command).await,
         Command::MockUpstream { listen, defaults } => mock_upstream(listen, defaults).await,
         Command::Bench(args) => crate::bench::run(*args).await.map_err(|e| format!("{e:#}")),
+        // The client reports its own errors plainly on stderr (not as log lines) and picks its exit codes.
+        Command::Client(command) => return crate::client::run(command).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "offload", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,7 +3,8 @@
 //!
 //! Layout (one job per module):
 //! - [`cluster`]: several nodes on one shared store: leases, taking over from dead nodes, reaching peers.
-//! - [`cli`]: the command line (`serve`, `mock-upstream`); `main.rs` only calls it.
+//! - [`cli`]: the command line (`serve`, `mock-upstream`, ...); `main.rs` only calls it.
+//! - [`client`]: the command-line client of a running server (`offload chat | follow | status | stop`).
 //! - [`config`]: settings from flags, `OFFLOAD_*` environment variables and an optional TOML file.
 //! - [`startup`]: [`startup::Application`] binds a listener (port 0 allowed), opens the store, recovers what a
 //!   crash cut off, serves until a shutdown signal and then drains.
@@ -25,6 +26,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod document;
