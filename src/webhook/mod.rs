@@ -175,6 +175,7 @@ impl Deliverer {
 
     async fn record(&self, id: crate::domain::RequestId, status: WebhookStatus) {
         tracing::info!(request = %id, state = status.state.as_str(), attempts = status.attempts, "webhook attempt");
+        crate::metrics::webhook_attempt(status.state.as_str());
         if let Err(e) = self.webhooks.record_webhook(id, status).await {
             tracing::error!(request = %id, error = %e, "could not record a webhook attempt");
         }
