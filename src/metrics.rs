@@ -213,7 +213,7 @@ pub fn stream_reader() -> GaugeGuard {
 /// A request reached its final status.
 pub fn request_finished(status: Status, error: Option<&ErrorInfo>) {
     let code = error.map_or("none", |e| known_error_code(&e.code));
-    tracing::info!(target: "offload::engine", status = status.as_str(), error_code = code, "request finished");
+    tracing::info!(target: "offload::requests", status = status.as_str(), error_code = code, "request finished");
     counter!("offload_requests_finished_total", "status" => status.as_str(), "error_code" => code).increment(1);
 }
 
