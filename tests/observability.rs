@@ -64,8 +64,12 @@ struct App {
     metrics: String,
     client: reqwest::Client,
     _mock: offload::mock::MockServer,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
+
+/// The tests that start a server in this process take turns: they share its one recorder, and a scrape sets the
+/// sampled gauges from the server scraped.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn spawn(adjust: impl FnOnce(&mut ServeArgs)) -> App {
     let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), MockConfig::default()).await.unwrap();
@@ -84,7 +88,7 @@ async fn spawn(adjust: impl FnOnce(&mut ServeArgs)) -> App {
     let base = app.base_url().to_owned();
     tokio::spawn(app.run_until_stopped(std::future::pending()));
     let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-    App { base, metrics, client, _mock: mock, _dir: dir }
+    App { base, metrics, client, _mock: mock, dir }
 }
 
 impl App {
@@ -120,6 +124,7 @@ fn user(content: &str) -> Value {
 
 #[tokio::test]
 async fn metrics_move_with_traffic_and_labels_carry_no_ids_or_urls() {
+    let _turn = SERIAL.lock().await;
     let app = spawn(|a| {
         a.max_in_flight = Some(1);
         a.allow_private_webhooks = Some(true);
@@ -206,12 +211,57 @@ async fn metrics_move_with_traffic_and_labels_carry_no_ids_or_urls() {
 
 #[tokio::test]
 async fn metrics_listener_serves_only_metrics() {
+    let _turn = SERIAL.lock().await;
     let app = spawn(|_| {}).await;
     let other = app.metrics.replace("/metrics", "/v1/stream-chatgpt");
     assert_eq!(app.client.get(other).send().await.unwrap().status(), 404);
     // The main listener has no /metrics.
     assert_eq!(app.client.get(format!("{}/metrics", app.base)).send().await.unwrap().status(), 404);
     app.scrape().await;
+}
+
+/// Creates a service key with `offload keys create` on the app's store and returns it.
+fn create_key(app: &App, name: &str, limits: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["keys", "create", "--name", name])
+        .args(limits)
+        .arg("--data-dir")
+        .arg(app.dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap().lines().last().unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn refused_creates_are_counted_by_reason_key_quota_and_rate() {
+    let _turn = SERIAL.lock().await;
+    let app = spawn(|_| {}).await;
+    let daily = create_key(&app, "daily", &["--requests-per-day", "1"]);
+    let rated = create_key(&app, "rated", &["--rate", "0.1"]);
+    // Keys created while the server runs take effect within a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = app.scrape().await;
+    let create = |key: Option<&str>| {
+        let mut request =
+            app.client.post(format!("{}/v1/async-chatgpt", app.base)).json(&json!({"messages": user("hi")}));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(create(None).await, 401);
+    assert_eq!(create(Some("ofk_not_a_key_of_this_server_0123456789abcdef")).await, 401);
+    assert_eq!(create(Some(&daily)).await, 200);
+    assert_eq!(create(Some(&daily)).await, 429);
+    assert_eq!(create(Some(&rated)).await, 200);
+    assert_eq!(create(Some(&rated)).await, 429);
+    let after = app.scrape().await;
+    let moved = |reason: &str| {
+        after.value("offload_create_refused_total", &[("reason", reason)])
+            - before.value("offload_create_refused_total", &[("reason", reason)])
+    };
+    assert_eq!((moved("key"), moved("quota"), moved("rate")), (2.0, 1.0, 1.0));
 }
 
 fn id_of(url: &str) -> String {
