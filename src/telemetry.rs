@@ -55,7 +55,7 @@ pub fn record_request_id(id: crate::domain::RequestId) {
     tracing::Span::current().record("request_id", tracing::field::display(id));
 }
 
-/// Runs a request's background work (its worker) in a span naming it. The span has no parent: the work outlives
+/// Runs a request's background work (its worker, a webhook attempt) in a span naming it. The span has no parent: the work outlives
 /// the HTTP call that started it.
 pub fn within_request<F: Future>(id: crate::domain::RequestId, work: F) -> tracing::instrument::Instrumented<F> {
     work.instrument(tracing::info_span!(parent: None, "request", request_id = %id))

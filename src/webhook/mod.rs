@@ -89,10 +89,10 @@ impl Deliverer {
             for job in jobs {
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };
                 let me = self.clone();
-                tasks.spawn(async move {
+                tasks.spawn(crate::telemetry::within_request(job.id, async move {
                     me.attempt(job).await;
                     drop(permit);
-                });
+                }));
             }
             if claimed_all {
                 continue;
