@@ -5,6 +5,7 @@ use crate::config::{ServeArgs, Settings};
 use crate::keys::cli::KeysCommand;
 use crate::mock::MockConfig;
 use crate::startup::{Application, shutdown_signal};
+use crate::telemetry::LogFormat;
 use clap::{CommandFactory, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -42,9 +43,20 @@ enum Command {
     },
 }
 
+impl Cli {
+    /// `serve` takes it from its settings (flag, environment, config file); the other commands from
+    /// `OFFLOAD_LOG_FORMAT`.
+    fn log_format(&self) -> LogFormat {
+        match &self.command {
+            Command::Serve(args) => args.log_format(),
+            _ => LogFormat::from_env(),
+        }
+    }
+}
+
 pub async fn run() -> ExitCode {
-    crate::telemetry::init();
     let cli = Cli::parse();
+    crate::telemetry::init(cli.log_format());
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Keys(command) => crate::keys::cli::run(command).await,

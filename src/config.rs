@@ -5,6 +5,7 @@ use crate::domain::UpstreamKey;
 use crate::http::server::ServerLimits;
 use crate::store::sqlite::Synchronous;
 use crate::store::{DatabaseUrl, StoreLocation};
+use crate::telemetry::LogFormat;
 use crate::webhook::WebhookConfig;
 use crate::webhook::signature::WebhookSecret;
 use clap::Args;
@@ -120,6 +121,12 @@ pub struct ServeArgs {
     /// requests end as interrupted about 1.2 times this after it died [default: 10s].
     #[arg(long, env = "OFFLOAD_NODE_LEASE")]
     pub node_lease: Option<String>,
+    /// Serve Prometheus metrics at `/metrics` on this address (its own listener; keep it private) [default: off].
+    #[arg(long, env = "OFFLOAD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// `text` (human-readable lines) or `json` (one JSON object a line) [default: text].
+    #[arg(long, env = "OFFLOAD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 /// Settings after merging and checking.
@@ -154,6 +161,9 @@ pub struct Settings {
     /// With a shared store: how peers reach this node (`None`: from the listen address).
     pub advertise_url: Option<String>,
     pub node_lease: Duration,
+    /// Where `/metrics` is served (`None`: no metrics).
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,22 +235,33 @@ impl ServeArgs {
             store: self.store.or(other.store),
             advertise_url: self.advertise_url.or(other.advertise_url),
             node_lease: self.node_lease.or(other.node_lease),
+            metrics_listen: self.metrics_listen.or(other.metrics_listen),
+            log_format: self.log_format.or(other.log_format),
         }
+    }
+}
+
+impl ServeArgs {
+    /// The settings of the config file, if one is named.
+    fn file(&self) -> Result<ServeArgs, ConfigError> {
+        let Some(path) = &self.config else { return Ok(ServeArgs::default()) };
+        let file_error = |reason: String| ConfigError::File { path: path.display().to_string(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+        toml::from_str::<ServeArgs>(&text).map_err(|e| file_error(e.to_string()))
+    }
+
+    /// The log format, known before the other settings are checked (logging starts first, so that what is wrong
+    /// with them is logged in the format asked for). A config file that cannot be read counts as text here; the
+    /// error is reported when the settings are resolved.
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format.or_else(|| self.file().ok().and_then(|f| f.log_format)).unwrap_or_default()
     }
 }
 
 impl Settings {
     /// Flags and environment first, then the config file, then defaults.
     pub fn resolve(args: ServeArgs) -> Result<Self, ConfigError> {
-        let file = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError::File { path: path.display().to_string(), reason: e.to_string() })?;
-                toml::from_str::<ServeArgs>(&text)
-                    .map_err(|e| ConfigError::File { path: path.display().to_string(), reason: e.to_string() })?
-            }
-            None => ServeArgs::default(),
-        };
+        let file = args.file()?;
         let a = args.or(file);
         let max_timeout = a.max_timeout.unwrap_or(90.0);
         let max_connect_timeout = a.max_connect_timeout.unwrap_or(10.0);
@@ -326,6 +347,8 @@ impl Settings {
             store,
             advertise_url: a.advertise_url.map(|u| u.as_str().trim_end_matches('/').to_owned()),
             node_lease,
+            metrics_listen: a.metrics_listen,
+            log_format: a.log_format.unwrap_or_default(),
         })
     }
 }
@@ -384,6 +407,20 @@ mod tests {
         ] {
             assert!(Settings::resolve(args).is_err());
         }
+    }
+
+    #[test]
+    fn metrics_and_log_format_come_from_the_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.toml");
+        std::fs::write(&path, "metrics_listen = \"127.0.0.1:9100\"\nlog_format = \"json\"\n").unwrap();
+        let args = ServeArgs { config: Some(path), ..ServeArgs::default() };
+        assert_eq!(args.log_format(), LogFormat::Json);
+        let s = Settings::resolve(args).unwrap();
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(s.log_format, LogFormat::Json);
+        let s = Settings::resolve(ServeArgs::default()).unwrap();
+        assert_eq!((s.metrics_listen, s.log_format), (None, LogFormat::Text));
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //! - [`mock`]: the built-in OpenAI-compatible mock upstream used by tests, benchmarks and new users.
 //! - [`webhook`]: webhook delivery (signing, retries, SSRF guard).
 //! - [`retention`]: deletes finished requests older than the retention period.
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging: text or JSON lines, the span and access line of every HTTP request.
+//! - [`metrics`]: Prometheus metrics: one helper per event, and `/metrics` on its own listener.
 //! - [`bench`]: `offload bench`, the benchmark against the direct-to-upstream floor (BENCHMARKS.md).
 
 pub mod bench;
@@ -34,6 +35,7 @@ pub mod domain;
 pub mod engine;
 pub mod http;
 pub mod keys;
+pub mod metrics;
 pub mod mock;
 pub mod retention;
 pub mod startup;

@@ -35,6 +35,8 @@ pub struct Application {
     /// On a shared store: the node lease, renewed by the membership task.
     membership: Option<Duration>,
     retention: Option<Duration>,
+    /// `/metrics` on its own listener (`--metrics-listen`).
+    metrics: Option<crate::metrics::Exporter>,
     /// The in-process mock upstream (`--mock-upstream`), kept alive as long as the application.
     _mock: Option<MockServer>,
 }
@@ -49,6 +51,8 @@ pub enum StartError {
         "listening on {addr} (all interfaces) with a shared store: set --advertise-url to the address at which the other nodes reach this one"
     )]
     NoAdvertiseUrl { addr: SocketAddr },
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("cannot build the webhook client: {0}")]
@@ -92,6 +96,10 @@ impl Application {
             .await
             .map_err(|source| StartError::Bind { addr: settings.listen, source })?;
         let local = listener.local_addr().map_err(|source| StartError::Bind { addr: settings.listen, source })?;
+        let metrics = match settings.metrics_listen {
+            Some(addr) => Some(crate::metrics::Exporter::bind(addr).await?),
+            None => None,
+        };
         let base_url = settings.public_url.clone().unwrap_or_else(|| {
             let host = if local.ip().is_unspecified() { "127.0.0.1".to_string() } else { local.ip().to_string() };
             let host = if local.is_ipv6() && !local.ip().is_unspecified() { format!("[{host}]") } else { host };
@@ -173,12 +181,18 @@ impl Application {
             nodes: stores.nodes,
             membership: peers.map(|_| settings.node_lease),
             retention: settings.retention,
+            metrics,
             _mock: mock,
         })
     }
 
     pub fn port(&self) -> u16 {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The port `/metrics` is served on, when it is.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics.as_ref().map(crate::metrics::Exporter::port)
     }
 
     pub fn base_url(&self) -> &str {
@@ -212,6 +226,9 @@ impl Application {
             tasks.spawn(supervise("the retention sweep", background.clone(), move |closing| {
                 crate::retention::sweep(requests.clone(), retention, closing)
             }));
+        }
+        if let Some(metrics) = self.metrics {
+            tasks.spawn(metrics.serve(self.engine.clone(), background.clone()));
         }
         tasks.close();
         let closing = CancellationToken::new();

@@ -1,17 +1,93 @@
-//! Logging: human-readable lines on stderr, filtered by `OFFLOAD_LOG` (or `RUST_LOG`), `info` by default.
+//! Logging: lines on stderr, filtered by `OFFLOAD_LOG` (or `RUST_LOG`), `info` by default; human-readable text,
+//! or one JSON object a line with `--log-format json`.
+//!
+//! Every HTTP request runs in a span (`http`, with its method and route template) and gets one access line when
+//! its response head is sent; once the handler knows which offloaded request the call is about, the span carries
+//! its id (`request_id`). A request's worker runs in a span of its own (`request`, with `request_id`), so every
+//! line about a request names it. Nothing here logs a URL, a query string or a header: tokens travel in them.
 
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use serde::Deserialize;
+use std::future::Future;
 use std::io::IsTerminal;
+use std::time::Instant;
+use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
 
-pub fn init() {
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (colored on a terminal).
+    #[default]
+    Text,
+    /// One JSON object a line, with the fields of the current span under `span`.
+    Json,
+}
+
+impl LogFormat {
+    /// From `OFFLOAD_LOG_FORMAT`, for the commands that have no settings of their own.
+    pub fn from_env() -> Self {
+        match std::env::var("OFFLOAD_LOG_FORMAT").ok().as_deref().map(str::trim) {
+            Some(f) if f.eq_ignore_ascii_case("json") => LogFormat::Json,
+            _ => LogFormat::Text,
+        }
+    }
+}
+
+pub fn init(format: LogFormat) {
     let filter = std::env::var("OFFLOAD_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
+    };
+}
+
+/// Names the offloaded request the current HTTP call is about, on its span (and so on its access line).
+pub fn record_request_id(id: crate::domain::RequestId) {
+    tracing::Span::current().record("request_id", tracing::field::display(id));
+}
+
+/// Runs a request's background work (its worker, a webhook attempt) in a span naming it. The span has no parent: the work outlives
+/// the HTTP call that started it.
+pub fn within_request<F: Future>(id: crate::domain::RequestId, work: F) -> tracing::instrument::Instrumented<F> {
+    work.instrument(tracing::info_span!(parent: None, "request", request_id = %id))
+}
+
+/// The middleware around every route: the span, the access line and the HTTP metrics.
+pub async fn observe(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = route_of(&request);
+    let span = tracing::info_span!("http", method = %method, route = %route, request_id = tracing::field::Empty);
+    let in_flight = crate::metrics::http_in_flight();
+    let response = next.run(request).instrument(span.clone()).await;
+    drop(in_flight);
+    let elapsed = started.elapsed();
+    let status = response.status();
+    crate::metrics::http_request(&route, status, elapsed);
+    span.in_scope(|| {
+        tracing::info!(
+            target: "offload::access",
+            method = %method,
+            route = %route,
+            status = status.as_u16(),
+            latency_ms = elapsed.as_micros() as f64 / 1000.0,
+            "http request"
+        );
+    });
+    response
+}
+
+/// The route template that matched; `unmatched` when none did (a 404): never the path, which may carry an id or a
+/// token.
+fn route_of(request: &Request) -> String {
+    request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned())
 }

@@ -48,8 +48,9 @@ impl Proc {
     }
 
     async fn start(name: &'static str, mut cmd: Command) -> Result<Self> {
-        // The listening line is logged at info; only our variable decides, not the caller's environment.
-        cmd.env("OFFLOAD_LOG", "info").env_remove("RUST_LOG");
+        // The listening line is logged at info; only our variable decides, not the caller's environment. The lines
+        // logged per request (access lines, `request finished`) are off: the benchmark measures the server.
+        cmd.env("OFFLOAD_LOG", "info,offload::access=off,offload::requests=off").env_remove("RUST_LOG");
         for var in ["OFFLOAD_CONFIG", "OFFLOAD_PUBLIC_URL", "OFFLOAD_MOCK_UPSTREAM", "OFFLOAD_MAX_IN_FLIGHT"] {
             cmd.env_remove(var);
         }

@@ -179,6 +179,7 @@ impl LiveRequest {
                 _ => ChunkKind::Other,
             };
             let seq = st.events.len() as u64 + 1;
+            crate::metrics::chunk(seq, self.meta.created);
             let (frame, slice) = sse::framed(seq, data);
             st.events.push(frame);
             if st.progress.status < Status::Streaming {

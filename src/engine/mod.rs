@@ -298,6 +298,7 @@ impl Engine {
         }
 
         let id = RequestId::generate();
+        crate::telemetry::record_request_id(id);
         let created = unix_now();
         let tokens = match req.access {
             Access::Private => {
@@ -328,7 +329,10 @@ impl Engine {
         inner.persister.commit(WriteOp::Insert(meta.clone())).await?;
         let live = LiveRequest::new(meta.clone());
         inner.hub.lock().insert(id, live.clone());
-        inner.tasks.spawn(worker::run(inner.clone(), live.clone(), key, upstream_body, (held, slot)));
+        inner.tasks.spawn(crate::telemetry::within_request(
+            id,
+            worker::run(inner.clone(), live.clone(), key, upstream_body, (held, slot)),
+        ));
         if !self.accepting() {
             // Shutdown began while this one was being accepted: it ends as interrupted like the others.
             live.cancel_with(CancelReason::Shutdown, unix_now());
@@ -618,6 +622,7 @@ impl Inner {
     /// leave memory. While the store fails the final write is retried; the request stays running in every
     /// reader's eyes, and if the process dies meanwhile, recovery ends it as interrupted (nothing final was shown).
     async fn settle(&self, live: &LiveRequest, status: Status, error: Option<ErrorInfo>) {
+        crate::metrics::request_finished(status, error.as_ref());
         let (progress, body, leftover) = live.stage_final(status, error, unix_now());
         let id = live.meta.locator.id;
         if let Some((seq, piece)) = leftover {

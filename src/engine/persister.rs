@@ -180,6 +180,7 @@ async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<C
     let mut lanes = Lanes::default();
     let mut open = true;
     while open || !lanes.is_empty() {
+        crate::metrics::store_queue(lanes.urgent.len() + lanes.queued() + rx.len());
         // Wait for work, or for the bulk lane to come due.
         if open && lanes.urgent.is_empty() && !lanes.bulk_due(interval) {
             let next = match lanes.next_due(interval) {
@@ -246,7 +247,7 @@ async fn write_head_slice(store: &dyn Store, lanes: &mut Lanes, healthy: &Atomic
         lanes.flush_now = false;
         return;
     }
-    let result = match store.write(ops.clone()).await {
+    let result = match crate::metrics::store_write("bulk", n, store.write(ops.clone())).await {
         Ok(()) => Ok(()),
         Err(e) => {
             lanes.failures += 1;
@@ -325,7 +326,7 @@ async fn write_urgent(store: &dyn Store, ops: Arc<[WriteOp]>) -> Result<(), Stor
     let mut tries = 0;
     loop {
         tries += 1;
-        match store.write(ops.clone()).await {
+        match crate::metrics::store_write("create", ops.len(), store.write(ops.clone())).await {
             Ok(()) => return Ok(()),
             Err(e) if tries >= 3 => {
                 tracing::error!(error = %e, writes = ops.len(), "could not store new requests; they are refused");

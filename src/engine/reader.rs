@@ -20,6 +20,7 @@ enum Wake {
 pub(super) fn follow(inner: Arc<Inner>, found: Found, after: u64) -> impl Stream<Item = Result<Bytes, Infallible>> {
     let keep_alive = inner.config.keep_alive;
     async_stream::stream! {
+        let _reader = crate::metrics::stream_reader();
         match found {
             Found::Live(live) => {
                 let mut changes = live.subscribe();

@@ -153,6 +153,7 @@ impl From<PathRejection> for ApiError {
 
 impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
+        crate::metrics::refusal(&refusal);
         match refusal {
             Refusal::Missing => Self::unauthorized(
                 "This server requires a service key: send it as `Authorization: Bearer <key>`, `X-API-Key` or `X-RapidAPI-Key`.",
@@ -170,6 +171,7 @@ impl From<Refusal> for ApiError {
 
 impl From<CreateError> for ApiError {
     fn from(e: CreateError) -> Self {
+        crate::metrics::create_error(&e);
         let message = e.to_string();
         match e {
             CreateError::ShuttingDown | CreateError::Overloaded(_) | CreateError::StoreFailing => {

@@ -59,6 +59,7 @@ pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits, open_allo
         .layer(axum::middleware::from_fn(requests::allow_by_ending))
         // Outermost, so that whatever layer or extractor answers an error, the caller gets the JSON format.
         .layer(axum::middleware::map_response(error::json_errors))
+        .layer(axum::middleware::from_fn(crate::telemetry::observe))
         .with_state(AppState { engine, gate, body, open_allowed })
 }
 

@@ -61,6 +61,7 @@ fn parse_url(kind: &str, rest: &str) -> Result<ParsedUrl, ApiError> {
 }
 
 async fn find(app: &AppState, url: &ParsedUrl) -> Result<Found, ApiError> {
+    crate::telemetry::record_request_id(url.id);
     app.engine.find(url).await.map_err(|e| ApiError::internal(&e))?.ok_or_else(|| {
         ApiError::not_found("No request exists at this URL (it may have been deleted or never existed).")
     })

@@ -146,6 +146,7 @@ impl Gatekeeper {
         let (periods, to_midnight, to_month_end) = periods_now();
         let slot = SlotId::generate();
         let outcome = self.keys.admit(key, &periods, self.node, slot).await.map_err(Refusal::Store)?;
+        crate::metrics::admission(&outcome);
         let refusal = |message: String, retry_after: u64| Err(Refusal::Limit { message, retry_after });
         match outcome {
             Admit::Admitted { took_slot, took_token } => Ok(Admission {

@@ -119,7 +119,7 @@ impl Upstream {
             value.set_sensitive(true);
             request = request.header(AUTHORIZATION, value);
         }
-        request.send().await.map_err(|e| {
+        crate::metrics::upstream_call(request.send()).await.map_err(|e| {
             if e.is_connect() && e.is_timeout() {
                 CallError::ConnectTimeout(connect_timeout)
             } else if e.is_connect() {

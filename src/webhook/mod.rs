@@ -89,10 +89,10 @@ impl Deliverer {
             for job in jobs {
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };
                 let me = self.clone();
-                tasks.spawn(async move {
+                tasks.spawn(crate::telemetry::within_request(job.id, async move {
                     me.attempt(job).await;
                     drop(permit);
-                });
+                }));
             }
             if claimed_all {
                 continue;
@@ -175,6 +175,7 @@ impl Deliverer {
 
     async fn record(&self, id: crate::domain::RequestId, status: WebhookStatus) {
         tracing::info!(request = %id, state = status.state.as_str(), attempts = status.attempts, "webhook attempt");
+        crate::metrics::webhook_attempt(status.state.as_str());
         if let Err(e) = self.webhooks.record_webhook(id, status).await {
             tracing::error!(request = %id, error = %e, "could not record a webhook attempt");
         }

@@ -1,0 +1,326 @@
+//! Prometheus metrics: one helper per event, called in one line where the event happens, and the `/metrics`
+//! endpoint on its own listener (`--metrics-listen`).
+//!
+//! The helpers record through the `metrics` facade into the process's one global recorder. Until a server with a
+//! metrics listener installs it they cost a check and record nothing, so the code paths are the same with
+//! metrics on or off. Every label value comes from a closed set written in this code (route templates, status
+//! classes, error codes, reasons, HTTP status codes): never a URL, an id or anything a caller sent.
+//!
+//! Gauges that the engine already knows (requests running) are read at each scrape; the others move with guards
+//! (taken on entry, given back on drop), so that a reader that disconnects or a handler that is cancelled still
+//! counts down.
+
+use crate::document::ErrorInfo;
+use crate::domain::Status;
+use crate::engine::{CreateError, Engine};
+use crate::keys::Refusal;
+use crate::store::Admit;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Histogram buckets of durations, in seconds: from a fast store write to a slow first token.
+const SECONDS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// Histogram buckets of store batch sizes, in writes (a slice holds at most 1024).
+const WRITES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+/// How often histograms are compacted between scrapes, so that memory stays bounded when nobody scrapes.
+const UPKEEP: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("the metrics recorder cannot be set up: {0}")]
+    Recorder(String),
+}
+
+/// The process's recorder, installed by the first server that serves metrics (a process has one).
+static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+fn install() -> Result<PrometheusHandle, MetricsError> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("offload_store_batch_writes".into()), WRITES))
+                .map_err(|e| e.to_string())?;
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+            describe();
+            Ok(handle)
+        })
+        .clone()
+        .map_err(MetricsError::Recorder)
+}
+
+/// The `# HELP` lines; README's Metrics section says the same.
+fn describe() {
+    describe_counter!("offload_http_requests_total", "HTTP requests answered, by route template and status class.");
+    describe_histogram!(
+        "offload_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time from an HTTP request's arrival to its response head, by route template."
+    );
+    describe_gauge!("offload_http_requests_in_flight", "HTTP requests being handled (until their response head).");
+    describe_gauge!("offload_requests_running", "Offloaded requests running on this node (their upstream call).");
+    describe_counter!(
+        "offload_requests_finished_total",
+        "Offloaded requests that reached a final status, by status and error code (`none` without error)."
+    );
+    describe_counter!(
+        "offload_create_refused_total",
+        "Create calls refused before a request existed, by reason (key, in_flight, rate, quota, overload, ...)."
+    );
+    describe_gauge!("offload_stream_readers", "Event streams (.txt) being read right now.");
+    describe_histogram!(
+        "offload_time_to_first_token_seconds",
+        Unit::Seconds,
+        "Time from accepting a stream request to its first chunk from the upstream."
+    );
+    describe_histogram!(
+        "offload_upstream_response_duration_seconds",
+        Unit::Seconds,
+        "Time from sending an upstream call to its response head."
+    );
+    describe_counter!("offload_upstream_responses_total", "Upstream responses, by HTTP status code.");
+    describe_counter!(
+        "offload_upstream_failures_total",
+        "Upstream calls that got no response, by reason (connect_timeout, unreachable, failed)."
+    );
+    describe_histogram!("offload_store_batch_writes", "Writes per store transaction, by lane (create, bulk).");
+    describe_histogram!(
+        "offload_store_write_duration_seconds",
+        Unit::Seconds,
+        "Time of one store transaction, by lane (create, bulk)."
+    );
+    describe_counter!("offload_store_write_errors_total", "Store transactions that failed, by lane (create, bulk).");
+    describe_gauge!("offload_store_queue_writes", "Writes waiting for the store.");
+    describe_counter!(
+        "offload_webhook_attempts_total",
+        "Webhook delivery attempts, by outcome (delivered, retrying, failed)."
+    );
+}
+
+/// The `/metrics` listener, bound by [`crate::startup::Application::build`] and served while the application runs.
+pub struct Exporter {
+    listener: TcpListener,
+    handle: PrometheusHandle,
+}
+
+impl Exporter {
+    /// Installs the recorder (once per process) and binds `addr` (port 0 picks a free port).
+    pub async fn bind(addr: SocketAddr) -> Result<Self, MetricsError> {
+        let handle = install()?;
+        let listener = TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })?;
+        Ok(Self { listener, handle })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves `GET /metrics` until `closing`.
+    pub async fn serve(self, engine: Engine, closing: CancellationToken) {
+        let local = self.listener.local_addr().ok();
+        tracing::info!("metrics at http://{}/metrics", local.map_or_else(String::new, |a| a.to_string()));
+        let handle = self.handle.clone();
+        let router = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let (handle, engine) = (handle.clone(), engine.clone());
+                async move { scrape(&handle, &engine) }
+            }),
+        );
+        let upkeep = {
+            let (handle, closing) = (self.handle.clone(), closing.clone());
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(UPKEEP) => handle.run_upkeep(),
+                        _ = closing.cancelled() => return,
+                    }
+                }
+            }
+        };
+        let serving =
+            axum::serve(self.listener, router).with_graceful_shutdown(closing.cancelled_owned()).into_future();
+        let (served, ()) = tokio::join!(serving, upkeep);
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the metrics listener failed");
+        }
+    }
+}
+
+fn scrape(handle: &PrometheusHandle, engine: &Engine) -> Response {
+    gauge!("offload_requests_running").set(engine.in_flight() as f64);
+    let mut response = handle.render().into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    response
+}
+
+/// Counts up a gauge until dropped.
+#[must_use = "the gauge counts down when this is dropped"]
+pub struct GaugeGuard(&'static str);
+
+impl GaugeGuard {
+    fn new(name: &'static str) -> Self {
+        gauge!(name).increment(1.0);
+        Self(name)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        gauge!(self.0).decrement(1.0);
+    }
+}
+
+/// An HTTP request being handled, until its response head.
+pub fn http_in_flight() -> GaugeGuard {
+    GaugeGuard::new("offload_http_requests_in_flight")
+}
+
+/// One HTTP request answered. `route` is a route template (or `unmatched`), never the path.
+pub fn http_request(route: &str, status: StatusCode, elapsed: Duration) {
+    let class = match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    counter!("offload_http_requests_total", "route" => route.to_owned(), "status_class" => class).increment(1);
+    histogram!("offload_http_request_duration_seconds", "route" => route.to_owned()).record(elapsed);
+}
+
+/// An event stream being read, until the reader leaves.
+pub fn stream_reader() -> GaugeGuard {
+    GaugeGuard::new("offload_stream_readers")
+}
+
+/// A request reached its final status.
+pub fn request_finished(status: Status, error: Option<&ErrorInfo>) {
+    let code = error.map_or("none", |e| known_error_code(&e.code));
+    tracing::info!(target: "offload::requests", status = status.as_str(), error_code = code, "request finished");
+    counter!("offload_requests_finished_total", "status" => status.as_str(), "error_code" => code).increment(1);
+}
+
+/// The error codes of a final status (see `ErrorInfo`); anything else is `other`, so that the label set stays
+/// closed whatever the code grows.
+fn known_error_code(code: &str) -> &'static str {
+    match code {
+        "timeout" => "timeout",
+        "connect_timeout" => "connect_timeout",
+        "upstream_error" => "upstream_error",
+        "upstream_unreachable" => "upstream_unreachable",
+        "interrupted" => "interrupted",
+        _ => "other",
+    }
+}
+
+/// Chunk `seq` of a stream request arrived (the first is 1); `created` is when the request was accepted (Unix
+/// seconds).
+pub fn chunk(seq: u64, created: f64) {
+    if seq != 1 {
+        return;
+    }
+    let waited = (crate::domain::unix_now() - created).max(0.0);
+    histogram!("offload_time_to_first_token_seconds").record(waited);
+}
+
+/// Times one upstream call to its response head and counts its outcome.
+pub async fn upstream_call<F>(call: F) -> Result<reqwest::Response, reqwest::Error>
+where
+    F: Future<Output = Result<reqwest::Response, reqwest::Error>>,
+{
+    let started = Instant::now();
+    let result = call.await;
+    match &result {
+        Ok(response) => {
+            histogram!("offload_upstream_response_duration_seconds").record(started.elapsed());
+            counter!("offload_upstream_responses_total", "status" => response.status().as_u16().to_string())
+                .increment(1);
+        }
+        Err(e) => {
+            let reason = match (e.is_connect(), e.is_timeout()) {
+                (true, true) => "connect_timeout",
+                (true, false) => "unreachable",
+                _ => "failed",
+            };
+            counter!("offload_upstream_failures_total", "reason" => reason).increment(1);
+        }
+    }
+    result
+}
+
+/// Times one store transaction of `writes` writes in `lane` (`create` or `bulk`).
+pub async fn store_write<F, E>(lane: &'static str, writes: usize, write: F) -> Result<(), E>
+where
+    F: Future<Output = Result<(), E>>,
+{
+    let started = Instant::now();
+    let result = write.await;
+    histogram!("offload_store_write_duration_seconds", "lane" => lane).record(started.elapsed());
+    histogram!("offload_store_batch_writes", "lane" => lane).record(writes as f64);
+    if result.is_err() {
+        counter!("offload_store_write_errors_total", "lane" => lane).increment(1);
+    }
+    result
+}
+
+/// Writes waiting for the store (read each time the writer looks for work).
+pub fn store_queue(writes: usize) {
+    gauge!("offload_store_queue_writes").set(writes as f64);
+}
+
+/// A webhook attempt ended with `outcome` (`delivered`, `retrying`, `failed`).
+pub fn webhook_attempt(outcome: &'static str) {
+    counter!("offload_webhook_attempts_total", "outcome" => outcome).increment(1);
+}
+
+fn refused(reason: &'static str) {
+    counter!("offload_create_refused_total", "reason" => reason).increment(1);
+}
+
+/// A service key's limits answered a create call (only refusals count).
+pub fn admission(outcome: &Admit) {
+    match outcome {
+        Admit::Admitted { .. } => {}
+        Admit::InFlightFull => refused("in_flight"),
+        Admit::RateLimited { .. } => refused("rate"),
+        Admit::DayFull | Admit::MonthFull => refused("quota"),
+    }
+}
+
+/// A create call refused for its service key. Limits are counted by [`admission`], store failures by
+/// [`create_error`] (the refusal becomes one).
+pub fn refusal(refusal: &Refusal) {
+    if let Refusal::Missing | Refusal::Unknown = refusal {
+        refused("key");
+    }
+}
+
+/// A create call the engine refused.
+pub fn create_error(e: &CreateError) {
+    refused(match e {
+        CreateError::ShuttingDown => "shutting_down",
+        CreateError::Overloaded(_) => "overload",
+        CreateError::MissingKey => "upstream_key",
+        CreateError::WebhookRefused(_) => "webhook",
+        CreateError::FromNotFound | CreateError::FromForbidden | CreateError::FromNotFinished(_) => "continuation",
+        CreateError::Store(_) | CreateError::StoreFailing => "store",
+        CreateError::Internal(_) => "internal",
+    });
+}
