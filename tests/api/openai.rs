@@ -194,3 +194,33 @@ async fn models_are_passed_through_from_the_upstream() {
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "gpt-3.5-turbo");
 }
+
+/// Calls that between them get every status the document lists for `POST /v1/chat/completions` and
+/// `GET /v1/models` (for tests/api/openapi.rs): `app` an open server, `keyed` one whose keys are required (none is
+/// sent), `public` one that takes no calls. The app returned (with an unreachable upstream) must outlive the calls.
+pub async fn documented_calls(
+    app: &TestApp,
+    keyed: &TestApp,
+    public: &TestApp,
+) -> (Vec<reqwest::RequestBuilder>, TestApp) {
+    let unreachable = spawn_with(|a| a.upstream_url = Some("http://127.0.0.1:9/v1".parse().unwrap())).await;
+    let chat = |app: &TestApp, body: Value| app.client.post(app.url("/v1/chat/completions")).json(&body);
+    let models = |app: &TestApp| app.client.get(app.url("/v1/models"));
+    let mut calls = vec![
+        chat(app, json!({"messages": user("hi"), "mock": {"words": 2}})),
+        chat(app, json!({"messages": user("hi"), "stream": true, "mock": {"words": 2}})),
+        chat(app, json!({"messages": user("hi"), "stream": "yes"})),
+        chat(keyed, json!({"messages": user("hi")})),
+        chat(public, json!({"messages": user("hi")})),
+        models(app),
+        models(app).header("X-OpenAI-API-Key", reqwest::header::HeaderValue::from_bytes(b"sk-\xff").unwrap()),
+        models(keyed),
+        models(public),
+        models(&unreachable),
+    ];
+    // Every other status is the upstream's, passed on.
+    for status in [403, 404, 408, 409, 413, 415, 422, 429, 500, 502, 503, 504] {
+        calls.push(chat(app, json!({"messages": user("hi"), "mock": {"status": status}})));
+    }
+    (calls, unreachable)
+}
