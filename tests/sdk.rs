@@ -153,7 +153,7 @@ fn run(script: &str) -> Option<Value> {
 
 #[test]
 fn sdk_completion_without_stream_is_the_upstreams_and_is_recorded() {
-    let Some(out) = run(r#"
+    let script = r#"
 raw = client.chat.completions.with_raw_response.create(
     model="gpt-4o-mini", messages=MESSAGES, extra_body={"mock": {"content": "Hello from the SDK"}})
 completion = raw.parse()
@@ -161,9 +161,8 @@ assert completion.object == "chat.completion", completion
 doc = wait_final(raw.headers["x-offload-status-url"])
 print(json.dumps({"content": completion.choices[0].message.content, "doc": doc,
                   "stream_url": raw.headers.get("x-offload-stream-url")}))
-"#) else {
-        return;
-    };
+"#;
+    let Some(out) = run(script) else { return };
     assert_eq!(out["content"], "Hello from the SDK");
     assert_eq!(out["doc"]["status"], "done");
     assert_eq!(out["doc"]["parameters"]["model"], "gpt-4o-mini");
@@ -173,7 +172,7 @@ print(json.dumps({"content": completion.choices[0].message.content, "doc": doc,
 
 #[test]
 fn sdk_stream_yields_every_chunk_live_and_ends() {
-    let Some(out) = run(r#"
+    let script = r#"
 stream = client.chat.completions.create(
     model="gpt-4o-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
     extra_body={"mock": {"content": "one two three four", "delay_ms": 20}})
@@ -184,16 +183,15 @@ for chunk in stream:
     if chunk.usage:
         usage = chunk.usage.total_tokens
 print(json.dumps({"text": text, "usage": usage}))
-"#) else {
-        return;
-    };
+"#;
+    let Some(out) = run(script) else { return };
     assert_eq!(out["text"], "one two three four");
     assert!(out["usage"].as_u64().unwrap() > 0, "{out}");
 }
 
 #[test]
 fn sdk_raises_its_exception_for_an_upstream_error_with_its_status_and_message() {
-    let Some(out) = run(r#"
+    let script = r#"
 result = {}
 for stream in (False, True):
     try:
@@ -210,9 +208,8 @@ try:
 except openai.BadRequestError as e:
     result["400"] = {"status": e.status_code, "message": e.message}
 print(json.dumps(result))
-"#) else {
-        return;
-    };
+"#;
+    let Some(out) = run(script) else { return };
     for stream in ["False", "True"] {
         assert_eq!(out[stream]["status"], 429, "{out}");
         assert!(out[stream]["message"].as_str().unwrap().contains("Rate limit reached for requests"), "{out}");
@@ -224,7 +221,7 @@ print(json.dumps(result))
 
 #[test]
 fn sdk_caller_that_disconnects_mid_stream_resumes_the_full_reply_from_the_stream_url() {
-    let Some(out) = run(r#"
+    let script = r#"
 WORDS = " ".join("word%d" % i for i in range(30))
 with client.chat.completions.with_streaming_response.create(
         model="gpt-4o-mini", messages=MESSAGES, stream=True,
@@ -245,9 +242,8 @@ assert rest[0][0] == str(read + 1), rest[0]
 doc = wait_final(status_url)
 print(json.dumps({"expected": WORDS, "resumed": got + content(d for _, d in rest), "doc_status": doc["status"],
                   "doc_text": doc["response"]["body"]["choices"][0]["message"]["content"]}))
-"#) else {
-        return;
-    };
+"#;
+    let Some(out) = run(script) else { return };
     assert_eq!(out["resumed"], out["expected"]);
     assert_eq!(out["doc_status"], "done");
     assert_eq!(out["doc_text"], out["expected"]);
@@ -255,7 +251,7 @@ print(json.dumps({"expected": WORDS, "resumed": got + content(d for _, d in rest
 
 #[test]
 fn sdk_private_access_by_header_answers_a_bearer_token_the_urls_need() {
-    let Some(out) = run(r#"
+    let script = r#"
 raw = client.chat.completions.with_raw_response.create(
     model="gpt-4o-mini", messages=MESSAGES, extra_headers={"X-Offload-Access": "private"},
     extra_body={"mock": {"words": 3}})
@@ -264,9 +260,8 @@ status_url, token = raw.headers["x-offload-status-url"], raw.headers["x-offload-
 without, _ = get(status_url)
 doc = wait_final(status_url, {"Authorization": "Bearer " + token})
 print(json.dumps({"url": status_url, "without": without, "status": doc["status"], "access": doc["authorization"]["access"]}))
-"#) else {
-        return;
-    };
+"#;
+    let Some(out) = run(script) else { return };
     assert!(out["url"].as_str().unwrap().contains("/priv/"));
     assert_eq!(out["without"], 401);
     assert_eq!(out["status"], "done");
@@ -275,7 +270,7 @@ print(json.dumps({"url": status_url, "without": without, "status": doc["status"]
 
 #[test]
 fn sdk_gets_the_answer_of_an_upstream_that_fails_the_first_attempts_and_the_document_shows_them() {
-    let Some(out) = run(r#"
+    let script = r#"
 result = {}
 for stream in (False, True):
     mock = {"fail_first": 2, "status": 503, "content": "after two failures", "key": "retry-%s" % stream}
@@ -290,9 +285,8 @@ for stream in (False, True):
     doc = wait_final(status_url)
     result[str(stream)] = {"text": text, "status": doc["status"], "attempts": doc.get("attempts")}
 print(json.dumps(result))
-"#) else {
-        return;
-    };
+"#;
+    let Some(out) = run(script) else { return };
     for stream in ["False", "True"] {
         let r = &out[stream];
         assert_eq!(r["text"], "after two failures", "{out}");
@@ -305,7 +299,7 @@ print(json.dumps(result))
 
 #[test]
 fn sdk_stream_that_fails_after_its_first_chunk_is_not_retried_and_raises() {
-    let Some(out) = run(r#"
+    let script = r#"
 stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True,
     extra_headers={"X-Offload-On-Disconnect": "continue"},
     extra_body={"mock": {"content": "a b c d e", "drop_after": 3}})
@@ -318,9 +312,8 @@ except openai.APIError as e:
 status_url = stream.response.headers["x-offload-status-url"]
 doc = wait_final(status_url)
 print(json.dumps({"text": text, "raised": raised, "doc": doc}))
-"#) else {
-        return;
-    };
+"#;
+    let Some(out) = run(script) else { return };
     assert_eq!(out["raised"], "APIError", "{out}");
     assert_eq!(out["text"], "a b ", "{out}");
     assert_eq!(out["doc"]["status"], "error");
@@ -329,10 +322,9 @@ print(json.dumps({"text": text, "raised": raised, "doc": doc}))
 
 #[test]
 fn sdk_lists_the_upstreams_models() {
-    let Some(out) = run(r#"
+    let script = r#"
 print(json.dumps({"models": [m.id for m in client.models.list()]}))
-"#) else {
-        return;
-    };
+"#;
+    let Some(out) = run(script) else { return };
     assert_eq!(out["models"][0], "gpt-3.5-turbo");
 }
