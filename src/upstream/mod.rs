@@ -250,3 +250,34 @@ pub fn raw_head(response: &reqwest::Response, meta: &ResponseMeta) -> Bytes {
     head.push_str("\r\n");
     Bytes::from(head)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_retry_after_wins_when_longer() {
+        let retries = Retries { max: 3, backoff: Duration::from_millis(100) };
+        for _ in 0..100 {
+            let first = retries.delay(1, None);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
+            let third = retries.delay(3, None);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400), "{third:?}");
+            assert_eq!(retries.delay(1, Some(Duration::from_secs(2))), Duration::from_secs(2));
+            assert!(retries.delay(3, Some(Duration::from_millis(1))) >= Duration::from_millis(200));
+        }
+    }
+
+    #[test]
+    fn only_the_documented_statuses_and_connect_failures_are_retried() {
+        for status in [429, 500, 502, 503, 504] {
+            assert!(Retries::retryable_status(status));
+        }
+        for status in [200, 400, 401, 404, 408, 409, 422, 501, 505] {
+            assert!(!Retries::retryable_status(status));
+        }
+        assert!(Retries::retryable_error(&CallError::ConnectTimeout(5.0)));
+        assert!(Retries::retryable_error(&CallError::Unreachable("refused".into())));
+        assert!(!Retries::retryable_error(&CallError::Failed("reset after the headers".into())));
+    }
+}

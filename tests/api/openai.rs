@@ -155,6 +155,18 @@ async fn retries_are_bounded_by_the_setting_and_the_final_error_is_the_last_atte
 }
 
 #[tokio::test]
+async fn a_connect_error_is_retried_and_each_attempt_is_in_the_document() {
+    let app = spawn_with(|a| a.upstream_url = Some("http://127.0.0.1:9/v1".parse().unwrap())).await;
+    let created = app.create_ok("async-chatgpt", &json!({"messages": user("hi")})).await;
+    let doc = app.wait_final(&endpoint(&created, "status_url"), None).await;
+    assert_eq!(doc["status"], "error");
+    assert_eq!(doc["error"]["code"], "upstream_unreachable", "{doc}");
+    let attempts = doc["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{doc}");
+    assert!(attempts.iter().all(|a| a["error"]["code"] == "upstream_unreachable" && a.get("status_code").is_none()));
+}
+
+#[tokio::test]
 async fn retry_after_is_honoured_and_retries_stay_within_the_timeout() {
     let app = spawn_app().await;
     // Retry-After of 1.5 s: the one retry comes after it.
