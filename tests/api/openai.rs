@@ -236,3 +236,22 @@ pub async fn documented_calls(
     }
     (calls, unreachable)
 }
+
+#[tokio::test]
+async fn a_webhook_asked_for_by_header_gets_the_final_document() {
+    let app = spawn_with(|a| a.allow_private_webhooks = Some(true)).await;
+    let hook = receiver(vec![]).await;
+    let body = json!({"messages": user("hi"), "mock": {"content": "hooked"}});
+    let response = chat(&app, &body, &[("X-Offload-Webhook-Url", &hook.url)]).await;
+    assert_eq!(response.status(), 200);
+    let status_url = header(&response, "x-offload-status-url").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while hook.hits.lock().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no webhook");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let document = hook.hits.lock()[0].document();
+    assert_eq!(document["status"], "done");
+    assert_eq!(document["endpoints"]["status_url"], status_url);
+    assert_eq!(document["options"]["webhook_url"], hook.url);
+}
