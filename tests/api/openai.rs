@@ -255,3 +255,31 @@ async fn a_webhook_asked_for_by_header_gets_the_final_document() {
     assert_eq!(document["endpoints"]["status_url"], status_url);
     assert_eq!(document["options"]["webhook_url"], hook.url);
 }
+
+#[tokio::test]
+async fn a_caller_that_leaves_before_a_non_stream_answer_stops_it_only_when_asked() {
+    for on_disconnect in ["continue", "stop"] {
+        let app = spawn_app().await;
+        let body = json!({"messages": user("hi"), "mock": {"words": 40, "delay_ms": 25}});
+        let request = app
+            .client
+            .post(app.url("/v1/chat/completions"))
+            .header("X-Offload-On-Disconnect", on_disconnect)
+            .timeout(Duration::from_millis(300))
+            .json(&body);
+        assert!(request.send().await.unwrap_err().is_timeout());
+        // The upstream sees the call end: completed (the call went on), or abandoned (stopped).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let stats = loop {
+            let stats = app.mock_stats().await;
+            if stats["completed"] == 1 || stats["disconnected"] == 1 {
+                break stats;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{on_disconnect}: the call never ended: {stats}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (completed, disconnected) = if on_disconnect == "stop" { (0, 1) } else { (1, 0) };
+        assert_eq!(stats["completed"], completed, "{on_disconnect}: {stats}");
+        assert_eq!(stats["disconnected"], disconnected, "{on_disconnect}: {stats}");
+    }
+}
