@@ -42,6 +42,11 @@ pub struct ServeArgs {
     /// Server-side upstream key, used when a caller sends no X-OpenAI-API-Key.
     #[arg(long, env = "OFFLOAD_UPSTREAM_KEY", hide_env_values = true)]
     pub upstream_key: Option<String>,
+    /// How many times an upstream call that failed before the first chunk of its body (connect error, 429, 500,
+    /// 502, 503, 504) is tried again, with exponential backoff and jitter, within the request's timeout; 0 turns
+    /// retries off [default: 2].
+    #[arg(long, env = "OFFLOAD_UPSTREAM_RETRIES")]
+    pub upstream_retries: Option<u32>,
     /// Model used when a request names none [default: gpt-3.5-turbo].
     #[arg(long, env = "OFFLOAD_DEFAULT_MODEL")]
     pub default_model: Option<String>,
@@ -138,6 +143,7 @@ pub struct Settings {
     pub upstream_url: Url,
     pub upstream_h2c: bool,
     pub upstream_key: Option<UpstreamKey>,
+    pub upstream_retries: u32,
     pub default_model: String,
     pub max_timeout: f64,
     pub max_connect_timeout: f64,
@@ -211,6 +217,7 @@ impl ServeArgs {
             upstream_url: self.upstream_url.or(other.upstream_url),
             upstream_h2c: self.upstream_h2c.or(other.upstream_h2c),
             upstream_key: self.upstream_key.or(other.upstream_key),
+            upstream_retries: self.upstream_retries.or(other.upstream_retries),
             default_model: self.default_model.or(other.default_model),
             max_timeout: self.max_timeout.or(other.max_timeout),
             max_connect_timeout: self.max_connect_timeout.or(other.max_connect_timeout),
@@ -314,6 +321,7 @@ impl Settings {
             upstream_url: a.upstream_url.unwrap_or(default_upstream),
             upstream_h2c: a.upstream_h2c.unwrap_or(false),
             upstream_key: a.upstream_key.as_deref().and_then(UpstreamKey::new),
+            upstream_retries: a.upstream_retries.unwrap_or(2),
             default_model: a.default_model.unwrap_or_else(|| "gpt-3.5-turbo".into()),
             max_timeout,
             max_connect_timeout,

@@ -12,7 +12,7 @@ use crate::keys::Gatekeeper;
 use crate::mock::{MockConfig, MockServer};
 use crate::store::nodes::{NodeRecord, NodeStore};
 use crate::store::{Store, Stores};
-use crate::upstream::Upstream;
+use crate::upstream::{Retries, Upstream};
 use crate::webhook::Deliverer;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -142,7 +142,8 @@ impl Application {
             allow_private_webhooks: settings.webhooks.allow_private,
             node,
         };
-        let upstream = Upstream::new(&upstream_url, settings.upstream_key.clone(), settings.upstream_h2c);
+        let upstream = Upstream::new(&upstream_url, settings.upstream_key.clone(), settings.upstream_h2c)
+            .with_retries(Retries { max: settings.upstream_retries, ..Retries::default() });
         let engine = Engine::new(config, stores.clone(), upstream, deliverer.wake.clone(), peers.clone());
         // One node per embedded store: what is not final was cut off by its previous run. On a shared store only
         // the requests of nodes that are gone are (others may be running right now).

@@ -98,6 +98,10 @@ include-tag = "create"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 
 [[operations]]
+include-tag = "openai"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
+
+[[operations]]
 include-operation-id = ["getStatus", "getEvents", "getRaw"]
 {stream}
 

@@ -58,6 +58,7 @@ fn progress(status: Status) -> Progress {
             headers: vec![("content-type".into(), "text/event-stream".into()), ("x-b".into(), "1, 2".into())],
         }),
         error: (status == Status::Error).then(|| ErrorInfo::new("timeout", "slow")),
+        attempts: Vec::new(),
     }
 }
 

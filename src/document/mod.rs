@@ -6,5 +6,5 @@ pub mod model;
 pub mod render;
 
 pub use assembler::{Assembler, ChunkKind};
-pub use model::{ErrorInfo, Progress, RequestMeta, ResponseMeta};
+pub use model::{Attempt, ErrorInfo, Progress, RequestMeta, ResponseMeta};
 pub use render::{BodyView, Urls, render};

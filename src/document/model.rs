@@ -61,6 +61,22 @@ pub struct Progress {
     pub response: Option<ResponseMeta>,
     #[serde(default)]
     pub error: Option<ErrorInfo>,
+    /// The upstream attempts that failed and were retried, oldest first (section 11); the last attempt's own
+    /// outcome is the request's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
+}
+
+/// One upstream attempt that failed before the first chunk of its body and was retried.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Attempt {
+    /// When it was sent (unix seconds, decimals).
+    pub at: f64,
+    /// The upstream's status code, when it answered (429, 500, 502, 503, 504).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+    /// Why it failed: `connect_timeout`, `upstream_unreachable` or `upstream_error`, and a message.
+    pub error: ErrorInfo,
 }
 
 impl Progress {
@@ -72,6 +88,7 @@ impl Progress {
             processed_at: None,
             response: None,
             error: None,
+            attempts: Vec::new(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Renders the status document. One function serves live requests (from memory) and stored ones.
 
 use super::Assembler;
-use super::model::{ErrorInfo, Options, Progress, RequestMeta, ResponseMeta};
+use super::model::{Attempt, ErrorInfo, Options, Progress, RequestMeta, ResponseMeta};
 use crate::domain::{Kind, Status, Suffix};
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
@@ -88,6 +88,8 @@ struct Doc<'a> {
     response: Option<Response<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a ErrorInfo>,
+    #[serde(skip_serializing_if = "<[Attempt]>::is_empty")]
+    attempts: &'a [Attempt],
     #[serde(skip_serializing_if = "Option::is_none")]
     webhook: Option<&'a RawValue>,
 }
@@ -203,6 +205,7 @@ pub fn render(
             body,
         }),
         error: progress.error.as_ref().filter(|_| progress.status == Status::Error),
+        attempts: &progress.attempts,
         webhook,
     };
     // Serialising plain structs, strings and already-valid JSON into a Vec cannot fail; an empty document

@@ -189,6 +189,8 @@ pub struct Created {
     /// Private requests: the tokens, shown this once.
     pub bearer: Option<AccessToken>,
     pub stream_token: Option<AccessToken>,
+    /// The running request, for an answer that follows it (`POST /v1/chat/completions`).
+    pub live: Arc<LiveRequest>,
 }
 
 impl Engine {
@@ -232,6 +234,11 @@ impl Engine {
 
     pub fn urls(&self) -> &Urls {
         &self.inner.config.urls
+    }
+
+    /// The upstream, for calls that are not requests (`GET /v1/models`).
+    pub fn upstream(&self) -> &Upstream {
+        &self.inner.upstream
     }
 
     pub fn limits(&self) -> &Limits {
@@ -338,7 +345,7 @@ impl Engine {
             live.cancel_with(CancelReason::Shutdown, unix_now());
         }
         let (bearer, stream_token) = tokens.unzip();
-        Ok(Created { meta, bearer, stream_token })
+        Ok(Created { meta, bearer, stream_token, live })
     }
 
     /// The previous request's conversation id and its messages followed by its assistant answer.

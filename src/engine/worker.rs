@@ -3,10 +3,11 @@
 use super::Inner;
 use super::live::{CancelReason, LiveBody, LiveRequest, json_body};
 use super::raw::{SkipBom, Stored};
+use crate::document::Attempt;
 use crate::document::{ChunkKind, ErrorInfo};
 use crate::domain::{Kind, Status, UpstreamKey};
 use crate::store::WriteOp;
-use crate::upstream::{CallError, describe, raw_head, response_meta};
+use crate::upstream::{CallError, Retries, describe, raw_head, response_meta, retry_after};
 use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
@@ -37,7 +38,7 @@ pub(super) async fn run(
             "timeout",
             format!("The upstream did not finish within the timeout of {timeout} seconds."),
         )),
-        outcome = call(&inner, &live, key, body) => outcome,
+        outcome = call(&inner, &live, key, body, deadline) => outcome,
     };
     // The call future is dropped here, and with it the upstream connection: no more tokens are paid for.
     let (status, error) = match outcome {
@@ -82,7 +83,13 @@ async fn store_raw(inner: &Inner, live: &LiveRequest, stored: impl IntoIterator<
     }
 }
 
-async fn call(inner: &Inner, live: &LiveRequest, key: Option<UpstreamKey>, body: String) -> Outcome {
+async fn call(
+    inner: &Inner,
+    live: &LiveRequest,
+    key: Option<UpstreamKey>,
+    body: String,
+    deadline: tokio::time::Instant,
+) -> Outcome {
     // Not written to the store on its own: after a crash `posting` and `pending` end alike (interrupted), and
     // `request_at` is stored with the next transition.
     let now = super::unix_now();
@@ -93,17 +100,9 @@ async fn call(inner: &Inner, live: &LiveRequest, key: Option<UpstreamKey>, body:
         }
         (true, ())
     });
-    let response = match inner.upstream.send(body, key, live.meta.options.connect_timeout).await {
+    let response = match attempts(inner, live, key, body, deadline).await {
         Ok(response) => response,
-        Err(e @ CallError::ConnectTimeout(_)) => {
-            return Outcome::Failed(ErrorInfo::new("connect_timeout", e.to_string()));
-        }
-        Err(e @ CallError::Unreachable(_)) => {
-            return Outcome::Failed(ErrorInfo::new("upstream_unreachable", e.to_string()));
-        }
-        Err(e @ CallError::Failed(_)) => {
-            return Outcome::Failed(ErrorInfo::new("upstream_error", e.to_string()));
-        }
+        Err(e) => return Outcome::Failed(e),
     };
 
     let meta = response_meta(&response);
@@ -138,6 +137,81 @@ async fn call(inner: &Inner, live: &LiveRequest, key: Option<UpstreamKey>, body:
     match error {
         Some(e) => Outcome::Failed(e),
         None => Outcome::Done,
+    }
+}
+
+/// Sends the call until an attempt gets an answer that is not retried (section 11): a connect error or a 429,
+/// 500, 502, 503 or 504 is retried while retries are left and the wait before the next attempt ends before the
+/// request's deadline. Each retried attempt is recorded in the document's `attempts`. Nothing of a body is read
+/// here except a retried error answer's, so a call is never retried once a chunk of its body arrived.
+async fn attempts(
+    inner: &Inner,
+    live: &LiveRequest,
+    key: Option<UpstreamKey>,
+    body: String,
+    deadline: tokio::time::Instant,
+) -> Result<reqwest::Response, ErrorInfo> {
+    let retries = inner.upstream.retries().clone();
+    let connect_timeout = live.meta.options.connect_timeout;
+    let mut failed = 0u32;
+    loop {
+        let at = super::unix_now();
+        let (error, status_code, delay) = match inner.upstream.send(body.clone(), key.clone(), connect_timeout).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let delay = retries.delay(failed + 1, retry_after(&response));
+                if failed >= retries.max
+                    || !Retries::retryable_status(status)
+                    || tokio::time::Instant::now() + delay >= deadline
+                {
+                    return Ok(response);
+                }
+                (ErrorInfo::new("upstream_error", error_answer(response).await), Some(status), delay)
+            }
+            Err(e) => {
+                let info = call_error_info(&e);
+                let delay = retries.delay(failed + 1, None);
+                if failed >= retries.max
+                    || !Retries::retryable_error(&e)
+                    || tokio::time::Instant::now() + delay >= deadline
+                {
+                    return Err(info);
+                }
+                (info, None, delay)
+            }
+        };
+        failed += 1;
+        tracing::info!(request = %live.meta.locator.id, attempt = failed, error = %error.message, "upstream attempt failed; retrying");
+        transition(inner, live, |p| p.attempts.push(Attempt { at, status_code, error })).await;
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn call_error_info(e: &CallError) -> ErrorInfo {
+    let code = match e {
+        CallError::ConnectTimeout(_) => "connect_timeout",
+        CallError::Unreachable(_) => "upstream_unreachable",
+        CallError::Failed(_) => "upstream_error",
+    };
+    ErrorInfo::new(code, e.to_string())
+}
+
+/// Why an error answer that is retried failed: its status and the `error.message` of its body (read up to
+/// 64 KiB).
+async fn error_answer(mut response: reqwest::Response) -> String {
+    const MAX: usize = 64 * 1024;
+    let status = response.status();
+    let mut body = Vec::new();
+    while body.len() < MAX {
+        match response.chunk().await {
+            Ok(Some(piece)) => body.extend_from_slice(&piece),
+            _ => break,
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    match value.pointer("/error/message").and_then(|m| m.as_str()) {
+        Some(message) => format!("The upstream answered {status}: {message}"),
+        None => format!("The upstream answered {status}."),
     }
 }
 

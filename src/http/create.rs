@@ -2,7 +2,7 @@
 
 use super::error::ApiError;
 use super::{AppState, BodyLimits};
-use crate::domain::{CreateRequest, Kind, UpstreamKey};
+use crate::domain::{CreateRequest, Kind, ServiceKey, UpstreamKey};
 use crate::engine::{Created, Held};
 use crate::keys::Refusal;
 use axum::Json;
@@ -41,7 +41,7 @@ fn service_key(headers: &HeaderMap) -> Result<Option<&str>, &'static str> {
 
 /// The caller's upstream key; a header that is not plain text is refused rather than taken as absent (which
 /// would quietly spend the server's own key).
-fn upstream_key(headers: &HeaderMap) -> Result<Option<UpstreamKey>, ApiError> {
+pub(super) fn upstream_key(headers: &HeaderMap) -> Result<Option<UpstreamKey>, ApiError> {
     let Some(value) = headers.get("x-openai-api-key") else { return Ok(None) };
     let text = value.to_str().map_err(|_| {
         ApiError::new(
@@ -57,10 +57,51 @@ fn upstream_key(headers: &HeaderMap) -> Result<Option<UpstreamKey>, ApiError> {
 /// Checks in the order that costs a refused caller the least: the service key, the headers, the declared size,
 /// and only then the body itself (bounded in size and time).
 async fn create(app: AppState, kind: Kind, request: Request) -> Result<Json<Value>, ApiError> {
+    let incoming = receive(&app, request).await?;
+    let request = CreateRequest::parse(&incoming.body, app.engine.limits()).map_err(|e| {
+        let code = if e.param.is_some() { "invalid_field" } else { "invalid_json" };
+        ApiError::new(StatusCode::BAD_REQUEST, code, e.message).with_param(e.param)
+    })?;
+    let created = start(&app, kind, &incoming, request).await?;
+    Ok(Json(created_response(&app, &created)))
+}
+
+/// A create call whose caller was let in and whose body was read.
+pub(super) struct Incoming {
+    pub key: Option<ServiceKey>,
+    pub upstream_key: Option<UpstreamKey>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Lets the caller in (service key), checks the headers, and reads the body: everything a create needs before
+/// its body is parsed. Every refusal closes an HTTP/1.1 connection instead of reading the rest.
+pub(super) async fn receive(app: &AppState, request: Request) -> Result<Incoming, ApiError> {
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
     // Every refusal before the body is read closes an HTTP/1.1 connection instead of reading the rest.
     let http1 = parts.version < Version::HTTP_2;
+    let key = caller(app, headers, http1).await?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Send the request body as JSON with the header `Content-Type: application/json`.",
+        )
+        .closing(http1));
+    }
+    let upstream_key = upstream_key(headers).map_err(|e| e.closing(http1))?;
+    let body = read_body(body, app.body).await.map_err(|e| e.closing(http1))?;
+    Ok(Incoming { key, upstream_key, headers: parts.headers, body })
+}
+
+/// The caller's service key (`None` while the server runs open), or why the caller is refused.
+pub(super) async fn caller(app: &AppState, headers: &HeaderMap, http1: bool) -> Result<Option<ServiceKey>, ApiError> {
     let presented = match service_key(headers) {
         Ok(presented) => presented,
         // Only matters when keys are required: an open server checks no key at all.
@@ -87,34 +128,27 @@ async fn create(app: AppState, kind: Kind, request: Request) -> Result<Json<Valu
         refused.retry_after = Some(60);
         return Err(refused.closing(http1));
     }
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "Send the request body as JSON with the header `Content-Type: application/json`.",
-        )
-        .closing(http1));
-    }
-    let upstream_key = upstream_key(headers).map_err(|e| e.closing(http1))?;
-    let body = read_body(body, app.body).await.map_err(|e| e.closing(http1))?;
-    let request = CreateRequest::parse(&body, app.engine.limits()).map_err(|e| {
-        let code = if e.param.is_some() { "invalid_field" } else { "invalid_json" };
-        ApiError::new(StatusCode::BAD_REQUEST, code, e.message).with_param(e.param)
-    })?;
-    let mut admission = match &key {
+    Ok(key)
+}
+
+/// Admits the request against its service key's quotas and starts it; a refusal by the engine gives the quota
+/// back.
+pub(super) async fn start(
+    app: &AppState,
+    kind: Kind,
+    incoming: &Incoming,
+    request: CreateRequest,
+) -> Result<Created, ApiError> {
+    let key = &incoming.key;
+    let mut admission = match key {
         Some(key) => Some(app.gate.admit(key).await?),
         None => None,
     };
     let held = admission.as_mut().and_then(|a| a.slot.take()).map(|slot| Box::new(slot) as Box<dyn Held>);
-    match app.engine.create(kind, request, upstream_key, held).await {
-        Ok(created) => Ok(Json(created_response(&app, &created))),
+    match app.engine.create(kind, request, incoming.upstream_key.clone(), held).await {
+        Ok(created) => Ok(created),
         Err(e) => {
-            if let (Some(admission), Some(key)) = (admission, &key) {
+            if let (Some(admission), Some(key)) = (admission, key) {
                 app.gate.refund(admission, key).await;
             }
             Err(e.into())

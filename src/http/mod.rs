@@ -4,6 +4,7 @@
 pub mod create;
 pub mod error;
 pub mod forward;
+pub mod openai;
 pub mod openapi;
 pub mod playground;
 pub mod requests;
@@ -42,7 +43,7 @@ pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits, open_allo
         .allow_methods(Any)
         // Mirrors what the preflight asks for: `Access-Control-Allow-Headers: *` would not cover Authorization.
         .allow_headers(AllowHeaders::mirror_request())
-        .expose_headers([axum::http::header::ETAG])
+        .expose_headers([axum::http::header::ETAG, openai::STATUS_URL, openai::STREAM_URL, openai::BEARER_TOKEN])
         .max_age(std::time::Duration::from_secs(86_400));
     Router::new()
         .route("/", get(index))
@@ -52,6 +53,8 @@ pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits, open_allo
         .route("/openapi.json", get(openapi::document))
         .route("/v1/stream-chatgpt", post(create::stream))
         .route("/v1/async-chatgpt", post(create::asynchronous))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
         .route("/{kind}/r/{*rest}", get(requests::get).post(requests::post).delete(requests::delete))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

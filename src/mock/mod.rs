@@ -6,6 +6,9 @@
 //! `{"mock": {"words": 64, "delay_ms": 20, "ttft_ms": 100, "status": 500, "stall_after": 3, "drop_after": 5,
 //! "stall_headers": true, "comment_after": 3, "bom": true, "content": "exact reply",
 //! "tool_calls": [{"name": "f", "arguments": "{}"}]}}`.
+//! `"fail_first": n` makes only the first n calls with the same body (or the same `"key"` in `mock`) fail with
+//! `status` (default 503), with a `Retry-After` header when `retry_after` (seconds) is given; later calls
+//! succeed: a failing upstream that recovers, for retries.
 //! A non-streaming answer is paced too: headers after `ttft_ms`, then the JSON body in `words` pieces
 //! `delay_ms` apart; `stall_after` and `drop_after` count those pieces (for streams: events).
 //!
@@ -73,6 +76,12 @@ struct Controls {
     /// Stream: a byte order mark before the first event, which the event stream format allows.
     bom: bool,
     tool_calls: Option<Vec<MockToolCall>>,
+    /// Only the first this many calls with the same body (or `key`) fail with `status` (default 503).
+    fail_first: Option<u32>,
+    /// Tells calls apart for `fail_first` instead of their whole body.
+    key: Option<String>,
+    /// `Retry-After` (seconds) on a failure of `fail_first`.
+    retry_after: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +102,8 @@ struct MockState {
     defaults: MockConfig,
     stats: MockStats,
     recent: Mutex<VecDeque<Value>>,
+    /// Calls seen per body (or `key`), for `fail_first`.
+    seen: Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// A running mock; it stops when dropped.
@@ -130,7 +141,12 @@ impl Drop for MockServer {
 pub async fn spawn(addr: SocketAddr, defaults: MockConfig) -> std::io::Result<MockServer> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(MockState { defaults, stats: MockStats::default(), recent: Mutex::new(VecDeque::new()) });
+    let state = Arc::new(MockState {
+        defaults,
+        stats: MockStats::default(),
+        recent: Mutex::new(VecDeque::new()),
+        seen: Mutex::default(),
+    });
     let app = router(state.clone());
     // Like offload's own listener, so that the floor it gives benchmarks is not slowed by Nagle's algorithm.
     let listener = listener.tap_io(|tcp| {
@@ -255,7 +271,28 @@ async fn completions(State(state): State<Arc<MockState>>, headers: HeaderMap, bo
     if controls.stall_headers {
         tokio::time::sleep(Duration::from_secs(600)).await;
     }
-    if let Some(status) = controls.status.and_then(|s| StatusCode::from_u16(s).ok()) {
+    if let Some(first) = controls.fail_first {
+        let key = controls.key.clone().unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        let seen = {
+            let mut seen = state.seen.lock();
+            let count = seen.entry(key).or_insert(0);
+            *count += 1;
+            *count
+        };
+        if seen <= first {
+            let status = controls.status.and_then(|s| StatusCode::from_u16(s).ok());
+            let status = status.unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let message = controls.error_message.clone().unwrap_or_else(|| format!("Mock failure {seen} of {first}."));
+            guard.finish();
+            let mut response = openai_error(status, &message);
+            if let Some(after) = controls.retry_after
+                && let Ok(value) = header::HeaderValue::from_str(&after.to_string())
+            {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            return response;
+        }
+    } else if let Some(status) = controls.status.and_then(|s| StatusCode::from_u16(s).ok()) {
         let message = controls.error_message.clone().unwrap_or_else(|| format!("Mock error with status {status}."));
         guard.finish();
         return openai_error(status, &message);

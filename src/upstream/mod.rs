@@ -2,18 +2,24 @@
 //!
 //! `connect_timeout` is a per-request option, while reqwest sets it per client; so one client is kept per
 //! distinct connect timeout (callers use a handful of values), each with its own connection pool.
+//!
+//! Retries (section 11 of the contract): [`Retries`] says which failures before the first chunk of a body are
+//! retried and how long to wait; the worker runs the attempts within the request's own timeout.
 
 use crate::document::ResponseMeta;
 use crate::domain::UpstreamKey;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use rand::Rng;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use std::collections::HashMap;
 use std::time::Duration;
 use url::Url;
 
 pub struct Upstream {
     chat_url: Url,
+    models_url: Url,
+    retries: Retries,
     /// HTTP/2 with prior knowledge (for an `http://` upstream that speaks it).
     h2c: bool,
     server_key: Option<UpstreamKey>,
@@ -64,12 +70,32 @@ impl WithoutUrlText for reqwest::Error {
 }
 
 impl Upstream {
-    /// `base` is the API base such as `https://api.openai.com/v1`; calls go to `{base}/chat/completions`.
+    /// `base` is the API base such as `https://api.openai.com/v1`; calls go to `{base}/chat/completions` (and
+    /// `{base}/models`).
     pub fn new(base: &Url, server_key: Option<UpstreamKey>, h2c: bool) -> Self {
-        let mut chat_url = base.clone();
-        let path = format!("{}/chat/completions", base.path().trim_end_matches('/'));
-        chat_url.set_path(&path);
-        Self { chat_url, h2c, server_key, clients: Mutex::new(HashMap::new()) }
+        let under = |name: &str| {
+            let mut url = base.clone();
+            url.set_path(&format!("{}/{name}", base.path().trim_end_matches('/')));
+            url
+        };
+        Self {
+            chat_url: under("chat/completions"),
+            models_url: under("models"),
+            retries: Retries::default(),
+            h2c,
+            server_key,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sets how failures before the first chunk are retried.
+    pub fn with_retries(mut self, retries: Retries) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    pub fn retries(&self) -> &Retries {
+        &self.retries
     }
 
     /// The caller's key wins over the server's.
@@ -119,16 +145,73 @@ impl Upstream {
             value.set_sensitive(true);
             request = request.header(AUTHORIZATION, value);
         }
-        crate::metrics::upstream_call(request.send()).await.map_err(|e| {
-            if e.is_connect() && e.is_timeout() {
-                CallError::ConnectTimeout(connect_timeout)
-            } else if e.is_connect() {
-                CallError::Unreachable(describe(&e))
-            } else {
-                CallError::Failed(describe(&e))
-            }
-        })
+        crate::metrics::upstream_call(request.send()).await.map_err(|e| call_error(&e, connect_timeout))
     }
+
+    /// `GET {base}/models` with the key, answered as the upstream answers (section 10).
+    pub async fn models(&self, key: Option<UpstreamKey>, connect_timeout: f64) -> Result<reqwest::Response, CallError> {
+        let client = self.client(Duration::from_secs_f64(connect_timeout))?;
+        let mut request = client.get(self.models_url.clone());
+        if let Some(key) = key {
+            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+                CallError::Failed("the upstream key contains characters not allowed in a header".into())
+            })?;
+            value.set_sensitive(true);
+            request = request.header(AUTHORIZATION, value);
+        }
+        request.send().await.map_err(|e| call_error(&e, connect_timeout))
+    }
+}
+
+fn call_error(e: &reqwest::Error, connect_timeout: f64) -> CallError {
+    if e.is_connect() && e.is_timeout() {
+        CallError::ConnectTimeout(connect_timeout)
+    } else if e.is_connect() {
+        CallError::Unreachable(describe(e))
+    } else {
+        CallError::Failed(describe(e))
+    }
+}
+
+/// How failed upstream attempts are retried: at most `max` more attempts, waiting about `backoff * 2^n` (between
+/// half and all of it, the jitter) before retry `n + 1`, or longer when the upstream's `Retry-After` says so.
+#[derive(Clone, Debug)]
+pub struct Retries {
+    pub max: u32,
+    pub backoff: Duration,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Self { max: 2, backoff: Duration::from_millis(250) }
+    }
+}
+
+impl Retries {
+    /// Whether an answer with this status is worth another attempt.
+    pub fn retryable_status(status: u16) -> bool {
+        matches!(status, 429 | 500 | 502 | 503 | 504)
+    }
+
+    /// Whether a failure to get an answer is worth another attempt: the connection could not be made (in time).
+    pub fn retryable_error(error: &CallError) -> bool {
+        matches!(error, CallError::ConnectTimeout(_) | CallError::Unreachable(_))
+    }
+
+    /// The wait before the retry that follows `failed` failed attempts (1 for the first retry).
+    pub fn delay(&self, failed: u32, retry_after: Option<Duration>) -> Duration {
+        let full = self.backoff.saturating_mul(1 << failed.saturating_sub(1).min(16));
+        let jittered = full.mul_f64(rand::rng().random_range(0.5..=1.0));
+        retry_after.map_or(jittered, |asked| asked.max(jittered))
+    }
+}
+
+/// The wait a `Retry-After` header asks for, in seconds (the form OpenAI and its kin send; an HTTP date is not
+/// taken, and the backoff applies alone).
+pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let text = response.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let seconds = text.parse::<f64>().ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(86_400.0)))
 }
 
 /// The status line and headers of a response, for the document.
@@ -166,4 +249,35 @@ pub fn raw_head(response: &reqwest::Response, meta: &ResponseMeta) -> Bytes {
     }
     head.push_str("\r\n");
     Bytes::from(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_retry_after_wins_when_longer() {
+        let retries = Retries { max: 3, backoff: Duration::from_millis(100) };
+        for _ in 0..100 {
+            let first = retries.delay(1, None);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
+            let third = retries.delay(3, None);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400), "{third:?}");
+            assert_eq!(retries.delay(1, Some(Duration::from_secs(2))), Duration::from_secs(2));
+            assert!(retries.delay(3, Some(Duration::from_millis(1))) >= Duration::from_millis(200));
+        }
+    }
+
+    #[test]
+    fn only_the_documented_statuses_and_connect_failures_are_retried() {
+        for status in [429, 500, 502, 503, 504] {
+            assert!(Retries::retryable_status(status));
+        }
+        for status in [200, 400, 401, 404, 408, 409, 422, 501, 505] {
+            assert!(!Retries::retryable_status(status));
+        }
+        assert!(Retries::retryable_error(&CallError::ConnectTimeout(5.0)));
+        assert!(Retries::retryable_error(&CallError::Unreachable("refused".into())));
+        assert!(!Retries::retryable_error(&CallError::Failed("reset after the headers".into())));
+    }
 }

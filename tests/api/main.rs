@@ -15,6 +15,7 @@ mod hostile;
 mod keys;
 mod lifecycle;
 mod limits;
+mod openai;
 mod openapi;
 mod playground;
 mod status;

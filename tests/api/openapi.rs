@@ -462,6 +462,10 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
         check(call(&keyed, post().header("X-API-Key", &key)).await);
         check(call(&public, public.client.post(public.url(create)).json(&body)).await);
     }
+    let (openai_calls, _unreachable) = crate::openai::documented_calls(&app, &keyed, &public).await;
+    for request in openai_calls {
+        check(call(&app, request).await);
+    }
 
     // 503 at capacity.
     let full = spawn_with(|a| a.max_in_flight = Some(1)).await;
