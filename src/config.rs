@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// retries off [default: 2].
     #[arg(long, env = "OFFLOAD_UPSTREAM_RETRIES")]
     pub upstream_retries: Option<u32>,
+    /// How long one upstream attempt may wait for its response headers before it counts as failed (a timeout
+    /// before the headers) and is retried, e.g. `20s`; `0` waits as long as the request's timeout allows. Leave
+    /// it off for non-streaming upstreams, which send their headers only with the whole reply [default: 0].
+    #[arg(long, env = "OFFLOAD_UPSTREAM_HEADER_TIMEOUT")]
+    pub upstream_header_timeout: Option<String>,
     /// Model used when a request names none [default: gpt-3.5-turbo].
     #[arg(long, env = "OFFLOAD_DEFAULT_MODEL")]
     pub default_model: Option<String>,
@@ -144,6 +149,8 @@ pub struct Settings {
     pub upstream_h2c: bool,
     pub upstream_key: Option<UpstreamKey>,
     pub upstream_retries: u32,
+    /// `None`: an attempt waits for its headers as long as the request's timeout allows.
+    pub upstream_header_timeout: Option<Duration>,
     pub default_model: String,
     pub max_timeout: f64,
     pub max_connect_timeout: f64,
@@ -218,6 +225,7 @@ impl ServeArgs {
             upstream_h2c: self.upstream_h2c.or(other.upstream_h2c),
             upstream_key: self.upstream_key.or(other.upstream_key),
             upstream_retries: self.upstream_retries.or(other.upstream_retries),
+            upstream_header_timeout: self.upstream_header_timeout.or(other.upstream_header_timeout),
             default_model: self.default_model.or(other.default_model),
             max_timeout: self.max_timeout.or(other.max_timeout),
             max_connect_timeout: self.max_connect_timeout.or(other.max_connect_timeout),
@@ -322,6 +330,11 @@ impl Settings {
             upstream_h2c: a.upstream_h2c.unwrap_or(false),
             upstream_key: a.upstream_key.as_deref().and_then(UpstreamKey::new),
             upstream_retries: a.upstream_retries.unwrap_or(2),
+            upstream_header_timeout: Some(duration(
+                "upstream_header_timeout",
+                a.upstream_header_timeout.as_deref().unwrap_or("0"),
+            )?)
+            .filter(|d| !d.is_zero()),
             default_model: a.default_model.unwrap_or_else(|| "gpt-3.5-turbo".into()),
             max_timeout,
             max_connect_timeout,

@@ -156,8 +156,28 @@ async fn attempts(
     let mut failed = 0u32;
     loop {
         let at = super::unix_now();
-        let (error, status_code, delay) = match inner.upstream.send(body.clone(), key.clone(), connect_timeout).await {
-            Ok(response) => {
+        let sent = inner.upstream.send(body.clone(), key.clone(), connect_timeout);
+        let answered = match retries.header_timeout {
+            Some(limit) => tokio::time::timeout(limit, sent).await.ok(),
+            None => Some(sent.await),
+        };
+        let (error, status_code, delay) = match answered {
+            // A timeout before the headers: the attempt is dropped (its connection closed) and tried again.
+            None => {
+                let limit = retries.header_timeout.unwrap_or_default().as_secs_f64();
+                let info = ErrorInfo::new(
+                    "timeout",
+                    format!(
+                        "The upstream sent no response headers within {limit} seconds (--upstream-header-timeout)."
+                    ),
+                );
+                let delay = retries.delay(failed + 1, None);
+                if failed >= retries.max || tokio::time::Instant::now() + delay >= deadline {
+                    return Err(info);
+                }
+                (info, None, delay)
+            }
+            Some(Ok(response)) => {
                 let status = response.status().as_u16();
                 let delay = retries.delay(failed + 1, retry_after(&response));
                 if failed >= retries.max
@@ -168,7 +188,7 @@ async fn attempts(
                 }
                 (ErrorInfo::new("upstream_error", error_answer(response).await), Some(status), delay)
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 let info = call_error_info(&e);
                 let delay = retries.delay(failed + 1, None);
                 if failed >= retries.max

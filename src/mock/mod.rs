@@ -78,6 +78,8 @@ struct Controls {
     tool_calls: Option<Vec<MockToolCall>>,
     /// Only the first this many calls with the same body (or `key`) fail with `status` (default 503).
     fail_first: Option<u32>,
+    /// Like `fail_first`, but the first n calls send no headers at all (they stall).
+    stall_first: Option<u32>,
     /// Tells calls apart for `fail_first` instead of their whole body.
     key: Option<String>,
     /// `Retry-After` (seconds) on a failure of `fail_first`.
@@ -271,14 +273,20 @@ async fn completions(State(state): State<Arc<MockState>>, headers: HeaderMap, bo
     if controls.stall_headers {
         tokio::time::sleep(Duration::from_secs(600)).await;
     }
-    if let Some(first) = controls.fail_first {
+    // Calls seen with this body (or `key`), counted for `fail_first` and `stall_first`.
+    let seen = (controls.fail_first.is_some() || controls.stall_first.is_some()).then(|| {
         let key = controls.key.clone().unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-        let seen = {
-            let mut seen = state.seen.lock();
-            let count = seen.entry(key).or_insert(0);
-            *count += 1;
-            *count
-        };
+        let mut seen = state.seen.lock();
+        let count = seen.entry(key).or_insert(0);
+        *count += 1;
+        *count
+    });
+    if let (Some(first), Some(seen)) = (controls.stall_first, seen)
+        && seen <= first
+    {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
+    if let (Some(first), Some(seen)) = (controls.fail_first, seen) {
         if seen <= first {
             let status = controls.status.and_then(|s| StatusCode::from_u16(s).ok());
             let status = status.unwrap_or(StatusCode::SERVICE_UNAVAILABLE);

@@ -179,11 +179,14 @@ fn call_error(e: &reqwest::Error, connect_timeout: f64) -> CallError {
 pub struct Retries {
     pub max: u32,
     pub backoff: Duration,
+    /// How long one attempt waits for its response headers before it counts as failed (`None`: as long as the
+    /// request's timeout allows).
+    pub header_timeout: Option<Duration>,
 }
 
 impl Default for Retries {
     fn default() -> Self {
-        Self { max: 2, backoff: Duration::from_millis(250) }
+        Self { max: 2, backoff: Duration::from_millis(250), header_timeout: None }
     }
 }
 
@@ -206,12 +209,20 @@ impl Retries {
     }
 }
 
-/// The wait a `Retry-After` header asks for, in seconds (the form OpenAI and its kin send; an HTTP date is not
-/// taken, and the backoff applies alone).
+/// The wait a `Retry-After` header asks for: seconds (the form OpenAI and its kin send) or an HTTP date.
 pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
-    let text = response.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
-    let seconds = text.parse::<f64>().ok()?;
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(86_400.0)))
+    parse_retry_after(response.headers().get(RETRY_AFTER)?.to_str().ok()?, std::time::SystemTime::now())
+}
+
+fn parse_retry_after(text: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let text = text.trim();
+    let wait = match text.parse::<f64>() {
+        Ok(seconds) => {
+            (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(86_400.0)))?
+        }
+        Err(_) => httpdate::parse_http_date(text).ok()?.duration_since(now).unwrap_or_default(),
+    };
+    Some(wait.min(Duration::from_secs(86_400)))
 }
 
 /// The status line and headers of a response, for the document.
@@ -256,8 +267,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after(" 1.5 ", now), Some(Duration::from_millis(1500)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
+
+    #[test]
     fn backoff_doubles_with_jitter_and_retry_after_wins_when_longer() {
-        let retries = Retries { max: 3, backoff: Duration::from_millis(100) };
+        let retries = Retries { max: 3, backoff: Duration::from_millis(100), header_timeout: None };
         for _ in 0..100 {
             let first = retries.delay(1, None);
             assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");

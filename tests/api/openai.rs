@@ -155,6 +155,29 @@ async fn retries_are_bounded_by_the_setting_and_the_final_error_is_the_last_atte
 }
 
 #[tokio::test]
+async fn an_attempt_without_headers_in_time_is_retried_when_a_header_timeout_is_set() {
+    let app = spawn_with(|a| a.upstream_header_timeout = Some("1s".into())).await;
+    for stream in ["stream-chatgpt", "async-chatgpt"] {
+        // The first attempt sends no headers at all; the second answers.
+        let body = json!({"messages": user(stream), "mock": {"stall_first": 1, "key": stream, "content": "at last"}});
+        let created = app.create_ok(stream, &body).await;
+        let doc = app.wait_final(&endpoint(&created, "status_url"), None).await;
+        assert_eq!(doc["status"], "done", "{doc}");
+        let attempts = doc["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 1, "{doc}");
+        assert_eq!(attempts[0]["error"]["code"], "timeout");
+        assert!(attempts[0].get("status_code").is_none());
+    }
+    // Without the setting an attempt waits for its headers as long as the request's timeout allows: no retry.
+    let app = spawn_app().await;
+    let body = json!({"messages": user("hi"), "timeout": 2, "mock": {"stall_first": 1, "key": "off"}});
+    let created = app.create_ok("async-chatgpt", &body).await;
+    let doc = app.wait_final(&endpoint(&created, "status_url"), None).await;
+    assert_eq!(doc["error"]["code"], "timeout", "{doc}");
+    assert!(doc.get("attempts").is_none(), "{doc}");
+}
+
+#[tokio::test]
 async fn a_connect_error_is_retried_and_each_attempt_is_in_the_document() {
     let app = spawn_with(|a| a.upstream_url = Some("http://127.0.0.1:9/v1".parse().unwrap())).await;
     let created = app.create_ok("async-chatgpt", &json!({"messages": user("hi")})).await;
