@@ -66,7 +66,7 @@ pub struct BenchArgs {
     /// Create arrival rates in requests per second [default: 1000..16000 quick, 500..20000 full].
     #[arg(long, value_delimiter = ',')]
     pub rates: Option<Vec<u64>>,
-    /// Seconds per create rate step [default: 1.5 quick, 3 full].
+    /// Seconds per create rate step, in the create and cluster scenarios [default: 1.5 quick, 3 full].
     #[arg(long)]
     pub step_secs: Option<f64>,
     /// In-flight streaming requests for the concurrency scenario [default: 1000 quick, 1000,5000,10000 full].
