@@ -4,16 +4,18 @@
 //! - [`load`]: histograms, HTTP clients, the open-loop scheduler.
 //! - [`procs`]: offload and the mock as child processes, `/proc` readings.
 //! - [`tap`]: the timestamping proxy between a client and the mock.
-//! - [`scenarios`]: create, time to first token, relay, concurrency, fan-out.
+//! - [`scenarios`]: create, time to first token, relay, concurrency, fan-out, cluster.
+//! - [`postgres`]: scratch databases on the machine's PostgreSQL for the cluster scenario.
 //! - [`report`]: the table, the targets, the JSON file.
 
 pub mod load;
+pub mod postgres;
 pub mod procs;
 pub mod report;
 pub mod scenarios;
 pub mod tap;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -25,7 +27,13 @@ pub enum Scenario {
     Relay,
     Concurrency,
     Fanout,
+    /// Several nodes on one PostgreSQL database (needs a PostgreSQL server, `--postgres-url`).
+    Cluster,
 }
+
+/// What runs when `--scenarios` is not given (plus `cluster` when PostgreSQL answers).
+const DEFAULT_SCENARIOS: [Scenario; 5] =
+    [Scenario::Create, Scenario::Ttft, Scenario::Relay, Scenario::Concurrency, Scenario::Fanout];
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Http {
@@ -45,9 +53,10 @@ impl std::fmt::Display for Http {
 /// `offload bench` flags.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Scenarios to run, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "create,ttft,relay,concurrency,fanout")]
-    pub scenarios: Vec<Scenario>,
+    /// Scenarios to run, comma-separated [default: create,ttft,relay,concurrency,fanout, and cluster when a
+    /// PostgreSQL server answers at --postgres-url].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub scenarios: Option<Vec<Scenario>>,
     /// Smaller sizes and shorter steps: every scenario in about two minutes.
     #[arg(long)]
     pub quick: bool,
@@ -57,7 +66,7 @@ pub struct BenchArgs {
     /// Create arrival rates in requests per second [default: 1000..16000 quick, 500..20000 full].
     #[arg(long, value_delimiter = ',')]
     pub rates: Option<Vec<u64>>,
-    /// Seconds per create rate step [default: 1.5 quick, 3 full].
+    /// Seconds per create rate step, in the create and cluster scenarios [default: 1.5 quick, 3 full].
     #[arg(long)]
     pub step_secs: Option<f64>,
     /// In-flight streaming requests for the concurrency scenario [default: 1000 quick, 1000,5000,10000 full].
@@ -72,11 +81,30 @@ pub struct BenchArgs {
     /// Time-to-first-token samples per flush interval [default: 200 quick, 1000 full].
     #[arg(long)]
     pub ttft_samples: Option<usize>,
-    /// Relay: streams of each kind (offload, direct) per round, and rounds [default: 10x2 quick, 25x4 full].
+    /// Relay and cluster follow: streams of each kind (offload, direct) per round, and rounds [default: 10x2
+    /// quick, 25x4 full].
     #[arg(long)]
     pub relay_streams: Option<usize>,
     #[arg(long)]
     pub relay_rounds: Option<usize>,
+    /// Cluster: PostgreSQL URL used as admin to create (and drop) a scratch database per setup.
+    #[arg(
+        long,
+        env = "OFFLOAD_BENCH_POSTGRES_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    pub postgres_url: String,
+    /// Cluster: nodes on the shared database (each measure also runs on one node).
+    #[arg(long, default_value = "3", value_parser = clap::value_parser!(u16).range(2..=16))]
+    pub cluster_nodes: u16,
+    /// Cluster: create arrival rates, spread round-robin over the nodes [default: 250,500,1000 quick,
+    /// 250,500,1000,2000 full]. Each step lasts --step-secs.
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_rates: Option<Vec<u64>>,
+    /// Cluster: streams at once in the throughput measure [default: 500 quick, 1000 full].
+    #[arg(long)]
+    pub cluster_streams: Option<usize>,
     /// Seconds to wait, before each measurement, for other processes on the machine to go quiet (0: never).
     #[arg(long, default_value = "60")]
     pub quiet_wait_secs: f64,
@@ -97,6 +125,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Some(path) => path.clone(),
         None => std::env::current_exe().context("finding this executable")?,
     };
+    let mut results = report::Results::new(args.quick);
+    let scenarios = choose(&args, &mut results.notes).await?;
     let work_dir = args
         .work_dir
         .clone()
@@ -107,9 +137,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         work_dir: work_dir.clone(),
         quiet_wait: Duration::from_secs_f64(args.quiet_wait_secs.max(0.0)),
     };
-    let result = run_scenarios(&ctx, &args).await;
+    // On ctrl-c the scenario is dropped where it stands: child processes are killed (`kill_on_drop`) and scratch
+    // databases dropped (`ScratchDb`'s Drop).
+    let result = tokio::select! {
+        result = run_scenarios(&ctx, &args, &scenarios, &mut results) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    };
     let _ = std::fs::remove_dir_all(&work_dir);
-    let mut results = result?;
+    result?;
     results.wall_secs = started.elapsed().as_secs_f64();
     results.targets = report::targets(&results);
     report::print(&results)?;
@@ -119,10 +154,44 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-async fn run_scenarios(ctx: &scenarios::Ctx, args: &BenchArgs) -> Result<report::Results> {
+/// The scenarios to run: those asked for, else the default list, with `cluster` only when PostgreSQL answers
+/// (else a note says why it was skipped). Asking for `cluster` without a reachable PostgreSQL is an error.
+async fn choose(args: &BenchArgs, notes: &mut Vec<String>) -> Result<Vec<Scenario>> {
+    let shown = postgres::redact(&args.postgres_url);
+    match &args.scenarios {
+        Some(list) => {
+            if list.contains(&Scenario::Cluster) {
+                postgres::reachable(&args.postgres_url).await.with_context(|| {
+                    format!("the cluster scenario needs PostgreSQL at {shown} (set --postgres-url)")
+                })?;
+            }
+            Ok(list.clone())
+        }
+        None => {
+            let mut list = DEFAULT_SCENARIOS.to_vec();
+            match postgres::reachable(&args.postgres_url).await {
+                Ok(()) => list.push(Scenario::Cluster),
+                Err(e) => {
+                    let note = format!(
+                        "cluster scenario skipped: no PostgreSQL at {shown} ({e:#}); start one or set --postgres-url"
+                    );
+                    tracing::warn!("{note}");
+                    notes.push(note);
+                }
+            }
+            Ok(list)
+        }
+    }
+}
+
+async fn run_scenarios(
+    ctx: &scenarios::Ctx,
+    args: &BenchArgs,
+    chosen: &[Scenario],
+    results: &mut report::Results,
+) -> Result<()> {
     let quick = args.quick;
-    let mut results = report::Results::new(quick);
-    let wants = |s: Scenario| args.scenarios.contains(&s);
+    let wants = |s: Scenario| chosen.contains(&s);
     let flushes = &args.flush_intervals;
 
     if wants(Scenario::Create) {
@@ -181,5 +250,21 @@ async fn run_scenarios(ctx: &scenarios::Ctx, args: &BenchArgs) -> Result<report:
             }
         }
     }
-    Ok(results)
+    if wants(Scenario::Cluster) {
+        let plan = scenarios::cluster::Plan {
+            admin_url: args.postgres_url.clone(),
+            nodes: usize::from(args.cluster_nodes),
+            rates: args
+                .cluster_rates
+                .clone()
+                .unwrap_or_else(|| if quick { vec![250, 500, 1_000] } else { vec![250, 500, 1_000, 2_000] }),
+            step: Duration::from_secs_f64(args.step_secs.unwrap_or(if quick { 1.5 } else { 3.0 })),
+            follow_streams: args.relay_streams.unwrap_or(if quick { 10 } else { 25 }),
+            follow_rounds: args.relay_rounds.unwrap_or(if quick { 2 } else { 4 }),
+            streams: args.cluster_streams.unwrap_or(if quick { 500 } else { 1_000 }),
+        };
+        tracing::info!("cluster: {} nodes on PostgreSQL, beside one node on PostgreSQL and on SQLite", plan.nodes);
+        results.cluster = Some(scenarios::cluster::run(ctx, &plan).await.context("scenario cluster")?);
+    }
+    Ok(())
 }

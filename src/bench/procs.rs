@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use parking_lot::Mutex;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -38,12 +38,24 @@ impl Proc {
 
     /// `offload serve` on a free port, calling `upstream` (an API base such as `http://127.0.0.1:9/v1`).
     pub async fn offload(exe: &Path, data_dir: &Path, upstream: &str, flush_ms: u64) -> Result<Self> {
+        Self::offload_with(exe, data_dir, upstream, flush_ms, &[]).await
+    }
+
+    /// As [`Self::offload`], with more `serve` flags (`--store`, `--public-url` for a cluster node).
+    pub async fn offload_with(
+        exe: &Path,
+        data_dir: &Path,
+        upstream: &str,
+        flush_ms: u64,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut cmd = Command::new(exe);
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--upstream-url", upstream])
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--flush-interval-ms", &flush_ms.to_string()]);
+            .args(["--flush-interval-ms", &flush_ms.to_string()])
+            .args(extra);
         Self::start("offload", cmd).await
     }
 
@@ -51,7 +63,15 @@ impl Proc {
         // The listening line is logged at info; only our variable decides, not the caller's environment. The lines
         // logged per request (access lines, `request finished`) are off: the benchmark measures the server.
         cmd.env("OFFLOAD_LOG", "info,offload::access=off,offload::requests=off").env_remove("RUST_LOG");
-        for var in ["OFFLOAD_CONFIG", "OFFLOAD_PUBLIC_URL", "OFFLOAD_MOCK_UPSTREAM", "OFFLOAD_MAX_IN_FLIGHT"] {
+        for var in [
+            "OFFLOAD_CONFIG",
+            "OFFLOAD_PUBLIC_URL",
+            "OFFLOAD_MOCK_UPSTREAM",
+            "OFFLOAD_MAX_IN_FLIGHT",
+            "OFFLOAD_STORE",
+            "OFFLOAD_ADVERTISE_URL",
+            "OFFLOAD_NODE_LEASE",
+        ] {
             cmd.env_remove(var);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
@@ -234,6 +254,8 @@ fn machine_busy_seconds() -> Result<f64> {
 /// processes ran on the same two cores and is reported beside each figure (`foreign`).
 pub struct Usage {
     procs: Vec<CpuWindow>,
+    /// The database whose PostgreSQL backends are counted apart (`db_cores`), and their CPU at the start.
+    db: Option<(String, HashMap<u32, f64>)>,
     machine_start: f64,
     start: Instant,
 }
@@ -242,14 +264,22 @@ pub struct Usage {
 pub struct UsageReport {
     /// Cores used by each process given to [`Usage::start`], in that order.
     pub cores: Vec<f64>,
+    /// Cores used by the PostgreSQL backends serving the database given to [`Usage::start_with_db`].
+    pub db_cores: f64,
     /// Cores used by everything else on the machine (other users' builds, tests, ...).
     pub foreign_cores: f64,
 }
 
 impl Usage {
     pub fn start(pids: &[u32]) -> Result<Self> {
+        Self::start_with_db(pids, None)
+    }
+
+    /// As [`Self::start`], also counting the PostgreSQL backends of database `db` apart from the foreign CPU.
+    pub fn start_with_db(pids: &[u32], db: Option<&str>) -> Result<Self> {
         Ok(Self {
             procs: pids.iter().map(|&p| CpuWindow::start(p)).collect::<Result<_>>()?,
+            db: db.map(|name| (name.to_owned(), backend_cpu(name))),
             machine_start: machine_busy_seconds()?,
             start: Instant::now(),
         })
@@ -259,8 +289,44 @@ impl Usage {
         let cores = self.procs.iter().map(CpuWindow::cores).collect::<Result<Vec<_>>>()?;
         let wall = self.start.elapsed().as_secs_f64().max(1e-9);
         let machine = (machine_busy_seconds()? - self.machine_start) / wall;
-        Ok(UsageReport { foreign_cores: (machine - cores.iter().sum::<f64>()).max(0.0), cores })
+        let db_cores = match &self.db {
+            Some((name, before)) => {
+                let used: f64 = backend_cpu(name)
+                    .iter()
+                    .map(|(pid, now)| now - before.get(pid).copied().unwrap_or(0.0))
+                    .filter(|d| *d > 0.0)
+                    .sum();
+                used / wall
+            }
+            None => 0.0,
+        };
+        Ok(UsageReport { foreign_cores: (machine - cores.iter().sum::<f64>() - db_cores).max(0.0), cores, db_cores })
     }
+}
+
+/// CPU seconds so far of each PostgreSQL backend serving database `db` (PostgreSQL sets a backend's command line
+/// to name its database). The shared background processes (WAL writer,
+/// checkpointer) are not counted; a backend that exits within a window takes its time with it.
+pub fn backend_cpu(db: &str) -> HashMap<u32, f64> {
+    let mut out = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if is_backend_of(&cmdline, db)
+            && let Ok(cpu) = cpu_seconds(pid)
+        {
+            out.insert(pid, cpu);
+        }
+    }
+    out
+}
+
+/// `postgres: [CLUSTER: ]USER DATABASE CLIENT STATE`; the scratch database's name is random, so a word equal to it
+/// is enough.
+fn is_backend_of(cmdline: &str, db: &str) -> bool {
+    cmdline.starts_with("postgres:") && cmdline.split(|c: char| c.is_whitespace() || c == '\0').any(|w| w == db)
 }
 
 /// Busy cores on the whole machine over `window`.
@@ -398,6 +464,15 @@ mod tests {
         assert_eq!(listening_addr(offload), Some("127.0.0.1:41234".parse().unwrap()));
         let mock = "2026-01-01T00:00:00Z  INFO offload::cli: mock upstream listening on http://127.0.0.1:40000/v1";
         assert_eq!(listening_addr(mock), Some("127.0.0.1:40000".parse().unwrap()));
+    }
+
+    #[test]
+    fn backends_are_told_apart_by_database() {
+        assert!(is_backend_of("postgres: 15/main: postgres offload_bench_ab 127.0.0.1(5000) idle", "offload_bench_ab"));
+        assert!(is_backend_of("postgres: postgres offload_bench_ab 127.0.0.1(5000) idle\0\0", "offload_bench_ab"));
+        assert!(!is_backend_of("postgres: postgres offload_bench_abc 127.0.0.1(5000) idle", "offload_bench_ab"));
+        assert!(!is_backend_of("postgres: 15/main: walwriter", "offload_bench_ab"));
+        assert!(!is_backend_of("rustc --crate-name offload_bench_ab", "offload_bench_ab"));
     }
 
     #[test]

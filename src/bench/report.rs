@@ -1,6 +1,7 @@
 //! The report: what machine and command, a table per scenario, the targets with how far each is, and the
 //! JSON file.
 
+use super::scenarios::cluster::Cluster;
 use super::scenarios::{concurrency::Concurrency, create::Sweep, fanout::Fanout, relay::Relay, ttft::Ttft};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -56,7 +57,10 @@ pub struct Results {
     pub relay: Vec<Relay>,
     pub concurrency: Vec<Concurrency>,
     pub fanout: Vec<Fanout>,
+    pub cluster: Option<Cluster>,
     pub targets: Vec<Target>,
+    /// What was skipped and why.
+    pub notes: Vec<String>,
 }
 
 impl Results {
@@ -65,7 +69,7 @@ impl Results {
             date: time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
-            command: std::env::args().collect::<Vec<_>>().join(" "),
+            command: std::env::args().map(|a| super::postgres::redact(&a)).collect::<Vec<_>>().join(" "),
             quick,
             machine: Machine::read(),
             wall_secs: 0.0,
@@ -74,7 +78,9 @@ impl Results {
             relay: Vec::new(),
             concurrency: Vec::new(),
             fanout: Vec::new(),
+            cluster: None,
             targets: Vec::new(),
+            notes: Vec::new(),
         }
     }
 }
@@ -180,6 +186,33 @@ pub fn targets(r: &Results) -> Vec<Target> {
             format!("{:.2} KiB", f.rss_per_idle_reader_bytes / 1024.0),
             f.rss_per_idle_reader_bytes <= 4096.0 && f.idle_when_measured,
         );
+    }
+    if let Some(c) = &r.cluster {
+        for f in &c.follow {
+            if let (Some(added), Some(remote)) = (&f.added, &f.remote) {
+                target(
+                    &mut t,
+                    "cross-node follow added p99 < 20 ms (reader on another node vs on the owner)",
+                    format!("{}, flush {} ms", f.setup, c.flush_interval_ms),
+                    format!(
+                        "{:.3} ms per chunk (remote p99 {:.3}, local p99 {:.3})",
+                        added.p99_us / 1e3,
+                        remote.p99_us / 1e3,
+                        f.local.p99_us / 1e3
+                    ),
+                    added.p99_us < 20_000.0 && f.errors == 0 && f.unmatched == 0,
+                );
+            }
+        }
+        for x in c.throughput.iter().filter(|x| x.nodes > 1) {
+            target(
+                &mut t,
+                "cluster: every event of every stream arrives (readers on other nodes)",
+                format!("{}, {} streams", x.setup, x.streams),
+                format!("{} of {} events, {} errors {:?}", x.events, x.expected_events, x.errors, x.error_kinds),
+                x.complete,
+            );
+        }
     }
     t
 }
@@ -435,6 +468,9 @@ pub fn print(r: &Results) -> Result<()> {
             })
             .collect(),
     });
+    if let Some(c) = &r.cluster {
+        tables.extend(cluster_tables(c));
+    }
     tables.push(Table {
         title: "targets".into(),
         header: vec!["met", "target", "scope", "measured"],
@@ -449,7 +485,146 @@ pub fn print(r: &Results) -> Result<()> {
     for table in &tables {
         table.render(&mut out).context("writing the report")?;
     }
+    for note in &r.notes {
+        writeln!(out, "\nnote: {note}").context("writing the report")?;
+    }
     Ok(())
+}
+
+fn cores(v: f64) -> String {
+    format!("{v:.2}")
+}
+
+fn cluster_tables(c: &Cluster) -> Vec<Table> {
+    let create = Table {
+        title: format!(
+            "cluster: create (stream-chatgpt, open loop, round-robin over the nodes; ms from the scheduled send; flush {} ms)",
+            c.flush_interval_ms
+        ),
+        header: vec![
+            "setup", "req/s", "p50", "p99", "max", "ok", "err", "shed", "got/s", "srv cpu", "db cpu", "mock cpu",
+            "gen cpu", "foreign",
+        ],
+        rows: c
+            .create
+            .iter()
+            .flat_map(|s| {
+                s.steps.iter().map(|st| {
+                    let x = &st.result;
+                    vec![
+                        s.target.clone(),
+                        x.rate.to_string(),
+                        ms(x.latency.p50_us),
+                        ms(x.latency.p99_us),
+                        ms(x.latency.max_us),
+                        x.ok.to_string(),
+                        x.errors.to_string(),
+                        x.shed.to_string(),
+                        format!("{:.0}", x.achieved_rps),
+                        cores(st.server_cores),
+                        cores(st.db_cores),
+                        cores(st.mock_cores),
+                        cores(st.bench_cores),
+                        cores(st.foreign_cores),
+                    ]
+                })
+            })
+            .collect(),
+    };
+    let dash = || "-".to_owned();
+    let follow = Table {
+        title: "cluster: follow (ms from the tap handing a chunk on; local = reader on the node running the stream, \
+                remote = reader on another node; added = remote - local per chunk)"
+            .into(),
+        header: vec![
+            "setup",
+            "chunks",
+            "floor p50",
+            "floor p99",
+            "local p50",
+            "local p99",
+            "remote p50",
+            "remote p99",
+            "added p50",
+            "added p99",
+            "added max",
+            "err",
+            "srv cpu",
+            "db cpu",
+            "foreign",
+        ],
+        rows: c
+            .follow
+            .iter()
+            .map(|f| {
+                let remote = f.remote.as_ref();
+                let added = f.added.as_ref();
+                vec![
+                    f.setup.clone(),
+                    f.local.count.to_string(),
+                    ms(f.floor.p50_us),
+                    ms(f.floor.p99_us),
+                    ms(f.local.p50_us),
+                    ms(f.local.p99_us),
+                    remote.map_or_else(dash, |x| ms(x.p50_us)),
+                    remote.map_or_else(dash, |x| ms(x.p99_us)),
+                    added.map_or_else(dash, |x| ms(x.p50_us)),
+                    added.map_or_else(dash, |x| ms(x.p99_us)),
+                    added.map_or_else(dash, |x| ms(x.max_us)),
+                    (f.errors + f.unmatched).to_string(),
+                    cores(f.server_cores),
+                    cores(f.db_cores),
+                    cores(f.foreign_cores),
+                ]
+            })
+            .collect(),
+    };
+    let throughput = Table {
+        title:
+            "cluster: throughput (64 chunks at 20 ms per stream, created round-robin, read on the next node over h2c)"
+                .into(),
+        header: vec![
+            "setup",
+            "N",
+            "remote",
+            "chunks/s",
+            "offered/s",
+            "events",
+            "expected",
+            "complete",
+            "persisted",
+            "srv cpu",
+            "db cpu",
+            "mock cpu",
+            "gen cpu",
+            "foreign",
+            "err",
+        ],
+        rows: c
+            .throughput
+            .iter()
+            .map(|x| {
+                vec![
+                    x.setup.clone(),
+                    x.streams.to_string(),
+                    x.remote_readers.to_string(),
+                    format!("{:.0}", x.chunks_per_sec),
+                    format!("{:.0}", x.offered_chunks_per_sec),
+                    x.events.to_string(),
+                    x.expected_events.to_string(),
+                    x.complete.to_string(),
+                    x.persisted.map_or_else(dash, |v| v.to_string()),
+                    cores(x.server_cores),
+                    cores(x.db_cores),
+                    cores(x.mock_cores),
+                    cores(x.bench_cores),
+                    cores(x.foreign_cores),
+                    x.errors.to_string(),
+                ]
+            })
+            .collect(),
+    };
+    vec![create, follow, throughput]
 }
 
 /// "added p99 (offload p99, floor p99)" in ms, as the TTFT and relay target rows show it.

@@ -1,8 +1,10 @@
 //! The scenarios, one module each, and what they share: creating a request, reading an event stream.
 //!
-//! Every scenario starts its own mock and offload processes (fresh data directory, chosen flush interval) and
-//! measures its floor, the same mock called directly with the same client code, in the same run.
+//! Every scenario starts its own mock and offload processes (fresh data directory or scratch database, chosen
+//! flush interval) and measures its floor, the same mock called directly with the same client code, in the same
+//! run.
 
+pub mod cluster;
 pub mod concurrency;
 pub mod create;
 pub mod fanout;
