@@ -7,49 +7,34 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_offload");
 const REPLY: &str = "Hello from the mock, in six words.";
 
+mod support;
+
+/// `offload serve --mock-upstream` on port 0, with its data directory when the test did not give one.
 struct Server {
-    child: Child,
+    process: support::Offload,
     base: String,
     _data: Option<tempfile::TempDir>,
 }
 
-/// Starts `offload serve --mock-upstream` on port 0 and reads the bound address from its log.
-#[expect(clippy::zombie_processes, reason = "the child is owned by `Server`, whose Drop kills and waits for it")]
+/// Starts `offload serve --mock-upstream` on port 0 on `data_dir`.
 fn start_in(data_dir: &Path) -> Server {
-    let mut child = Command::new(BIN)
+    let mut command = support::Offload::command();
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--mock-upstream"])
         .arg("--data-dir")
         .arg(data_dir)
         .env_remove("OFFLOAD_URL")
-        .env_remove("OFFLOAD_API_KEY")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = rx.recv_timeout(deadline - Instant::now()).unwrap_or_else(|_| panic!("server did not start"));
-        if line.contains("offload") && line.contains("(public URL") {
-            let addr = line.split("listening on ").nth(1).unwrap().split_whitespace().next().unwrap();
-            // Keep draining the log so that the server never blocks on a full pipe.
-            std::thread::spawn(move || while rx.recv().is_ok() {});
-            return Server { child, base: format!("http://{addr}"), _data: None };
-        }
-    }
+        .env_remove("OFFLOAD_API_KEY");
+    let process = support::Offload::spawn(command);
+    let base = format!("http://{}", process.addr);
+    Server { process, base, _data: None }
 }
 
 fn start() -> Server {
@@ -57,13 +42,6 @@ fn start() -> Server {
     let mut server = start_in(data.path());
     server._data = Some(data);
     server
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Server {
@@ -466,8 +444,7 @@ fn following_gives_up_after_bounded_retries_when_the_server_is_gone_and_says_how
     let mut some = [0u8; 16];
     let mut stdout = chat.stdout.take().unwrap();
     stdout.read_exact(&mut some).unwrap();
-    server.child.kill().unwrap();
-    server.child.wait().unwrap();
+    server.process.kill();
     let started = Instant::now();
     let mut rest = Vec::new();
     stdout.read_to_end(&mut rest).unwrap();

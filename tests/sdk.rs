@@ -9,11 +9,8 @@
 #![expect(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly on anything unexpected")]
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 /// What every script starts with: the client, pointed at the server named by the first argument, and helpers for
 /// plain HTTP (the standard library's, so that nothing but the SDK is installed).
@@ -89,48 +86,26 @@ fn python_or_skip() -> Option<PathBuf> {
     found
 }
 
+mod support;
+
+/// `offload serve --mock-upstream` on port 0, on a data directory of its own.
 struct Server {
-    child: Child,
+    _process: support::Offload,
     base: String,
     _data: tempfile::TempDir,
 }
 
-/// Starts `offload serve --mock-upstream` on port 0 and reads the bound address from its log.
-#[expect(clippy::zombie_processes, reason = "the child is owned by `Server`, whose Drop kills and waits for it")]
+/// Starts `offload serve --mock-upstream` on port 0.
 fn start() -> Server {
     let data = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
+    let mut command = support::Offload::command();
+    command
         .args(["serve", "--mock-upstream", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")
-        .arg(data.path().join("store"))
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = rx.recv_timeout(deadline - Instant::now()).unwrap_or_else(|_| panic!("server did not start"));
-        if let Some(rest) = line.split(" listening on ").nth(1)
-            && !line.contains("mock upstream")
-        {
-            let addr = rest.split_whitespace().next().unwrap().to_owned();
-            return Server { child, base: format!("http://{addr}"), _data: data };
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        .arg(data.path().join("store"));
+    let process = support::Offload::spawn(command);
+    let base = format!("http://{}", process.addr);
+    Server { _process: process, base, _data: data }
 }
 
 /// Runs `script` (after the prelude) against a fresh server; it must exit 0 and print one JSON line last.

@@ -139,11 +139,7 @@ impl Upstream {
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body);
         if let Some(key) = key {
-            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
-                CallError::Failed("the upstream key contains characters not allowed in a header".into())
-            })?;
-            value.set_sensitive(true);
-            request = request.header(AUTHORIZATION, value);
+            request = request.header(AUTHORIZATION, bearer(&key)?);
         }
         crate::metrics::upstream_call(request.send()).await.map_err(|e| call_error(&e, connect_timeout))
     }
@@ -153,14 +149,19 @@ impl Upstream {
         let client = self.client(Duration::from_secs_f64(connect_timeout))?;
         let mut request = client.get(self.models_url.clone());
         if let Some(key) = key {
-            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
-                CallError::Failed("the upstream key contains characters not allowed in a header".into())
-            })?;
-            value.set_sensitive(true);
-            request = request.header(AUTHORIZATION, value);
+            request = request.header(AUTHORIZATION, bearer(&key)?);
         }
         request.send().await.map_err(|e| call_error(&e, connect_timeout))
     }
+}
+
+/// `Bearer <key>`, marked sensitive so that it never shows in a debug print; the key is dropped by the caller
+/// right after.
+fn bearer(key: &UpstreamKey) -> Result<HeaderValue, CallError> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+        .map_err(|_| CallError::Failed("the upstream key contains characters not allowed in a header".into()))?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 fn call_error(e: &reqwest::Error, connect_timeout: f64) -> CallError {
