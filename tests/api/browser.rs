@@ -74,6 +74,19 @@ main().catch((e) => report({failure: String(e && e.stack || e)}));
 </script></body></html>"#;
 
 /// Where Chromium is installed, if it is.
+/// Headless Chromium as this machine allows it: no sandbox (root), no GPU, and no connection of its own to the
+/// network, which is closed here (its background calls would be refused, many at a time).
+pub const HEADLESS: [&str; 8] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+];
+
 pub fn chromium() -> Option<std::path::PathBuf> {
     ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"]
         .iter()
@@ -109,16 +122,7 @@ async fn a_browser_page_on_another_origin_follows_reads_and_stops_requests() {
 
     let profile = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-component-update",
-            "--disable-sync",
-        ])
+        .args(HEADLESS)
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(&site_url)
         .stdout(std::process::Stdio::null())

@@ -7,7 +7,7 @@
 //! test types into the page's fields and clicks its buttons with `Runtime.evaluate`, then waits for the DOM.
 //! Needs Chromium like `browser.rs`: skipped with a warning without it, a failure under CI.
 
-use crate::browser::chromium;
+use crate::browser::{HEADLESS, chromium};
 use crate::helpers::*;
 use offload::mock::MockConfig;
 use serde_json::{Value, json};
@@ -102,18 +102,8 @@ impl Browser {
             .arg("-c")
             .arg(r#"exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>/dev/null"#)
             .arg(path)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-component-update",
-                "--disable-sync",
-                "--remote-debugging-pipe",
-                "--window-size=1280,900",
-            ])
+            .args(HEADLESS)
+            .args(["--remote-debugging-pipe", "--window-size=1280,900"])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
             .stdin(std::process::Stdio::piped())

@@ -507,42 +507,10 @@ async fn throughput(ctx: &Ctx, plan: &Plan, mock: &Proc, setup: Option<Setup>) -
     .await;
     result.attach_secs = started.elapsed().as_secs_f64();
 
-    let mut tasks = Vec::new();
-    for outcome in attached {
-        match outcome {
-            Ok(task) => tasks.push(task),
-            Err((kind, e)) => {
-                tracing::debug!("stream failed to start: {e:#}");
-                *result.error_kinds.entry(kind.into()).or_default() += 1;
-            }
-        }
-    }
-    result.attached = tasks.len();
-    let mut reads: Vec<Read> = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        match tokio::time::timeout(read_limit.saturating_sub(started.elapsed()), task).await {
-            Ok(Ok(read)) => reads.push(read),
-            Ok(Err(_)) => *result.error_kinds.entry("reader task".into()).or_default() += 1,
-            Err(_) => *result.error_kinds.entry("timeout".into()).or_default() += 1,
-        }
-    }
-    let first = reads.iter().filter_map(|r| r.first).min();
-    let last = reads.iter().filter_map(|r| r.last).max();
-    for read in &reads {
-        result.events += u64::from(read.events);
-        let kind = if read.error.is_some() {
-            Some("body")
-        } else if !read.done {
-            Some("no [DONE]")
-        } else if u64::from(read.events) != EVENTS_PER_STREAM {
-            Some("wrong event count")
-        } else {
-            None
-        };
-        if let Some(kind) = kind {
-            *result.error_kinds.entry(kind.into()).or_default() += 1;
-        }
-    }
+    let tally = super::tally_readers(attached, started, read_limit, EVENTS_PER_STREAM, &mut result.error_kinds).await;
+    result.attached = tally.attached;
+    result.events = tally.events;
+    let (first, last) = (tally.first, tally.last);
     result.errors = result.error_kinds.values().sum();
     result.complete = result.errors == 0 && result.events == result.expected_events;
     if let (Some(first), Some(last)) = (first, last) {

@@ -7,7 +7,7 @@
 //! plus N upstream connections would not fit offload's open-file limit of 20,000 at N = 10,000. Floor: the same
 //! N streams read from the mock directly with the same client code.
 
-use super::{Ctx, Read, create_body, create_stream, direct_body, get, open, post_mock, read_stream};
+use super::{Ctx, create_body, create_stream, direct_body, get, open, post_mock, read_stream};
 use crate::bench::load::{H2Pool, bounded, h1_client};
 use crate::bench::procs::{DataDir, Proc, RssPeak, Usage, in_flight, persisted_events, thread_cpu, wait_idle};
 use anyhow::Result;
@@ -149,44 +149,11 @@ pub async fn run(ctx: &Ctx, streams: usize, flush: Option<u64>) -> Result<Concur
         result.in_flight_at_hold = in_flight(&creates, &offload.base_url()).await.ok();
     }
 
-    let mut tasks = Vec::new();
-    for outcome in attached {
-        match outcome {
-            Ok(task) => tasks.push(task),
-            Err((kind, e)) => {
-                tracing::debug!("stream failed to start: {e:#}");
-                *result.error_kinds.entry(kind.into()).or_default() += 1;
-            }
-        }
-    }
-    result.attached = tasks.len();
-    let attached_at = Instant::now();
-    let mut reads: Vec<Read> = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        match tokio::time::timeout(read_limit.saturating_sub(started.elapsed()), task).await {
-            Ok(Ok(read)) => reads.push(read),
-            Ok(Err(_)) => *result.error_kinds.entry("reader task".into()).or_default() += 1,
-            Err(_) => *result.error_kinds.entry("timeout".into()).or_default() += 1,
-        }
-    }
-    let first = reads.iter().filter_map(|r| r.first).min();
-    let last = reads.iter().filter_map(|r| r.last).max();
-    result.all_attached_before_streaming = first.is_some_and(|f| f >= attached_at);
-    for read in &reads {
-        result.events += u64::from(read.events);
-        let kind = if read.error.is_some() {
-            Some("body")
-        } else if !read.done {
-            Some("no [DONE]")
-        } else if u64::from(read.events) != EVENTS_PER_STREAM {
-            Some("wrong event count")
-        } else {
-            None
-        };
-        if let Some(kind) = kind {
-            *result.error_kinds.entry(kind.into()).or_default() += 1;
-        }
-    }
+    let tally = super::tally_readers(attached, started, read_limit, EVENTS_PER_STREAM, &mut result.error_kinds).await;
+    result.attached = tally.attached;
+    result.events = tally.events;
+    let (first, last) = (tally.first, tally.last);
+    result.all_attached_before_streaming = first.is_some_and(|f| f >= tally.attached_at);
     result.errors = result.error_kinds.values().sum();
     if let (Some(first), Some(last)) = (first, last) {
         result.stream_secs = (last - first).as_secs_f64();

@@ -102,6 +102,69 @@ pub struct Read {
     pub error: Option<String>,
 }
 
+/// The readers of a scenario, awaited and counted.
+pub struct Tally {
+    /// Readers that started.
+    pub attached: usize,
+    /// When the last of them had started (before any was awaited).
+    pub attached_at: Instant,
+    /// Events delivered to all of them.
+    pub events: u64,
+    /// The first and the last event any of them received.
+    pub first: Option<Instant>,
+    pub last: Option<Instant>,
+}
+
+/// Awaits every reader that started (all within `limit` of `started`), and counts into `error_kinds` the streams
+/// that failed to start, or came up short of `expected` events and `[DONE]`.
+pub async fn tally_readers(
+    attached: Vec<Result<tokio::task::JoinHandle<Read>, (&'static str, anyhow::Error)>>,
+    started: Instant,
+    limit: Duration,
+    expected: u64,
+    error_kinds: &mut std::collections::BTreeMap<String, u64>,
+) -> Tally {
+    let mut count = |kind: &str| *error_kinds.entry(kind.into()).or_default() += 1;
+    let mut tasks = Vec::new();
+    for outcome in attached {
+        match outcome {
+            Ok(task) => tasks.push(task),
+            Err((kind, e)) => {
+                tracing::debug!("stream failed to start: {e:#}");
+                count(kind);
+            }
+        }
+    }
+    let attached = tasks.len();
+    let attached_at = Instant::now();
+    let mut reads: Vec<Read> = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        match tokio::time::timeout(limit.saturating_sub(started.elapsed()), task).await {
+            Ok(Ok(read)) => reads.push(read),
+            Ok(Err(_)) => count("reader task"),
+            Err(_) => count("timeout"),
+        }
+    }
+    let mut events = 0;
+    for read in &reads {
+        events += u64::from(read.events);
+        if read.error.is_some() {
+            count("body");
+        } else if !read.done {
+            count("no [DONE]");
+        } else if u64::from(read.events) != expected {
+            count("wrong event count");
+        }
+    }
+    Tally {
+        attached,
+        attached_at,
+        events,
+        first: reads.iter().filter_map(|r| r.first).min(),
+        last: reads.iter().filter_map(|r| r.last).max(),
+    }
+}
+
 const EVENT: &[u8] = b"data: {";
 const DONE: &[u8] = b"data: [DONE]";
 
