@@ -67,7 +67,12 @@ async fn write(store: &Arc<dyn Store>, ops: Vec<WriteOp>) {
 }
 
 fn finish(id: RequestId, webhook_url: Option<&str>) -> WriteOp {
-    WriteOp::Finish { id, progress: progress(Status::Done), body: None, webhook_url: webhook_url.map(str::to_owned) }
+    WriteOp::Finish {
+        id,
+        progress: Box::new(progress(Status::Done)),
+        body: None,
+        webhook_url: webhook_url.map(str::to_owned),
+    }
 }
 
 pub async fn an_inserted_request_reads_back_exactly(store: Arc<dyn Store>) {
@@ -155,10 +160,10 @@ pub async fn progress_and_finish_are_kept_and_unfinished_lists_only_the_running(
         vec![
             WriteOp::Insert(running),
             WriteOp::Insert(finished),
-            WriteOp::Progress { id: r, progress: progress(Status::Streaming) },
+            WriteOp::Progress { id: r, progress: Box::new(progress(Status::Streaming)) },
             WriteOp::Finish {
                 id: f,
-                progress: progress(Status::Error),
+                progress: Box::new(progress(Status::Error)),
                 body: Some("{\"ok\":true}".into()),
                 webhook_url: None,
             },
@@ -210,6 +215,41 @@ pub async fn a_failed_batch_changes_nothing(store: Arc<dyn Store>) {
     assert!(store.events(id, 0, 10).await.unwrap().is_empty());
 }
 
+/// A create's insert is not held up by a long batch of other writes queued before it (the SQLite store lets it
+/// in between the batch's writes), and the batch still stores every write once.
+pub async fn an_urgent_insert_does_not_wait_for_a_long_batch(store: Arc<dyn Store>) {
+    let running = meta(Access::Public);
+    let id = running.locator.id;
+    write(&store, vec![WriteOp::Insert(running)]).await;
+    const EVENTS: u64 = 20_000;
+    let batch: Arc<[WriteOp]> = (1..=EVENTS)
+        .map(|seq| WriteOp::Event { id, seq, data: format!("{{\"n\":{seq}}}").into_bytes().into() })
+        .collect();
+    let long = tokio::spawn({
+        let store = store.clone();
+        async move { store.write(batch).await.map(|()| tokio::time::Instant::now()) }
+    });
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let new = meta(Access::Public);
+    store.write_urgent(vec![WriteOp::Insert(new.clone())].into()).await.unwrap();
+    let inserted = tokio::time::Instant::now();
+    let long_done = long.await.unwrap().unwrap();
+    assert!(inserted < long_done, "the insert waited for the whole batch");
+    assert!(store.get(new.locator.id).await.unwrap().is_some());
+    let mut count = 0;
+    let mut cursor = 0;
+    loop {
+        let page = store.events(id, cursor, 5000).await.unwrap();
+        let Some((last, _)) = page.last() else { break };
+        for (i, (seq, _)) in page.iter().enumerate() {
+            assert_eq!(*seq, cursor + 1 + i as u64);
+        }
+        cursor = *last;
+        count += page.len() as u64;
+    }
+    assert_eq!(count, EVENTS);
+}
+
 pub async fn a_batch_has_the_effect_of_its_ops_applied_in_order(store: Arc<dyn Store>) {
     let (old, new) = (meta(Access::Public), meta(Access::Private));
     let (o, n, ghost) = (old.locator.id, new.locator.id, RequestId::generate());
@@ -226,27 +266,32 @@ pub async fn a_batch_has_the_effect_of_its_ops_applied_in_order(store: Arc<dyn S
             event(n, 1, b"\"b\""),
             raw(n, 1, b"x"),
             raw(n, 1, b"y"),
-            WriteOp::Progress { id: n, progress: progress(Status::Streaming) },
+            WriteOp::Progress { id: n, progress: Box::new(progress(Status::Streaming)) },
             WriteOp::Finish {
                 id: n,
-                progress: progress(Status::Done),
+                progress: Box::new(progress(Status::Done)),
                 body: Some("{\"n\":1}".into()),
                 webhook_url: Some("https://h.example/n".into()),
             },
-            WriteOp::Progress { id: o, progress: progress(Status::Streaming) },
+            WriteOp::Progress { id: o, progress: Box::new(progress(Status::Streaming)) },
             event(o, 1, b"\"c\""),
-            WriteOp::Finish { id: o, progress: progress(Status::Error), body: Some("{}".into()), webhook_url: None },
+            WriteOp::Finish {
+                id: o,
+                progress: Box::new(progress(Status::Error)),
+                body: Some("{}".into()),
+                webhook_url: None,
+            },
             // After the final status nothing is kept: a final status never changes.
             WriteOp::Finish {
                 id: o,
-                progress: progress(Status::Done),
+                progress: Box::new(progress(Status::Done)),
                 body: Some("{\"o\":2}".into()),
                 webhook_url: Some("https://h.example/o".into()),
             },
             event(o, 2, b"\"d\""),
             // A request that does not exist: its writes are dropped, the rest of the batch stands.
             event(ghost, 1, b"{}"),
-            WriteOp::Progress { id: ghost, progress: progress(Status::Streaming) },
+            WriteOp::Progress { id: ghost, progress: Box::new(progress(Status::Streaming)) },
         ],
     )
     .await;
@@ -351,11 +396,12 @@ pub async fn a_final_request_takes_no_more_writes(store: Arc<dyn Store>) {
     assert_eq!(before.meta.owner, m.owner, "the owner reads back");
     let late = WriteOp::Finish {
         id,
-        progress: progress(Status::Error),
+        progress: Box::new(progress(Status::Error)),
         body: Some("{\"late\":true}".into()),
         webhook_url: Some("https://h.example/late".into()),
     };
-    write(&store, vec![event(3), WriteOp::Progress { id, progress: progress(Status::Streaming) }, late]).await;
+    write(&store, vec![event(3), WriteOp::Progress { id, progress: Box::new(progress(Status::Streaming)) }, late])
+        .await;
     let after = store.get(id).await.unwrap().unwrap();
     assert_eq!(after.progress, before.progress, "a final status never changes");
     assert_eq!(after.body, before.body);
@@ -424,13 +470,13 @@ pub async fn two_handles_ending_one_request_at_once_store_one_final_status_and_o
         write(&a.requests, vec![WriteOp::Insert(m)]).await;
         let done = WriteOp::Finish {
             id,
-            progress: progress(Status::Done),
+            progress: Box::new(progress(Status::Done)),
             body: Some("{\"by\":\"a\"}".into()),
             webhook_url: Some("https://h.example/a".into()),
         };
         let interrupted = WriteOp::Finish {
             id,
-            progress: progress(Status::Error),
+            progress: Box::new(progress(Status::Error)),
             body: Some("{\"by\":\"b\"}".into()),
             webhook_url: Some("https://h.example/b".into()),
         };
@@ -612,8 +658,13 @@ pub async fn purging_deletes_only_requests_finished_before_the_cutoff(store: Arc
             WriteOp::Insert(running),
             WriteOp::Event { id: o, seq: 1, data: Bytes::from_static(b"{}") },
             WriteOp::Raw { id: o, seq: 1, piece: RawPiece::Bytes(Bytes::from_static(b"x")) },
-            WriteOp::Finish { id: o, progress: at(1_000.0), body: None, webhook_url: Some("https://h.example".into()) },
-            WriteOp::Finish { id: r, progress: at(5_000.0), body: None, webhook_url: None },
+            WriteOp::Finish {
+                id: o,
+                progress: Box::new(at(1_000.0)),
+                body: None,
+                webhook_url: Some("https://h.example".into()),
+            },
+            WriteOp::Finish { id: r, progress: Box::new(at(5_000.0)), body: None, webhook_url: None },
         ],
     )
     .await;
@@ -732,6 +783,7 @@ macro_rules! contract_suite {
                 delete_removes_the_request_its_events_and_raw,
                 a_failed_batch_changes_nothing,
                 a_batch_has_the_effect_of_its_ops_applied_in_order,
+                an_urgent_insert_does_not_wait_for_a_long_batch,
                 concurrent_writers_lose_nothing,
                 purging_deletes_only_requests_finished_before_the_cutoff,
                 a_final_request_takes_no_more_writes

@@ -333,13 +333,16 @@ impl Engine {
             owner: Some(inner.config.node),
         });
 
-        inner.persister.commit(WriteOp::Insert(meta.clone())).await?;
+        // The upstream call starts while the insert commits; the answer waits for the insert, and the worker writes
+        // nothing (and drops the call) if it fails.
+        let inserted = inner.persister.commit_soon(WriteOp::Insert(meta.clone()));
         let live = LiveRequest::new(meta.clone());
         inner.hub.lock().insert(id, live.clone());
         inner.tasks.spawn(crate::telemetry::within_request(
             id,
-            worker::run(inner.clone(), live.clone(), key, upstream_body, (held, slot)),
+            worker::run(inner.clone(), live.clone(), key, upstream_body, (held, slot), inserted.clone()),
         ));
+        inserted.durable().await?;
         if !self.accepting() {
             // Shutdown began while this one was being accepted: it ends as interrupted like the others.
             live.cancel_with(CancelReason::Shutdown, unix_now());
@@ -569,7 +572,7 @@ impl Engine {
             }
             progress.processed_at = Some(now);
             let webhook_url = request.meta.options.webhook_url.clone();
-            store.write(Arc::from([WriteOp::Finish { id, progress, body, webhook_url }])).await?;
+            store.write(Arc::from([WriteOp::Finish { id, progress: Box::new(progress), body, webhook_url }])).await?;
             tracing::warn!(request = %id, "request cut off by a previous crash ended as interrupted");
         }
         Ok(count)
@@ -637,7 +640,7 @@ impl Inner {
         }
         let webhook_url = live.meta.options.webhook_url.clone();
         let has_webhook = webhook_url.is_some();
-        let finish = WriteOp::Finish { id, progress, body, webhook_url };
+        let finish = WriteOp::Finish { id, progress: Box::new(progress), body, webhook_url };
         // Final statuses share the regular flush instead of forcing a commit each.
         let mut delay = Duration::from_millis(100);
         while let Err(e) = self.persister.push_durable(finish.clone()).await {

@@ -1,12 +1,13 @@
-//! Batches writes to the store in two lanes.
+//! Batches writes to the store, and sends creates' inserts ahead of them.
 //!
-//! - **Creates** (`commit`): the create answer waits for its insert, so pending inserts are committed at once,
-//!   together (group commit), ahead of everything else.
+//! - **Creates** (`commit_soon`): the create answer waits for its insert, so it goes to the store at once, not
+//!   through the batching task, with [`Store::write_urgent`]: the SQLite store commits waiting inserts together
+//!   (group commit) ahead of other writes, and lets them in between the writes of a long batch.
 //! - **Everything else** (`push`, `push_durable`): chunks, raw pieces, progress and final statuses are written at
-//!   most one flush interval after they arrive, in slices of at most [`SLICE`] writes, so that a create never
-//!   waits behind more than one slice.
+//!   most one flush interval after they arrive, in slices of at most [`SLICE`] writes.
 //!
-//! Jumping the queue is safe: a request's other writes are only ever queued after its insert was acknowledged.
+//! Jumping the queue is safe: a request's other writes are only ever queued after its insert was acknowledged
+//! (its upstream call starts at once, but its worker waits for the insert's [`Receipt`] before it writes).
 //!
 //! A failing store loses nothing that was accepted. A bulk slice that fails stays at the head of its lane and is
 //! tried again with a growing delay (at most [`MAX_BACKOFF`]) for as long as the store fails; meanwhile the store
@@ -16,6 +17,8 @@
 //! stored), loudly.
 
 use crate::store::{Store, StoreError, WriteOp};
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -28,23 +31,27 @@ const SLICE: usize = 1024;
 /// The longest wait between two tries of a slice the store refused.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// How often an idle persister tries a store whose last write failed.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+
 /// Failed tries of a slice before its writes are tried one by one to find one that can never be stored.
 const TRIES_BEFORE_SPLIT: u32 = 3;
 
 type Ack = oneshot::Sender<Result<(), StoreError>>;
 
 enum Cmd {
-    /// A create's insert: written at once, ahead of the bulk lane.
-    Urgent(WriteOp, Ack),
     /// A bulk write, acknowledged once durable when `ack` is given.
     Bulk(WriteOp, Option<Ack>),
     /// Write the whole bulk lane now; acknowledge when it is durable.
     Flush(Ack),
+    /// Look at the store's health again (a create's insert failed): an idle persister then probes it.
+    Wake,
 }
 
 #[derive(Clone)]
 pub struct Persister {
     tx: mpsc::Sender<Cmd>,
+    store: Arc<dyn Store>,
     /// False from a failed commit until the next successful one.
     healthy: Arc<AtomicBool>,
 }
@@ -54,8 +61,8 @@ impl Persister {
     pub fn start(store: Arc<dyn Store>, interval: Duration) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(65_536);
         let healthy = Arc::new(AtomicBool::new(true));
-        let task = tokio::spawn(run(store, interval, rx, healthy.clone()));
-        (Self { tx, healthy }, task)
+        let task = tokio::spawn(run(store.clone(), interval, rx, healthy.clone()));
+        (Self { tx, store, healthy }, task)
     }
 
     /// Whether the last commit succeeded.
@@ -75,10 +82,20 @@ impl Persister {
         }
     }
 
-    /// Writes at once (ahead of the bulk lane) and waits until it is durable: for a create's insert.
-    pub async fn commit(&self, op: WriteOp) -> Result<(), StoreError> {
-        let (ack, done) = oneshot::channel();
-        self.send(Cmd::Urgent(op, ack), done).await
+    /// Queues a write to be made at once (ahead of the bulk lane) and returns its receipt, which resolves once
+    /// it is durable: for a create's insert, whose upstream call starts while the insert commits.
+    pub fn commit_soon(&self, op: WriteOp) -> Receipt {
+        let (store, healthy, tx) = (self.store.clone(), self.healthy.clone(), self.tx.clone());
+        let write = async move {
+            let result = write_urgent(&*store, Arc::from([op])).await;
+            healthy.store(result.is_ok(), Ordering::SeqCst);
+            if result.is_err() {
+                // Full or closed: then the persister is busy (and finds out) or gone.
+                let _ = tx.try_send(Cmd::Wake);
+            }
+            result
+        };
+        Receipt(write.boxed().shared())
     }
 
     /// Queues a write and waits until it is durable, which is at the next regular flush: for a caller that must
@@ -100,12 +117,24 @@ impl Persister {
     }
 }
 
+/// The outcome of a write queued with [`Persister::commit_soon`]; every clone resolves to the same outcome, so the
+/// create that answers the caller and the worker that must not store anything of a request never inserted can
+/// both wait for it (either may be dropped first).
+#[derive(Clone)]
+pub struct Receipt(Shared<BoxFuture<'static, Result<(), StoreError>>>);
+
+impl Receipt {
+    /// Waits until the write is durable, or failed. The write is sent when the receipt is first awaited.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        self.0.clone().await
+    }
+}
+
 /// What is waiting to be written.
 #[derive(Default)]
 struct Lanes {
-    urgent: Vec<WriteOp>,
-    urgent_acks: Vec<Ack>,
-    bulk: Vec<WriteOp>,
+    /// A deque: slices leave from the front of a backlog that may hold many thousands of writes.
+    bulk: std::collections::VecDeque<WriteOp>,
     /// Each ack with the number of bulk writes that must be durable before it is sent.
     bulk_acks: Vec<(usize, Ack)>,
     /// When the oldest bulk write arrived.
@@ -122,13 +151,9 @@ struct Lanes {
 impl Lanes {
     fn take(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Urgent(op, ack) => {
-                self.urgent.push(op);
-                self.urgent_acks.push(ack);
-            }
             Cmd::Bulk(op, ack) => {
                 self.bulk_since.get_or_insert_with(Instant::now);
-                self.bulk.push(op);
+                self.bulk.push_back(op);
                 if let Some(ack) = ack {
                     self.bulk_acks.push((self.queued(), ack));
                 }
@@ -137,6 +162,7 @@ impl Lanes {
                 self.bulk_acks.push((self.queued(), ack));
                 self.flush_now = true;
             }
+            Cmd::Wake => {}
         }
     }
 
@@ -152,7 +178,7 @@ impl Lanes {
     }
 
     fn is_empty(&self) -> bool {
-        self.urgent.is_empty() && self.head.is_none() && self.bulk.is_empty() && self.bulk_acks.is_empty()
+        self.head.is_none() && self.bulk.is_empty() && self.bulk_acks.is_empty()
     }
 
     /// Bulk writes not yet durable, the head slice included.
@@ -180,10 +206,22 @@ async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<C
     let mut lanes = Lanes::default();
     let mut open = true;
     while open || !lanes.is_empty() {
-        crate::metrics::store_queue(lanes.urgent.len() + lanes.queued() + rx.len());
+        crate::metrics::store_queue(lanes.queued() + rx.len());
         // Wait for work, or for the bulk lane to come due.
-        if open && lanes.urgent.is_empty() && !lanes.bulk_due(interval) {
+        if open && !lanes.bulk_due(interval) {
             let next = match lanes.next_due(interval) {
+                // Idle after a failed write (a create's insert, say): nothing else would find out that the store
+                // is back, and creates are refused meanwhile, so try it with an empty transaction now and then.
+                None if lanes.is_empty() && !healthy.load(Ordering::SeqCst) => {
+                    match tokio::time::timeout(PROBE_EVERY, rx.recv()).await {
+                        Ok(cmd) => cmd.ok_or(()),
+                        Err(_) => {
+                            let probe = store.write(Arc::from([])).await;
+                            healthy.store(probe.is_ok(), Ordering::SeqCst);
+                            continue;
+                        }
+                    }
+                }
                 None if lanes.is_empty() => rx.recv().await.ok_or(()),
                 Some(due) => match tokio::time::timeout_at(due, rx.recv()).await {
                     Ok(cmd) => cmd.ok_or(()),
@@ -211,13 +249,6 @@ async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<C
             lanes.flush_now = true;
         }
 
-        if !lanes.urgent.is_empty() {
-            let ops: Arc<[WriteOp]> = std::mem::take(&mut lanes.urgent).into();
-            let result = write_urgent(&*store, ops).await;
-            healthy.store(result.is_ok(), Ordering::SeqCst);
-            answer(std::mem::take(&mut lanes.urgent_acks), &result);
-            continue;
-        }
         if lanes.bulk_due(interval) {
             write_head_slice(&*store, &mut lanes, &healthy).await;
         } else if !open && lanes.retry_at.is_some() {
@@ -326,7 +357,7 @@ async fn write_urgent(store: &dyn Store, ops: Arc<[WriteOp]>) -> Result<(), Stor
     let mut tries = 0;
     loop {
         tries += 1;
-        match crate::metrics::store_write("create", ops.len(), store.write(ops.clone())).await {
+        match crate::metrics::store_write("create", ops.len(), store.write_urgent(ops.clone())).await {
             Ok(()) => return Ok(()),
             Err(e) if tries >= 3 => {
                 tracing::error!(error = %e, writes = ops.len(), "could not store new requests; they are refused");

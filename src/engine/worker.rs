@@ -2,6 +2,7 @@
 
 use super::Inner;
 use super::live::{CancelReason, LiveBody, LiveRequest, json_body};
+use super::persister::Receipt;
 use super::raw::{SkipBom, Stored};
 use crate::document::Attempt;
 use crate::document::{ChunkKind, ErrorInfo};
@@ -28,18 +29,32 @@ pub(super) async fn run(
     key: Option<UpstreamKey>,
     body: String,
     held: (Option<Box<dyn super::Held>>, tokio::sync::OwnedSemaphorePermit),
+    inserted: Receipt,
 ) {
     let timeout = live.meta.options.timeout;
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
     let outcome = tokio::select! {
         biased;
         _ = live.cancel.cancelled() => Outcome::Cancelled,
+        // An insert that failed drops the call at once (the create answered an error).
+        _ = async {
+            if inserted.durable().await.is_ok() {
+                std::future::pending::<()>().await;
+            }
+        } => Outcome::Cancelled,
         _ = tokio::time::sleep_until(deadline) => Outcome::Failed(ErrorInfo::new(
             "timeout",
             format!("The upstream did not finish within the timeout of {timeout} seconds."),
         )),
-        outcome = call(&inner, &live, key, body, deadline) => outcome,
+        outcome = call(&inner, &live, key, body, deadline, &inserted) => outcome,
     };
+    if inserted.durable().await.is_err() {
+        // Never stored, so its create answered an error and nobody knows its URLs: nothing of it is written.
+        inner.hub.lock().remove(&live.meta.locator.id);
+        live.settled.cancel();
+        release(held).await;
+        return;
+    }
     // The call future is dropped here, and with it the upstream connection: no more tokens are paid for.
     let (status, error) = match outcome {
         Outcome::Done => (Status::Done, None),
@@ -50,7 +65,11 @@ pub(super) async fn run(
         },
     };
     inner.settle(&live, status, error).await;
-    let (held, slot) = held;
+    release(held).await;
+}
+
+/// Gives back what the request held until it was final: the service key's slot, then the server's.
+async fn release((held, slot): (Option<Box<dyn super::Held>>, tokio::sync::OwnedSemaphorePermit)) {
     if let Some(held) = held {
         held.release().await;
     }
@@ -73,7 +92,7 @@ async fn transition(inner: &Inner, live: &LiveRequest, apply: impl FnOnce(&mut c
         (true, Some(st.progress.clone()))
     });
     if let Some(progress) = progress {
-        inner.persister.push(WriteOp::Progress { id: live.meta.locator.id, progress }).await;
+        inner.persister.push(WriteOp::Progress { id: live.meta.locator.id, progress: Box::new(progress) }).await;
     }
 }
 
@@ -89,6 +108,7 @@ async fn call(
     key: Option<UpstreamKey>,
     body: String,
     deadline: tokio::time::Instant,
+    inserted: &Receipt,
 ) -> Outcome {
     // Not written to the store on its own: after a crash `posting` and `pending` end alike (interrupted), and
     // `request_at` is stored with the next transition.
@@ -100,10 +120,14 @@ async fn call(
         }
         (true, ())
     });
-    let response = match attempts(inner, live, key, body, deadline).await {
+    let response = match attempts(inner, live, key, body, deadline, inserted).await {
         Ok(response) => response,
         Err(e) => return Outcome::Failed(e),
     };
+    // Nothing is written before the request's insert is durable.
+    if inserted.durable().await.is_err() {
+        return Outcome::Cancelled;
+    }
 
     let meta = response_meta(&response);
     store_raw(inner, live, [live.raw_verbatim(raw_head(&response, &meta))]).await;
@@ -150,6 +174,7 @@ async fn attempts(
     key: Option<UpstreamKey>,
     body: String,
     deadline: tokio::time::Instant,
+    inserted: &Receipt,
 ) -> Result<reqwest::Response, ErrorInfo> {
     let retries = inner.upstream.retries().clone();
     let connect_timeout = live.meta.options.connect_timeout;
@@ -201,6 +226,9 @@ async fn attempts(
             }
         };
         failed += 1;
+        if inserted.durable().await.is_err() {
+            return Err(error);
+        }
         tracing::info!(request = %live.meta.locator.id, attempt = failed, error = %error.message, "upstream attempt failed; retrying");
         transition(inner, live, |p| p.attempts.push(Attempt { at, status_code, error })).await;
         tokio::time::sleep(delay).await;

@@ -167,16 +167,28 @@ pub enum WriteOp {
     /// again replaces that piece.
     Raw { id: RequestId, seq: u64, piece: RawPiece },
     /// A status transition or new response facts.
-    Progress { id: RequestId, progress: Progress },
+    Progress { id: RequestId, progress: Box<Progress> },
     /// The final status, with the final body. With `webhook_url`, its delivery is queued in the same
     /// transaction, so that no final status is ever stored without its webhook.
-    Finish { id: RequestId, progress: Progress, body: Option<String>, webhook_url: Option<String> },
+    Finish { id: RequestId, progress: Box<Progress>, body: Option<String>, webhook_url: Option<String> },
 }
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies the operations in order, atomically. Returns once they are durable.
+    ///
+    /// One exception: a store may commit a long batch in parts to let [`Self::write_urgent`] in between (the SQLite
+    /// store does). An error then leaves the parts before it stored; that is harmless because the persister tries
+    /// a failed batch again whole, and applying a write twice changes nothing (events and raw pieces replace
+    /// themselves, a final status applies once and nothing is written after it). A batch with an insert in it is
+    /// never split.
     async fn write(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError>;
+
+    /// [`Self::write`] for a create's insert, which its caller waits for: a store may run it ahead of writes
+    /// queued earlier (none of them can concern a request not yet inserted).
+    async fn write_urgent(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
+        self.write(ops).await
+    }
 
     async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError>;
 

@@ -24,6 +24,8 @@ pub struct Flaky {
     pub fail_writes: AtomicBool,
     /// Key lookups and quota charges fail.
     pub fail_keys: AtomicBool,
+    /// Creates' inserts fail (the rest of the writes pass).
+    pub fail_inserts: AtomicBool,
 }
 
 fn broken() -> StoreError {
@@ -49,6 +51,13 @@ impl Store for Flaky {
     async fn write(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
         self.writes()?;
         self.inner.write(ops).await
+    }
+    async fn write_urgent(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
+        self.writes()?;
+        if self.fail_inserts.load(Ordering::SeqCst) {
+            return Err(broken());
+        }
+        self.inner.write_urgent(ops).await
     }
     async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
         self.reads()?;
@@ -171,6 +180,7 @@ pub async fn spawn_flaky() -> (TestApp, Arc<Flaky>) {
         fail_reads: AtomicBool::new(false),
         fail_writes: AtomicBool::new(false),
         fail_keys: AtomicBool::new(false),
+        fail_inserts: AtomicBool::new(false),
     });
     let app = spawn_on(Stores::of(flaky.clone()), data_dir, |_| {}).await;
     (app, flaky)

@@ -96,3 +96,33 @@ async fn delete_of_a_running_request_while_the_store_fails_answers_503_in_bounde
     let doc = app.wait_final(&status_url, None).await;
     assert_eq!(doc["status"], "error", "{doc}");
 }
+
+/// The upstream call starts while the insert commits (it need not wait for it); when the insert fails, the create
+/// answers 503 and the call is dropped at once, not when the upstream answers.
+#[tokio::test]
+async fn a_create_whose_insert_fails_answers_503_and_drops_its_upstream_call_at_once() {
+    let (app, flaky) = spawn_flaky().await;
+    flaky.fail_inserts.store(true, Ordering::SeqCst);
+    // The upstream would answer only after 20 s.
+    let started = tokio::time::Instant::now();
+    let refused = app.create("async-chatgpt", &json!({"messages": user("hi"), "mock": {"ttft_ms": 20000}})).await;
+    assert_eq!(refused.status(), 503);
+    let refused: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(refused["status"], "error", "{refused}");
+    let deadline = started + Duration::from_secs(5);
+    loop {
+        // 503 (`store_failing`) until the idle persister finds the store takes writes again.
+        let health: serde_json::Value = app.get(&app.url("/healthz"), None).await.json().await.unwrap();
+        if health["in_flight"] == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the call was not dropped: {health}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    flaky.fail_inserts.store(false, Ordering::SeqCst);
+    let created = app.create("async-chatgpt", &json!({"messages": user("again")})).await;
+    assert_eq!(created.status(), 200);
+    let created: serde_json::Value = created.json().await.unwrap();
+    let doc = app.wait_final(&endpoint(&created, "status_url"), None).await;
+    assert_eq!(doc["status"], "done", "{doc}");
+}

@@ -25,7 +25,7 @@ use rusqlite::Connection;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// The tables version 5 added (nodes, per-key in-flight slots and rate buckets): in the schema of a new store,
 /// and in the upgrade of a version 4 one.
@@ -133,6 +133,8 @@ const OLDEST_UPGRADABLE: i64 = 4;
 pub(super) struct Writer {
     conn: Connection,
     rkeys: HashMap<RequestId, i64>,
+    /// Where the writer finds its work; a long batch looks here between writes for creates waiting.
+    queue: Arc<Queue>,
 }
 
 impl std::ops::Deref for Writer {
@@ -151,9 +153,99 @@ impl std::ops::DerefMut for Writer {
 /// Work for the writer thread; it sends its own result back.
 type WriteJob = Box<dyn FnOnce(&mut Writer) + Send>;
 
+/// A create's insert, waiting for the writer: these go ahead of every other job, all in one transaction (group
+/// commit), and a long batch of other writes commits what it has and lets them in (see `requests::apply`).
+type UrgentJob = (Arc<[crate::store::WriteOp]>, oneshot::Sender<Result<(), StoreError>>);
+
+/// The writer thread's work in two lanes.
+pub(super) struct Queue {
+    jobs: Mutex<Jobs>,
+    ready: parking_lot::Condvar,
+    /// Whether `jobs.urgent` has something: read between the writes of a batch without taking the lock.
+    urgent_waiting: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct Jobs {
+    urgent: Vec<UrgentJob>,
+    normal: std::collections::VecDeque<WriteJob>,
+    /// The store was dropped: the thread ends once the lanes are empty.
+    closed: bool,
+}
+
+enum Next {
+    Urgent(Vec<UrgentJob>),
+    Normal(WriteJob),
+}
+
+impl Queue {
+    fn push(&self, job: WriteJob) -> Result<(), StoreError> {
+        let mut jobs = self.jobs.lock();
+        if jobs.closed {
+            return Err(StoreError::Closed);
+        }
+        jobs.normal.push_back(job);
+        drop(jobs);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    fn push_urgent(&self, job: UrgentJob) -> Result<(), StoreError> {
+        let mut jobs = self.jobs.lock();
+        if jobs.closed {
+            return Err(StoreError::Closed);
+        }
+        jobs.urgent.push(job);
+        self.urgent_waiting.store(true, std::sync::atomic::Ordering::Release);
+        drop(jobs);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Every urgent job waiting (possibly none).
+    pub(super) fn take_urgent(&self) -> Vec<UrgentJob> {
+        let mut jobs = self.jobs.lock();
+        self.urgent_waiting.store(false, std::sync::atomic::Ordering::Release);
+        std::mem::take(&mut jobs.urgent)
+    }
+
+    pub(super) fn urgent_waiting(&self) -> bool {
+        self.urgent_waiting.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The next job, urgent ones first; `None` once the store is closed and nothing is left.
+    fn next(&self) -> Option<Next> {
+        let mut jobs = self.jobs.lock();
+        loop {
+            if !jobs.urgent.is_empty() {
+                self.urgent_waiting.store(false, std::sync::atomic::Ordering::Release);
+                return Some(Next::Urgent(std::mem::take(&mut jobs.urgent)));
+            }
+            if let Some(job) = jobs.normal.pop_front() {
+                return Some(Next::Normal(job));
+            }
+            if jobs.closed {
+                return None;
+            }
+            self.ready.wait(&mut jobs);
+        }
+    }
+
+    fn close(&self) {
+        self.jobs.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
 pub struct SqliteStore {
-    writer: mpsc::Sender<WriteJob>,
+    queue: Arc<Queue>,
     readers: Arc<ReadPool>,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 /// Whether a commit waits for the disk (`full`) or only for the OS (`normal`, the default: a killed process
@@ -348,13 +440,20 @@ impl SqliteStore {
             owner_only::tighten(file, owner_only::FILE).map_err(|e| StoreError::Database(e.to_string()))?;
         }
 
-        let (tx, mut rx) = mpsc::channel::<WriteJob>(1024);
-        let mut writer = Writer { conn, rkeys: HashMap::new() };
+        let queue = Arc::new(Queue {
+            jobs: Mutex::new(Jobs::default()),
+            ready: parking_lot::Condvar::new(),
+            urgent_waiting: false.into(),
+        });
+        let mut writer = Writer { conn, rkeys: HashMap::new(), queue: queue.clone() };
         std::thread::Builder::new()
             .name("offload-sqlite-writer".into())
             .spawn(move || {
-                while let Some(job) = rx.blocking_recv() {
-                    job(&mut writer);
+                while let Some(next) = writer.queue.next() {
+                    match next {
+                        Next::Urgent(jobs) => requests::run_urgent(&mut writer, jobs),
+                        Next::Normal(job) => job(&mut writer),
+                    }
                 }
             })
             .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
@@ -365,7 +464,7 @@ impl SqliteStore {
             .name("offload-sqlite-checkpoint".into())
             .spawn(move || checkpoint_loop(checkpoints, alive))
             .map_err(|e| StoreError::Database(format!("cannot start the checkpoint thread: {e}")))?;
-        Ok(Self { writer: tx, readers })
+        Ok(Self { queue, readers })
     }
 
     /// Runs `f` on the writer thread, after every write queued before it.
@@ -377,7 +476,7 @@ impl SqliteStore {
         let job: WriteJob = Box::new(move |conn| {
             let _ = done.send(f(conn));
         });
-        self.writer.send(job).await.map_err(|_| StoreError::Closed)?;
+        self.queue.push(job)?;
         wait.await.map_err(|_| StoreError::Closed)?
     }
 

@@ -44,7 +44,7 @@ fn delete_rows(conn: &Connection, rkey: i64, id: &[u8]) -> rusqlite::Result<bool
 }
 
 fn delete(w: &mut Writer, id: RequestId) -> Result<bool, StoreError> {
-    let Writer { conn, rkeys } = w;
+    let Writer { conn, rkeys, .. } = w;
     // IMMEDIATE: take the write lock before reading, so that a writer of another process (the `keys` command)
     // makes this one wait its turn instead of failing on a snapshot gone stale.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
@@ -57,9 +57,9 @@ fn delete(w: &mut Writer, id: RequestId) -> Result<bool, StoreError> {
     Ok(deleted)
 }
 
-fn apply(w: &mut Writer, ops: &[WriteOp]) -> Result<(), StoreError> {
+fn apply(w: &mut Writer, ops: &[WriteOp], may_yield: bool) -> Result<(), StoreError> {
     let mut inserted = Vec::new();
-    let result = apply_in_transaction(w, ops, &mut inserted);
+    let result = apply_yielding(w, ops, &mut inserted, may_yield);
     match &result {
         Ok(()) => {
             for op in ops {
@@ -76,102 +76,143 @@ fn apply(w: &mut Writer, ops: &[WriteOp]) -> Result<(), StoreError> {
     result
 }
 
-fn apply_in_transaction(w: &mut Writer, ops: &[WriteOp], inserted: &mut Vec<RequestId>) -> Result<(), StoreError> {
-    let Writer { conn, rkeys } = w;
-    // IMMEDIATE: take the write lock before reading, so that a writer of another process (the `keys` command)
-    // makes this one wait its turn instead of failing on a snapshot gone stale.
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+/// Creates waiting for the writer: their inserts in one transaction (group commit), each told the outcome.
+pub(super) fn run_urgent(w: &mut Writer, jobs: Vec<super::UrgentJob>) {
+    let ops: Vec<WriteOp> = jobs.iter().flat_map(|(ops, _)| ops.iter().cloned()).collect();
+    let result = apply(w, &ops, false);
+    for (_, done) in jobs {
+        let _ = done.send(result.clone());
+    }
+}
+
+/// How long a batch keeps its transaction open while creates wait.
+const YIELD_AFTER: std::time::Duration = std::time::Duration::from_micros(250);
+
+/// Applies `ops` in order. A batch is one transaction, except that when creates are waiting (see
+/// [`super::Queue`]) and the transaction has been open for [`YIELD_AFTER`], it commits what it has written,
+/// lets their inserts in (`may_yield`), and goes on in a new transaction: a create never waits long behind a
+/// long batch, and a steady stream of creates cannot split a batch into a commit per write. On an error the batch may thus be partly
+/// stored; the persister tries it again whole, and every write in it can be applied twice without harm (events
+/// and raw pieces replace themselves, a final status applies once, nothing is written after it).
+fn apply_yielding(
+    w: &mut Writer,
+    ops: &[WriteOp],
+    inserted: &mut Vec<RequestId>,
+    may_yield: bool,
+) -> Result<(), StoreError> {
     // Requests this batch ended: nothing after their final status is written.
     let mut ended = std::collections::HashSet::new();
+    // IMMEDIATE: take the write lock before reading, so that a writer of another process (the `keys` command)
+    // makes this one wait its turn instead of failing on a snapshot gone stale.
+    let mut tx = w.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+    let mut opened = std::time::Instant::now();
     for op in ops {
-        if let WriteOp::Event { id, .. }
-        | WriteOp::Raw { id, .. }
-        | WriteOp::Progress { id, .. }
-        | WriteOp::Finish { id, .. } = op
-            && ended.contains(id)
-        {
-            continue;
+        if may_yield && w.queue.urgent_waiting() && opened.elapsed() >= YIELD_AFTER {
+            tx.commit().map_err(db_err)?;
+            let waiting = w.queue.take_urgent();
+            run_urgent(w, waiting);
+            tx = w.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            opened = std::time::Instant::now();
         }
-        match op {
-            WriteOp::Insert(meta) => {
-                let meta_json = encode_meta(meta)?;
-                let progress = encode_progress(&Progress::pending())?;
-                tx.prepare_cached(
-                    "INSERT INTO requests (id, kind, access, created_at, bearer, stream_token, meta, parameters, status, progress, owner)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10)",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        meta.locator.id.as_bytes(),
-                        meta.locator.kind.code(),
-                        meta.locator.access.code(),
-                        meta.locator.created_at,
-                        meta.bearer.as_ref().map(|h| h.as_bytes().to_vec()),
-                        meta.stream_token.as_ref().map(|h| h.as_bytes().to_vec()),
-                        meta_json,
-                        meta.parameters.get(),
-                        progress,
-                        meta.owner.map(|n| n.as_bytes().to_vec()),
-                    ])
-                })
+        apply_one(&tx, &mut w.rkeys, op, inserted, &mut ended)?;
+    }
+    tx.commit().map_err(db_err)
+}
+
+fn apply_one(
+    tx: &Connection,
+    rkeys: &mut HashMap<RequestId, i64>,
+    op: &WriteOp,
+    inserted: &mut Vec<RequestId>,
+    ended: &mut std::collections::HashSet<RequestId>,
+) -> Result<(), StoreError> {
+    if let WriteOp::Event { id, .. }
+    | WriteOp::Raw { id, .. }
+    | WriteOp::Progress { id, .. }
+    | WriteOp::Finish { id, .. } = op
+        && ended.contains(id)
+    {
+        return Ok(());
+    }
+    match op {
+        WriteOp::Insert(meta) => {
+            let meta_json = encode_meta(meta)?;
+            let progress = encode_progress(&Progress::pending())?;
+            tx.prepare_cached(
+                "INSERT INTO requests (id, kind, access, created_at, bearer, stream_token, meta, parameters, status, progress, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    meta.locator.id.as_bytes(),
+                    meta.locator.kind.code(),
+                    meta.locator.access.code(),
+                    meta.locator.created_at,
+                    meta.bearer.as_ref().map(|h| h.as_bytes().to_vec()),
+                    meta.stream_token.as_ref().map(|h| h.as_bytes().to_vec()),
+                    meta_json,
+                    meta.parameters.get(),
+                    progress,
+                    meta.owner.map(|n| n.as_bytes().to_vec()),
+                ])
+            })
+            .map_err(db_err)?;
+            rkeys.insert(meta.locator.id, tx.last_insert_rowid());
+            inserted.push(meta.locator.id);
+        }
+        WriteOp::Event { id, seq, data } => {
+            let Some(key) = rkey(tx, rkeys, *id)? else { return Ok(()) };
+            tx.prepare_cached("INSERT OR REPLACE INTO events (rkey, seq, data) VALUES (?1, ?2, ?3)")
+                .and_then(|mut s| s.execute(params![key, seq, &data[..]]))
                 .map_err(db_err)?;
-                rkeys.insert(meta.locator.id, tx.last_insert_rowid());
-                inserted.push(meta.locator.id);
-            }
-            WriteOp::Event { id, seq, data } => {
-                let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
-                tx.prepare_cached("INSERT OR REPLACE INTO events (rkey, seq, data) VALUES (?1, ?2, ?3)")
-                    .and_then(|mut s| s.execute(params![key, seq, &data[..]]))
-                    .map_err(db_err)?;
-            }
-            WriteOp::Raw { id, seq, piece } => {
-                let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
-                let (bytes, through) = match piece {
-                    RawPiece::Bytes(bytes) => (Some(&bytes[..]), None),
-                    RawPiece::Events { through } => (None, *through),
-                };
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO raw_parts (rkey, seq, bytes, events_through) VALUES (?1, ?2, ?3, ?4)",
-                )
-                .and_then(|mut s| s.execute(params![key, seq, bytes, through]))
-                .map_err(db_err)?;
-            }
-            WriteOp::Progress { id, progress } => {
-                let Some(key) = rkey(&tx, rkeys, *id)? else { continue };
-                let json = encode_progress(progress)?;
-                tx.prepare_cached(
-                    "UPDATE requests SET status = ?2, progress = ?3
+        }
+        WriteOp::Raw { id, seq, piece } => {
+            let Some(key) = rkey(tx, rkeys, *id)? else { return Ok(()) };
+            let (bytes, through) = match piece {
+                RawPiece::Bytes(bytes) => (Some(&bytes[..]), None),
+                RawPiece::Events { through } => (None, *through),
+            };
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO raw_parts (rkey, seq, bytes, events_through) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut s| s.execute(params![key, seq, bytes, through]))
+            .map_err(db_err)?;
+        }
+        WriteOp::Progress { id, progress } => {
+            let Some(key) = rkey(tx, rkeys, *id)? else { return Ok(()) };
+            let json = encode_progress(progress)?;
+            tx.prepare_cached(
+                "UPDATE requests SET status = ?2, progress = ?3
+                 WHERE rkey = ?1 AND status NOT IN ('done', 'error', 'stop')",
+            )
+            .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json]))
+            .map_err(db_err)?;
+        }
+        WriteOp::Finish { id, progress, body, webhook_url } => {
+            let Some(key) = rkey(tx, rkeys, *id)? else {
+                ended.insert(*id);
+                return Ok(());
+            };
+            let json = encode_progress(progress)?;
+            let final_at = progress.processed_at.map(|t| t as i64);
+            // Conditional even with the key in hand: another handle on the file may have ended it first.
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE requests SET status = ?2, progress = ?3, body = ?4, final_at = ?5
                      WHERE rkey = ?1 AND status NOT IN ('done', 'error', 'stop')",
                 )
-                .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json]))
+                .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json, body, final_at]))
                 .map_err(db_err)?;
+            ended.insert(*id);
+            if changed == 0 {
+                return Ok(());
             }
-            WriteOp::Finish { id, progress, body, webhook_url } => {
-                let Some(key) = rkey(&tx, rkeys, *id)? else {
-                    ended.insert(*id);
-                    continue;
-                };
-                let json = encode_progress(progress)?;
-                let final_at = progress.processed_at.map(|t| t as i64);
-                // Conditional even with the key in hand: another handle on the file may have ended it first.
-                let changed = tx
-                    .prepare_cached(
-                        "UPDATE requests SET status = ?2, progress = ?3, body = ?4, final_at = ?5
-                         WHERE rkey = ?1 AND status NOT IN ('done', 'error', 'stop')",
-                    )
-                    .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json, body, final_at]))
-                    .map_err(db_err)?;
-                ended.insert(*id);
-                if changed == 0 {
-                    continue;
-                }
-                if let Some(url) = webhook_url {
-                    super::webhooks::queue(&tx, *id, url, progress.processed_at.unwrap_or(0.0))?;
-                }
+            if let Some(url) = webhook_url {
+                super::webhooks::queue(tx, *id, url, progress.processed_at.unwrap_or(0.0))?;
             }
         }
     }
-    tx.commit().map_err(db_err)
+    Ok(())
 }
 
 const SELECT_REQUEST: &str =
@@ -199,7 +240,15 @@ fn row_to_request(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredRequ
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
-        self.write_with(move |w| apply(w, &ops)).await
+        // Inserts are not split from the rest of their batch (their keys are handed out in it).
+        let may_yield = !ops.iter().any(|op| matches!(op, WriteOp::Insert(_)));
+        self.write_with(move |w| apply(w, &ops, may_yield)).await
+    }
+
+    async fn write_urgent(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.queue.push_urgent((ops, done))?;
+        wait.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
