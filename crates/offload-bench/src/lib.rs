@@ -5,7 +5,8 @@
 //! - [`load`]: histograms, HTTP clients, the open-loop scheduler.
 //! - [`procs`]: offload and the mock as child processes, `/proc` readings.
 //! - [`tap`]: the timestamping proxy between a client and the mock.
-//! - [`scenarios`]: create, time to first token, relay, concurrency, fan-out, cluster.
+//! - [`scenarios`]: create, time to first token, relay, concurrency, fan-out, cluster, and the cost profile under
+//!   valgrind.
 //! - [`postgres`]: scratch databases on the machine's PostgreSQL for the cluster scenario.
 //! - [`report`]: the table, the targets, the JSON file.
 

@@ -18,7 +18,7 @@ use crate::procs::{DataDir, Proc};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
@@ -189,7 +189,9 @@ pub async fn run(ctx: &Ctx, plan: &Plan) -> Result<Profile> {
     let extra_reads = lifecycles.reads as f64 - n;
     let words = per_unit_divisor(plan.words.0, plan.words.1)?;
     let runs = per_unit_divisor(plan.dhat_lifecycles.0, plan.dhat_lifecycles.1)?;
-    let [l1, l2, s1, s2] = [&dhat_runs[0], &dhat_runs[1], &dhat_runs[2], &dhat_runs[3]];
+    let [l1, l2, s1, s2] = &dhat_runs[..] else {
+        bail!("expected 4 dhat runs, got {}", dhat_runs.len());
+    };
     Ok(Profile {
         binary: ctx.exe.display().to_string(),
         valgrind,
@@ -546,7 +548,7 @@ async fn tool_output(program: &str, args: &[String]) -> Result<String> {
 }
 
 /// Waits (bounded) for a callgrind dump file to be complete and returns its instruction total.
-async fn wait_dump(file: &PathBuf) -> Result<u64> {
+async fn wait_dump(file: &Path) -> Result<u64> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(text) = std::fs::read_to_string(file)
