@@ -1,4 +1,4 @@
-//! The command line: `offload serve`, `keys`, `mock-upstream`, `bench`, the client (`chat`, `follow`, `status`,
+//! The command line: `offload serve`, `keys`, `mock-upstream`, the client (`chat`, `follow`, `status`,
 //! `stop`) and `completions`.
 
 use crate::config::{ServeArgs, Settings};
@@ -32,8 +32,6 @@ enum Command {
         #[command(flatten)]
         defaults: MockConfig,
     },
-    /// Benchmark offload against the mock upstream called directly (see BENCHMARKS.md).
-    Bench(Box<crate::bench::BenchArgs>),
     #[command(flatten)]
     Client(crate::client::ClientCommand),
     /// Print a shell completion script, e.g. `offload completions bash > /etc/bash_completion.d/offload`.
@@ -61,7 +59,6 @@ pub async fn run() -> ExitCode {
         Command::Serve(args) => serve(*args).await,
         Command::Keys(command) => crate::keys::cli::run(command).await,
         Command::MockUpstream { listen, defaults } => mock_upstream(listen, defaults).await,
-        Command::Bench(args) => crate::bench::run(*args).await.map_err(|e| format!("{e:#}")),
         // The client reports its own errors plainly on stderr (not as log lines) and picks its exit codes.
         Command::Client(command) => return crate::client::run(command).await,
         Command::Completions { shell } => {

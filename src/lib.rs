@@ -23,9 +23,9 @@
 //! - [`retention`]: deletes finished requests older than the retention period.
 //! - [`telemetry`]: logging: text or JSON lines, the span and access line of every HTTP request.
 //! - [`metrics`]: Prometheus metrics: one helper per event, and `/metrics` on its own listener.
-//! - [`bench`]: `offload bench`, the benchmark against the direct-to-upstream floor (BENCHMARKS.md).
+//!
+//! The benchmark is its own crate, `offload-bench` (crates/offload-bench, BENCHMARKS.md): it runs this binary.
 
-pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod cluster;

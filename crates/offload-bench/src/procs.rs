@@ -50,16 +50,32 @@ impl Proc {
         extra: &[&str],
     ) -> Result<Self> {
         let mut cmd = Command::new(exe);
-        cmd.arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--upstream-url", upstream])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--flush-interval-ms", &flush_ms.to_string()])
-            .args(extra);
+        serve_args(&mut cmd, data_dir, upstream, flush_ms).args(extra);
         Self::start("offload", cmd).await
     }
 
-    async fn start(name: &'static str, mut cmd: Command) -> Result<Self> {
+    /// `offload serve` as [`Self::offload`] starts it, run by a wrapper (`valgrind --tool=... `): `wrapper` is the
+    /// program and its arguments before `exe`. The wrapper slows startup down, so it may take up to `startup`.
+    pub async fn offload_wrapped(
+        wrapper: &[String],
+        exe: &Path,
+        data_dir: &Path,
+        upstream: &str,
+        flush_ms: u64,
+        startup: Duration,
+    ) -> Result<Self> {
+        let (program, args) = wrapper.split_first().ok_or_else(|| anyhow!("an empty wrapper command"))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).arg(exe);
+        serve_args(&mut cmd, data_dir, upstream, flush_ms);
+        Self::start_within("offload", cmd, startup).await
+    }
+
+    async fn start(name: &'static str, cmd: Command) -> Result<Self> {
+        Self::start_within(name, cmd, Duration::from_secs(20)).await
+    }
+
+    async fn start_within(name: &'static str, mut cmd: Command, startup: Duration) -> Result<Self> {
         // The listening line is logged at info; only our variable decides, not the caller's environment. The lines
         // logged per request (access lines, `request finished`) are off: the benchmark measures the server.
         cmd.env("OFFLOAD_LOG", "info,offload::access=off,offload::requests=off").env_remove("RUST_LOG");
@@ -80,12 +96,12 @@ impl Proc {
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("{name} has no stderr pipe"))?;
         let mut lines = BufReader::new(stderr).lines();
         let log = Arc::new(Mutex::new(Log::default()));
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + startup;
         let addr = loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let line = tokio::time::timeout(remaining, lines.next_line())
                 .await
-                .map_err(|_| anyhow!("{name} did not report its address within 20 s"))?
+                .map_err(|_| anyhow!("{name} did not report its address within {startup:?}"))?
                 .with_context(|| format!("reading {name}'s log"))?;
             let Some(line) = line else {
                 let tail = log.lock().tail.iter().cloned().collect::<Vec<_>>().join("\n");
@@ -134,6 +150,32 @@ impl Proc {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid)).map(|d| d.count()).unwrap_or(0)
     }
 
+    /// Asks the child to shut down (SIGTERM, through `kill(1)`: this crate has no unsafe code) and waits up to
+    /// `limit` for it to exit; kills it if it does not. Returns its log lines from the end, up to 200.
+    pub async fn terminate(mut self, limit: Duration) -> Result<Vec<String>> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .context("running kill -TERM")?;
+        if !sent.success() {
+            bail!("kill -TERM {} failed ({sent})", self.pid);
+        }
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(status) => {
+                status.with_context(|| format!("reaping {}", self.name))?;
+            }
+            Err(_) => {
+                let _ = self.child.start_kill();
+                bail!("{} did not exit within {limit:?} of SIGTERM (killed)", self.name);
+            }
+        }
+        Ok(self.log_tail(200))
+    }
+
     /// Kills the child (SIGKILL: everything measured is already in hand) and reaps it.
     pub async fn stop(mut self) -> Result<()> {
         let _ = self.child.start_kill();
@@ -143,6 +185,15 @@ impl Proc {
             .with_context(|| format!("reaping {}", self.name))?;
         Ok(())
     }
+}
+
+/// The flags every scenario gives `offload serve`: a free port, the mock, a fresh data directory, the flush interval.
+fn serve_args<'a>(cmd: &'a mut Command, data_dir: &Path, upstream: &str, flush_ms: u64) -> &'a mut Command {
+    cmd.arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--upstream-url", upstream])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--flush-interval-ms", &flush_ms.to_string()])
 }
 
 fn remember(log: &Mutex<Log>, line: String) {

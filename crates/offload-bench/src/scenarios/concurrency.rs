@@ -8,8 +8,8 @@
 //! N streams read from the mock directly with the same client code.
 
 use super::{Ctx, create_body, create_stream, direct_body, get, open, post_mock, read_stream};
-use crate::bench::load::{H2Pool, bounded, h1_client};
-use crate::bench::procs::{DataDir, Proc, RssPeak, Usage, in_flight, persisted_events, thread_cpu, wait_idle};
+use crate::load::{H2Pool, bounded, h1_client};
+use crate::procs::{DataDir, Proc, RssPeak, Usage, in_flight, persisted_events, thread_cpu, wait_idle};
 use anyhow::Result;
 use serde::Serialize;
 use serde_json::json;

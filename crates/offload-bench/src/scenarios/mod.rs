@@ -1,4 +1,4 @@
-//! The scenarios, one module each, and what they share: creating a request, reading an event stream.
+//! The scenarios, one module each (`profile` runs offload under valgrind instead of timing it), and what they share: creating a request, reading an event stream.
 //!
 //! Every scenario starts its own mock and offload processes (fresh data directory or scratch database, chosen
 //! flush interval) and measures its floor, the same mock called directly with the same client code, in the same
@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod concurrency;
 pub mod create;
 pub mod fanout;
+pub mod profile;
 pub mod relay;
 pub mod ttft;
 
@@ -30,7 +31,7 @@ impl Ctx {
     /// Waits (bounded) for a quiet machine; call while our own processes are idle.
     pub async fn quiet(&self) -> Result<()> {
         if !self.quiet_wait.is_zero() {
-            crate::bench::procs::wait_quiet(self.quiet_wait).await?;
+            crate::procs::wait_quiet(self.quiet_wait).await?;
         }
         Ok(())
     }

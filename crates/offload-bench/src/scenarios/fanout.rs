@@ -6,10 +6,10 @@
 //! tap, streaming at the same time.
 
 use super::{Ctx, Read, create_body, create_stream, direct_body, get, open, post_mock, read_stream};
-use crate::bench::Http;
-use crate::bench::load::{Clients, Hist, Summary, bounded, h1_client, labels};
-use crate::bench::procs::{DataDir, Proc, Usage, wait_idle};
-use crate::bench::tap::Tap;
+use crate::Http;
+use crate::load::{Clients, Hist, Summary, bounded, h1_client, labels};
+use crate::procs::{DataDir, Proc, Usage, wait_idle};
+use crate::tap::Tap;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;
@@ -58,7 +58,7 @@ pub async fn run(ctx: &Ctx, readers: usize, http: Http) -> Result<Fanout> {
     let offload = Proc::offload(&ctx.exe, dir.path(), &tap.api_base(), 50).await?;
     let base = offload.base_url();
     let creates = h1_client()?;
-    let clients = crate::bench::load::Clients::new(http, readers)?;
+    let clients = crate::load::Clients::new(http, readers)?;
     if let Clients::H2(pool) = &clients {
         for i in 0..pool.connections() {
             let _ = pool.get(i).get(format!("{base}/healthz")).send().await;

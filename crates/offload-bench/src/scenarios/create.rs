@@ -3,8 +3,8 @@
 //! the mock directly.
 
 use super::{Ctx, create_body, direct_body};
-use crate::bench::load::{StepResult, h1_client, open_loop};
-use crate::bench::procs::{DataDir, Proc, Usage, thread_cpu, wait_idle};
+use crate::load::{StepResult, h1_client, open_loop};
+use crate::procs::{DataDir, Proc, Usage, thread_cpu, wait_idle};
 use anyhow::Result;
 use bytes::Bytes;
 use serde::Serialize;

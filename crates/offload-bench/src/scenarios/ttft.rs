@@ -3,8 +3,8 @@
 //! offload and direct samples alternating so that both see the same machine.
 
 use super::{Ctx, create_body, create_stream, direct_body, get, open, post_mock, read_stream};
-use crate::bench::load::{Hist, Summary, h1_client};
-use crate::bench::procs::{DataDir, Proc, Usage};
+use crate::load::{Hist, Summary, h1_client};
+use crate::procs::{DataDir, Proc, Usage};
 use anyhow::{Result, anyhow};
 use serde::Serialize;
 use serde_json::json;

@@ -11,9 +11,9 @@
 //! buffers, so the server's writes to them block. The target is that this does not raise the others' latency.
 
 use super::{Ctx, create_body, create_stream, direct_body, get, open, post_mock, read_stream, wait_final};
-use crate::bench::load::{Hist, Summary, h1_client, labels};
-use crate::bench::procs::{DataDir, Proc, Usage};
-use crate::bench::tap::Tap;
+use crate::load::{Hist, Summary, h1_client, labels};
+use crate::procs::{DataDir, Proc, Usage};
+use crate::tap::Tap;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;

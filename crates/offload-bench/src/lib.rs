@@ -1,10 +1,12 @@
-//! `offload bench`: measures offload against the direct-to-upstream floor in the same run, prints a table and
-//! writes a JSON file. See BENCHMARKS.md for the method and the figures.
+//! `offload-bench`: measures offload against the direct-to-upstream floor in the same run, prints a table and
+//! writes a JSON file. See BENCHMARKS.md for the method and the figures. It uses none of the server's internals:
+//! it starts the `offload` binary (`serve`, `mock-upstream`) as child processes.
 //!
 //! - [`load`]: histograms, HTTP clients, the open-loop scheduler.
 //! - [`procs`]: offload and the mock as child processes, `/proc` readings.
 //! - [`tap`]: the timestamping proxy between a client and the mock.
-//! - [`scenarios`]: create, time to first token, relay, concurrency, fan-out, cluster.
+//! - [`scenarios`]: create, time to first token, relay, concurrency, fan-out, cluster, and the cost profile under
+//!   valgrind.
 //! - [`postgres`]: scratch databases on the machine's PostgreSQL for the cluster scenario.
 //! - [`report`]: the table, the targets, the JSON file.
 
@@ -15,8 +17,8 @@ pub mod report;
 pub mod scenarios;
 pub mod tap;
 
-use anyhow::{Context, Result, anyhow};
-use clap::{Args, ValueEnum};
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -29,9 +31,11 @@ pub enum Scenario {
     Fanout,
     /// Several nodes on one PostgreSQL database (needs a PostgreSQL server, `--postgres-url`).
     Cluster,
+    /// Instructions and allocations per lifecycle and per relayed chunk, with offload under valgrind.
+    Profile,
 }
 
-/// What runs when `--scenarios` is not given (plus `cluster` when PostgreSQL answers).
+/// What runs when `--scenarios` is not given (plus `cluster` when PostgreSQL answers, `profile` when valgrind runs).
 const DEFAULT_SCENARIOS: [Scenario; 5] =
     [Scenario::Create, Scenario::Ttft, Scenario::Relay, Scenario::Concurrency, Scenario::Fanout];
 
@@ -50,11 +54,16 @@ impl std::fmt::Display for Http {
     }
 }
 
-/// `offload bench` flags.
-#[derive(Args, Debug, Clone)]
+/// `offload-bench` flags.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "offload-bench",
+    version,
+    about = "Benchmark offload against the mock upstream called directly (see BENCHMARKS.md)"
+)]
 pub struct BenchArgs {
-    /// Scenarios to run, comma-separated [default: create,ttft,relay,concurrency,fanout, and cluster when a
-    /// PostgreSQL server answers at --postgres-url].
+    /// Scenarios to run, comma-separated [default: create,ttft,relay,concurrency,fanout, cluster when a
+    /// PostgreSQL server answers at --postgres-url, and profile when valgrind is installed].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub scenarios: Option<Vec<Scenario>>,
     /// Smaller sizes and shorter steps: every scenario in about two minutes.
@@ -114,7 +123,7 @@ pub struct BenchArgs {
     /// Scratch directory for the servers' data [default: a new directory under the system temp dir].
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
-    /// The offload binary to measure [default: this executable].
+    /// The offload binary to measure [default: `offload` in the directory of this executable].
     #[arg(long)]
     pub binary: Option<PathBuf>,
 }
@@ -123,7 +132,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let exe = match &args.binary {
         Some(path) => path.clone(),
-        None => std::env::current_exe().context("finding this executable")?,
+        None => beside_this_exe()?,
     };
     let mut results = report::Results::new(args.quick);
     let scenarios = choose(&args, &mut results.notes).await?;
@@ -154,12 +163,30 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The `offload` binary built beside this one (`cargo build --release` builds both into target/release).
+fn beside_this_exe() -> Result<PathBuf> {
+    let this = std::env::current_exe().context("finding this executable")?;
+    let dir = this.parent().ok_or_else(|| anyhow!("{} has no parent directory", this.display()))?;
+    let offload = dir.join(format!("offload{}", std::env::consts::EXE_SUFFIX));
+    if !offload.is_file() {
+        bail!(
+            "no offload binary at {}: run `cargo build --release` (it builds offload beside offload-bench), \
+             or pass --binary",
+            offload.display()
+        );
+    }
+    Ok(offload)
+}
+
 /// The scenarios to run: those asked for, else the default list, with `cluster` only when PostgreSQL answers
 /// (else a note says why it was skipped). Asking for `cluster` without a reachable PostgreSQL is an error.
 async fn choose(args: &BenchArgs, notes: &mut Vec<String>) -> Result<Vec<Scenario>> {
     let shown = postgres::redact(&args.postgres_url);
     match &args.scenarios {
         Some(list) => {
+            if list.contains(&Scenario::Profile) {
+                scenarios::profile::available().await.context("the profile scenario needs valgrind")?;
+            }
             if list.contains(&Scenario::Cluster) {
                 postgres::reachable(&args.postgres_url).await.with_context(|| {
                     format!("the cluster scenario needs PostgreSQL at {shown} (set --postgres-url)")
@@ -175,6 +202,14 @@ async fn choose(args: &BenchArgs, notes: &mut Vec<String>) -> Result<Vec<Scenari
                     let note = format!(
                         "cluster scenario skipped: no PostgreSQL at {shown} ({e:#}); start one or set --postgres-url"
                     );
+                    tracing::warn!("{note}");
+                    notes.push(note);
+                }
+            }
+            match scenarios::profile::available().await {
+                Ok(_) => list.push(Scenario::Profile),
+                Err(e) => {
+                    let note = format!("profile scenario skipped: valgrind cannot run ({e:#}); install valgrind");
                     tracing::warn!("{note}");
                     notes.push(note);
                 }
@@ -265,6 +300,11 @@ async fn run_scenarios(
         };
         tracing::info!("cluster: {} nodes on PostgreSQL, beside one node on PostgreSQL and on SQLite", plan.nodes);
         results.cluster = Some(scenarios::cluster::run(ctx, &plan).await.context("scenario cluster")?);
+    }
+    if wants(Scenario::Profile) {
+        tracing::info!("profile: offload under valgrind (callgrind, then dhat), a few minutes");
+        let plan = scenarios::profile::Plan::default();
+        results.profile = Some(scenarios::profile::run(ctx, &plan).await.context("scenario profile")?);
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! JSON file.
 
 use super::scenarios::cluster::Cluster;
+use super::scenarios::profile::Profile;
 use super::scenarios::{concurrency::Concurrency, create::Sweep, fanout::Fanout, relay::Relay, ttft::Ttft};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -58,6 +59,7 @@ pub struct Results {
     pub concurrency: Vec<Concurrency>,
     pub fanout: Vec<Fanout>,
     pub cluster: Option<Cluster>,
+    pub profile: Option<Profile>,
     pub targets: Vec<Target>,
     /// What was skipped and why.
     pub notes: Vec<String>,
@@ -79,6 +81,7 @@ impl Results {
             concurrency: Vec::new(),
             fanout: Vec::new(),
             cluster: None,
+            profile: None,
             targets: Vec::new(),
             notes: Vec::new(),
         }
@@ -254,7 +257,7 @@ pub fn print(r: &Results) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "\noffload bench, {} ({}), {} x {}, {:.0} GiB, {:.0} s",
+        "\noffload-bench, {} ({}), {} x {}, {:.0} GiB, {:.0} s",
         r.date,
         if r.quick { "quick" } else { "full" },
         r.machine.nproc,
@@ -468,6 +471,9 @@ pub fn print(r: &Results) -> Result<()> {
             })
             .collect(),
     });
+    if let Some(p) = &r.profile {
+        tables.push(profile_table(p));
+    }
     if let Some(c) = &r.cluster {
         tables.extend(cluster_tables(c));
     }
@@ -485,6 +491,17 @@ pub fn print(r: &Results) -> Result<()> {
     for table in &tables {
         table.render(&mut out).context("writing the report")?;
     }
+    if let Some(p) = &r.profile {
+        for (title, lines) in [
+            ("self cost (from the dump)", &p.top_exclusive),
+            ("inclusive (callgrind_annotate --inclusive=yes)", &p.top_inclusive),
+        ] {
+            writeln!(out, "\nprofile: top functions of the lifecycle window, {title}").context("writing the report")?;
+            for line in lines.iter().take(10) {
+                writeln!(out, "  {line}").context("writing the report")?;
+            }
+        }
+    }
     for note in &r.notes {
         writeln!(out, "\nnote: {note}").context("writing the report")?;
     }
@@ -493,6 +510,39 @@ pub fn print(r: &Results) -> Result<()> {
 
 fn cores(v: f64) -> String {
     format!("{v:.2}")
+}
+
+fn profile_table(p: &Profile) -> Table {
+    let count = |v: f64| format!("{v:.0}");
+    Table {
+        title: format!(
+            "profile (offload under valgrind: {}; instructions by callgrind windows, allocations by dhat runs)",
+            p.valgrind
+        ),
+        header: vec!["unit", "instructions", "allocations", "bytes allocated"],
+        rows: vec![
+            vec![
+                format!("lifecycle (async, 4 words, {:.1} status reads)", p.status_reads_per_lifecycle),
+                count(p.instructions_per_lifecycle),
+                format!("{:.1}", p.allocations_per_lifecycle),
+                count(p.bytes_per_lifecycle),
+            ],
+            vec![
+                "relayed chunk (stream, 1 reader)".into(),
+                count(p.instructions_per_chunk),
+                format!("{:.2}", p.allocations_per_chunk),
+                count(p.bytes_per_chunk),
+            ],
+            vec![
+                "lifecycle, one status read".into(),
+                count(p.instructions_per_lifecycle_one_read),
+                "-".into(),
+                "-".into(),
+            ],
+            vec!["status read (done request)".into(), count(p.instructions_per_status_read), "-".into(), "-".into()],
+            vec!["idle second (timers)".into(), count(p.idle_instructions_per_sec), "-".into(), "-".into()],
+        ],
+    }
 }
 
 fn cluster_tables(c: &Cluster) -> Vec<Table> {

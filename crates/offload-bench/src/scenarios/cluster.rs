@@ -21,10 +21,10 @@
 use super::concurrency::{EVENTS_PER_STREAM, hold_ms};
 use super::create::{self, Sweep, Target};
 use super::{Ctx, Read, create_body, create_stream, direct_body, get, open, post_mock, read_stream};
-use crate::bench::load::{H2Pool, Hist, Summary, bounded, h1_client, labels};
-use crate::bench::postgres::{self, ScratchDb};
-use crate::bench::procs::{DataDir, Proc, Usage, persisted_events, wait_idle};
-use crate::bench::tap::Tap;
+use crate::load::{H2Pool, Hist, Summary, bounded, h1_client, labels};
+use crate::postgres::{self, ScratchDb};
+use crate::procs::{DataDir, Proc, Usage, persisted_events, wait_idle};
+use crate::tap::Tap;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;
