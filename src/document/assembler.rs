@@ -6,6 +6,7 @@
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use std::borrow::Cow;
 
 /// What a received chunk turned out to be.
@@ -24,8 +25,8 @@ pub struct Assembler {
     id: Option<String>,
     created: Option<i64>,
     model: Option<String>,
-    system_fingerprint: Option<Value>,
-    service_tier: Option<Value>,
+    system_fingerprint: Option<Box<RawValue>>,
+    service_tier: Option<Box<RawValue>>,
     /// Ordered by first appearance; `n` is small, so lookup by index is a short scan.
     choices: Vec<Choice>,
     usage: Option<Value>,
@@ -66,15 +67,15 @@ struct Logprobs {
 #[derive(Deserialize)]
 struct Chunk<'a> {
     #[serde(borrow, default)]
-    id: Option<Cow<'a, str>>,
+    id: Option<Text<'a>>,
     #[serde(default)]
     created: Option<i64>,
     #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
-    #[serde(default)]
-    system_fingerprint: Option<Value>,
-    #[serde(default)]
-    service_tier: Option<Value>,
+    model: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    system_fingerprint: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    service_tier: Option<&'a RawValue>,
     #[serde(borrow, default)]
     choices: Option<Vec<ChunkChoice<'a>>>,
     #[serde(default)]
@@ -98,11 +99,11 @@ struct ChunkChoice<'a> {
 #[derive(Deserialize)]
 struct Delta<'a> {
     #[serde(borrow, default)]
-    role: Option<Cow<'a, str>>,
+    role: Option<Text<'a>>,
     #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
+    content: Option<Text<'a>>,
     #[serde(borrow, default, deserialize_with = "present")]
-    refusal: Option<Option<Cow<'a, str>>>,
+    refusal: Option<Option<Text<'a>>>,
     #[serde(borrow, default)]
     tool_calls: Option<Vec<ToolCallDelta<'a>>>,
     #[serde(borrow, default)]
@@ -114,9 +115,9 @@ struct ToolCallDelta<'a> {
     #[serde(default)]
     index: u64,
     #[serde(borrow, default)]
-    id: Option<Cow<'a, str>>,
+    id: Option<Text<'a>>,
     #[serde(borrow, default, rename = "type")]
-    kind: Option<Cow<'a, str>>,
+    kind: Option<Text<'a>>,
     #[serde(borrow, default)]
     function: Option<FunctionDelta<'a>>,
 }
@@ -124,9 +125,9 @@ struct ToolCallDelta<'a> {
 #[derive(Deserialize)]
 struct FunctionDelta<'a> {
     #[serde(borrow, default)]
-    name: Option<Cow<'a, str>>,
+    name: Option<Text<'a>>,
     #[serde(borrow, default)]
-    arguments: Option<Cow<'a, str>>,
+    arguments: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +145,33 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(d).map(Some)
+}
+
+/// A string of a chunk, borrowed from the chunk's text unless it has escapes. (`Option<Cow<str>>` would always
+/// copy: serde borrows a `Cow` only when it is the field's whole type; the newtype makes it so.)
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl Text<'_> {
+    fn into_owned(self) -> String {
+        self.0.into_owned()
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The last non-null value of a field every chunk repeats, copied only when it changes.
+fn keep_last(slot: &mut Option<Box<RawValue>>, value: Option<&RawValue>) {
+    if let Some(value) = value.filter(|v| v.get() != "null")
+        && slot.as_deref().map(RawValue::get) != Some(value.get())
+    {
+        *slot = Some(value.to_owned());
+    }
 }
 
 fn append(slot: &mut Option<String>, piece: &str) {
@@ -165,20 +193,16 @@ impl Assembler {
             return ChunkKind::Other;
         };
         if self.id.is_none() {
-            self.id = chunk.id.map(Cow::into_owned);
+            self.id = chunk.id.map(Text::into_owned);
         }
         if self.created.is_none() {
             self.created = chunk.created;
         }
         if self.model.is_none() {
-            self.model = chunk.model.map(Cow::into_owned);
+            self.model = chunk.model.map(Text::into_owned);
         }
-        if let Some(fp) = chunk.system_fingerprint.filter(|v| !v.is_null()) {
-            self.system_fingerprint = Some(fp);
-        }
-        if let Some(tier) = chunk.service_tier.filter(|v| !v.is_null()) {
-            self.service_tier = Some(tier);
-        }
+        keep_last(&mut self.system_fingerprint, chunk.system_fingerprint);
+        keep_last(&mut self.service_tier, chunk.service_tier);
         if let Some(usage) = chunk.usage.filter(|v| !v.is_null()) {
             self.usage = Some(usage);
         }

@@ -290,6 +290,8 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
     // The raw bytes are tapped on their way into the SSE parser and recorded after each event it yields.
     live.raw_start_stream();
     let tap: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    // Swapped with the tap after each event, so that neither allocates again once both have grown.
+    let mut tapped = Vec::new();
     let tap_in = tap.clone();
     let mut skip_bom = SkipBom::default();
     let mut events = response
@@ -304,9 +306,7 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
     let mut saw_done = false;
     let mut failure = None;
     while let Some(event) = events.next().await {
-        let tapped = std::mem::take(&mut *tap.lock());
-        let received: Vec<Stored> = tapped.into_iter().filter_map(|bytes| live.raw_received(bytes)).collect();
-        store_raw(inner, live, received).await;
+        record_tapped(inner, live, &tap, &mut tapped).await;
         let event = match event {
             Ok(event) => event,
             Err(e) => {
@@ -331,9 +331,7 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
             break;
         }
     }
-    let tapped = std::mem::take(&mut *tap.lock());
-    let received: Vec<Stored> = tapped.into_iter().filter_map(|bytes| live.raw_received(bytes)).collect();
-    store_raw(inner, live, received).await;
+    record_tapped(inner, live, &tap, &mut tapped).await;
     if let Some(e) = failure {
         return Outcome::Failed(e);
     }
@@ -345,5 +343,15 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
             "upstream_error",
             "The upstream closed the stream before it was complete (no [DONE]); what was received is kept.",
         ))
+    }
+}
+
+/// Records the raw bytes the SSE parser took in since the last event.
+async fn record_tapped(inner: &Inner, live: &LiveRequest, tap: &Mutex<Vec<Bytes>>, tapped: &mut Vec<Bytes>) {
+    std::mem::swap(&mut *tap.lock(), tapped);
+    for bytes in tapped.drain(..) {
+        if let Some(stored) = live.raw_received(bytes) {
+            store_raw(inner, live, [stored]).await;
+        }
     }
 }
