@@ -70,9 +70,8 @@ pub fn json_body(bytes: &[u8]) -> Box<RawValue> {
 pub struct LiveState {
     pub progress: Progress,
     pub body: LiveBody,
-    /// Every event so far, already framed for the wire: slices of the blocks of `frames`.
+    /// Every event so far, already framed for the wire.
     pub events: Vec<Bytes>,
-    frames: sse::Frames,
     /// The raw response so far.
     raw: RawRecorder,
     pub cancel_reason: Option<CancelReason>,
@@ -132,7 +131,6 @@ impl LiveRequest {
                 progress: Progress::pending(),
                 body,
                 events: Vec::new(),
-                frames: sse::Frames::default(),
                 raw: RawRecorder::default(),
                 cancel_reason: None,
                 staged: None,
@@ -182,7 +180,7 @@ impl LiveRequest {
             };
             let seq = st.events.len() as u64 + 1;
             crate::metrics::chunk(seq, self.meta.created);
-            let (frame, slice) = st.frames.framed(seq, data);
+            let (frame, slice) = sse::framed(seq, data);
             st.events.push(frame);
             if st.progress.status < Status::Streaming {
                 st.progress.status = Status::Streaming;
