@@ -63,13 +63,9 @@ const NONE: u64 = u64::MAX;
 /// the response it is sending (an idle one closes at once) and returns when all have ended. Dropping the future
 /// aborts the connections still open.
 pub async fn serve(listener: TcpListener, router: Router, limits: ServerLimits, closing: CancellationToken) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(H2_PING_INTERVAL))
-        .keep_alive_timeout(H2_PING_TIMEOUT);
-    let builder = Arc::new(builder);
+    let mut h2 = auto::Builder::new(TokioExecutor::new()).http2_only();
+    h2.http2().timer(TokioTimer::new()).keep_alive_interval(Some(H2_PING_INTERVAL)).keep_alive_timeout(H2_PING_TIMEOUT);
+    let builders = Arc::new(Builders { h1: auto::Builder::new(TokioExecutor::new()).http1_only(), h2 });
     let registry = Arc::new(Registry::new(limits.max_connections));
     let mut connections = JoinSet::new();
     let mut last_warning: Option<Instant> = None;
@@ -102,7 +98,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ServerLimits, 
             tracing::debug!("every connection is busy; closing a new one");
             continue;
         };
-        connections.spawn(connection(builder.clone(), tcp, router.clone(), slot, limits.clone(), closing.clone()));
+        connections.spawn(connection(builders.clone(), tcp, router.clone(), slot, limits.clone(), closing.clone()));
     }
     while connections.join_next().await.is_some() {}
 }
@@ -113,9 +109,43 @@ fn is_about_one_connection(e: &std::io::Error) -> bool {
     matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock)
 }
 
+/// One builder per protocol: the protocol is told from the first bytes ([`speaks_http2`]) before a builder gets
+/// the socket. (hyper-util's own detection reads the first 24 bytes itself and hands them back to hyper's HTTP/1.1
+/// reader, whose 8 KiB read buffer then grows to 16 KiB for every connection.)
+struct Builders {
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+}
+
+/// What an HTTP/2 client with prior knowledge sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How often the first bytes are looked at again while they are a strict prefix of [`H2_PREFACE`].
+const PREFACE_RECHECK: Duration = Duration::from_millis(10);
+
+/// Whether the connection starts with the HTTP/2 preface, seen without consuming it (`peek`). Anything else, an
+/// end of stream or an error is left to the HTTP/1.1 reader, which answers or closes as it always did. The
+/// caller bounds the wait (the header timeout).
+async fn speaks_http2(tcp: &TcpStream) -> bool {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = match tcp.peek(&mut first).await {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        if n == 0 || first[..n] != H2_PREFACE[..n] {
+            return false;
+        }
+        if n == H2_PREFACE.len() {
+            return true;
+        }
+        // A strict prefix of the preface: the same bytes would be peeked again at once, so wait for the rest.
+        tokio::time::sleep(PREFACE_RECHECK).await;
+    }
+}
+
 /// Serves one connection under its watchdog.
 async fn connection(
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
     tcp: TcpStream,
     router: Router,
     slot: Slot,
@@ -123,6 +153,18 @@ async fn connection(
     closing: CancellationToken,
 ) {
     let state = slot.state.clone();
+    // Nothing is in progress until the protocol is known: the first head's clock (from the accept), a shed or a
+    // shutdown end the connection as they would end one that sent half a head.
+    let http2 = tokio::select! {
+        http2 = speaks_http2(&tcp) => http2,
+        () = sleep_until(state.deadline(&limits)) => {
+            tracing::debug!("closing a connection that sent no complete request in time");
+            return;
+        }
+        () = state.shed.cancelled() => return,
+        () = closing.cancelled() => return,
+    };
+    let builder = if http2 { &builders.h2 } else { &builders.h1 };
     let io = TokioIo::new(Watched { inner: tcp, state: state.clone() });
     let service_state = state.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
