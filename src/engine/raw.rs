@@ -35,13 +35,15 @@ impl Default for RawRecorder {
     }
 }
 
-/// An event as a canonical upstream frames it.
-fn canonical(data: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 8);
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(data.as_bytes());
-    out.extend_from_slice(b"\n\n");
-    out
+/// Whether `pending` starts with the event as a canonical upstream frames it (`data: <data>\n\n`), and that
+/// frame's length.
+fn starts_with_canonical(pending: &[u8], data: &str) -> (bool, usize) {
+    let len = "data: ".len() + data.len() + 2;
+    let matches = pending.len() >= len
+        && pending.starts_with(b"data: ")
+        && &pending[6..6 + data.len()] == data.as_bytes()
+        && &pending[6 + data.len()..len] == b"\n\n";
+    (matches, len)
 }
 
 /// A stored event frame (`id: n\ndata: ...\n\n`) as the upstream sent it (without the `id:` line).
@@ -81,12 +83,12 @@ impl RawRecorder {
 
     /// The parser yielded an event with `data`, after `events_before` events: what to store now.
     pub fn event(&mut self, data: &str, events_before: u64) -> Vec<Stored> {
-        let expected = canonical(data);
         let Mode::Canonical { pending, placeholder } = &mut self.mode else { return Vec::new() };
-        if !pending.starts_with(&expected) {
+        let (canonical, len) = starts_with_canonical(pending, data);
+        if !canonical {
             return self.diverge(events_before);
         }
-        pending.advance(expected.len());
+        pending.advance(len);
         if placeholder.is_some() {
             return Vec::new();
         }
@@ -96,13 +98,13 @@ impl RawRecorder {
 
     /// The parser yielded `data: [DONE]`, after `events` events.
     pub fn done(&mut self, events: u64) -> Vec<Stored> {
-        let expected = canonical("[DONE]");
+        const DONE: &[u8] = b"data: [DONE]\n\n";
         let Mode::Canonical { pending, .. } = &mut self.mode else { return Vec::new() };
-        if !pending.starts_with(&expected) {
+        if !pending.starts_with(DONE) {
             return self.diverge(events);
         }
-        pending.advance(expected.len());
-        vec![self.push(RawPiece::Bytes(Bytes::from(expected)))]
+        pending.advance(DONE.len());
+        vec![self.push(RawPiece::Bytes(Bytes::from_static(DONE)))]
     }
 
     /// The framing differs from here on: the placeholder covers only the events before, and the bytes not yet

@@ -13,24 +13,29 @@ pub fn frame(seq: u64, data: &str) -> Bytes {
 /// The frame, and the chunk as a slice of it when it is one line (the usual case), so that the store gets the
 /// chunk without another copy.
 pub fn framed(seq: u64, data: &str) -> (Bytes, Option<Bytes>) {
-    let mut out = String::with_capacity(data.len() + 24);
-    out.push_str("id: ");
-    out.push_str(itoa(seq).as_str());
-    out.push('\n');
+    use std::io::Write;
+    let lines = data.bytes().filter(|b| *b == b'\n').count() + 1;
+    // Exactly the frame's length: one allocation, which `Bytes` then takes over as it is.
+    let len = "id: ".len() + digits(seq) + 1 + lines * ("data: ".len() + 1) + (data.len() + 1 - lines) + 1;
+    let mut out = Vec::with_capacity(len);
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "id: {seq}\n");
     let start = out.len() + "data: ".len();
     for line in data.split('\n') {
-        out.push_str("data: ");
-        out.push_str(line);
-        out.push('\n');
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
     }
-    out.push('\n');
+    out.push(b'\n');
+    debug_assert_eq!(out.len(), len);
     let frame = Bytes::from(out);
-    let slice = (!data.contains('\n')).then(|| frame.slice(start..start + data.len()));
+    let slice = (lines == 1).then(|| frame.slice(start..start + data.len()));
     (frame, slice)
 }
 
-fn itoa(n: u64) -> String {
-    n.to_string()
+/// Decimal digits of `n`.
+fn digits(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
 /// The end of every stream: for `error` and `stop` a named event first (clients that only listen to

@@ -126,6 +126,11 @@ pub struct BenchArgs {
     /// The offload binary to measure [default: `offload` in the directory of this executable].
     #[arg(long)]
     pub binary: Option<PathBuf>,
+    /// The offload build whose heap allocations the profile scenario counts [default: --binary]. dhat sees only
+    /// the C library's malloc, so this must be a build without jemalloc:
+    /// `cargo build --release --no-default-features --target-dir target/system-alloc`.
+    #[arg(long)]
+    pub alloc_binary: Option<PathBuf>,
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
@@ -142,6 +147,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("offload-bench-{}", std::process::id())));
     std::fs::create_dir_all(&work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
     let ctx = scenarios::Ctx {
+        alloc_exe: args.alloc_binary.clone().unwrap_or_else(|| exe.clone()),
         exe,
         work_dir: work_dir.clone(),
         quiet_wait: Duration::from_secs_f64(args.quiet_wait_secs.max(0.0)),

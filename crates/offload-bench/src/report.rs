@@ -516,22 +516,26 @@ fn profile_table(p: &Profile) -> Table {
     let count = |v: f64| format!("{v:.0}");
     Table {
         title: format!(
-            "profile (offload under valgrind: {}; instructions by callgrind windows, allocations by dhat runs)",
-            p.valgrind
+            "profile (offload under valgrind: {}; instructions by callgrind windows, {})",
+            p.valgrind,
+            match &p.allocations_note {
+                Some(_) => "allocations not counted: a jemalloc build, invisible to dhat (see --alloc-binary)".into(),
+                None => format!("allocations by dhat runs of {}", p.allocations_binary),
+            }
         ),
         header: vec!["unit", "instructions", "allocations", "bytes allocated"],
         rows: vec![
             vec![
                 format!("lifecycle (async, 4 words, {:.1} status reads)", p.status_reads_per_lifecycle),
                 count(p.instructions_per_lifecycle),
-                format!("{:.1}", p.allocations_per_lifecycle),
-                count(p.bytes_per_lifecycle),
+                p.allocations_per_lifecycle.map_or("-".into(), |v| format!("{v:.1}")),
+                p.bytes_per_lifecycle.map_or("-".into(), count),
             ],
             vec![
                 "relayed chunk (stream, 1 reader)".into(),
                 count(p.instructions_per_chunk),
-                format!("{:.2}", p.allocations_per_chunk),
-                count(p.bytes_per_chunk),
+                p.allocations_per_chunk.map_or("-".into(), |v| format!("{v:.2}")),
+                p.bytes_per_chunk.map_or("-".into(), count),
             ],
             vec![
                 "lifecycle, one status read".into(),

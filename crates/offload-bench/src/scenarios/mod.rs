@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 /// What every scenario needs to start processes.
 pub struct Ctx {
     pub exe: PathBuf,
+    /// The build the profile's allocation counts run (`--alloc-binary`).
+    pub alloc_exe: PathBuf,
     pub work_dir: PathBuf,
     /// How long to wait for other processes to leave the cores alone before each measurement.
     pub quiet_wait: Duration,

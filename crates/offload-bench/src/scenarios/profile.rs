@@ -66,10 +66,14 @@ pub struct Profile {
     pub status_reads_per_lifecycle: f64,
     pub instructions_per_status_read: f64,
     pub instructions_per_chunk: f64,
-    pub allocations_per_lifecycle: f64,
-    pub bytes_per_lifecycle: f64,
-    pub allocations_per_chunk: f64,
-    pub bytes_per_chunk: f64,
+    /// The allocation figures: `None` when the build counted links jemalloc, which dhat cannot see.
+    pub allocations_per_lifecycle: Option<f64>,
+    pub bytes_per_lifecycle: Option<f64>,
+    pub allocations_per_chunk: Option<f64>,
+    pub bytes_per_chunk: Option<f64>,
+    /// The build whose allocations were counted, or why none were.
+    pub allocations_binary: String,
+    pub allocations_note: Option<String>,
     /// Instructions per second of the idle window: the background cost inside every window's wall time.
     pub idle_instructions_per_sec: f64,
     pub windows: Vec<Window>,
@@ -166,12 +170,28 @@ pub async fn run(ctx: &Ctx, plan: &Plan) -> Result<Profile> {
 
     let (windows, tops) = callgrind(ctx, plan, &dir, &upstream, &client).await?;
     let mut dhat_runs = Vec::new();
-    for workload in [
-        Workload::Lifecycles(plan.dhat_lifecycles.0),
-        Workload::Lifecycles(plan.dhat_lifecycles.1),
-        Workload::Stream(plan.words.0),
-        Workload::Stream(plan.words.1),
-    ] {
+    let allocations_note = links_jemalloc(&ctx.alloc_exe)?.then(|| {
+        format!(
+            "allocations not counted: {} allocates with jemalloc, which dhat cannot see; build one without it \
+             (`cargo build --release --no-default-features --target-dir target/system-alloc`) and pass it as \
+             --alloc-binary",
+            ctx.alloc_exe.display()
+        )
+    });
+    if let Some(note) = &allocations_note {
+        tracing::warn!("profile: {note}");
+    }
+    for workload in allocations_note
+        .is_none()
+        .then_some([
+            Workload::Lifecycles(plan.dhat_lifecycles.0),
+            Workload::Lifecycles(plan.dhat_lifecycles.1),
+            Workload::Stream(plan.words.0),
+            Workload::Stream(plan.words.1),
+        ])
+        .into_iter()
+        .flatten()
+    {
         tracing::info!("profile: dhat, {} {}", workload.name(), workload.size());
         dhat_runs.push(dhat(ctx, plan, &dir, &upstream, &client, workload).await?);
     }
@@ -189,8 +209,10 @@ pub async fn run(ctx: &Ctx, plan: &Plan) -> Result<Profile> {
     let extra_reads = lifecycles.reads as f64 - n;
     let words = per_unit_divisor(plan.words.0, plan.words.1)?;
     let runs = per_unit_divisor(plan.dhat_lifecycles.0, plan.dhat_lifecycles.1)?;
-    let [l1, l2, s1, s2] = &dhat_runs[..] else {
-        bail!("expected 4 dhat runs, got {}", dhat_runs.len());
+    let counted = match &dhat_runs[..] {
+        [l1, l2, s1, s2] => Some((l1, l2, s1, s2)),
+        [] => None,
+        _ => bail!("expected 4 dhat runs, got {}", dhat_runs.len()),
     };
     Ok(Profile {
         binary: ctx.exe.display().to_string(),
@@ -202,10 +224,12 @@ pub async fn run(ctx: &Ctx, plan: &Plan) -> Result<Profile> {
         status_reads_per_lifecycle: lifecycles.reads as f64 / n,
         instructions_per_status_read: per_read,
         instructions_per_chunk: diff(long.instructions, short.instructions) / words,
-        allocations_per_lifecycle: diff(l2.blocks, l1.blocks) / runs,
-        bytes_per_lifecycle: diff(l2.bytes, l1.bytes) / runs,
-        allocations_per_chunk: diff(s2.blocks, s1.blocks) / words,
-        bytes_per_chunk: diff(s2.bytes, s1.bytes) / words,
+        allocations_per_lifecycle: counted.map(|(l1, l2, _, _)| diff(l2.blocks, l1.blocks) / runs),
+        bytes_per_lifecycle: counted.map(|(l1, l2, _, _)| diff(l2.bytes, l1.bytes) / runs),
+        allocations_per_chunk: counted.map(|(_, _, s1, s2)| diff(s2.blocks, s1.blocks) / words),
+        bytes_per_chunk: counted.map(|(_, _, s1, s2)| diff(s2.bytes, s1.bytes) / words),
+        allocations_binary: ctx.alloc_exe.display().to_string(),
+        allocations_note,
         idle_instructions_per_sec: idle.instructions as f64 / idle.wall_secs.max(1e-9),
         windows,
         dhat_runs,
@@ -388,7 +412,7 @@ async fn dhat(
         format!("--log-file={}", dir.join("dhat.%p.log").display()),
     ];
     let data = DataDir::new(dir, "dhat-data")?;
-    let server = Proc::offload_wrapped(&wrapper, &ctx.exe, data.path(), upstream, FLUSH_MS, STARTUP).await?;
+    let server = Proc::offload_wrapped(&wrapper, &ctx.alloc_exe, data.path(), upstream, FLUSH_MS, STARTUP).await?;
     let pid = server.pid;
     let base = server.base_url();
     wait_healthy(client, &base).await?;
@@ -593,6 +617,12 @@ fn top_lines(text: &str, n: usize) -> Vec<String> {
         .take(n)
         .map(str::to_owned)
         .collect()
+}
+
+/// Whether the binary allocates with jemalloc (tikv-jemallocator's symbols are prefixed `_rjem_`).
+fn links_jemalloc(exe: &Path) -> Result<bool> {
+    let bytes = std::fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
+    Ok(bytes.windows(6).any(|w| w == b"_rjem_"))
 }
 
 #[cfg(test)]
