@@ -19,7 +19,7 @@ pub fn framed(seq: u64, data: &str) -> (Bytes, Option<Bytes>) {
     let len = "id: ".len() + digits(seq) + 1 + lines * ("data: ".len() + 1) + (data.len() + 1 - lines) + 1;
     let mut out = Vec::with_capacity(len);
     // Writing to a Vec cannot fail.
-    let _ = write!(out, "id: {seq}\n");
+    let _ = writeln!(out, "id: {seq}");
     let start = out.len() + "data: ".len();
     for line in data.split('\n') {
         out.extend_from_slice(b"data: ");
