@@ -58,11 +58,37 @@ pub struct Persister {
 
 impl Persister {
     /// Starts the flushing task; it ends once every `Persister` handle is dropped and the queue is written.
-    pub fn start(store: Arc<dyn Store>, interval: Duration) -> (Self, tokio::task::JoinHandle<()>) {
+    ///
+    /// The returned future ends with the task: `Err` says why it ended early (a panic). On a store that asks for
+    /// it ([`Store::wants_own_thread`]) the task runs on a thread of its own: on the shared runtime, the wake-up
+    /// after each commit comes from the store's thread and waits in the runtime's queue behind every task that is
+    /// ready, and with 10,000 streams starting at once that was over half a second per batch while the store sat
+    /// idle (BENCHMARKS.md, "Issue 10").
+    pub fn start(store: Arc<dyn Store>, interval: Duration) -> (Self, BoxFuture<'static, Result<(), String>>) {
         let (tx, rx) = mpsc::channel(65_536);
         let healthy = Arc::new(AtomicBool::new(true));
-        let task = tokio::spawn(run(store.clone(), interval, rx, healthy.clone()));
-        (Self { tx, store, healthy }, task)
+        let task = run(store.clone(), interval, rx, healthy.clone());
+        let ended = if store.wants_own_thread() {
+            let (finished, ended) = oneshot::channel::<()>();
+            let thread = std::thread::Builder::new().name("offload-persist".into()).spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => {
+                        runtime.block_on(task);
+                        let _ = finished.send(());
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot start the persister's runtime"),
+                }
+            });
+            async move {
+                thread.map_err(|e| format!("cannot start the persister's thread: {e}"))?;
+                ended.await.map_err(|_| "the persister's thread ended early (a panic)".to_owned())
+            }
+            .boxed()
+        } else {
+            let task = tokio::spawn(task);
+            async move { task.await.map_err(|e| e.to_string()) }.boxed()
+        };
+        (Self { tx, store, healthy }, ended)
     }
 
     /// Whether the last commit succeeded.

@@ -184,6 +184,12 @@ pub trait Store: Send + Sync + 'static {
     /// never split.
     async fn write(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError>;
 
+    /// Whether the batching persister should run on a thread of its own rather than on the shared runtime: for a
+    /// store whose writes complete on a thread of its own (SQLite's writer).
+    fn wants_own_thread(&self) -> bool {
+        false
+    }
+
     /// [`Self::write`] for a create's insert, which its caller waits for: a store may run it ahead of writes
     /// queued earlier (none of them can concern a request not yet inserted).
     async fn write_urgent(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {

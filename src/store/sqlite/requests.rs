@@ -245,6 +245,10 @@ impl Store for SqliteStore {
         self.write_with(move |w| apply(w, &ops, may_yield)).await
     }
 
+    fn wants_own_thread(&self) -> bool {
+        true
+    }
+
     async fn write_urgent(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
         let (done, wait) = tokio::sync::oneshot::channel();
         self.queue.push_urgent((ops, done))?;
