@@ -116,9 +116,6 @@ CREATE TABLE IF NOT EXISTS key_usage (
     version_5_tables!()
 );
 
-/// The writer connection's page cache, in KiB.
-const WRITER_CACHE_KIB: u32 = 32 * 1024;
-
 /// The schema version this code reads and writes.
 const SCHEMA_VERSION: i64 = 5;
 
@@ -418,12 +415,9 @@ impl SqliteStore {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
         };
-        // Checkpoints run on their own thread (below), never inside a commit of the writer. The writer's page cache
-        // holds the rows of the requests running now (SQLite's default, 2 MiB, does not hold 10,000 of them, and a
-        // batch then reads most of its pages back: BENCHMARKS.md, "Issue 10"); pages are taken as they are used.
+        // Checkpoints run on their own thread (below), never inside a commit of the writer.
         conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA wal_autocheckpoint = 0;
-             PRAGMA cache_size = -{WRITER_CACHE_KIB};"
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA wal_autocheckpoint = 0;"
         ))
         .map_err(db_err)?;
         let mut version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db_err)?;
