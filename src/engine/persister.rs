@@ -54,6 +54,9 @@ pub struct Persister {
     store: Arc<dyn Store>,
     /// False from a failed commit until the next successful one.
     healthy: Arc<AtomicBool>,
+    /// Wakes the task before the flush deadline (a flush asked for). Writes queued while the bulk lane waits for
+    /// its deadline do not wake it: the task sleeps until then, instead of being woken for every chunk.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Persister {
@@ -67,7 +70,8 @@ impl Persister {
     pub fn start(store: Arc<dyn Store>, interval: Duration) -> (Self, BoxFuture<'static, Result<(), String>>) {
         let (tx, rx) = mpsc::channel(65_536);
         let healthy = Arc::new(AtomicBool::new(true));
-        let task = run(store.clone(), interval, rx, healthy.clone());
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let task = run(store.clone(), interval, rx, healthy.clone(), wake.clone());
         let ended = if store.wants_own_thread() {
             let (finished, ended) = oneshot::channel::<()>();
             let thread = std::thread::Builder::new().name("offload-persist".into()).spawn(move || {
@@ -88,7 +92,7 @@ impl Persister {
             let task = tokio::spawn(task);
             async move { task.await.map_err(|e| e.to_string()) }.boxed()
         };
-        (Self { tx, store, healthy }, ended)
+        (Self { tx, store, healthy, wake }, ended)
     }
 
     /// Whether the last commit succeeded.
@@ -134,7 +138,9 @@ impl Persister {
     /// Waits until everything queued before now is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (ack, done) = oneshot::channel();
-        self.send(Cmd::Flush(ack), done).await
+        self.tx.send(Cmd::Flush(ack)).await.map_err(|_| StoreError::Closed)?;
+        self.wake.notify_one();
+        done.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn send(&self, cmd: Cmd, done: oneshot::Receiver<Result<(), StoreError>>) -> Result<(), StoreError> {
@@ -228,19 +234,35 @@ fn answer(acks: impl IntoIterator<Item = Ack>, result: &Result<(), StoreError>) 
     }
 }
 
-async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<Cmd>, healthy: Arc<AtomicBool>) {
+/// What ended the wait for work.
+enum Woke {
+    Cmd(Cmd),
+    /// The queue is closed: every handle is gone.
+    Closed,
+    /// The bulk lane's deadline passed, or a flush was asked for: what is queued is taken below.
+    Due,
+}
+
+async fn run(
+    store: Arc<dyn Store>,
+    interval: Duration,
+    mut rx: mpsc::Receiver<Cmd>,
+    healthy: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+) {
     let mut lanes = Lanes::default();
     let mut open = true;
     while open || !lanes.is_empty() {
         crate::metrics::store_queue(lanes.queued() + rx.len());
         // Wait for work, or for the bulk lane to come due.
         if open && !lanes.bulk_due(interval) {
-            let next = match lanes.next_due(interval) {
+            let woke = match lanes.next_due(interval) {
                 // Idle after a failed write (a create's insert, say): nothing else would find out that the store
                 // is back, and creates are refused meanwhile, so try it with an empty transaction now and then.
                 None if lanes.is_empty() && !healthy.load(Ordering::SeqCst) => {
                     match tokio::time::timeout(PROBE_EVERY, rx.recv()).await {
-                        Ok(cmd) => cmd.ok_or(()),
+                        Ok(Some(cmd)) => Woke::Cmd(cmd),
+                        Ok(None) => Woke::Closed,
                         Err(_) => {
                             let probe = store.write(Arc::from([])).await;
                             healthy.store(probe.is_ok(), Ordering::SeqCst);
@@ -248,17 +270,24 @@ async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<C
                         }
                     }
                 }
-                None if lanes.is_empty() => rx.recv().await.ok_or(()),
-                Some(due) => match tokio::time::timeout_at(due, rx.recv()).await {
-                    Ok(cmd) => cmd.ok_or(()),
-                    Err(_) => Err(()),
+                None if lanes.is_empty() => match rx.recv().await {
+                    Some(cmd) => Woke::Cmd(cmd),
+                    None => Woke::Closed,
                 },
-                None => Err(()),
+                // Writes are waiting for the deadline: sleep until then (what arrives meanwhile waits in the queue).
+                Some(due) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due) => {}
+                        _ = wake.notified() => {}
+                    }
+                    Woke::Due
+                }
+                None => Woke::Due,
             };
-            match next {
-                Ok(cmd) => lanes.take(cmd),
-                Err(()) if lanes.bulk_since.is_none() && lanes.is_empty() => open = false,
-                Err(()) => {}
+            match woke {
+                Woke::Cmd(cmd) => lanes.take(cmd),
+                Woke::Closed => open = false,
+                Woke::Due => {}
             }
         }
         loop {
