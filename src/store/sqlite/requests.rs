@@ -86,11 +86,11 @@ pub(super) fn run_urgent(w: &mut Writer, jobs: Vec<super::UrgentJob>) {
 }
 
 /// How long a batch keeps its transaction open while creates wait.
-const YIELD_AFTER: std::time::Duration = std::time::Duration::from_micros(250);
+const YIELD_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Applies `ops` in order. A batch is one transaction, except that when creates are waiting (see
-/// [`super::Queue`]) and the transaction has been open for [`YIELD_AFTER`], it commits what it has written,
-/// lets their inserts in (`may_yield`), and goes on in a new transaction: a create never waits long behind a
+/// [`super::Queue`]) and the transaction has been open for [`YIELD_AFTER`], their inserts join it, it commits
+/// (`may_yield`), and the batch goes on in a new transaction: a create never waits long behind a
 /// long batch, and a steady stream of creates cannot split a batch into a commit per write. On an error the batch may thus be partly
 /// stored; the persister tries it again whole, and every write in it can be applied twice without harm (events
 /// and raw pieces replace themselves, a final status applies once, nothing is written after it).
@@ -108,9 +108,24 @@ fn apply_yielding(
     let mut opened = std::time::Instant::now();
     for op in ops {
         if may_yield && w.queue.urgent_waiting() && opened.elapsed() >= YIELD_AFTER {
-            tx.commit().map_err(db_err)?;
+            // The waiting inserts join this transaction, which commits now: one commit lets them in. If that
+            // fails, they fail with the batch (rolled back whole, and retried by the persister).
             let waiting = w.queue.take_urgent();
-            run_urgent(w, waiting);
+            let mut new = Vec::new();
+            let joined = waiting
+                .iter()
+                .flat_map(|(ops, _)| ops.iter())
+                .try_for_each(|op| apply_one(&tx, &mut w.rkeys, op, &mut new, &mut ended));
+            let result = joined.and_then(|()| tx.commit().map_err(db_err));
+            if result.is_err() {
+                new.iter().for_each(|id| {
+                    w.rkeys.remove(id);
+                });
+            }
+            for (_, done) in waiting {
+                let _ = done.send(result.clone());
+            }
+            result?;
             tx = w.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
             opened = std::time::Instant::now();
         }
