@@ -44,8 +44,6 @@ enum Cmd {
     Bulk(WriteOp, Option<Ack>),
     /// Write the whole bulk lane now; acknowledge when it is durable.
     Flush(Ack),
-    /// Look at the store's health again (a create's insert failed): an idle persister then probes it.
-    Wake,
 }
 
 #[derive(Clone)]
@@ -54,7 +52,8 @@ pub struct Persister {
     store: Arc<dyn Store>,
     /// False from a failed commit until the next successful one.
     healthy: Arc<AtomicBool>,
-    /// Wakes the task before the flush deadline (a flush asked for). Writes queued while the bulk lane waits for
+    /// Wakes the task: before the flush deadline (a flush asked for), or when idle (an insert failed: the
+    /// store's health is to be probed). Writes queued while the bulk lane waits for
     /// its deadline do not wake it: the task sleeps until then, instead of being woken for every chunk.
     wake: Arc<tokio::sync::Notify>,
 }
@@ -115,13 +114,13 @@ impl Persister {
     /// Queues a write to be made at once (ahead of the bulk lane) and returns its receipt, which resolves once
     /// it is durable: for a create's insert, whose upstream call starts while the insert commits.
     pub fn commit_soon(&self, op: WriteOp) -> Receipt {
-        let (store, healthy, tx) = (self.store.clone(), self.healthy.clone(), self.tx.clone());
+        let (store, healthy, wake) = (self.store.clone(), self.healthy.clone(), self.wake.clone());
         let write = async move {
             let result = write_urgent(&*store, Arc::from([op])).await;
             healthy.store(result.is_ok(), Ordering::SeqCst);
             if result.is_err() {
-                // Full or closed: then the persister is busy (and finds out) or gone.
-                let _ = tx.try_send(Cmd::Wake);
+                // An idle persister then looks at the store's health again, and probes it.
+                wake.notify_one();
             }
             result
         };
@@ -194,7 +193,6 @@ impl Lanes {
                 self.bulk_acks.push((self.queued(), ack));
                 self.flush_now = true;
             }
-            Cmd::Wake => {}
         }
     }
 
@@ -239,7 +237,7 @@ enum Woke {
     Cmd(Cmd),
     /// The queue is closed: every handle is gone.
     Closed,
-    /// The bulk lane's deadline passed, or a flush was asked for: what is queued is taken below.
+    /// The bulk lane's deadline passed, a flush was asked for, or the store's health is to be looked at again.
     Due,
 }
 
@@ -270,9 +268,9 @@ async fn run(
                         }
                     }
                 }
-                None if lanes.is_empty() => match rx.recv().await {
-                    Some(cmd) => Woke::Cmd(cmd),
-                    None => Woke::Closed,
+                None if lanes.is_empty() => tokio::select! {
+                    cmd = rx.recv() => cmd.map_or(Woke::Closed, Woke::Cmd),
+                    _ = wake.notified() => Woke::Due,
                 },
                 // Writes are waiting for the deadline: sleep until then (what arrives meanwhile waits in the queue).
                 Some(due) => {
