@@ -131,6 +131,19 @@ pub struct ServeArgs {
     /// requests end as interrupted about 1.2 times this after it died [default: 10s].
     #[arg(long, env = "OFFLOAD_NODE_LEASE")]
     pub node_lease: Option<String>,
+    /// With a shared store: the secret that signs calls between nodes (at least 32 characters, the same on every
+    /// node) [default: one made by the first node and kept in the database].
+    #[arg(long, env = "OFFLOAD_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Megabytes of writes a node holds in memory while its store does not answer; past it, its running requests
+    /// end as `store_unavailable` (what their readers saw is kept and written when the store is back)
+    /// [default: 256].
+    #[arg(long, env = "OFFLOAD_OUTAGE_BUFFER_MB")]
+    pub outage_buffer_mb: Option<usize>,
+    /// How long running requests go on while the store does not answer, e.g. `10m`; then they end as
+    /// `store_unavailable` [default: 10m].
+    #[arg(long, env = "OFFLOAD_OUTAGE_LIMIT")]
+    pub outage_limit: Option<String>,
     /// Serve Prometheus metrics at `/metrics` on this address (its own listener; keep it private) [default: off].
     #[arg(long, env = "OFFLOAD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -174,6 +187,10 @@ pub struct Settings {
     /// With a shared store: how peers reach this node (`None`: from the listen address).
     pub advertise_url: Option<String>,
     pub node_lease: Duration,
+    /// The secret that signs calls between nodes (`None`: the one kept in the shared store).
+    pub cluster_secret: Option<crate::cluster::ClusterSecret>,
+    /// What a node holds for its store through an outage.
+    pub outage: crate::engine::health::OutagePolicy,
     /// Where `/metrics` is served (`None`: no metrics).
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -250,6 +267,9 @@ impl ServeArgs {
             store: self.store.or(other.store),
             advertise_url: self.advertise_url.or(other.advertise_url),
             node_lease: self.node_lease.or(other.node_lease),
+            cluster_secret: self.cluster_secret.or(other.cluster_secret),
+            outage_buffer_mb: self.outage_buffer_mb.or(other.outage_buffer_mb),
+            outage_limit: self.outage_limit.or(other.outage_limit),
             metrics_listen: self.metrics_listen.or(other.metrics_listen),
             log_format: self.log_format.or(other.log_format),
         }
@@ -320,6 +340,21 @@ impl Settings {
         if node_lease < Duration::from_secs(1) {
             return Err(ConfigError::Invalid { name: "node_lease", reason: "must be at least 1s".into() });
         }
+        let cluster_secret = match a.cluster_secret.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(text) if text.len() >= 32 => Some(crate::cluster::ClusterSecret::new(text.as_bytes())),
+            Some(_) => {
+                return Err(ConfigError::Invalid {
+                    name: "cluster_secret",
+                    reason: "must be at least 32 characters (e.g. `openssl rand -hex 32`), the same on every node"
+                        .into(),
+                });
+            }
+        };
+        let outage = crate::engine::health::OutagePolicy {
+            buffer: a.outage_buffer_mb.unwrap_or(256).saturating_mul(1024 * 1024),
+            limit: positive("outage_limit", a.outage_limit.as_deref().unwrap_or("10m"))?,
+        };
         let default_upstream = Url::parse("https://api.openai.com/v1")
             .map_err(|e| ConfigError::Invalid { name: "upstream_url", reason: e.to_string() })?;
         Ok(Settings {
@@ -368,6 +403,8 @@ impl Settings {
             store,
             advertise_url: a.advertise_url.map(|u| u.as_str().trim_end_matches('/').to_owned()),
             node_lease,
+            cluster_secret,
+            outage,
             metrics_listen: a.metrics_listen,
             log_format: a.log_format.unwrap_or_default(),
         })

@@ -105,6 +105,12 @@ fn describe() {
     );
     describe_counter!("offload_store_write_errors_total", "Store transactions that failed, by lane (create, bulk).");
     describe_gauge!("offload_store_queue_writes", "Writes waiting for the store.");
+    describe_gauge!(
+        "offload_store_held_bytes",
+        Unit::Bytes,
+        "Bytes held in memory by writes waiting for the store (bounded by --outage-buffer)."
+    );
+    describe_gauge!("offload_store_reachable", "1 while the store answered the last health round trip, else 0.");
     describe_counter!(
         "offload_webhook_attempts_total",
         "Webhook delivery attempts, by outcome (delivered, retrying, failed)."
@@ -283,6 +289,16 @@ where
 /// Writes waiting for the store (read each time the writer looks for work).
 pub fn store_queue(writes: usize) {
     gauge!("offload_store_queue_writes").set(writes as f64);
+}
+
+/// Bytes held in memory by writes waiting for the store (what `--outage-buffer` bounds).
+pub fn store_held_bytes(bytes: usize) {
+    gauge!("offload_store_held_bytes").set(bytes as f64);
+}
+
+/// Whether the store answered this node's last health round trip (1) or not (0).
+pub fn store_reachable(reachable: bool) {
+    gauge!("offload_store_reachable").set(if reachable { 1.0 } else { 0.0 });
 }
 
 /// A webhook attempt ended with `outcome` (`delivered`, `retrying`, `failed`).

@@ -1,6 +1,6 @@
 //! Builds the application from settings and runs it until a shutdown signal.
 
-use crate::cluster::Peers;
+use crate::cluster::{ClusterSecret, Peers};
 use crate::config::Settings;
 use crate::document::Urls;
 use crate::domain::Limits;
@@ -116,9 +116,13 @@ impl Application {
                 None => format!("http://{local}"),
             };
             let me = NodeRecord { id: node, address };
+            let secret = match &settings.cluster_secret {
+                Some(secret) => secret.clone(),
+                None => ClusterSecret::new(&stores.nodes.cluster_secret(ClusterSecret::generate().bytes()).await?),
+            };
             stores.nodes.join(&me, settings.node_lease).await?;
             tracing::info!(node = %node, address = %me.address, "joined the nodes of the shared store");
-            Some(Arc::new(Peers::new(me, stores.nodes.clone())))
+            Some(Arc::new(Peers::new(me, stores.nodes.clone(), secret)))
         } else {
             None
         };
@@ -141,6 +145,7 @@ impl Application {
             poll_interval: Duration::from_millis(250),
             allow_private_webhooks: settings.webhooks.allow_private,
             node,
+            outage: settings.outage,
         };
         let upstream =
             Upstream::new(&upstream_url, settings.upstream_key.clone(), settings.upstream_h2c).with_retries(Retries {

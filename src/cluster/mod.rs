@@ -6,13 +6,19 @@
 //! - Every request records the node that runs it (its owner). A request is only ever ended by its owner, or,
 //!   once the owner's record is gone, by whichever node finds it first; the store's conditional final write
 //!   (`WriteOp::Finish` applies only to a request that is not final) makes that exactly once, webhook included.
-//! - A node whose lease ran out is removed only if it also fails a direct health probe (its `/healthz` must
-//!   answer with its node id within a second): a node that is merely slow to reach the database keeps its
-//!   requests. A node that finds its own record removed (it was unreachable and silent for a whole lease) stops
-//!   its running requests without writing for them, and joins again under a new id.
+//! - Liveness and store health are different questions. A node whose lease ran out is removed only if it also
+//!   fails a direct liveness probe ([`Peers::answers`]: `GET /_offload/alive` must prove, with the cluster's
+//!   secret, that the node with that id answers, within [`PROBE_WITHIN`]), whatever its store says: a node that
+//!   cannot reach the database keeps its requests and their in-flight slots. Only a node that neither renews its
+//!   lease nor answers is dead. A node that finds its own record removed (it was frozen or cut off from everyone
+//!   for a whole lease) stops its running requests without writing for them, and joins again.
 //! - Readers and stop/DELETE calls for a request that runs on another node are relayed to that node over HTTP
 //!   (its `--advertise-url`): one hop on a local network, no per-chunk database traffic, and the owner's memory is
-//!   the one source of live state. See [`Peers`].
+//!   the one source of live state. Relayed calls are signed ([`auth`]) and time-limited ([`RELAY_HEAD_WITHIN`],
+//!   [`RELAY_IDLE_WITHIN`]); see [`Peers`].
+
+pub mod auth;
+
 
 use crate::domain::NodeId;
 use crate::store::StoreError;
@@ -31,14 +37,28 @@ pub struct ClusterConfig {
     pub advertise_url: String,
 }
 
-/// The header that marks a call relayed by a peer: it is served here and never relayed again.
-pub const FORWARDED: &str = "x-offload-forwarded";
+pub use auth::{ClusterSecret, FORWARDED};
+
+/// How long a liveness probe may take.
+pub const PROBE_WITHIN: Duration = Duration::from_secs(2);
+
+/// How long a relayed call waits for the owner's response head before it answers from the store (or 503).
+pub const RELAY_HEAD_WITHIN: Duration = Duration::from_secs(3);
+
+/// How often the owner sends a keep-alive on a relayed event stream, so that the relaying node can tell a quiet
+/// stream from a frozen owner.
+pub const RELAY_KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// How long a relayed response may go without a byte before the relaying node gives up on the owner (and a relayed
+/// event stream goes on from the store).
+pub const RELAY_IDLE_WITHIN: Duration = Duration::from_secs(4);
 
 /// This node's identity and its view of its peers.
 pub struct Peers {
     pub me: NodeRecord,
     nodes: Arc<dyn NodeStore>,
     client: reqwest::Client,
+    secret: ClusterSecret,
     /// Addresses of peers, looked up once per node id (a node's address never changes: a restart is a new id).
     addresses: Mutex<HashMap<NodeId, (String, Instant)>>,
 }
@@ -47,9 +67,10 @@ pub struct Peers {
 const ADDRESS_TTL: Duration = Duration::from_secs(5);
 
 impl Peers {
-    pub fn new(me: NodeRecord, nodes: Arc<dyn NodeStore>) -> Self {
+    pub fn new(me: NodeRecord, nodes: Arc<dyn NodeStore>, secret: ClusterSecret) -> Self {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
+            .read_timeout(RELAY_IDLE_WITHIN)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
             .redirect(reqwest::redirect::Policy::none())
@@ -57,7 +78,22 @@ impl Peers {
             // Building a client without TLS settings or proxies from the environment cannot fail; fall back to
             // the default client, which is equivalent apart from the timeouts.
             .unwrap_or_default();
-        Self { me, nodes, client, addresses: Mutex::new(HashMap::new()) }
+        Self { me, nodes, client, secret, addresses: Mutex::new(HashMap::new()) }
+    }
+
+    /// The [`FORWARDED`] mark for a call this node relays now.
+    pub fn sign(&self, method: &str, path_and_query: &str) -> String {
+        self.secret.sign_relay(self.me.id, method, path_and_query, unix_seconds())
+    }
+
+    /// Whether a call carries a valid [`FORWARDED`] mark from a node of this cluster.
+    pub fn relayed_by_peer(&self, mark: &str, method: &str, path_and_query: &str) -> bool {
+        self.secret.verify_relay(mark, method, path_and_query, unix_seconds())
+    }
+
+    /// This node's answer to a liveness probe.
+    pub fn alive_proof(&self, nonce: &str) -> String {
+        self.secret.alive_proof(self.me.id, nonce)
     }
 
     pub fn client(&self) -> &reqwest::Client {
@@ -88,18 +124,24 @@ impl Peers {
         }
     }
 
-    /// Whether the node answers its health check as itself within a second.
+    /// Whether the node answers a liveness probe as itself within [`PROBE_WITHIN`]: its answer must carry its id
+    /// and the proof, made with the cluster's secret, for a nonce drawn now. Its store's health does not matter.
     pub async fn answers(&self, node: &NodeRecord) -> bool {
-        let url = format!("{}/healthz", node.address.trim_end_matches('/'));
-        let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(1), self.client.get(url).send()).await else {
-            return false;
+        let nonce = hex::encode(rand::random::<[u8; 16]>());
+        let url = format!("{}/_offload/alive?nonce={nonce}", node.address.trim_end_matches('/'));
+        let probe = async {
+            let response = self.client.get(url).send().await.ok()?;
+            response.json::<serde_json::Value>().await.ok()
         };
-        let Ok(Ok(body)) = tokio::time::timeout(Duration::from_secs(1), response.json::<serde_json::Value>()).await
-        else {
-            return false;
-        };
-        body.get("node").and_then(|n| n.as_str()).and_then(NodeId::parse) == Some(node.id)
+        let Ok(Some(body)) = tokio::time::timeout(PROBE_WITHIN, probe).await else { return false };
+        let id = body.get("node").and_then(|n| n.as_str()).and_then(NodeId::parse);
+        let proof = body.get("proof").and_then(|p| p.as_str()).unwrap_or_default();
+        id == Some(node.id) && self.secret.verify_alive(node.id, &nonce, proof)
     }
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// What one round of membership found.

@@ -26,6 +26,8 @@ pub enum CancelReason {
     Stop,
     Delete,
     Shutdown,
+    /// The store has been failing for too long, or the writes held for it passed their bound (`engine::health`).
+    StoreOutage,
 }
 
 /// The response body while the request runs.

@@ -9,6 +9,7 @@
 //! - [`continuation`]: building a continued conversation.
 
 pub mod continuation;
+pub mod health;
 pub mod live;
 pub mod persister;
 pub mod raw;
@@ -60,6 +61,8 @@ pub struct EngineConfig {
     pub allow_private_webhooks: bool,
     /// This node: the owner recorded on every request it accepts.
     pub node: NodeId,
+    /// What this node holds for the store through an outage.
+    pub outage: health::OutagePolicy,
 }
 
 #[derive(Clone)]
@@ -86,6 +89,8 @@ pub(crate) struct Inner {
     closing: CancellationToken,
     /// The other nodes on a shared store (`None` on a store of one node).
     peers: Option<Arc<Peers>>,
+    /// Whether the store answers ([`health`]).
+    health: health::StoreHealth,
 }
 
 /// A request found by its URL.
@@ -214,7 +219,7 @@ impl Engine {
                 Err(e) => tracing::error!(error = %e, "the persister died: nothing more can be stored"),
             }
         });
-        Self {
+        let engine = Self {
             inner: Arc::new(Inner {
                 slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
                 persister_died,
@@ -228,8 +233,11 @@ impl Engine {
                 accepting: AtomicBool::new(true),
                 closing: CancellationToken::new(),
                 peers,
+                health: health::StoreHealth::default(),
             }),
-        }
+        };
+        tokio::spawn(health::watch(Arc::downgrade(&engine.inner), engine.inner.closing.clone()));
+        engine
     }
 
     pub fn urls(&self) -> &Urls {
@@ -253,6 +261,8 @@ impl Engine {
     pub fn store_problem(&self) -> Option<&'static str> {
         if self.inner.persister_died.load(Ordering::SeqCst) || !self.inner.persister.running() {
             Some("the writer to the store has stopped")
+        } else if !self.inner.health.reachable() {
+            Some("the store does not answer")
         } else if !self.inner.persister.healthy() {
             Some("the store refuses writes")
         } else {
@@ -461,9 +471,9 @@ impl Engine {
         }
     }
 
-    /// The HTTP client for calls to other nodes, when there are any.
-    pub fn peer_client(&self) -> Option<&reqwest::Client> {
-        self.inner.peers.as_deref().map(Peers::client)
+    /// The other nodes, on a shared store.
+    pub fn peers(&self) -> Option<&Peers> {
+        self.inner.peers.as_deref()
     }
 
     /// This node's id.
@@ -531,7 +541,11 @@ impl Engine {
             match self.take_over_orphans().await {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(count = n, "ended requests of a node that is gone as interrupted"),
-                Err(e) => tracing::error!(error = %e, "could not end the requests of a node that is gone; retrying"),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not end the requests of a node that is gone; retrying");
+                    // Its in-flight slots are given back only once its requests have ended.
+                    continue;
+                }
             }
             match self.inner.stores.keys.release_orphaned_slots().await {
                 Ok(0) => {}
@@ -617,13 +631,17 @@ impl Engine {
         inner.closing.cancel();
     }
 
-    /// The event stream (`.txt` body) of a request, for a reader that has every event up to `after`.
+    /// The event stream (`.txt` body) of a request, for a reader that has every event up to `after`. A peer
+    /// relaying it (`for_peer`) gets keep-alives every [`crate::cluster::RELAY_KEEP_ALIVE`].
     pub fn follow(
         &self,
         found: Found,
         after: u64,
+        for_peer: bool,
     ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> + Send + 'static {
-        reader::follow(self.inner.clone(), found, after)
+        let keep_alive =
+            if for_peer { crate::cluster::RELAY_KEEP_ALIVE.min(self.inner.config.keep_alive) } else { self.inner.config.keep_alive };
+        reader::follow(self.inner.clone(), found, after, keep_alive)
     }
 }
 

@@ -15,12 +15,17 @@
 //! insert is tried a few times and then refused, so that callers hear of it at once instead of waiting. Only a
 //! write that fails while the others of its slice succeed, written one by one, is given up (it can never be
 //! stored), loudly.
+//!
+//! Through a database outage the writes wait here, in memory: [`Persister::held_bytes`] says how much they hold
+//! (the engine bounds it, see `engine::outage`), and while the store fails the queue is drained into the lanes as
+//! writes arrive, so that a worker never waits on a full queue. [`Persister::retry_now`] cuts the backoff short
+//! when the store is seen to answer again.
 
 use crate::store::{Store, StoreError, WriteOp};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -56,6 +61,10 @@ pub struct Persister {
     /// store's health is to be probed). Writes queued while the bulk lane waits for
     /// its deadline do not wake it: the task sleeps until then, instead of being woken for every chunk.
     wake: Arc<tokio::sync::Notify>,
+    /// Bytes held by bulk writes queued and not yet durable ([`WriteOp::held_bytes`]).
+    held: Arc<AtomicUsize>,
+    /// Set to try a failed slice again now rather than after its backoff.
+    retry_soon: Arc<AtomicBool>,
 }
 
 impl Persister {
@@ -70,7 +79,10 @@ impl Persister {
         let (tx, rx) = mpsc::channel(65_536);
         let healthy = Arc::new(AtomicBool::new(true));
         let wake = Arc::new(tokio::sync::Notify::new());
-        let task = run(store.clone(), interval, rx, healthy.clone(), wake.clone());
+        let held = Arc::new(AtomicUsize::new(0));
+        let retry_soon = Arc::new(AtomicBool::new(false));
+        let handles = Handles { healthy: healthy.clone(), wake: wake.clone(), held: held.clone(), retry_soon: retry_soon.clone() };
+        let task = run(store.clone(), interval, rx, handles);
         let ended = if store.wants_own_thread() {
             let (finished, ended) = oneshot::channel::<()>();
             let thread = std::thread::Builder::new().name("offload-persist".into()).spawn(move || {
@@ -91,12 +103,23 @@ impl Persister {
             let task = tokio::spawn(task);
             async move { task.await.map_err(|e| e.to_string()) }.boxed()
         };
-        (Self { tx, store, healthy, wake }, ended)
+        (Self { tx, store, healthy, wake, held, retry_soon }, ended)
     }
 
     /// Whether the last commit succeeded.
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Bytes held by writes waiting for the store.
+    pub fn held_bytes(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Tries writes the store refused again now, instead of at the end of their backoff (the store answers again).
+    pub fn retry_now(&self) {
+        self.retry_soon.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
     }
 
     /// Whether the flushing task still runs.
@@ -106,6 +129,7 @@ impl Persister {
 
     /// Queues a write; it is durable within the flush interval.
     pub async fn push(&self, op: WriteOp) {
+        self.held.fetch_add(op.held_bytes(), Ordering::Relaxed);
         if self.tx.send(Cmd::Bulk(op, None)).await.is_err() {
             tracing::error!("a write was queued after the persister stopped");
         }
@@ -130,6 +154,7 @@ impl Persister {
     /// Queues a write and waits until it is durable, which is at the next regular flush: for a caller that must
     /// know the write is stored but need not hurry it (and so shares a transaction with others).
     pub async fn push_durable(&self, op: WriteOp) -> Result<(), StoreError> {
+        self.held.fetch_add(op.held_bytes(), Ordering::Relaxed);
         let (ack, done) = oneshot::channel();
         self.send(Cmd::Bulk(op, Some(ack)), done).await
     }
@@ -241,17 +266,24 @@ enum Woke {
     Due,
 }
 
-async fn run(
-    store: Arc<dyn Store>,
-    interval: Duration,
-    mut rx: mpsc::Receiver<Cmd>,
+/// The persister's state that its handles see too.
+struct Handles {
     healthy: Arc<AtomicBool>,
     wake: Arc<tokio::sync::Notify>,
-) {
+    held: Arc<AtomicUsize>,
+    retry_soon: Arc<AtomicBool>,
+}
+
+async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc::Receiver<Cmd>, handles: Handles) {
+    let Handles { healthy, wake, held, retry_soon } = handles;
     let mut lanes = Lanes::default();
     let mut open = true;
     while open || !lanes.is_empty() {
         crate::metrics::store_queue(lanes.queued() + rx.len());
+        crate::metrics::store_held_bytes(held.load(Ordering::Relaxed));
+        if retry_soon.swap(false, Ordering::SeqCst) {
+            lanes.retry_at = None;
+        }
         // Wait for work, or for the bulk lane to come due.
         if open && !lanes.bulk_due(interval) {
             let woke = match lanes.next_due(interval) {
@@ -271,6 +303,13 @@ async fn run(
                 None if lanes.is_empty() => tokio::select! {
                     cmd = rx.recv() => cmd.map_or(Woke::Closed, Woke::Cmd),
                     _ = wake.notified() => Woke::Due,
+                },
+                // The store failed: writes wait for the retry, and what arrives meanwhile is taken into the lanes, so
+                // that the queue never fills up and blocks the workers through a long outage.
+                Some(due) if lanes.retry_at.is_some() => tokio::select! {
+                    _ = tokio::time::sleep_until(due) => Woke::Due,
+                    _ = wake.notified() => Woke::Due,
+                    cmd = rx.recv() => cmd.map_or(Woke::Closed, Woke::Cmd),
                 },
                 // Writes are waiting for the deadline: sleep until then (what arrives meanwhile waits in the queue).
                 Some(due) => {
@@ -302,8 +341,11 @@ async fn run(
             lanes.flush_now = true;
         }
 
+        if retry_soon.swap(false, Ordering::SeqCst) {
+            lanes.retry_at = None;
+        }
         if lanes.bulk_due(interval) {
-            write_head_slice(&*store, &mut lanes, &healthy).await;
+            write_head_slice(&*store, &mut lanes, &healthy, &held).await;
         } else if !open && lanes.retry_at.is_some() {
             // Closing with a store that fails: wait for the next try rather than spin.
             if let Some(at) = lanes.retry_at {
@@ -315,7 +357,7 @@ async fn run(
 
 /// Tries the head slice of the bulk lane once. On success its writes leave the lane and their acks are sent; on
 /// failure it stays for a later try, unless splitting it finds writes that can never be stored.
-async fn write_head_slice(store: &dyn Store, lanes: &mut Lanes, healthy: &AtomicBool) {
+async fn write_head_slice(store: &dyn Store, lanes: &mut Lanes, healthy: &AtomicBool, held: &AtomicUsize) {
     let ops = match lanes.head.take() {
         Some(head) => head,
         None => {
@@ -355,6 +397,7 @@ async fn write_head_slice(store: &dyn Store, lanes: &mut Lanes, healthy: &Atomic
         }
     };
     healthy.store(true, Ordering::SeqCst);
+    held.fetch_sub(ops.iter().map(WriteOp::held_bytes).sum(), Ordering::Relaxed);
     lanes.failures = 0;
     lanes.retry_at = None;
     let (done, waiting): (Vec<_>, Vec<_>) = lanes.bulk_acks.drain(..).partition(|(upto, _)| *upto <= n);

@@ -17,8 +17,12 @@ enum Wake {
 }
 
 /// The `.txt` body for a reader that has everything up to event `after`.
-pub(super) fn follow(inner: Arc<Inner>, found: Found, after: u64) -> impl Stream<Item = Result<Bytes, Infallible>> {
-    let keep_alive = inner.config.keep_alive;
+pub(super) fn follow(
+    inner: Arc<Inner>,
+    found: Found,
+    after: u64,
+    keep_alive: std::time::Duration,
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
     async_stream::stream! {
         let _reader = crate::metrics::stream_reader();
         match found {
@@ -56,13 +60,17 @@ pub(super) fn follow(inner: Arc<Inner>, found: Found, after: u64) -> impl Stream
                 let mut cursor = after;
                 let mut idle = std::time::Duration::ZERO;
                 loop {
+                    // A store that fails (a database outage) is read again after a while: the reader waits, with
+                    // keep-alives, rather than losing its place.
                     let page = match inner.stores.requests.events(id, cursor, BATCH).await {
-                        Ok(page) => page,
+                        Ok(page) => Some(page),
                         Err(e) => {
-                            tracing::error!(request = %id, error = %e, "could not read events");
-                            break;
+                            tracing::warn!(request = %id, error = %e, "could not read events; trying again");
+                            None
                         }
                     };
+                    let read = page.is_some();
+                    let page = page.unwrap_or_default();
                     if let Some((last, _)) = page.last() {
                         cursor = *last;
                         let mut buf = BytesMut::new();
@@ -74,7 +82,8 @@ pub(super) fn follow(inner: Arc<Inner>, found: Found, after: u64) -> impl Stream
                         continue;
                     }
                     let progress = &stored.progress;
-                    if progress.status.is_final() {
+                    // The end only once every event is known to be out: never after a failed read.
+                    if read && progress.status.is_final() {
                         yield Ok(sse::tail(progress.status, progress.error.as_ref(), cursor));
                         break;
                     }
@@ -93,7 +102,9 @@ pub(super) fn follow(inner: Arc<Inner>, found: Found, after: u64) -> impl Stream
                     }
                     match inner.stores.requests.get(id).await {
                         Ok(Some(fresh)) => *stored = fresh,
-                        _ => break,
+                        // Deleted: nothing more will come.
+                        Ok(None) => break,
+                        Err(e) => tracing::warn!(request = %id, error = %e, "could not read a request; trying again"),
                     }
                 }
             }

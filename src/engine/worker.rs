@@ -61,6 +61,7 @@ pub(super) async fn run(
         Outcome::Failed(e) => (Status::Error, Some(e)),
         Outcome::Cancelled => match live.cancel_reason() {
             Some(CancelReason::Stop) => (Status::Stop, None),
+            Some(CancelReason::StoreOutage) => (Status::Error, Some(store_unavailable())),
             _ => (Status::Error, Some(interrupted())),
         },
     };
@@ -74,6 +75,13 @@ async fn release((held, slot): (Option<Box<dyn super::Held>>, tokio::sync::Owned
         held.release().await;
     }
     drop(slot);
+}
+
+fn store_unavailable() -> ErrorInfo {
+    ErrorInfo::new(
+        "store_unavailable",
+        "The server could not reach its database for too long (or held too much for it), so it ended this request; what was received until then is kept.",
+    )
 }
 
 pub fn interrupted() -> ErrorInfo {

@@ -50,6 +50,7 @@ pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits, open_allo
         .route("/playground/app.js", get(playground::script))
         .route("/playground/style.css", get(playground::style))
         .route("/healthz", get(health))
+        .route("/_offload/alive", get(alive))
         .route("/openapi.json", get(openapi::document))
         .route("/v1/stream-chatgpt", post(create::stream))
         .route("/v1/async-chatgpt", post(create::asynchronous))
@@ -120,6 +121,31 @@ async fn health(axum::extract::State(app): axum::extract::State<AppState>) -> ax
         )
         .into_response(),
     }
+}
+
+/// `?nonce=` of a liveness probe: 16 to 128 hex digits.
+#[derive(serde::Deserialize)]
+struct Probe {
+    nonce: Option<String>,
+}
+
+/// The liveness probe of the nodes of a cluster ([`crate::cluster::Peers::answers`]): this process answers, with its
+/// node id and, on a shared store, the proof that it holds the cluster's secret, whatever its store says.
+async fn alive(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    axum::extract::Query(probe): axum::extract::Query<Probe>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let nonce = probe.nonce.unwrap_or_default();
+    if !(16..=128).contains(&nonce.len()) || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "`nonce` must be 16 to 128 hex digits, fresh for each probe.",
+        )
+        .with_param(Some("nonce")));
+    }
+    let proof = app.engine.peers().map(|peers| peers.alive_proof(&nonce));
+    Ok(Json(json!({"node": app.engine.node().to_string(), "proof": proof})))
 }
 
 async fn not_found() -> ApiError {

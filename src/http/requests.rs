@@ -87,8 +87,12 @@ fn authorize(meta: &RequestMeta, headers: &HeaderMap, stream_token: Option<&str>
 /// The request a URL names, once the caller may see it: here, or relayed to the node that runs it.
 enum Located {
     Here(Found),
-    /// Answered by the node that runs the request.
-    Relayed(Response),
+    /// The node that runs the request answered; its answer's head has come.
+    Relayed(reqwest::Response),
+    /// Another node runs the request and did not answer in time (or relayed the call here, where it does not
+    /// run): the store's view. Reads are served from it; a stop or DELETE of a request not final is refused, since
+    /// only its owner can end it.
+    Unreached(Found),
 }
 
 /// The call as it came, for relaying it.
@@ -96,32 +100,88 @@ struct Call<'a> {
     method: Method,
     uri: &'a Uri,
     headers: &'a HeaderMap,
+    /// Relayed here by a node of this cluster (a verified mark): served here, never relayed again.
+    from_peer: bool,
+}
+
+impl<'a> Call<'a> {
+    fn new(app: &AppState, method: Method, uri: &'a Uri, headers: &'a HeaderMap) -> Self {
+        let from_peer = super::forward::relayed_by_peer(app.engine.peers(), &method, uri, headers);
+        Self { method, uri, headers, from_peer }
+    }
 }
 
 /// Finds the request, checks the caller's credentials, and, when another node runs it, relays the call to that
-/// node. If that node cannot be reached (it may have just died), the store's view is served instead.
+/// node. If that node cannot be reached in time (it may have just died, or be frozen), the store's view is used.
 async fn locate(
     app: &AppState,
     url: &ParsedUrl,
-    call: Call<'_>,
+    call: &Call<'_>,
     stream_token: Option<&str>,
 ) -> Result<Located, ApiError> {
     let found = find(app, url).await?;
     authorize(found.meta(), call.headers, stream_token)?;
-    let (Some(address), Some(client)) = (found.elsewhere(), app.engine.peer_client()) else {
+    let (Some(address), Some(peers)) = (found.elsewhere(), app.engine.peers()) else {
         return Ok(Located::Here(found));
     };
-    if super::forward::was_forwarded(call.headers) {
+    if call.from_peer {
         // Relayed once already: this node answers with what it knows, so a call never goes round in circles.
-        return Ok(Located::Here(found.into_stored()));
+        return Ok(Located::Unreached(found.into_stored()));
     }
-    match super::forward::forward(client, address, call.method, call.uri, call.headers).await {
-        Ok(response) => Ok(Located::Relayed(response)),
+    match super::forward::send(peers, address, call.method.clone(), call.uri, call.headers).await {
+        Ok(answer) => Ok(Located::Relayed(answer)),
         Err(e) => {
             tracing::warn!(error = %e, "answering from the store instead");
-            Ok(Located::Here(found.into_stored()))
+            Ok(Located::Unreached(found.into_stored()))
         }
     }
+}
+
+fn relayed(answer: reqwest::Response) -> Result<Response, ApiError> {
+    super::forward::relay(answer).map_err(|e| ApiError::internal(&e))
+}
+
+/// A request's event stream relayed from its owner, frame by frame; if the owner goes quiet or the connection
+/// breaks before `[DONE]`, the stream goes on from the store after the last event passed on.
+fn relay_events(app: AppState, url: ParsedUrl, answer: reqwest::Response, after: u64) -> Result<Response, ApiError> {
+    use futures_util::StreamExt;
+    let head = super::forward::head(&answer);
+    let stream = async_stream::stream! {
+        let mut relay = super::forward::EventRelay::new(after);
+        let mut body = answer.bytes_stream();
+        loop {
+            match tokio::time::timeout(crate::cluster::RELAY_IDLE_WITHIN, body.next()).await {
+                Ok(Some(Ok(bytes))) => {
+                    let whole = relay.take(&bytes);
+                    if !whole.is_empty() {
+                        yield Ok::<_, std::convert::Infallible>(whole);
+                    }
+                    if relay.done {
+                        return;
+                    }
+                }
+                _ => break,
+            }
+        }
+        tracing::warn!(last_event = relay.last_id, "the node running this request went quiet; following it from the store");
+        if relay.named_end {
+            // The named end is only sent once the final status is durable: `[DONE]` is all that is missing.
+            yield Ok(bytes::Bytes::from_static(b"data: [DONE]\n\n"));
+            return;
+        }
+        match app.engine.find(&url).await {
+            Ok(Some(found)) => {
+                let mut rest = std::pin::pin!(app.engine.follow(found.into_stored(), relay.last_id, false));
+                while let Some(item) = rest.next().await {
+                    yield item;
+                }
+            }
+            // Deleted meanwhile, or the store fails: the stream ends without `[DONE]`, and an EventSource reconnects.
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "could not follow a request from the store"),
+        }
+    };
+    head.body(Body::from_stream(stream)).map_err(|e| ApiError::internal(&e))
 }
 
 pub async fn get(
@@ -133,14 +193,18 @@ pub async fn get(
 ) -> Result<Response, ApiError> {
     let url = parse_url(&kind, &rest)?;
     let stream_token = if url.suffix == Suffix::Events { query.stream_token.as_deref() } else { None };
-    let call = Call { method: Method::GET, uri: &uri, headers: &headers };
-    let found = match locate(&app, &url, call, stream_token).await? {
-        Located::Here(found) => found,
-        Located::Relayed(response) => return Ok(response),
+    let call = Call::new(&app, Method::GET, &uri, &headers);
+    let found = match locate(&app, &url, &call, stream_token).await? {
+        Located::Here(found) | Located::Unreached(found) => found,
+        Located::Relayed(answer) if url.suffix == Suffix::Events && answer.status() == reqwest::StatusCode::OK => {
+            let after = last_event_id(&headers, query.last_event_id.as_deref())?.unwrap_or(0);
+            return relay_events(app.clone(), url, answer, after);
+        }
+        Located::Relayed(answer) => return relayed(answer),
     };
     match url.suffix {
         Suffix::Status => status(&app, &found, &headers).await,
-        Suffix::Events => events(&app, found, &headers, query.last_event_id.as_deref()),
+        Suffix::Events => events(&app, found, &headers, query.last_event_id.as_deref(), call.from_peer),
         Suffix::Raw => raw(&app, &found).await,
         Suffix::Stop => Ok(stop(&app, &found).await),
     }
@@ -156,10 +220,10 @@ pub async fn post(
     if url.suffix != Suffix::Stop {
         return Err(only_get());
     }
-    let call = Call { method: Method::POST, uri: &uri, headers: &headers };
-    match locate(&app, &url, call, None).await? {
-        Located::Here(found) => Ok(stop(&app, &found).await),
-        Located::Relayed(response) => Ok(response),
+    let call = Call::new(&app, Method::POST, &uri, &headers);
+    match locate(&app, &url, &call, None).await? {
+        Located::Here(found) | Located::Unreached(found) => Ok(stop(&app, &found).await),
+        Located::Relayed(answer) => relayed(answer),
     }
 }
 
@@ -177,10 +241,17 @@ pub async fn delete(
             "DELETE applies to a request's status URL (ending in .json).",
         ));
     }
-    let call = Call { method: Method::DELETE, uri: &uri, headers: &headers };
-    let found = match locate(&app, &url, call, None).await? {
+    let call = Call::new(&app, Method::DELETE, &uri, &headers);
+    let found = match locate(&app, &url, &call, None).await? {
         Located::Here(found) => found,
-        Located::Relayed(response) => return Ok(response),
+        Located::Unreached(found) if !found.status().is_final() => {
+            return Err(ApiError::unavailable(
+                "unavailable",
+                "This request is running on another node of this service that did not answer in time; nothing was deleted. Retry shortly (if that node is gone, the request ends as interrupted within seconds and can then be deleted).",
+            ));
+        }
+        Located::Unreached(found) => found,
+        Located::Relayed(answer) => return relayed(answer),
     };
     app.engine.delete(found, STOP_DURABLE_WAIT).await.map_err(|e| match e {
         e if e.is_retryable() => {
@@ -230,13 +301,9 @@ async fn status(app: &AppState, found: &Found, headers: &HeaderMap) -> Result<Re
     Ok(response)
 }
 
-fn events(app: &AppState, found: Found, headers: &HeaderMap, query_last: Option<&str>) -> Result<Response, ApiError> {
-    if found.meta().locator.kind == Kind::Async {
-        return Err(ApiError::not_found(
-            "Requests made with /v1/async-chatgpt have no event stream; poll their status_url instead.",
-        ));
-    }
-    // Both are checked, so that a bad `?last_event_id=` is refused whatever the header says; the header wins.
+/// The event a reader says it has (`Last-Event-ID` header, else `?last_event_id=`). Both are checked, so that a
+/// bad `?last_event_id=` is refused whatever the header says; the header wins.
+fn last_event_id(headers: &HeaderMap, query_last: Option<&str>) -> Result<Option<u64>, ApiError> {
     let event_number = |text: &str| match text.trim() {
         "" => Ok(None),
         text => text.parse::<u64>().map(Some).map_err(|_| {
@@ -251,7 +318,22 @@ fn events(app: &AppState, found: Found, headers: &HeaderMap, query_last: Option<
     let header = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("-"));
     let from_header = header.map(event_number).transpose()?.flatten();
     let from_query = query_last.map(event_number).transpose()?.flatten();
-    let after = from_header.or(from_query);
+    Ok(from_header.or(from_query))
+}
+
+fn events(
+    app: &AppState,
+    found: Found,
+    headers: &HeaderMap,
+    query_last: Option<&str>,
+    from_peer: bool,
+) -> Result<Response, ApiError> {
+    if found.meta().locator.kind == Kind::Async {
+        return Err(ApiError::not_found(
+            "Requests made with /v1/async-chatgpt have no event stream; poll their status_url instead.",
+        ));
+    }
+    let after = last_event_id(headers, query_last)?;
     let (is_final, count) = found.position();
     // 204 (which tells EventSource to stop reconnecting) only for a reader who says it has everything; a reader
     // with nothing yet gets the replay, even of a request that ended before its first chunk (its named event
@@ -259,7 +341,8 @@ fn events(app: &AppState, found: Found, headers: &HeaderMap, query_last: Option<
     if is_final && after.is_some_and(|after| after >= count) {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    let body = Body::from_stream(app.engine.follow(found, after.unwrap_or(0)));
+    // A peer relaying the stream gets keep-alives often, so that it can tell a quiet stream from a frozen node.
+    let body = Body::from_stream(app.engine.follow(found, after.unwrap_or(0), from_peer));
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),

@@ -61,19 +61,22 @@ pub struct InFlightSlot {
 }
 
 impl InFlightSlot {
+    /// Retries for as long as the store refuses (a database outage of minutes is routine): a slot given up on
+    /// would hold the key's limit down until the node restarts.
     async fn give_back(keys: &dyn KeyStore, id: SlotId) {
         let mut delay = Duration::from_millis(50);
-        for attempt in 1..=5 {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
             match keys.release_slot(id).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::error!(error = %e, attempt, "could not give back an in-flight slot; retrying");
                     tokio::time::sleep(delay).await;
-                    delay *= 4;
+                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
-        tracing::error!("an in-flight slot could not be given back; it is freed when this node restarts");
     }
 }
 

@@ -173,6 +173,22 @@ pub enum WriteOp {
     Finish { id: RequestId, progress: Box<Progress>, body: Option<String>, webhook_url: Option<String> },
 }
 
+impl WriteOp {
+    /// About how many bytes of memory the write holds while it waits for the store: its data, plus a fixed
+    /// allowance for the rest. What bounds the writes a node holds through a database outage.
+    pub fn held_bytes(&self) -> usize {
+        const FIXED: usize = 256;
+        FIXED
+            + match self {
+                WriteOp::Insert(meta) => meta.parameters.get().len(),
+                WriteOp::Event { data, .. } => data.len(),
+                WriteOp::Raw { piece: RawPiece::Bytes(bytes), .. } => bytes.len(),
+                WriteOp::Raw { .. } | WriteOp::Progress { .. } => 0,
+                WriteOp::Finish { body, .. } => body.as_ref().map_or(0, String::len),
+            }
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies the operations in order, atomically. Returns once they are durable.
@@ -195,6 +211,11 @@ pub trait Store: Send + Sync + 'static {
     async fn write_urgent(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
         self.write(ops).await
     }
+
+    /// One real round trip to the database, bounded by `within`: whether the store answers right now (for
+    /// `/healthz` and for refusing creates while it does not). A write of nothing is no such test: a store may
+    /// answer it without reaching the database.
+    async fn ping(&self, within: std::time::Duration) -> Result<(), StoreError>;
 
     async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError>;
 
@@ -372,7 +393,8 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn return_token(&self, key: &ServiceKey) -> Result<(), StoreError>;
 
     /// Gives back the in-flight slots held by nodes that are gone (a node without a record in the node family;
-    /// on a store of one node, at its start, that is every slot). Returns how many.
+    /// on a store of one node, at its start, that is every slot), once none of that node's requests is running any
+    /// more: a slot is returned only when its request has ended. Returns how many.
     async fn release_orphaned_slots(&self) -> Result<usize, StoreError>;
 }
 

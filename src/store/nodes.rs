@@ -49,4 +49,8 @@ pub trait NodeStore: Send + Sync + 'static {
 
     /// Removes the node's record if its lease has still run out; `true` for the one caller that removed it.
     async fn remove_expired(&self, id: NodeId) -> Result<bool, StoreError>;
+
+    /// The secret the nodes of this store share to sign their calls to each other: the one already stored, or
+    /// `candidate` when none is (the first node to ask stores its own). Every caller gets the same bytes.
+    async fn cluster_secret(&self, candidate: &[u8]) -> Result<Vec<u8>, StoreError>;
 }

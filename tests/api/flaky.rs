@@ -59,6 +59,10 @@ impl Store for Flaky {
         }
         self.inner.write_urgent(ops).await
     }
+    async fn ping(&self, within: std::time::Duration) -> Result<(), StoreError> {
+        self.writes()?;
+        self.inner.ping(within).await
+    }
     async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
         self.reads()?;
         self.inner.get(id).await

@@ -328,6 +328,8 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
         check(call(&app, c.get(app.url(path))).await);
     }
     check(call(&app, c.get(app.url("/")).header("Accept", "text/html")).await);
+    check(call(&app, c.get(app.url("/_offload/alive?nonce=00112233445566778899aabbccddeeff"))).await);
+    check(call(&app, c.get(app.url("/_offload/alive?nonce=not-hex"))).await);
 
     // The endpoints of a finished public stream request.
     let created =

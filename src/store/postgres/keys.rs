@@ -199,7 +199,11 @@ impl KeyStore for PostgresStore {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "DELETE FROM key_slots s WHERE s.node IS NULL OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = s.node)",
+                "DELETE FROM key_slots s
+                 WHERE (s.node IS NULL OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = s.node))
+                   AND NOT EXISTS (
+                       SELECT 1 FROM requests r WHERE r.owner = s.node AND r.status NOT IN ('done', 'error', 'stop')
+                   )",
             )
             .await
             .map_err(pg_err)?;

@@ -35,7 +35,15 @@ use tokio_postgres::NoTls;
 pub const POOL_SIZE: usize = 16;
 
 /// How long a call waits for a connection (a free one from the pool, or a new one) before it fails as unavailable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a new connection may take to be set up (TCP and the startup exchange) before it counts as failed.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long sent data may stay unacknowledged, and an idle connection unprobed, before the kernel drops the
+/// connection: a database that vanished without closing its connections (a failover, a cut network) is noticed
+/// within seconds instead of the kernel's default of about 15 minutes.
+const DEAD_PEER: Duration = Duration::from_secs(10);
 
 /// The advisory lock that serializes migrations across nodes (the bytes of "offload" and a 1).
 const MIGRATION_LOCK: i64 = 0x6f66_666c_6f61_6401;
@@ -194,6 +202,13 @@ BEGIN
 END
 $$;
 "#,
+    r#"
+-- The secret that signs the calls nodes make to each other (one row).
+CREATE TABLE cluster_secret (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    secret bytea NOT NULL
+);
+"#,
 ];
 
 pub struct PostgresStore {
@@ -269,6 +284,11 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("offload");
         }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(DIAL_TIMEOUT);
+        }
+        config.keepalives(true).keepalives_idle(DEAD_PEER / 2).keepalives_interval(Duration::from_secs(1));
+        config.keepalives_retries(5).tcp_user_timeout(DEAD_PEER);
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
@@ -321,6 +341,22 @@ impl PostgresStore {
     /// A connection from the pool.
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool.get().await.map_err(pool_err)
+    }
+
+    /// `SELECT 1` on a connection of the pool, within `within` (getting the connection included). A connection that
+    /// does not answer in time is closed rather than given back: its server may be gone without a word (a network
+    /// cut drops packets), and the next caller must not wait on it too.
+    async fn ping_within(&self, within: Duration) -> Result<(), StoreError> {
+        let late = || StoreError::Unavailable(format!("the database did not answer within {within:?}"));
+        let deadline = tokio::time::Instant::now() + within;
+        let client = tokio::time::timeout_at(deadline, self.client()).await.map_err(|_| late())??;
+        match tokio::time::timeout_at(deadline, client.simple_query("SELECT 1")).await {
+            Ok(answer) => answer.map(drop).map_err(pg_err),
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(late())
+            }
+        }
     }
 }
 

@@ -74,4 +74,19 @@ impl NodeStore for PostgresStore {
             .map_err(pg_err)?;
         Ok(client.execute(&stmt, &[&id.as_uuid()]).await.map_err(pg_err)? > 0)
     }
+
+    async fn cluster_secret(&self, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "WITH new AS (
+                     INSERT INTO cluster_secret (id, secret) VALUES (1, $1) ON CONFLICT (id) DO NOTHING RETURNING secret
+                 )
+                 SELECT secret FROM new UNION ALL SELECT secret FROM cluster_secret WHERE id = 1",
+            )
+            .await
+            .map_err(pg_err)?;
+        let row = client.query_one(&stmt, &[&candidate]).await.map_err(pg_err)?;
+        row.try_get(0).map_err(pg_err)
+    }
 }

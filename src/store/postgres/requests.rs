@@ -410,6 +410,10 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn ping(&self, within: std::time::Duration) -> Result<(), StoreError> {
+        self.ping_within(within).await
+    }
+
     async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(&format!("{SELECT_REQUEST} WHERE id = $1")).await.map_err(pg_err)?;

@@ -112,6 +112,11 @@ CREATE TABLE IF NOT EXISTS key_usage (
     count INTEGER NOT NULL,
     PRIMARY KEY (key_id, period)
 ) WITHOUT ROWID;
+-- The secret that would sign calls between nodes (one row; kept for the store contract: one process uses this store).
+CREATE TABLE IF NOT EXISTS cluster_secret (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    secret BLOB NOT NULL
+);
 ",
     version_5_tables!()
 );

@@ -93,4 +93,17 @@ impl NodeStore for SqliteStore {
         })
         .await
     }
+
+    async fn cluster_secret(&self, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let candidate = candidate.to_vec();
+        self.write_with(move |w| {
+            w.prepare_cached("INSERT INTO cluster_secret (id, secret) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING")
+                .and_then(|mut s| s.execute(params![candidate]))
+                .map_err(db_err)?;
+            w.prepare_cached("SELECT secret FROM cluster_secret WHERE id = 1")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(db_err)
+        })
+        .await
+    }
 }

@@ -270,6 +270,13 @@ impl Store for SqliteStore {
         wait.await.map_err(|_| StoreError::Closed)?
     }
 
+    async fn ping(&self, within: std::time::Duration) -> Result<(), StoreError> {
+        let read = self.read(|conn| conn.query_row("SELECT count(*) FROM nodes", [], |_| Ok(())).map_err(db_err));
+        tokio::time::timeout(within, read)
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("the store did not answer within {within:?}")))?
+    }
+
     async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
         self.read(move |conn| {
             conn.prepare_cached(&format!("{SELECT_REQUEST} WHERE id = ?1"))
