@@ -1,10 +1,13 @@
 //! How nodes know each other: calls between nodes are signed with a secret only the nodes hold.
 //!
 //! - **Relayed calls.** A node that relays a call to the node running its request adds [`FORWARDED`]:
-//!   `v1.<sender node id>.<unix seconds>.<hex HMAC-SHA256>` over the method, the path and query, the sender and the
-//!   time. The owner serves a call so marked itself, whatever it knows, and never relays it again. A mark that does
-//!   not verify (a caller that made it up, an old one replayed after [`MAX_SKEW`]) is ignored: the call is served
-//!   as any outside call, so nothing a caller sends makes a node skip the owner.
+//!   `v1.<sender node id>.<unix milliseconds>.<hex HMAC-SHA256>` over the method, the path and query, the sender
+//!   and the time. The owner serves a call so marked itself, whatever it knows, and never relays it again. A mark
+//!   that does not verify (a caller that made it up, an old one replayed after [`MAX_SKEW`]) is ignored: the call
+//!   is served as any outside call, so nothing a caller sends makes a node skip the owner. The mark's time also
+//!   tells the owner how long the call took to reach it: a stop or DELETE that arrives after its sender gave up
+//!   (a frozen owner reads it when it wakes) is refused, so that a 503 told to a caller never turns into a stop
+//!   later.
 //! - **Liveness.** A node probed by a peer answers with its id and an HMAC over the id and the prober's fresh
 //!   random nonce ([`ClusterSecret::alive_proof`]). Only a node of this cluster can answer, and only the node with
 //!   that id, so another process on a reused address (a new node of the same cluster included) is never taken for
@@ -21,8 +24,9 @@ use std::fmt;
 /// The header that marks a call relayed by a peer.
 pub const FORWARDED: &str = "x-offload-forwarded";
 
-/// How far the time in a relay mark may be from this node's clock (nodes' clocks may differ a little).
-pub const MAX_SKEW: u64 = 120;
+/// How far, in milliseconds, the time in a relay mark may be from this node's clock (nodes' clocks may differ a
+/// little).
+pub const MAX_SKEW: u64 = 120_000;
 
 /// The secret shared by the nodes of one cluster. No `Display`; `Debug` prints a placeholder.
 #[derive(Clone)]
@@ -68,27 +72,29 @@ impl ClusterSecret {
         self.mac(parts).is_some_and(|mac| mac.verify_slice(&tag).is_ok())
     }
 
-    /// The [`FORWARDED`] value for a call from `node` at `now` (unix seconds).
+    /// The [`FORWARDED`] value for a call from `node` at `now` (unix milliseconds).
     pub fn sign_relay(&self, node: NodeId, method: &str, path_and_query: &str, now: u64) -> String {
         let (node, time) = (node.to_string(), now.to_string());
         let tag = self.tag(&[b"offload-relay", method.as_bytes(), path_and_query.as_bytes(), node.as_bytes(), time.as_bytes()]);
         format!("v1.{node}.{time}.{tag}")
     }
 
-    /// Whether `mark` is a valid [`FORWARDED`] value for this call at `now`.
-    pub fn verify_relay(&self, mark: &str, method: &str, path_and_query: &str, now: u64) -> bool {
+    /// How long ago (milliseconds, 0 if in the future) `mark` was made, when it is a valid [`FORWARDED`] value for
+    /// this call at `now` (unix milliseconds).
+    pub fn verify_relay(&self, mark: &str, method: &str, path_and_query: &str, now: u64) -> Option<u64> {
         let mut parts = mark.trim().splitn(4, '.');
         let (Some("v1"), Some(node), Some(time), Some(signature)) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return false;
+            return None;
         };
         let (Some(_), Ok(at)) = (NodeId::parse(node), time.parse::<u64>()) else {
-            return false;
+            return None;
         };
         if now.abs_diff(at) > MAX_SKEW {
-            return false;
+            return None;
         }
-        self.check(&[b"offload-relay", method.as_bytes(), path_and_query.as_bytes(), node.as_bytes(), time.as_bytes()], signature)
+        let parts: [&[u8]; 5] = [b"offload-relay", method.as_bytes(), path_and_query.as_bytes(), node.as_bytes(), time.as_bytes()];
+        self.check(&parts, signature).then(|| now.saturating_sub(at))
     }
 
     /// What a node answers a liveness probe that sent `nonce`.
@@ -112,16 +118,19 @@ mod tests {
     fn a_relay_mark_verifies_for_its_call_only_and_not_for_long() {
         let secret = ClusterSecret::new(b"0123456789abcdef0123456789abcdef");
         let node = NodeId::generate();
-        let mark = secret.sign_relay(node, "GET", "/1/r/pub/x.json", 1_000);
-        assert!(secret.verify_relay(&mark, "GET", "/1/r/pub/x.json", 1_000));
-        assert!(secret.verify_relay(&mark, "GET", "/1/r/pub/x.json", 1_000 + MAX_SKEW));
-        assert!(!secret.verify_relay(&mark, "GET", "/1/r/pub/x.json", 1_000 + MAX_SKEW + 1), "too old");
-        assert!(!secret.verify_relay(&mark, "DELETE", "/1/r/pub/x.json", 1_000), "another method");
-        assert!(!secret.verify_relay(&mark, "GET", "/1/r/pub/y.json", 1_000), "another path");
+        let at = 1_700_000_000_000;
+        let mark = secret.sign_relay(node, "GET", "/1/r/pub/x.json", at);
+        assert_eq!(secret.verify_relay(&mark, "GET", "/1/r/pub/x.json", at), Some(0));
+        assert_eq!(secret.verify_relay(&mark, "GET", "/1/r/pub/x.json", at + 2_500), Some(2_500), "its age");
+        assert_eq!(secret.verify_relay(&mark, "GET", "/1/r/pub/x.json", at - 10), Some(0), "a clock behind");
+        assert!(secret.verify_relay(&mark, "GET", "/1/r/pub/x.json", at + MAX_SKEW).is_some());
+        assert!(secret.verify_relay(&mark, "GET", "/1/r/pub/x.json", at + MAX_SKEW + 1).is_none(), "too old");
+        assert!(secret.verify_relay(&mark, "DELETE", "/1/r/pub/x.json", at).is_none(), "another method");
+        assert!(secret.verify_relay(&mark, "GET", "/1/r/pub/y.json", at).is_none(), "another path");
         let other = ClusterSecret::new(b"another secret of thirty-two bytes!!");
-        assert!(!other.verify_relay(&mark, "GET", "/1/r/pub/x.json", 1_000), "another cluster");
+        assert!(other.verify_relay(&mark, "GET", "/1/r/pub/x.json", at).is_none(), "another cluster");
         for forged in ["1", "", "v1", "v1.x.1000.00", &mark.replace("v1.", "v2.")] {
-            assert!(!secret.verify_relay(forged, "GET", "/1/r/pub/x.json", 1_000), "{forged}");
+            assert!(secret.verify_relay(forged, "GET", "/1/r/pub/x.json", at).is_none(), "{forged}");
         }
     }
 

@@ -45,6 +45,10 @@ pub const PROBE_WITHIN: Duration = Duration::from_secs(2);
 /// How long a relayed call waits for the owner's response head before it answers from the store (or 503).
 pub const RELAY_HEAD_WITHIN: Duration = Duration::from_secs(3);
 
+/// How old a relayed stop or DELETE may be when the owner reads it: past this its sender has given up and answered
+/// 503, so the owner refuses it too (a second over [`RELAY_HEAD_WITHIN`], for the nodes' clocks).
+pub const RELAY_ACT_WITHIN: Duration = Duration::from_secs(4);
+
 /// How often the owner sends a keep-alive on a relayed event stream, so that the relaying node can tell a quiet
 /// stream from a frozen owner.
 pub const RELAY_KEEP_ALIVE: Duration = Duration::from_secs(1);
@@ -83,12 +87,12 @@ impl Peers {
 
     /// The [`FORWARDED`] mark for a call this node relays now.
     pub fn sign(&self, method: &str, path_and_query: &str) -> String {
-        self.secret.sign_relay(self.me.id, method, path_and_query, unix_seconds())
+        self.secret.sign_relay(self.me.id, method, path_and_query, unix_millis())
     }
 
-    /// Whether a call carries a valid [`FORWARDED`] mark from a node of this cluster.
-    pub fn relayed_by_peer(&self, mark: &str, method: &str, path_and_query: &str) -> bool {
-        self.secret.verify_relay(mark, method, path_and_query, unix_seconds())
+    /// How long ago a node of this cluster relayed this call, when it carries a valid [`FORWARDED`] mark.
+    pub fn relayed_by_peer(&self, mark: &str, method: &str, path_and_query: &str) -> Option<Duration> {
+        self.secret.verify_relay(mark, method, path_and_query, unix_millis()).map(Duration::from_millis)
     }
 
     /// This node's answer to a liveness probe.
@@ -140,8 +144,10 @@ impl Peers {
     }
 }
 
-fn unix_seconds() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// What one round of membership found.

@@ -81,6 +81,11 @@ pub(super) async fn receive(app: &AppState, request: Request) -> Result<Incoming
     let headers = &parts.headers;
     // Every refusal before the body is read closes an HTTP/1.1 connection instead of reading the rest.
     let http1 = parts.version < Version::HTTP_2;
+    // Before anything that reads the store (the service key): a store that does not answer would hold the caller
+    // for as long as it takes to give up on it.
+    if app.engine.store_problem().is_some() {
+        return Err(ApiError::from(crate::engine::CreateError::StoreFailing).closing(http1));
+    }
     let key = caller(app, headers, http1).await?;
     let is_json = headers
         .get(header::CONTENT_TYPE)

@@ -28,17 +28,23 @@ fn path_and_query(uri: &Uri) -> &str {
     uri.path_and_query().map_or("/", |p| p.as_str())
 }
 
-/// Whether this call was relayed by a node of this cluster (then it is answered here, whatever this node knows).
-/// A mark that does not verify counts for nothing: the call is served as any outside call.
-pub fn relayed_by_peer(peers: Option<&Peers>, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
-    let Some(mark) = headers.get(FORWARDED) else { return false };
-    let valid = peers.is_some_and(|peers| {
-        mark.to_str().is_ok_and(|mark| peers.relayed_by_peer(mark, method.as_str(), path_and_query(uri)))
+/// How long ago a node of this cluster relayed this call, when it did (then it is answered here, whatever this node
+/// knows). A mark that does not verify counts for nothing: the call is served as any outside call.
+pub fn relayed_by_peer(
+    peers: Option<&Peers>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Option<std::time::Duration> {
+    let mark = headers.get(FORWARDED)?;
+    let age = peers.and_then(|peers| {
+        let mark = mark.to_str().ok()?;
+        peers.relayed_by_peer(mark, method.as_str(), path_and_query(uri))
     });
-    if !valid {
+    if age.is_none() {
         tracing::warn!("a call carried an X-Offload-Forwarded mark that does not verify; it is served as an outside call");
     }
-    valid
+    age
 }
 
 #[derive(Debug, thiserror::Error)]

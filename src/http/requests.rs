@@ -100,8 +100,8 @@ struct Call<'a> {
     method: Method,
     uri: &'a Uri,
     headers: &'a HeaderMap,
-    /// Relayed here by a node of this cluster (a verified mark): served here, never relayed again.
-    from_peer: bool,
+    /// Relayed here by a node of this cluster (a verified mark), this long ago: served here, never relayed again.
+    from_peer: Option<std::time::Duration>,
 }
 
 impl<'a> Call<'a> {
@@ -124,7 +124,7 @@ async fn locate(
     let (Some(address), Some(peers)) = (found.elsewhere(), app.engine.peers()) else {
         return Ok(Located::Here(found));
     };
-    if call.from_peer {
+    if call.from_peer.is_some() {
         // Relayed once already: this node answers with what it knows, so a call never goes round in circles.
         return Ok(Located::Unreached(found.into_stored()));
     }
@@ -134,6 +134,21 @@ async fn locate(
             tracing::warn!(error = %e, "answering from the store instead");
             Ok(Located::Unreached(found.into_stored()))
         }
+    }
+}
+
+/// A stop or DELETE relayed by a peer is carried out only while that peer still waits for the answer: one that
+/// arrives later (this node was frozen, and reads it on waking) was already answered 503, and must not happen now.
+fn in_time(call: &Call<'_>) -> Result<(), ApiError> {
+    match call.from_peer {
+        Some(age) if age > crate::cluster::RELAY_ACT_WITHIN => {
+            tracing::warn!(age = ?age, "refusing a relayed stop or delete that arrived after its sender gave up");
+            Err(ApiError::unavailable(
+                "unavailable",
+                "This call reached the node running the request too late (its sender had already answered); nothing was done. Retry.",
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -204,9 +219,12 @@ pub async fn get(
     };
     match url.suffix {
         Suffix::Status => status(&app, &found, &headers).await,
-        Suffix::Events => events(&app, found, &headers, query.last_event_id.as_deref(), call.from_peer),
+        Suffix::Events => events(&app, found, &headers, query.last_event_id.as_deref(), call.from_peer.is_some()),
         Suffix::Raw => raw(&app, &found).await,
-        Suffix::Stop => Ok(stop(&app, &found).await),
+        Suffix::Stop => {
+            in_time(&call)?;
+            Ok(stop(&app, &found).await)
+        }
     }
 }
 
@@ -222,7 +240,10 @@ pub async fn post(
     }
     let call = Call::new(&app, Method::POST, &uri, &headers);
     match locate(&app, &url, &call, None).await? {
-        Located::Here(found) | Located::Unreached(found) => Ok(stop(&app, &found).await),
+        Located::Here(found) | Located::Unreached(found) => {
+            in_time(&call)?;
+            Ok(stop(&app, &found).await)
+        }
         Located::Relayed(answer) => relayed(answer),
     }
 }
@@ -253,6 +274,7 @@ pub async fn delete(
         Located::Unreached(found) => found,
         Located::Relayed(answer) => return relayed(answer),
     };
+    in_time(&call)?;
     app.engine.delete(found, STOP_DURABLE_WAIT).await.map_err(|e| match e {
         e if e.is_retryable() => {
             tracing::error!(error = %e, "could not delete a request");
