@@ -560,6 +560,27 @@ pub async fn in_flight_slots_and_rates_are_exact_across_handles_and_refusals_tak
     assert_eq!(admitted(&orphan), 3);
     assert_eq!(b.keys.release_orphaned_slots().await.unwrap(), 3);
     assert_eq!(a.keys.release_orphaned_slots().await.unwrap(), 0, "the live node's slots stay");
+
+    // A node that is gone while one of its requests still runs keeps its slots until that request has ended.
+    let busy = NodeId::generate();
+    let held = admit_at_once(&[&a], &key_with_slots(&b, "busy").await, busy, 2).await;
+    assert_eq!(admitted(&held), 2);
+    let running = owned_by(Access::Public, Some(busy));
+    let id = running.locator.id;
+    write(&a.requests, vec![WriteOp::Insert(running)]).await;
+    assert_eq!(b.keys.release_orphaned_slots().await.unwrap(), 0, "its request still runs");
+    write(&b.requests, vec![finish(id, None)]).await;
+    assert_eq!(a.keys.release_orphaned_slots().await.unwrap(), 2, "its request has ended");
+}
+
+pub async fn the_cluster_secret_is_one_for_every_handle_and_the_store_answers_a_ping(a: Stores, b: Stores) {
+    let (x, y) = tokio::join!(a.nodes.cluster_secret(b"offered by a"), b.nodes.cluster_secret(b"offered by b"));
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x, y, "one secret for all");
+    assert!(x == b"offered by a" || x == b"offered by b", "one of those offered");
+    assert_eq!(a.nodes.cluster_secret(b"offered later").await.unwrap(), x, "kept");
+    a.requests.ping(Duration::from_secs(5)).await.unwrap();
+    b.requests.ping(Duration::from_secs(5)).await.unwrap();
 }
 
 async fn key_with_slots(stores: &Stores, name: &str) -> ServiceKey {
@@ -804,6 +825,7 @@ macro_rules! contract_suite {
                 keys_created_through_one_handle_are_seen_by_the_other,
                 nodes_join_expire_and_are_removed_by_exactly_one_handle,
                 in_flight_slots_and_rates_are_exact_across_handles_and_refusals_take_nothing,
+                the_cluster_secret_is_one_for_every_handle_and_the_store_answers_a_ping,
                 two_handles_ending_one_request_at_once_store_one_final_status_and_one_webhook
             );
         }

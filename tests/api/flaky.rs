@@ -175,6 +175,9 @@ impl NodeStore for Flaky {
     async fn remove_expired(&self, id: NodeId) -> Result<bool, StoreError> {
         self.inner.remove_expired(id).await
     }
+    async fn cluster_secret(&self, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.inner.cluster_secret(candidate).await
+    }
 }
 
 pub async fn spawn_flaky() -> (TestApp, Arc<Flaky>) {
