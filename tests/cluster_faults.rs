@@ -132,6 +132,11 @@ struct Cluster {
 
 /// Three nodes, each reaching the database through a proxy of its own.
 async fn cluster(lease: &str) -> Option<Cluster> {
+    cluster_with(lease, [&[], &[], &[]]).await
+}
+
+/// As [`cluster`], with settings of its own for each node.
+async fn cluster_with(lease: &str, extra: [&[&str]; 3]) -> Option<Cluster> {
     let db = database().await?;
     let target: SocketAddr = {
         let host = db.url.host_str().unwrap().to_owned();
@@ -141,7 +146,7 @@ async fn cluster(lease: &str) -> Option<Cluster> {
     let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), Default::default()).await.unwrap();
     let mut proxies = Vec::new();
     let mut nodes = Vec::new();
-    for _ in 0..3 {
+    for extra in extra {
         let proxy = Proxy::start(target).await;
         let mut through = db.url.clone();
         through.set_host(Some("127.0.0.1")).unwrap();
@@ -151,6 +156,7 @@ async fn cluster(lease: &str) -> Option<Cluster> {
             .args(["serve", "--listen", "127.0.0.1:0", "--public-url", PUBLIC])
             .args(["--upstream-url", mock.api_base().as_ref(), "--store", through.as_str()])
             .args(["--node-lease", lease, "--flush-interval-ms", "10"])
+            .args(extra)
             .env("OFFLOAD_LOG", "info");
         nodes.push(Node::spawn(command));
         proxies.push(proxy);
@@ -360,8 +366,7 @@ async fn a_node_cut_off_from_the_database_for_four_leases_keeps_its_request_and_
 
     // The others still see it alive: its request runs (relayed status), and its key's slot is still held.
     assert_eq!(c.document(2, &status_url).await["status"], "streaming");
-    let again =
-        c.client.post(c.nodes[1].url("/v1/stream-chatgpt")).bearer_auth(&key).json(&body).send().await.unwrap();
+    let again = c.client.post(c.nodes[1].url("/v1/stream-chatgpt")).bearer_auth(&key).json(&body).send().await.unwrap();
     assert_eq!(again.status(), 429, "the key's one in-flight slot is still held by the running request");
     c.proxies[0].restore();
     c.wait_health(0, 200, Duration::from_secs(15)).await;
@@ -448,5 +453,51 @@ async fn a_forged_forwarded_header_never_makes_a_node_skip_the_owner() {
     while c.mock_stats().await["disconnected"].as_u64().unwrap() <= before {
         assert!(Instant::now() < deadline, "the owner still calls the upstream");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_outage_bounds_running_requests_end_as_store_unavailable_once_the_database_is_back() {
+    // Node 0 may hold 1 MB of writes; node 1 may ride out 2 s of outage.
+    let Some(c) = cluster_with("10s", [&["--outage-buffer-mb", "1"], &["--outage-limit", "2s"], &[]]).await else {
+        return;
+    };
+    // On node 0, 30 chunks of 60 kB, one every 200 ms; on node 1, small chunks for about 20 s.
+    let big = format!("{} ", "x".repeat(60_000)).repeat(30);
+    let heavy = json!({"messages": [{"role": "user", "content": "hi"}], "mock": {"content": big, "delay_ms": 200}});
+    let created = [c.create(0, heavy).await, c.create(1, paced(500, 40)).await];
+    let mut streams = Vec::new();
+    for (node, created) in created.iter().enumerate() {
+        let (status_url, events_url) = (endpoint(created, "status_url"), endpoint(created, "stream_events_url"));
+        let reader = c.reader(node, &events_url);
+        c.wait_streaming(node, &status_url).await;
+        streams.push((node, status_url, events_url, reader));
+    }
+    let before = c.mock_stats().await["disconnected"].as_u64().unwrap();
+    c.proxies[0].cut(REFUSE);
+    c.proxies[1].cut(REFUSE);
+
+    // Past its bound, each node drops its upstream call (no more memory, no more tokens)...
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.mock_stats().await["disconnected"].as_u64().unwrap() < before + 2 {
+        assert!(Instant::now() < deadline, "the upstream calls were not dropped: {}", c.mock_stats().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...but shows nothing final while that end cannot be stored.
+    for (node, status_url, _, _) in &streams {
+        let doc = c.document(*node, status_url).await;
+        assert_eq!(doc["status"], "streaming", "nothing final before it is durable");
+    }
+    c.proxies[0].restore();
+    c.proxies[1].restore();
+
+    for (node, status_url, events_url, reader) in streams {
+        let doc = c.wait_final(2, &status_url, Duration::from_secs(30)).await;
+        assert_eq!(doc["status"], "error", "node {node}");
+        assert_eq!(doc["error"]["code"], "store_unavailable", "node {node}");
+        assert!(!content(&doc).is_empty(), "the text received is kept");
+        let seen = reader.await.unwrap();
+        assert!(seen.contains("event: error\n"), "the reader was told how it ended");
+        assert_replay_equals(&c, &events_url, &seen).await;
     }
 }

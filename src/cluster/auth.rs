@@ -75,7 +75,13 @@ impl ClusterSecret {
     /// The [`FORWARDED`] value for a call from `node` at `now` (unix milliseconds).
     pub fn sign_relay(&self, node: NodeId, method: &str, path_and_query: &str, now: u64) -> String {
         let (node, time) = (node.to_string(), now.to_string());
-        let tag = self.tag(&[b"offload-relay", method.as_bytes(), path_and_query.as_bytes(), node.as_bytes(), time.as_bytes()]);
+        let tag = self.tag(&[
+            b"offload-relay",
+            method.as_bytes(),
+            path_and_query.as_bytes(),
+            node.as_bytes(),
+            time.as_bytes(),
+        ]);
         format!("v1.{node}.{time}.{tag}")
     }
 
@@ -83,7 +89,8 @@ impl ClusterSecret {
     /// this call at `now` (unix milliseconds).
     pub fn verify_relay(&self, mark: &str, method: &str, path_and_query: &str, now: u64) -> Option<u64> {
         let mut parts = mark.trim().splitn(4, '.');
-        let (Some("v1"), Some(node), Some(time), Some(signature)) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some("v1"), Some(node), Some(time), Some(signature)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return None;
         };
@@ -93,7 +100,8 @@ impl ClusterSecret {
         if now.abs_diff(at) > MAX_SKEW {
             return None;
         }
-        let parts: [&[u8]; 5] = [b"offload-relay", method.as_bytes(), path_and_query.as_bytes(), node.as_bytes(), time.as_bytes()];
+        let parts: [&[u8]; 5] =
+            [b"offload-relay", method.as_bytes(), path_and_query.as_bytes(), node.as_bytes(), time.as_bytes()];
         self.check(&parts, signature).then(|| now.saturating_sub(at))
     }
 

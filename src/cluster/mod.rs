@@ -19,7 +19,6 @@
 
 pub mod auth;
 
-
 use crate::domain::NodeId;
 use crate::store::StoreError;
 use crate::store::nodes::{NodeRecord, NodeStore, Renewal};

@@ -84,7 +84,10 @@ pub(super) async fn watch(engine: Weak<Inner>, closing: CancellationToken) {
                 "the store does not answer: new requests are refused and running ones keep their writes in memory"
             ),
             (Ok(()), false) => {
-                tracing::warn!(held_bytes = inner.persister.held_bytes(), "the store answers again; writing what was held");
+                tracing::warn!(
+                    held_bytes = inner.persister.held_bytes(),
+                    "the store answers again; writing what was held"
+                );
                 inner.persister.retry_now();
             }
             _ => {}

@@ -639,8 +639,11 @@ impl Engine {
         after: u64,
         for_peer: bool,
     ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> + Send + 'static {
-        let keep_alive =
-            if for_peer { crate::cluster::RELAY_KEEP_ALIVE.min(self.inner.config.keep_alive) } else { self.inner.config.keep_alive };
+        let keep_alive = if for_peer {
+            crate::cluster::RELAY_KEEP_ALIVE.min(self.inner.config.keep_alive)
+        } else {
+            self.inner.config.keep_alive
+        };
         reader::follow(self.inner.clone(), found, after, keep_alive)
     }
 }

@@ -81,7 +81,12 @@ impl Persister {
         let wake = Arc::new(tokio::sync::Notify::new());
         let held = Arc::new(AtomicUsize::new(0));
         let retry_soon = Arc::new(AtomicBool::new(false));
-        let handles = Handles { healthy: healthy.clone(), wake: wake.clone(), held: held.clone(), retry_soon: retry_soon.clone() };
+        let handles = Handles {
+            healthy: healthy.clone(),
+            wake: wake.clone(),
+            held: held.clone(),
+            retry_soon: retry_soon.clone(),
+        };
         let task = run(store.clone(), interval, rx, handles);
         let ended = if store.wants_own_thread() {
             let (finished, ended) = oneshot::channel::<()>();

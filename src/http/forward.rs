@@ -42,7 +42,9 @@ pub fn relayed_by_peer(
         peers.relayed_by_peer(mark, method.as_str(), path_and_query(uri))
     });
     if age.is_none() {
-        tracing::warn!("a call carried an X-Offload-Forwarded mark that does not verify; it is served as an outside call");
+        tracing::warn!(
+            "a call carried an X-Offload-Forwarded mark that does not verify; it is served as an outside call"
+        );
     }
     age
 }

@@ -164,18 +164,13 @@ fn relay_events(app: AppState, url: ParsedUrl, answer: reqwest::Response, after:
     let stream = async_stream::stream! {
         let mut relay = super::forward::EventRelay::new(after);
         let mut body = answer.bytes_stream();
-        loop {
-            match tokio::time::timeout(crate::cluster::RELAY_IDLE_WITHIN, body.next()).await {
-                Ok(Some(Ok(bytes))) => {
-                    let whole = relay.take(&bytes);
-                    if !whole.is_empty() {
-                        yield Ok::<_, std::convert::Infallible>(whole);
-                    }
-                    if relay.done {
-                        return;
-                    }
-                }
-                _ => break,
+        while let Ok(Some(Ok(bytes))) = tokio::time::timeout(crate::cluster::RELAY_IDLE_WITHIN, body.next()).await {
+            let whole = relay.take(&bytes);
+            if !whole.is_empty() {
+                yield Ok::<_, std::convert::Infallible>(whole);
+            }
+            if relay.done {
+                return;
             }
         }
         tracing::warn!(last_event = relay.last_id, "the node running this request went quiet; following it from the store");
