@@ -448,8 +448,6 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     })
     .await;
     keys_cli(public_dir.path(), &["revoke", "only"]);
-    // Whether keys exist is looked up at most once a second.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let body = json!({"messages": user("hi"), "mock": {"words": 1}});
     assert_eq!(
         keyed.client.post(keyed.url(CREATES[1])).bearer_auth(&key).json(&body).send().await.unwrap().status(),

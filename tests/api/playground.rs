@@ -3,7 +3,6 @@
 
 use crate::helpers::*;
 use serde_json::Value;
-use std::time::Duration;
 
 const BROWSER_ACCEPT: &str = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8";
 
@@ -68,8 +67,6 @@ async fn get_root_for_api_clients_stays_the_json_description() {
 async fn the_page_asks_for_a_service_key_when_the_server_requires_one() {
     let app = spawn_app().await;
     keys_cli(app.data_dir.path(), &["create", "--name", "play"]);
-    // Whether keys exist is looked up at most once a second.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let html = get_accepting(&app, "/", Some(BROWSER_ACCEPT)).await.text().await.unwrap();
     assert!(html.contains("data-key-required=\"true\""));
 }

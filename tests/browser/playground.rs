@@ -171,7 +171,6 @@ pub async fn the_playground_streams_live_stops_continues_and_replays_in_a_real_b
     let app = spawn_with_mock(mock, |_| {}).await;
     let out = keys_cli(app.data_dir.path(), &["create", "--name", "play"]);
     let key = out.lines().last().unwrap().trim().to_owned();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
 
     let mut browser = Browser::launch(&path).await;
     browser.open(&app.url("/")).await;
