@@ -80,7 +80,7 @@ async fn kill_9_mid_stream_then_restart_ends_the_request_as_interrupted_and_keep
         if doc["status"] == "streaming" && content.split_whitespace().count() >= 5 {
             break content;
         }
-        assert!(doc["status"] == "pending" || doc["status"] == "streaming", "{doc}");
+        assert!(!matches!(doc["status"].as_str(), Some("done" | "error" | "stop")), "ended early: {doc}");
         assert!(std::time::Instant::now() < deadline, "no part of the reply stored in time: {doc}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
