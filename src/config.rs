@@ -150,6 +150,11 @@ pub struct ServeArgs {
     /// `text` (human-readable lines) or `json` (one JSON object a line) [default: text].
     #[arg(long, env = "OFFLOAD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// How long the answer to "does any service key exist?" is reused: the first key created, or the last one
+    /// revoked, while the server runs takes effect within this time; `0` asks the store on every create
+    /// [default: 1s].
+    #[arg(long, env = "OFFLOAD_KEY_CACHE_TTL")]
+    pub key_cache_ttl: Option<String>,
 }
 
 /// Settings after merging and checking.
@@ -194,6 +199,8 @@ pub struct Settings {
     /// Where `/metrics` is served (`None`: no metrics).
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// How long whether any service key exists is reused (`0`: not at all).
+    pub key_cache_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +279,7 @@ impl ServeArgs {
             outage_limit: self.outage_limit.or(other.outage_limit),
             metrics_listen: self.metrics_listen.or(other.metrics_listen),
             log_format: self.log_format.or(other.log_format),
+            key_cache_ttl: self.key_cache_ttl.or(other.key_cache_ttl),
         }
     }
 }
@@ -407,6 +415,7 @@ impl Settings {
             outage,
             metrics_listen: a.metrics_listen,
             log_format: a.log_format.unwrap_or_default(),
+            key_cache_ttl: duration("key_cache_ttl", a.key_cache_ttl.as_deref().unwrap_or("1s"))?,
         })
     }
 }
@@ -427,6 +436,18 @@ mod tests {
         assert_eq!(s.max_timeout, 60.0);
         assert_eq!(s.listen.port(), 9000);
         assert_eq!(s.max_connect_timeout, 10.0);
+    }
+
+    #[test]
+    fn the_key_cache_ttl_is_a_duration_of_one_second_unless_set() {
+        assert_eq!(Settings::resolve(ServeArgs::default()).unwrap().key_cache_ttl, Duration::from_secs(1));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.toml");
+        std::fs::write(&path, "key_cache_ttl = \"250ms\"\n").unwrap();
+        let s = Settings::resolve(ServeArgs { config: Some(path), ..ServeArgs::default() }).unwrap();
+        assert_eq!(s.key_cache_ttl, Duration::from_millis(250));
+        let s = Settings::resolve(ServeArgs { key_cache_ttl: Some("0".into()), ..ServeArgs::default() }).unwrap();
+        assert_eq!(s.key_cache_ttl, Duration::ZERO);
     }
 
     #[test]

@@ -171,7 +171,7 @@ impl Application {
         if settings.webhooks.allow_private {
             tracing::warn!("webhooks may target loopback and private addresses (--allow-private-webhooks)");
         }
-        let gate = Arc::new(Gatekeeper::new(stores.keys.clone(), node));
+        let gate = Arc::new(Gatekeeper::new(stores.keys.clone(), node, settings.key_cache_ttl));
         let body = BodyLimits { max_bytes: settings.max_body_bytes, timeout: settings.body_timeout };
         let router = crate::http::router(engine.clone(), gate, body, open_allowed);
         let limits =

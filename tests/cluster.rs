@@ -3,8 +3,9 @@
 //! real (kill -9 of a node).
 //!
 //! Each test makes a database of its own on the machine's PostgreSQL (`OFFLOAD_TEST_POSTGRES_URL`, default
-//! `postgres://postgres@127.0.0.1:5432/test`, used only to create and drop it) and drops it afterwards. Without a
-//! server the tests are skipped with a warning, except under CI.
+//! `postgres://postgres@127.0.0.1:5432/test`, used only to create and drop it) or, when nothing answers there, on a
+//! throwaway server of this binary's own (`support::postgres`), and drops it afterwards. Where neither is possible
+//! the tests are reported ignored with the reason (`harness = false`: `support::harness`), except under CI.
 
 #![expect(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
@@ -57,23 +58,16 @@ impl Drop for Database {
     }
 }
 
-async fn database() -> Option<Database> {
-    let admin_url = std::env::var("OFFLOAD_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let (client, connection) = match tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await {
-        Ok(pair) => pair,
-        Err(e) => {
-            assert!(std::env::var_os("CI").is_none(), "PostgreSQL is required under CI: {e}");
-            eprintln!("WARNING: PostgreSQL is unreachable ({e}); the cluster tests are SKIPPED");
-            return None;
-        }
-    };
+/// A fresh database (the tests that use it need [`support::postgres::needed`]).
+async fn database() -> Database {
+    let admin_url = support::postgres::admin_url().unwrap_or_else(|missing| unreachable!("checked first: {missing:?}"));
+    let (client, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let name = format!("offload_cluster_{}", uuid::Uuid::new_v4().simple());
     client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
     let mut url = url::Url::parse(&admin_url).unwrap();
     url.set_path(&format!("/{name}"));
-    Some(Database { admin_url, name, url: url.to_string() })
+    Database { admin_url, name, url: url.to_string() }
 }
 
 /// Starts a node on `db`.
@@ -81,7 +75,7 @@ fn start(db: &Database, upstream: &str, extra: &[&str]) -> Node {
     let mut command = Node::command();
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--public-url", PUBLIC, "--upstream-url", upstream])
-        .args(["--store", &db.url, "--node-lease", LEASE, "--flush-interval-ms", "10"])
+        .args(["--store", &db.url, "--node-lease", LEASE, "--flush-interval-ms", "10", "--key-cache-ttl", "0"])
         .args(extra)
         .env("OFFLOAD_LOG", "info");
     Node::spawn(command)
@@ -94,13 +88,13 @@ struct Cluster {
     client: reqwest::Client,
 }
 
-async fn cluster(extra: &[&str]) -> Option<Cluster> {
-    let db = database().await?;
+async fn cluster(extra: &[&str]) -> Cluster {
+    let db = database().await;
     let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), Default::default()).await.unwrap();
     let upstream = mock.api_base().to_string();
     let nodes = (0..3).map(|_| start(&db, &upstream, extra)).collect();
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-    Some(Cluster { nodes, mock, db, client })
+    Cluster { nodes, mock, db, client }
 }
 
 impl Cluster {
@@ -157,9 +151,8 @@ fn slow(words: usize) -> Value {
     json!({"messages": [{"role": "user", "content": "hi"}], "mock": {"words": words, "delay_ms": 25}})
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_created_on_one_node_is_followed_on_a_second_and_polled_on_a_third() {
-    let Some(c) = cluster(&[]).await else { return };
+    let c = cluster(&[]).await;
     let created = c.create(0, "stream-chatgpt", slow(60)).await;
     let (status_url, events_url) = (endpoint(&created, "status_url"), endpoint(&created, "stream_events_url"));
 
@@ -197,9 +190,8 @@ async fn a_request_created_on_one_node_is_followed_on_a_second_and_polled_on_a_t
     assert!(documents.windows(2).all(|w| w[0] == w[1]), "one document and one raw response on every node");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_resumes_on_another_node_with_last_event_id_and_gets_204_at_the_end() {
-    let Some(c) = cluster(&[]).await else { return };
+    let c = cluster(&[]).await;
     let created = c.create(0, "stream-chatgpt", slow(40)).await;
     let events_url = endpoint(&created, "stream_events_url");
 
@@ -227,9 +219,8 @@ async fn a_reader_resumes_on_another_node_with_last_event_id_and_gets_204_at_the
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_and_delete_sent_to_another_node_drop_the_upstream_call_at_once() {
-    let Some(c) = cluster(&[]).await else { return };
+    let c = cluster(&[]).await;
     let stopped = c.create(0, "stream-chatgpt", slow(2000)).await;
     let deleted = c.create(0, "async-chatgpt", slow(2000)).await;
     let status_url = endpoint(&stopped, "status_url");
@@ -277,9 +268,8 @@ async fn receiver() -> (String, Arc<Mutex<Vec<String>>>) {
     (url, hits)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_requests_end_as_interrupted_on_the_survivors_with_their_webhook_sent_once() {
-    let Some(mut c) = cluster(&["--allow-private-webhooks"]).await else { return };
+    let mut c = cluster(&["--allow-private-webhooks"]).await;
     let (hook, hits) = receiver().await;
     let mut body = slow(2000);
     body["webhook_url"] = json!(hook);
@@ -318,9 +308,8 @@ async fn a_killed_nodes_requests_end_as_interrupted_on_the_survivors_with_their_
     assert_eq!(hits.lock().len(), 1, "one delivery");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_a_node_never_ends_the_requests_another_node_runs() {
-    let Some(mut c) = cluster(&[]).await else { return };
+    let mut c = cluster(&[]).await;
     let created: Vec<Value> =
         futures_util::future::join_all((0..3).map(|_| c.create(0, "stream-chatgpt", slow(120)))).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -359,14 +348,11 @@ fn count(statuses: &[u16], status: u16) -> usize {
     statuses.iter().filter(|s| **s == status).count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_key_limit_is_exact_with_creates_spread_over_three_nodes() {
-    let Some(mut c) = cluster(&[]).await else { return };
+    let mut c = cluster(&[]).await;
     let daily = create_key(&c, "daily", &["--requests-per-day", "30"]);
     let parallel = create_key(&c, "parallel", &["--max-in-flight", "4"]);
     let rated = create_key(&c, "rated", &["--rate", "0.1"]);
-    // Nodes look up whether keys exist at most once a second.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let quick = json!({"messages": [{"role": "user", "content": "hi"}]});
     let statuses = spread(&c, &daily, &quick, 120).await;
     assert_eq!((count(&statuses, 200), count(&statuses, 429)), (30, 90), "the day quota");
@@ -393,9 +379,8 @@ async fn every_key_limit_is_exact_with_creates_spread_over_three_nodes() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_frozen_past_its_lease_never_ends_the_requests_of_others_when_it_wakes() {
-    let Some(c) = cluster(&[]).await else { return };
+    let c = cluster(&[]).await;
     // Node 0 runs requests for a few seconds; node 1 freezes for longer than a lease, then wakes.
     let created: Vec<Value> =
         futures_util::future::join_all((0..3).map(|_| c.create(0, "stream-chatgpt", slow(200)))).await;
@@ -411,4 +396,53 @@ async fn a_node_frozen_past_its_lease_never_ends_the_requests_of_others_when_it_
     }
     let health = c.client.get(c.nodes[1].url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
+}
+
+fn main() -> std::process::ExitCode {
+    use support::harness::{Flavor, test};
+    let on_postgres = support::postgres::needed;
+    support::harness::run(vec![
+        test(
+            "a_request_created_on_one_node_is_followed_on_a_second_and_polled_on_a_third",
+            Flavor::MultiThread,
+            on_postgres,
+            a_request_created_on_one_node_is_followed_on_a_second_and_polled_on_a_third,
+        ),
+        test(
+            "a_reader_resumes_on_another_node_with_last_event_id_and_gets_204_at_the_end",
+            Flavor::MultiThread,
+            on_postgres,
+            a_reader_resumes_on_another_node_with_last_event_id_and_gets_204_at_the_end,
+        ),
+        test(
+            "stop_and_delete_sent_to_another_node_drop_the_upstream_call_at_once",
+            Flavor::MultiThread,
+            on_postgres,
+            stop_and_delete_sent_to_another_node_drop_the_upstream_call_at_once,
+        ),
+        test(
+            "a_killed_nodes_requests_end_as_interrupted_on_the_survivors_with_their_webhook_sent_once",
+            Flavor::MultiThread,
+            on_postgres,
+            a_killed_nodes_requests_end_as_interrupted_on_the_survivors_with_their_webhook_sent_once,
+        ),
+        test(
+            "restarting_a_node_never_ends_the_requests_another_node_runs",
+            Flavor::MultiThread,
+            on_postgres,
+            restarting_a_node_never_ends_the_requests_another_node_runs,
+        ),
+        test(
+            "every_key_limit_is_exact_with_creates_spread_over_three_nodes",
+            Flavor::MultiThread,
+            on_postgres,
+            every_key_limit_is_exact_with_creates_spread_over_three_nodes,
+        ),
+        test(
+            "a_node_frozen_past_its_lease_never_ends_the_requests_of_others_when_it_wakes",
+            Flavor::MultiThread,
+            on_postgres,
+            a_node_frozen_past_its_lease_never_ends_the_requests_of_others_when_it_wakes,
+        ),
+    ])
 }

@@ -72,10 +72,18 @@ async fn kill_9_mid_stream_then_restart_ends_the_request_as_interrupted_and_keep
     .await;
     let bearer = cut["authorization"]["bearer_token"].as_str().unwrap().to_owned();
     let cut_status = local(&server, cut["endpoints"]["status_url"].as_str().unwrap());
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let before_crash: Value = client.get(&cut_status).bearer_auth(&bearer).send().await.unwrap().json().await.unwrap();
-    assert_eq!(before_crash["status"], "streaming");
-    let seen = before_crash["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    // Streaming, with part of the reply stored.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let seen = loop {
+        let doc: Value = client.get(&cut_status).bearer_auth(&bearer).send().await.unwrap().json().await.unwrap();
+        let content = doc["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap_or("").to_owned();
+        if doc["status"] == "streaming" && content.split_whitespace().count() >= 5 {
+            break content;
+        }
+        assert!(!matches!(doc["status"].as_str(), Some("done" | "error" | "stop")), "ended early: {doc}");
+        assert!(std::time::Instant::now() < deadline, "no part of the reply stored in time: {doc}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
 
     let snapshot = |status: String, events: String| {
         let client = client.clone();

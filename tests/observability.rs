@@ -80,6 +80,8 @@ async fn spawn(adjust: impl FnOnce(&mut ServeArgs)) -> App {
         upstream_url: Some(mock.api_base()),
         flush_interval_ms: Some(10),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        // Keys created while a test runs take effect at once.
+        key_cache_ttl: Some("0".into()),
         ..ServeArgs::default()
     };
     adjust(&mut args);
@@ -239,8 +241,6 @@ async fn refused_creates_are_counted_by_reason_key_quota_and_rate() {
     let app = spawn(|_| {}).await;
     let daily = create_key(&app, "daily", &["--requests-per-day", "1"]);
     let rated = create_key(&app, "rated", &["--rate", "0.1"]);
-    // Keys created while the server runs take effect within a second.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let before = app.scrape().await;
     let create = |key: Option<&str>| {
         let mut request =

@@ -4,14 +4,16 @@
 //! `Allow` for undocumented methods, ...), bounded in examples and time.
 //!
 //! The request endpoints are pinned to real requests created first (a random id would only ever reach the 404),
-//! so that documents, event streams, raw bodies, stops and deletes are exercised for real.
+//! so that documents, event streams, raw bodies, stops and deletes are exercised for real; in the stateful phase,
+//! schemathesis also follows the document's links from a create's answer to the operations on that request.
 //!
 //! Needs the schemathesis CLI: `$OFFLOAD_SCHEMATHESIS`, else `.venv-schemathesis/bin/schemathesis` in the
 //! repository (`python3 -m venv .venv-schemathesis && .venv-schemathesis/bin/pip install schemathesis==4.32.5`;
-//! `.ci/run` does it). Without it the test is skipped with a warning, except under CI (`CI` set), where it fails.
+//! `.ci/run` does it). Without it the test is reported ignored with the reason (`harness = false`:
+//! `support::harness`), except under CI (`CI` set), where it fails.
 //! `OFFLOAD_SCHEMATHESIS_SEED` replaces the fixed seed (to explore further than CI does).
 
-#![expect(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
+#![expect(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly on anything unexpected")]
 
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -24,16 +26,23 @@ const MAX_EXAMPLES: &str = "100";
 const TIME_LIMIT: Duration = Duration::from_secs(300);
 const SEED: &str = "20261122";
 
-fn schemathesis() -> Option<PathBuf> {
+fn schemathesis() -> Result<PathBuf, Missing> {
     let path = std::env::var_os("OFFLOAD_SCHEMATHESIS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv-schemathesis/bin/schemathesis")));
-    path.exists().then_some(path)
+    path.exists().then_some(path).ok_or_else(|| {
+        Missing(
+            "needs the schemathesis CLI: python3 -m venv .venv-schemathesis && .venv-schemathesis/bin/pip install \
+             schemathesis==4.32.5 (or set OFFLOAD_SCHEMATHESIS)"
+                .to_owned(),
+        )
+    })
 }
 
 mod support;
 
 use support::Offload as Server;
+use support::harness::{self, Flavor, Missing};
 
 /// Starts `offload serve --mock-upstream` on port 0.
 fn start(data_dir: &std::path::Path) -> Server {
@@ -67,20 +76,8 @@ async fn pinned(client: &reqwest::Client, base: &str, endpoint: &str) -> String 
     format!("parameters = {{ {} }}", pairs.join(", "))
 }
 
-#[tokio::test]
 async fn schemathesis_finds_no_fault_in_any_operation_of_the_openapi_document() {
-    let Some(cli) = schemathesis() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "schemathesis is missing under CI: .ci/run must install it into .venv-schemathesis"
-        );
-        eprintln!(
-            "\n\n*** WARNING: schemathesis_finds_no_fault_in_any_operation_of_the_openapi_document SKIPPED: no \
-             schemathesis CLI (set OFFLOAD_SCHEMATHESIS, or: python3 -m venv .venv-schemathesis && \
-             .venv-schemathesis/bin/pip install schemathesis==4.32.5) ***\n\n"
-        );
-        return;
-    };
+    let cli = schemathesis().unwrap_or_else(|missing| unreachable!("checked first: {missing:?}"));
     let data = tempfile::tempdir().unwrap();
     let server = start(&data.path().join("store"));
     let base = format!("http://{}", server.addr);
@@ -136,5 +133,20 @@ include-operation-id = "deleteRequest"
     let output = run.unwrap_or_else(|_| panic!("schemathesis did not finish within {TIME_LIMIT:?}")).unwrap();
     let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "schemathesis found faults (seed {seed}):\n{report}");
+    // The stateful phase runs only when the document's links lead somewhere: from a create to its request.
+    assert!(
+        report.lines().any(|line| line.contains("Stateful") && line.contains('✅')),
+        "the stateful phase did not run:\n{report}"
+    );
+    eprintln!("{report}");
     drop(server);
+}
+
+fn main() -> std::process::ExitCode {
+    harness::run(vec![harness::test(
+        "schemathesis_finds_no_fault_in_any_operation_of_the_openapi_document",
+        Flavor::CurrentThread,
+        || schemathesis().map(|_| ()),
+        schemathesis_finds_no_fault_in_any_operation_of_the_openapi_document,
+    )])
 }

@@ -4,7 +4,8 @@
 //!
 //! Needs the SDK: `$OFFLOAD_OPENAI_PYTHON`, else `.venv-openai/bin/python` in the repository (`python3 -m venv
 //! .venv-openai && .venv-openai/bin/pip install openai==3.54.0`; `.ci/run` does it). Without it every test is
-//! skipped with a warning, except under CI (`CI` set), where it fails.
+//! reported ignored with the reason (`harness = false`: `support::harness`), except under CI (`CI` set), where it
+//! fails.
 
 #![expect(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly on anything unexpected")]
 
@@ -63,30 +64,22 @@ def content(datas):
     return text
 "#;
 
-fn python() -> Option<PathBuf> {
+fn python() -> Result<PathBuf, Missing> {
     let path = std::env::var_os("OFFLOAD_OPENAI_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv-openai/bin/python")));
-    path.exists().then_some(path)
-}
-
-/// The venv's python, or `None` (with a loud warning) when it is missing outside CI.
-fn python_or_skip() -> Option<PathBuf> {
-    let found = python();
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the OpenAI SDK venv is missing under CI: .ci/run installs it into .venv-openai"
-        );
-        eprintln!(
-            "\n\n*** SKIPPED: the official OpenAI SDK is not installed (python3 -m venv .venv-openai && \
-             .venv-openai/bin/pip install openai==3.54.0) ***\n\n"
-        );
-    }
-    found
+    path.exists().then_some(path).ok_or_else(|| {
+        Missing(
+            "needs the OpenAI SDK: python3 -m venv .venv-openai && .venv-openai/bin/pip install openai==3.54.0 \
+             (or set OFFLOAD_OPENAI_PYTHON)"
+                .to_owned(),
+        )
+    })
 }
 
 mod support;
+
+use support::harness::{self, Missing};
 
 /// `offload serve --mock-upstream` on port 0, on a data directory of its own.
 struct Server {
@@ -109,8 +102,8 @@ fn start() -> Server {
 }
 
 /// Runs `script` (after the prelude) against a fresh server; it must exit 0 and print one JSON line last.
-fn run(script: &str) -> Option<Value> {
-    let python = python_or_skip()?;
+fn run(script: &str) -> Value {
+    let python = python().unwrap_or_else(|missing| unreachable!("checked first: {missing:?}"));
     let server = start();
     let output = Command::new(python)
         .arg("-c")
@@ -123,10 +116,9 @@ fn run(script: &str) -> Option<Value> {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "the script failed:\n{stdout}\n{stderr}");
     let last = stdout.lines().last().unwrap_or_else(|| panic!("the script printed nothing:\n{stderr}"));
-    Some(serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {last}")))
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {last}"))
 }
 
-#[test]
 fn sdk_completion_without_stream_is_the_upstreams_and_is_recorded() {
     let script = r#"
 raw = client.chat.completions.with_raw_response.create(
@@ -137,7 +129,7 @@ doc = wait_final(raw.headers["x-offload-status-url"])
 print(json.dumps({"content": completion.choices[0].message.content, "doc": doc,
                   "stream_url": raw.headers.get("x-offload-stream-url")}))
 "#;
-    let Some(out) = run(script) else { return };
+    let out = run(script);
     assert_eq!(out["content"], "Hello from the SDK");
     assert_eq!(out["doc"]["status"], "done");
     assert_eq!(out["doc"]["parameters"]["model"], "gpt-4o-mini");
@@ -145,7 +137,6 @@ print(json.dumps({"content": completion.choices[0].message.content, "doc": doc,
     assert!(out["stream_url"].is_null());
 }
 
-#[test]
 fn sdk_stream_yields_every_chunk_live_and_ends() {
     let script = r#"
 stream = client.chat.completions.create(
@@ -159,12 +150,11 @@ for chunk in stream:
         usage = chunk.usage.total_tokens
 print(json.dumps({"text": text, "usage": usage}))
 "#;
-    let Some(out) = run(script) else { return };
+    let out = run(script);
     assert_eq!(out["text"], "one two three four");
     assert!(out["usage"].as_u64().unwrap() > 0, "{out}");
 }
 
-#[test]
 fn sdk_raises_its_exception_for_an_upstream_error_with_its_status_and_message() {
     let script = r#"
 result = {}
@@ -184,7 +174,7 @@ except openai.BadRequestError as e:
     result["400"] = {"status": e.status_code, "message": e.message}
 print(json.dumps(result))
 "#;
-    let Some(out) = run(script) else { return };
+    let out = run(script);
     for stream in ["False", "True"] {
         assert_eq!(out[stream]["status"], 429, "{out}");
         assert!(out[stream]["message"].as_str().unwrap().contains("Rate limit reached for requests"), "{out}");
@@ -194,7 +184,6 @@ print(json.dumps(result))
     assert!(out["400"]["message"].as_str().unwrap().contains("Bad model"));
 }
 
-#[test]
 fn sdk_caller_that_disconnects_mid_stream_resumes_the_full_reply_from_the_stream_url() {
     let script = r#"
 WORDS = " ".join("word%d" % i for i in range(30))
@@ -218,13 +207,12 @@ doc = wait_final(status_url)
 print(json.dumps({"expected": WORDS, "resumed": got + content(d for _, d in rest), "doc_status": doc["status"],
                   "doc_text": doc["response"]["body"]["choices"][0]["message"]["content"]}))
 "#;
-    let Some(out) = run(script) else { return };
+    let out = run(script);
     assert_eq!(out["resumed"], out["expected"]);
     assert_eq!(out["doc_status"], "done");
     assert_eq!(out["doc_text"], out["expected"]);
 }
 
-#[test]
 fn sdk_private_access_by_header_answers_a_bearer_token_the_urls_need() {
     let script = r#"
 raw = client.chat.completions.with_raw_response.create(
@@ -236,14 +224,13 @@ without, _ = get(status_url)
 doc = wait_final(status_url, {"Authorization": "Bearer " + token})
 print(json.dumps({"url": status_url, "without": without, "status": doc["status"], "access": doc["authorization"]["access"]}))
 "#;
-    let Some(out) = run(script) else { return };
+    let out = run(script);
     assert!(out["url"].as_str().unwrap().contains("/priv/"));
     assert_eq!(out["without"], 401);
     assert_eq!(out["status"], "done");
     assert_eq!(out["access"], "private");
 }
 
-#[test]
 fn sdk_gets_the_answer_of_an_upstream_that_fails_the_first_attempts_and_the_document_shows_them() {
     let script = r#"
 result = {}
@@ -261,7 +248,7 @@ for stream in (False, True):
     result[str(stream)] = {"text": text, "status": doc["status"], "attempts": doc.get("attempts")}
 print(json.dumps(result))
 "#;
-    let Some(out) = run(script) else { return };
+    let out = run(script);
     for stream in ["False", "True"] {
         let r = &out[stream];
         assert_eq!(r["text"], "after two failures", "{out}");
@@ -272,7 +259,6 @@ print(json.dumps(result))
     }
 }
 
-#[test]
 fn sdk_stream_that_fails_after_its_first_chunk_is_not_retried_and_raises() {
     let script = r#"
 stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True,
@@ -288,18 +274,59 @@ status_url = stream.response.headers["x-offload-status-url"]
 doc = wait_final(status_url)
 print(json.dumps({"text": text, "raised": raised, "doc": doc}))
 "#;
-    let Some(out) = run(script) else { return };
+    let out = run(script);
     assert_eq!(out["raised"], "APIError", "{out}");
     assert_eq!(out["text"], "a b ", "{out}");
     assert_eq!(out["doc"]["status"], "error");
     assert!(out["doc"].get("attempts").is_none(), "{out}");
 }
 
-#[test]
 fn sdk_lists_the_upstreams_models() {
     let script = r#"
 print(json.dumps({"models": [m.id for m in client.models.list()]}))
 "#;
-    let Some(out) = run(script) else { return };
+    let out = run(script);
     assert_eq!(out["models"][0], "gpt-3.5-turbo");
+}
+
+fn main() -> std::process::ExitCode {
+    let needs_sdk = || python().map(|_| ());
+    harness::run(vec![
+        harness::sync_test(
+            "sdk_completion_without_stream_is_the_upstreams_and_is_recorded",
+            needs_sdk,
+            sdk_completion_without_stream_is_the_upstreams_and_is_recorded,
+        ),
+        harness::sync_test(
+            "sdk_stream_yields_every_chunk_live_and_ends",
+            needs_sdk,
+            sdk_stream_yields_every_chunk_live_and_ends,
+        ),
+        harness::sync_test(
+            "sdk_raises_its_exception_for_an_upstream_error_with_its_status_and_message",
+            needs_sdk,
+            sdk_raises_its_exception_for_an_upstream_error_with_its_status_and_message,
+        ),
+        harness::sync_test(
+            "sdk_caller_that_disconnects_mid_stream_resumes_the_full_reply_from_the_stream_url",
+            needs_sdk,
+            sdk_caller_that_disconnects_mid_stream_resumes_the_full_reply_from_the_stream_url,
+        ),
+        harness::sync_test(
+            "sdk_private_access_by_header_answers_a_bearer_token_the_urls_need",
+            needs_sdk,
+            sdk_private_access_by_header_answers_a_bearer_token_the_urls_need,
+        ),
+        harness::sync_test(
+            "sdk_gets_the_answer_of_an_upstream_that_fails_the_first_attempts_and_the_document_shows_them",
+            needs_sdk,
+            sdk_gets_the_answer_of_an_upstream_that_fails_the_first_attempts_and_the_document_shows_them,
+        ),
+        harness::sync_test(
+            "sdk_stream_that_fails_after_its_first_chunk_is_not_retried_and_raises",
+            needs_sdk,
+            sdk_stream_that_fails_after_its_first_chunk_is_not_retried_and_raises,
+        ),
+        harness::sync_test("sdk_lists_the_upstreams_models", needs_sdk, sdk_lists_the_upstreams_models),
+    ])
 }

@@ -2,9 +2,10 @@
 //! the three families, or two handles open on the same store at once); `contract_suite!` instantiates the whole
 //! suite for one implementation.
 //!
-//! The PostgreSQL suite runs against `OFFLOAD_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
-//! each test in a schema of its own that is dropped afterwards. Without a server there it is skipped with a
-//! warning, except under CI (`CI` set), where that is a failure.
+//! The PostgreSQL suite runs against `OFFLOAD_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`)
+//! or, when nothing answers there, a throwaway server of its own (`support::postgres`), each test in a schema of
+//! its own that is dropped afterwards. Where neither is possible its tests are reported ignored with the reason
+//! (`harness = false`: `support::harness`), except under CI (`CI` set), where that is a failure.
 
 #![expect(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
@@ -18,8 +19,14 @@ use offload::store::{
     Admit, Charge, Conflict, Periods, RawPiece, SlotId, Store, StoreError, Stores, WebhookState, WebhookStatus, WriteOp,
 };
 use serde_json::value::RawValue;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+
+mod support;
+
+use libtest_mimic::Trial;
+use support::harness::{self, Flavor};
 
 fn meta(access: Access) -> Arc<RequestMeta> {
     owned_by(access, None)
@@ -417,8 +424,17 @@ pub async fn nodes_join_expire_and_are_removed_by_exactly_one_handle(a: Stores, 
     assert_eq!(b.nodes.node(short.id).await.unwrap(), Some(short.clone()), "seen through the other handle");
     assert!(a.nodes.expired_nodes().await.unwrap().is_empty());
     assert_eq!(a.nodes.renew(short.id, Duration::from_millis(300)).await.unwrap(), Renewal::Renewed);
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    assert_eq!(b.nodes.expired_nodes().await.unwrap(), vec![short.clone()]);
+    // The short lease runs out (300 ms after its renewal), the long one does not.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let expired = b.nodes.expired_nodes().await.unwrap();
+        if !expired.is_empty() {
+            assert_eq!(expired, vec![short.clone()]);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the short lease never ran out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(!a.nodes.remove_expired(long.id).await.unwrap(), "a live node is never removed");
     let (x, y) = tokio::join!(a.nodes.remove_expired(short.id), b.nodes.remove_expired(short.id));
     assert_eq!([x.unwrap(), y.unwrap()].iter().filter(|removed| **removed).count(), 1, "removed exactly once");
@@ -791,11 +807,13 @@ pub async fn handles_opened_at_once_share_one_store(handles: Vec<Stores>) {
     }
 }
 
+/// `$module()`: the whole suite as trials named `$module::<test>`, each on a store from `$fixture` (an async
+/// expression), run when `$need` is met.
 macro_rules! contract_suite {
-    ($module:ident, $fixture:expr) => {
-        mod $module {
-            use super::*;
-            contract_suite!(@tests $fixture;
+    ($module:ident, $fixture:expr, $need:expr) => {
+        fn $module() -> Vec<Trial> {
+            let mut trials = Vec::new();
+            contract_suite!(@tests trials, $module, $fixture, $need;
                 an_inserted_request_reads_back_exactly,
                 events_come_back_in_order_and_in_pages,
                 raw_pieces_are_concatenated_in_order,
@@ -809,7 +827,7 @@ macro_rules! contract_suite {
                 purging_deletes_only_requests_finished_before_the_cutoff,
                 a_final_request_takes_no_more_writes
             );
-            contract_suite!(@families $fixture;
+            contract_suite!(@families trials, $module, $fixture, $need;
                 a_final_status_with_a_webhook_queues_one_claimable_delivery,
                 a_final_status_without_a_webhook_queues_nothing,
                 writes_to_a_deleted_request_are_dropped,
@@ -817,8 +835,18 @@ macro_rules! contract_suite {
                 charging_is_exact_under_concurrency_and_refunds_give_back,
                 orphans_are_the_unfinished_requests_of_nodes_that_are_gone
             );
-            contract_suite!(@opening $fixture);
-            contract_suite!(@pairs $fixture;
+            // Nodes starting together each bring the schema up to date; they take turns.
+            trials.push(harness::test(
+                concat!(stringify!($module), "::handles_opened_at_once_share_one_store"),
+                Flavor::MultiThread,
+                $need,
+                || async {
+                    let fixture = $fixture.await;
+                    let handles = futures_util::future::join_all((0..4).map(|_| fixture.open())).await;
+                    fixture.run(handles_opened_at_once_share_one_store(handles)).await;
+                },
+            ));
+            contract_suite!(@pairs trials, $module, $fixture, $need;
                 requests_written_through_one_handle_are_read_through_the_other,
                 webhook_claims_are_exclusive_across_handles,
                 quota_charges_are_exact_across_handles,
@@ -828,45 +856,49 @@ macro_rules! contract_suite {
                 the_cluster_secret_is_one_for_every_handle_and_the_store_answers_a_ping,
                 two_handles_ending_one_request_at_once_store_one_final_status_and_one_webhook
             );
+            trials
         }
     };
-    (@opening $fixture:expr) => {
-        /// Nodes starting together each bring the schema up to date; they take turns.
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn handles_opened_at_once_share_one_store() {
-            let Some(fixture) = $fixture.await else { return };
-            let handles = futures_util::future::join_all((0..4).map(|_| fixture.open())).await;
-            fixture.run(super::handles_opened_at_once_share_one_store(handles)).await;
-        }
-    };
-    (@tests $fixture:expr; $($test:ident),*) => {
+    (@tests $trials:ident, $module:ident, $fixture:expr, $need:expr; $($test:ident),*) => {
         $(
-            #[tokio::test]
-            async fn $test() {
-                let Some(fixture) = $fixture.await else { return };
-                let stores = fixture.open().await;
-                fixture.run(super::$test(stores.requests)).await;
-            }
+            $trials.push(harness::test(
+                concat!(stringify!($module), "::", stringify!($test)),
+                Flavor::CurrentThread,
+                $need,
+                || async {
+                    let fixture = $fixture.await;
+                    let stores = fixture.open().await;
+                    fixture.run($test(stores.requests)).await;
+                },
+            ));
         )*
     };
-    (@families $fixture:expr; $($test:ident),*) => {
+    (@families $trials:ident, $module:ident, $fixture:expr, $need:expr; $($test:ident),*) => {
         $(
-            #[tokio::test]
-            async fn $test() {
-                let Some(fixture) = $fixture.await else { return };
-                let stores = fixture.open().await;
-                fixture.run(super::$test(stores)).await;
-            }
+            $trials.push(harness::test(
+                concat!(stringify!($module), "::", stringify!($test)),
+                Flavor::CurrentThread,
+                $need,
+                || async {
+                    let fixture = $fixture.await;
+                    let stores = fixture.open().await;
+                    fixture.run($test(stores)).await;
+                },
+            ));
         )*
     };
-    (@pairs $fixture:expr; $($test:ident),*) => {
+    (@pairs $trials:ident, $module:ident, $fixture:expr, $need:expr; $($test:ident),*) => {
         $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $test() {
-                let Some(fixture) = $fixture.await else { return };
-                let (a, b) = (fixture.open().await, fixture.open().await);
-                fixture.run(super::$test(a, b)).await;
-            }
+            $trials.push(harness::test(
+                concat!(stringify!($module), "::", stringify!($test)),
+                Flavor::MultiThread,
+                $need,
+                || async {
+                    let fixture = $fixture.await;
+                    let (a, b) = (fixture.open().await, fixture.open().await);
+                    fixture.run($test(a, b)).await;
+                },
+            ));
         )*
     };
 }
@@ -914,8 +946,8 @@ impl Fixture {
     }
 }
 
-fn sqlite() -> std::future::Ready<Option<Fixture>> {
-    std::future::ready(Some(Fixture::Sqlite(tempfile::tempdir().unwrap())))
+async fn sqlite() -> Fixture {
+    Fixture::Sqlite(tempfile::tempdir().unwrap())
 }
 
 /// A plain connection to the test database, for setting up and dropping schemas.
@@ -925,21 +957,11 @@ async fn pg_admin(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::E
     Ok(client)
 }
 
-/// A fresh schema in the test database, or `None` (with a warning) when there is no server outside CI.
-async fn postgres() -> Option<Fixture> {
-    // The URL may carry a password: messages name where it came from, never the URL itself.
-    let (url, from) = match std::env::var("OFFLOAD_TEST_POSTGRES_URL") {
-        Ok(url) => (url, "OFFLOAD_TEST_POSTGRES_URL"),
-        Err(_) => ("postgres://postgres@127.0.0.1:5432/test".to_owned(), "postgres://postgres@127.0.0.1:5432/test"),
-    };
-    if let Err(e) = pg_admin(&url).await {
-        let cause = std::error::Error::source(&e).map(|c| format!(": {c}")).unwrap_or_default();
-        assert!(std::env::var_os("CI").is_none(), "PostgreSQL ({from}) is required under CI: {e}{cause}");
-        eprintln!("WARNING: PostgreSQL ({from}) is unreachable ({e}{cause}); the PostgreSQL store contract is SKIPPED");
-        return None;
-    }
+/// A fresh schema in the test database (the tests that use it need [`support::postgres::needed`]).
+async fn postgres() -> Fixture {
+    let url = support::postgres::admin_url().unwrap_or_else(|missing| unreachable!("checked first: {missing:?}"));
     let schema = format!("offload_test_{}", uuid::Uuid::new_v4().simple());
-    Some(Fixture::Postgres { url, schema })
+    Fixture::Postgres { url, schema }
 }
 
 /// The schema of version 4, as the release before nodes wrote it (verbatim).
@@ -1003,7 +1025,6 @@ CREATE TABLE IF NOT EXISTS key_usage (
 PRAGMA user_version = 4;
 "#;
 
-#[tokio::test]
 async fn a_version_4_sqlite_store_is_upgraded_in_place_and_keeps_its_requests() {
     let dir = tempfile::tempdir().unwrap();
     let m = meta(Access::Public);
@@ -1040,5 +1061,17 @@ async fn a_version_4_sqlite_store_is_upgraded_in_place_and_keeps_its_requests() 
     assert_eq!(version, 5);
 }
 
-contract_suite!(sqlite_store, sqlite());
-contract_suite!(postgres_store, postgres());
+contract_suite!(sqlite_store, sqlite(), harness::nothing);
+contract_suite!(postgres_store, postgres(), support::postgres::needed);
+
+fn main() -> ExitCode {
+    let mut trials = sqlite_store();
+    trials.extend(postgres_store());
+    trials.push(harness::test(
+        "a_version_4_sqlite_store_is_upgraded_in_place_and_keeps_its_requests",
+        Flavor::CurrentThread,
+        harness::nothing,
+        a_version_4_sqlite_store_is_upgraded_in_place_and_keeps_its_requests,
+    ));
+    harness::run(trials)
+}

@@ -17,14 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
-/// How long the answer to "does any key exist?" is reused: a key created while the server runs takes effect
-/// within this time.
-const OPEN_CHECK_TTL: Duration = Duration::from_secs(1);
-
 pub struct Gatekeeper {
     keys: Arc<dyn KeyStore>,
     /// This node: the holder of the in-flight slots it takes.
     node: NodeId,
+    /// How long the answer to "does any key exist?" is reused (`--key-cache-ttl`): the first key created, or the
+    /// last one revoked, while the server runs takes effect within this time. Zero asks the store every time.
+    open_check_ttl: Duration,
     open: Mutex<Option<(Instant, bool)>>,
 }
 
@@ -115,13 +114,13 @@ pub fn periods_now() -> (Periods, u64, u64) {
 }
 
 impl Gatekeeper {
-    pub fn new(keys: Arc<dyn KeyStore>, node: NodeId) -> Self {
-        Self { keys, node, open: Mutex::new(None) }
+    pub fn new(keys: Arc<dyn KeyStore>, node: NodeId, open_check_ttl: Duration) -> Self {
+        Self { keys, node, open_check_ttl, open: Mutex::new(None) }
     }
 
     async fn keys_required(&self) -> Result<bool, StoreError> {
         if let Some((at, required)) = *self.open.lock()
-            && at.elapsed() < OPEN_CHECK_TTL
+            && at.elapsed() < self.open_check_ttl
         {
             return Ok(required);
         }

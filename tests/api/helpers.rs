@@ -58,13 +58,15 @@ pub async fn spawn_on(
     start_on(args, mock, data_dir, Some(stores)).await
 }
 
-/// The settings every test starts from: port 0, the data directory, the mock upstream, quick flushes.
+/// The settings every test starts from: port 0, the data directory, the mock upstream, quick flushes, and keys
+/// created or revoked while a test runs taking effect at once (the next create sees them).
 fn test_args(mock: &MockServer, data_dir: &TempDir) -> ServeArgs {
     ServeArgs {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         data_dir: Some(data_dir.path().to_path_buf()),
         upstream_url: Some(mock.api_base()),
         flush_interval_ms: Some(10),
+        key_cache_ttl: Some("0".into()),
         ..ServeArgs::default()
     }
 }
@@ -181,6 +183,19 @@ impl TestApp {
 
     pub async fn mock_stats(&self) -> Value {
         self.get_json(&format!("http://{}/_mock/stats", self.mock.addr()), None).await
+    }
+
+    /// Waits (20 s at most) until the mock upstream's counter `stat` (`completed`, `disconnected`, ...) is `n`.
+    pub async fn wait_mock_stat(&self, stat: &str, n: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let stats = self.mock_stats().await;
+            if stats[stat] == n {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the mock's {stat} never reached {n}: {stats}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn mock_requests(&self) -> Vec<Value> {

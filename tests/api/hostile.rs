@@ -325,7 +325,6 @@ async fn an_upstream_key_that_is_not_text_is_400_naming_the_header() {
 async fn a_service_key_header_that_is_not_text_is_401_naming_the_header() {
     let app = spawn_app().await;
     let key = create_key(&app);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     for header in ["X-API-Key", "X-RapidAPI-Key", "Authorization"] {
         let response = app
             .client
@@ -398,7 +397,6 @@ async fn revoking_the_last_key_of_a_public_server_closes_it_instead_of_opening_i
     let with_key = app.client.post(app.url("/v1/async-chatgpt")).header("X-API-Key", &key).json(&body).send().await;
     assert_eq!(with_key.unwrap().status(), 200);
     keys_cli(data.path(), &["revoke", "only"]);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let response = app.create("async-chatgpt", &body).await;
     assert_eq!(response.status(), 503);
     let error: Value = response.json().await.unwrap();

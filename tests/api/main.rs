@@ -4,7 +4,6 @@
 #![expect(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly on anything unexpected")]
 
 mod access;
-mod browser;
 mod continuation;
 mod create;
 mod events;

@@ -450,8 +450,6 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     })
     .await;
     keys_cli(public_dir.path(), &["revoke", "only"]);
-    // Whether keys exist is looked up at most once a second.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let body = json!({"messages": user("hi"), "mock": {"words": 1}});
     assert_eq!(
         keyed.client.post(keyed.url(CREATES[1])).bearer_auth(&key).json(&body).send().await.unwrap().status(),
@@ -575,5 +573,143 @@ async fn an_undocumented_method_is_405_and_options_on_a_request_url_names_its_me
                 assert_eq!(allowed(&answer), documented, "OPTIONS {path}: {:?}", answer.headers.get("allow"));
             }
         }
+    }
+}
+
+/// The operations on one request's URLs, by the URL each one is reached at (`base` is the status URL without
+/// `.json`); the event stream only for stream requests.
+fn request_operations(stream: bool) -> Vec<(&'static str, &'static str)> {
+    let mut operations = vec![
+        ("getStatus", ".json"),
+        ("deleteRequest", ".json"),
+        ("getRaw", ".raw"),
+        ("stop", "/stop"),
+        ("stopByGet", "/stop"),
+    ];
+    if stream {
+        operations.push(("getEvents", ".txt"));
+    }
+    operations
+}
+
+/// The value of a link parameter: a runtime expression `$response.body#<pointer>` or `$response.header.<name>`,
+/// with the `#regex:` extractor (one capturing group) that stateful testers such as schemathesis apply to it.
+fn link_parameter(expression: &str, body: &Value, headers: &reqwest::header::HeaderMap) -> String {
+    let (source, pattern) = expression.split_once("#regex:").unwrap_or_else(|| panic!("no extractor: {expression}"));
+    let value = if let Some(pointer) = source.strip_prefix("$response.body#") {
+        body.pointer(pointer).and_then(Value::as_str).unwrap_or_else(|| panic!("{pointer} not in {body}")).to_owned()
+    } else if let Some(name) = source.strip_prefix("$response.header.") {
+        headers.get(name).unwrap_or_else(|| panic!("no {name} header")).to_str().unwrap().to_owned()
+    } else {
+        panic!("unexpected runtime expression {expression}")
+    };
+    let regex = regex::Regex::new(pattern).unwrap();
+    assert_eq!(regex.captures_len(), 2, "one capturing group in {pattern}");
+    regex.captures(&value).unwrap_or_else(|| panic!("{pattern} does not match {value}"))[1].to_owned()
+}
+
+/// The path of the operation `operation_id`, with its path parameters filled from `parameters`.
+fn fill_path(
+    doc: &Value,
+    operation_id: &str,
+    parameters: &serde_json::Map<String, Value>,
+    body: &Value,
+    headers: &reqwest::header::HeaderMap,
+) -> String {
+    let (path, _) = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| item.as_object().unwrap().values().map(move |op| (path, op)))
+        .find(|(_, op)| op["operationId"] == operation_id)
+        .unwrap_or_else(|| panic!("no operation {operation_id}"));
+    let mut filled = path.clone();
+    for (name, expression) in parameters {
+        filled = filled.replace(&format!("{{{name}}}"), &link_parameter(expression.as_str().unwrap(), body, headers));
+    }
+    assert!(!filled.contains('{'), "{operation_id}: a path parameter has no link parameter: {filled}");
+    filled
+}
+
+#[tokio::test]
+async fn every_create_answer_links_to_every_operation_on_its_request_and_the_links_give_its_urls() {
+    let doc = document();
+    let app = spawn_app().await;
+    let mut cases = Vec::new();
+    for (create, stream) in [("/v1/stream-chatgpt", true), ("/v1/async-chatgpt", false)] {
+        let response =
+            app.client.post(app.url(create)).json(&json!({"messages": user("hi"), "mock": {"words": 2}})).send().await;
+        cases.push((create, stream, response.unwrap()));
+    }
+    for stream in [true, false] {
+        let body = json!({"messages": user("hi"), "stream": stream, "mock": {"words": 2}});
+        let response = app.client.post(app.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+        cases.push(("/v1/chat/completions", stream, response));
+    }
+    for (create, stream, response) in cases {
+        assert_eq!(response.status(), 200);
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap();
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let status_url = match headers.get("X-Offload-Status-Url") {
+            Some(url) if create.ends_with("completions") => url.to_str().unwrap().to_owned(),
+            _ => endpoint(&body, "status_url"),
+        };
+        let base = status_url.trim_end_matches(".json");
+        let origin = &status_url[..status_url.find("/1/r/").or(status_url.find("/2/r/")).unwrap()];
+        let links = resolve(&doc, &doc["paths"][create]["post"]["responses"]["200"])["links"].as_object().unwrap();
+        let mut linked = BTreeSet::new();
+        for link in links.values() {
+            let link = resolve(&doc, link);
+            let operation = link["operationId"].as_str().unwrap();
+            let Some((_, suffix)) = request_operations(stream).into_iter().find(|(id, _)| *id == operation) else {
+                // The event stream link of `/v1/chat/completions` cannot resolve for a non-streaming call.
+                assert!(create.ends_with("completions") && !stream && operation == "getEvents", "{create}: {link}");
+                continue;
+            };
+            let path = fill_path(&doc, operation, link["parameters"].as_object().unwrap(), &body, &headers);
+            assert_eq!(format!("{origin}{path}"), format!("{base}{suffix}"), "{create} -> {operation}");
+            linked.insert(operation);
+        }
+        let expected: BTreeSet<&str> = request_operations(stream).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(linked, expected, "{create} (stream: {stream}) links to every operation on its request");
+    }
+}
+
+/// A `messages` string is accepted when it holds a non-empty JSON array of objects with a string `role`: every
+/// string the server accepts matches the document's pattern, and the strings it can tell apart without parsing
+/// (empty, not an array, an empty array, an array of non-objects) do not.
+#[test]
+fn the_messages_string_pattern_admits_every_accepted_string_and_excludes_the_plainly_wrong() {
+    let doc = document();
+    let schema = &doc["components"]["schemas"]["CreateBody"];
+    let validator = validator(&doc, schema);
+    let limits = offload::domain::Limits { max_timeout: 90.0, max_connect_timeout: 10.0, default_model: "m".into() };
+    let accepted = |messages: &str| {
+        let body = serde_json::to_vec(&json!({"messages": messages})).unwrap();
+        offload::domain::CreateRequest::parse(&body, &limits).is_ok()
+    };
+    for good in [
+        r#"[{"role":"user","content":"hi"}]"#,
+        " \n\t\r[ \n{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"}]\"}]} ,{\"role\":\"x\"}\r\n]\t ",
+        r#"[{"content":{"nested":[1,{"a":[]}]},"role":"assistant"}]"#,
+    ] {
+        assert!(accepted(good), "{good:?} is accepted");
+        assert!(validator.is_valid(&json!({"messages": good})), "{good:?} matches the document");
+    }
+    for bad in [
+        "",
+        " ",
+        "nope",
+        "[]",
+        " [ ] ",
+        "{}",
+        "[1]",
+        "[\"role\"]",
+        "[[{\"role\":\"user\"}]]",
+        "\u{a0}[{\"role\":\"u\"}]",
+    ] {
+        assert!(!accepted(bad), "{bad:?} is refused");
+        assert!(!validator.is_valid(&json!({"messages": bad})), "{bad:?} does not match the document");
     }
 }

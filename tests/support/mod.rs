@@ -1,7 +1,12 @@
-//! For the tests that run the real `offload` binary: start it on port 0, learn its address from its log, and
-//! kill it (SIGKILL) when the test is done with it, also when the test fails.
+//! Shared by the test binaries. This file: for the tests that run the real `offload` binary, start it on port 0,
+//! learn its address from its log, and kill it (SIGKILL) when the test is done with it, also when the test fails.
+//! `harness`: test binaries whose tests may need what the machine lacks, reported as ignored with the reason.
+//! `postgres`: the PostgreSQL server of the suites that need one, reachable or throwaway.
 
 #![allow(dead_code, reason = "each test crate uses the part it needs")]
+
+pub mod harness;
+pub mod postgres;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

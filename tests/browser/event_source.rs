@@ -1,9 +1,7 @@
 //! A real browser as the client: headless Chromium runs a page from another origin that uses `fetch` and the
 //! browser's own `EventSource` against offload, as a web app written for OffloadGPT would.
-//!
-//! Needs Chromium (`apt-get install chromium`; `.ci/run` installs it). Without it the test is skipped with a
-//! warning, except under CI (`CI=true`), where a missing browser is a failure.
 
+use crate::HEADLESS;
 use crate::helpers::*;
 use serde_json::Value;
 use std::time::Duration;
@@ -73,34 +71,8 @@ async function main() {
 main().catch((e) => report({failure: String(e && e.stack || e)}));
 </script></body></html>"#;
 
-/// Where Chromium is installed, if it is.
-/// Headless Chromium as this machine allows it: no sandbox (root), no GPU, and no connection of its own to the
-/// network, which is closed here (its background calls would be refused, many at a time).
-pub const HEADLESS: [&str; 8] = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-component-update",
-    "--disable-sync",
-];
-
-pub fn chromium() -> Option<std::path::PathBuf> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"]
-        .iter()
-        .map(std::path::PathBuf::from)
-        .find(|p| p.exists())
-}
-
-#[tokio::test]
-async fn a_browser_page_on_another_origin_follows_reads_and_stops_requests() {
-    let Some(browser) = chromium() else {
-        assert!(std::env::var("CI").is_err(), "CI must install chromium for the browser test");
-        eprintln!("WARNING: chromium is not installed; the browser test was skipped (apt-get install chromium)");
-        return;
-    };
+pub async fn a_browser_page_on_another_origin_follows_reads_and_stops_requests() {
+    let browser = crate::chromium().unwrap();
     let app = spawn_app().await;
 
     // The page's own origin: another port, so every call to offload is cross-origin.
