@@ -25,49 +25,11 @@ const LEASE: &str = "2s";
 mod support;
 
 use support::Offload as Node;
+use support::postgres::Database;
 
 /// The URL of `node` for a public URL handed out by any node.
 fn local(node: &Node, public_url: &str) -> String {
     public_url.replacen(PUBLIC, &format!("http://{}", node.addr), 1)
-}
-
-/// A database of its own for one test, dropped when the test ends (also when it fails).
-struct Database {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-        // Drop runs inside the test's runtime: the drop happens on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await {
-                    tokio::spawn(connection);
-                    let dropped = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
-                    if let Err(e) = dropped {
-                        eprintln!("warning: could not drop the test database {name}: {e}");
-                    }
-                }
-            });
-        })
-        .join();
-    }
-}
-
-/// A fresh database (the tests that use it need [`support::postgres::needed`]).
-async fn database() -> Database {
-    let admin_url = support::postgres::admin_url().unwrap_or_else(|missing| unreachable!("checked first: {missing:?}"));
-    let (client, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let name = format!("offload_cluster_{}", uuid::Uuid::new_v4().simple());
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    let mut url = url::Url::parse(&admin_url).unwrap();
-    url.set_path(&format!("/{name}"));
-    Database { admin_url, name, url: url.to_string() }
 }
 
 /// Starts a node on `db`.
@@ -89,7 +51,7 @@ struct Cluster {
 }
 
 async fn cluster(extra: &[&str]) -> Cluster {
-    let db = database().await;
+    let db = support::postgres::database("offload_cluster").await;
     let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), Default::default()).await.unwrap();
     let upstream = mock.api_base().to_string();
     let nodes = (0..3).map(|_| start(&db, &upstream, extra)).collect();

@@ -3,8 +3,9 @@
 //! (connections dropped, and new ones refused or left unanswered) and restores; a node frozen with SIGSTOP; calls
 //! carrying a forged `X-Offload-Forwarded`.
 //!
-//! Each test makes a database of its own (`OFFLOAD_TEST_POSTGRES_URL`, default
-//! `postgres://postgres@127.0.0.1:5432/test`, used only to create and drop it) and drops it afterwards.
+//! Each test makes a database of its own on the suite's PostgreSQL (`support::postgres`: the machine's, or a
+//! throwaway one) and drops it afterwards. Where there is none the tests are reported ignored with the reason
+//! (`harness = false`: `support::harness`), except under CI.
 
 #![expect(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 use support::Offload as Node;
+use support::postgres::Database;
 use tokio::net::{TcpListener, TcpStream};
 
 const PUBLIC: &str = "http://offload.test";
@@ -80,48 +82,6 @@ impl Proxy {
     }
 }
 
-/// A database of its own for one test, dropped when the test ends (also when it fails).
-struct Database {
-    admin_url: String,
-    name: String,
-    url: url::Url,
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await {
-                    tokio::spawn(connection);
-                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-async fn database() -> Option<Database> {
-    let admin_url = std::env::var("OFFLOAD_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let (client, connection) = match tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await {
-        Ok(pair) => pair,
-        Err(e) => {
-            assert!(std::env::var_os("CI").is_none(), "PostgreSQL is required under CI: {e}");
-            eprintln!("WARNING: PostgreSQL is unreachable ({e}); the cluster fault tests are SKIPPED");
-            return None;
-        }
-    };
-    tokio::spawn(connection);
-    let name = format!("offload_faults_{}", uuid::Uuid::new_v4().simple());
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    let mut url = url::Url::parse(&admin_url).unwrap();
-    url.set_path(&format!("/{name}"));
-    Some(Database { admin_url, name, url })
-}
-
 struct Cluster {
     nodes: Vec<Node>,
     proxies: Vec<Proxy>,
@@ -131,16 +91,17 @@ struct Cluster {
 }
 
 /// Three nodes, each reaching the database through a proxy of its own.
-async fn cluster(lease: &str) -> Option<Cluster> {
+async fn cluster(lease: &str) -> Cluster {
     cluster_with(lease, [&[], &[], &[]]).await
 }
 
 /// As [`cluster`], with settings of its own for each node.
-async fn cluster_with(lease: &str, extra: [&[&str]; 3]) -> Option<Cluster> {
-    let db = database().await?;
+async fn cluster_with(lease: &str, extra: [&[&str]; 3]) -> Cluster {
+    let db = support::postgres::database("offload_faults").await;
+    let db_url = url::Url::parse(&db.url).unwrap();
     let target: SocketAddr = {
-        let host = db.url.host_str().unwrap().to_owned();
-        let port = db.url.port().unwrap_or(5432);
+        let host = db_url.host_str().unwrap().to_owned();
+        let port = db_url.port().unwrap_or(5432);
         tokio::net::lookup_host((host, port)).await.unwrap().next().unwrap()
     };
     let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), Default::default()).await.unwrap();
@@ -148,7 +109,7 @@ async fn cluster_with(lease: &str, extra: [&[&str]; 3]) -> Option<Cluster> {
     let mut nodes = Vec::new();
     for extra in extra {
         let proxy = Proxy::start(target).await;
-        let mut through = db.url.clone();
+        let mut through = db_url.clone();
         through.set_host(Some("127.0.0.1")).unwrap();
         through.set_port(Some(proxy.addr.port())).unwrap();
         let mut command = Node::command();
@@ -162,7 +123,7 @@ async fn cluster_with(lease: &str, extra: [&[&str]; 3]) -> Option<Cluster> {
         proxies.push(proxy);
     }
     let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
-    Some(Cluster { nodes, proxies, mock, db, client })
+    Cluster { nodes, proxies, mock, db, client }
 }
 
 /// The URL of `node` for a public URL handed out by any node.
@@ -275,9 +236,8 @@ async fn assert_replay_equals(c: &Cluster, events_url: &str, seen: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_longer_than_a_lease_ends_no_stream_and_loses_nothing_a_reader_saw() {
-    let Some(c) = cluster("3s").await else { return };
+    let c = cluster("3s").await;
     // Each node runs a stream of about 24 s; each is read on its owner and, relayed, on the next node.
     let mut streams = Vec::new();
     for node in 0..3 {
@@ -335,7 +295,7 @@ async fn a_database_outage_longer_than_a_lease_ends_no_stream_and_loses_nothing_
 /// Creates a key through the CLI, straight on the database; returns it.
 fn create_key(c: &Cluster, name: &str, limits: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_offload"))
-        .args(["keys", "create", "--name", name, "--store", c.db.url.as_str()])
+        .args(["keys", "create", "--name", name, "--store", &c.db.url])
         .args(limits)
         .output()
         .unwrap();
@@ -343,9 +303,8 @@ fn create_key(c: &Cluster, name: &str, limits: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap().split_whitespace().find(|w| w.starts_with("ofk_")).unwrap().to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_database_for_four_leases_keeps_its_request_and_its_key_slot() {
-    let Some(c) = cluster("2s").await else { return };
+    let c = cluster("2s").await;
     let key = create_key(&c, "one-at-a-time", &["--max-in-flight", "1"]);
     let body = paced(400, 40);
     let response =
@@ -379,9 +338,8 @@ async fn a_node_cut_off_from_the_database_for_four_leases_keeps_its_request_and_
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_owner_never_hangs_a_status_stop_delete_or_stream_through_another_node() {
-    let Some(c) = cluster("15s").await else { return };
+    let c = cluster("15s").await;
     let created = c.create(0, paced(300, 40)).await;
     let (status_url, events_url) = (endpoint(&created, "status_url"), endpoint(&created, "stream_events_url"));
     let relayed = c.reader(1, &events_url);
@@ -425,9 +383,8 @@ async fn a_frozen_owner_never_hangs_a_status_stop_delete_or_stream_through_anoth
     assert_replay_equals(&c, &events_url, &seen).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_forwarded_header_never_makes_a_node_skip_the_owner() {
-    let Some(c) = cluster("10s").await else { return };
+    let c = cluster("10s").await;
     let running = c.create(0, paced(2000, 25)).await;
     let status_url = endpoint(&running, "status_url");
     c.wait_streaming(1, &status_url).await;
@@ -456,12 +413,9 @@ async fn a_forged_forwarded_header_never_makes_a_node_skip_the_owner() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_outage_bounds_running_requests_end_as_store_unavailable_once_the_database_is_back() {
     // Node 0 may hold 1 MB of writes; node 1 may ride out 2 s of outage.
-    let Some(c) = cluster_with("10s", [&["--outage-buffer-mb", "1"], &["--outage-limit", "2s"], &[]]).await else {
-        return;
-    };
+    let c = cluster_with("10s", [&["--outage-buffer-mb", "1"], &["--outage-limit", "2s"], &[]]).await;
     // On node 0, 30 chunks of 60 kB, one every 200 ms; on node 1, small chunks for about 20 s.
     let big = format!("{} ", "x".repeat(60_000)).repeat(30);
     let heavy = json!({"messages": [{"role": "user", "content": "hi"}], "mock": {"content": big, "delay_ms": 200}});
@@ -500,4 +454,40 @@ async fn past_the_outage_bounds_running_requests_end_as_store_unavailable_once_t
         assert!(seen.contains("event: error\n"), "the reader was told how it ended");
         assert_replay_equals(&c, &events_url, &seen).await;
     }
+}
+
+fn main() -> std::process::ExitCode {
+    use support::harness::{Flavor, test};
+    support::harness::run(vec![
+        test(
+            "a_database_outage_longer_than_a_lease_ends_no_stream_and_loses_nothing_a_reader_saw",
+            Flavor::MultiThread,
+            support::postgres::needed,
+            a_database_outage_longer_than_a_lease_ends_no_stream_and_loses_nothing_a_reader_saw,
+        ),
+        test(
+            "a_node_cut_off_from_the_database_for_four_leases_keeps_its_request_and_its_key_slot",
+            Flavor::MultiThread,
+            support::postgres::needed,
+            a_node_cut_off_from_the_database_for_four_leases_keeps_its_request_and_its_key_slot,
+        ),
+        test(
+            "a_frozen_owner_never_hangs_a_status_stop_delete_or_stream_through_another_node",
+            Flavor::MultiThread,
+            support::postgres::needed,
+            a_frozen_owner_never_hangs_a_status_stop_delete_or_stream_through_another_node,
+        ),
+        test(
+            "a_forged_forwarded_header_never_makes_a_node_skip_the_owner",
+            Flavor::MultiThread,
+            support::postgres::needed,
+            a_forged_forwarded_header_never_makes_a_node_skip_the_owner,
+        ),
+        test(
+            "past_the_outage_bounds_running_requests_end_as_store_unavailable_once_the_database_is_back",
+            Flavor::MultiThread,
+            support::postgres::needed,
+            past_the_outage_bounds_running_requests_end_as_store_unavailable_once_the_database_is_back,
+        ),
+    ])
 }

@@ -197,3 +197,49 @@ fn postgres_user() -> Option<(u32, u32)> {
     let fields: Vec<&str> = passwd.lines().find(|line| line.starts_with("postgres:"))?.split(':').collect();
     Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?))
 }
+
+/// A database of its own for one test on the suite's server, dropped when the test ends (also when it fails).
+pub struct Database {
+    /// The server's admin URL, used to create and drop it.
+    pub admin_url: String,
+    pub name: String,
+    /// The URL of this database.
+    pub url: String,
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime: the drop happens on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            runtime.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await {
+                    tokio::spawn(connection);
+                    let dropped = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                    if let Err(e) = dropped {
+                        eprintln!("warning: could not drop the test database {name}: {e}");
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A fresh database named `<prefix>_<random>` (the tests that use it need [`needed`]).
+pub async fn database(prefix: &str) -> Database {
+    let admin_url = admin_url().unwrap_or_else(|missing| unreachable!("checked first: {missing:?}"));
+    let (client, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| unreachable!("the test server answered a moment ago: {e}"));
+    tokio::spawn(connection);
+    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap_or_else(|e| unreachable!("cannot create a test database: {e}"));
+    let mut url = url::Url::parse(&admin_url).unwrap_or_else(|e| unreachable!("the admin URL was used already: {e}"));
+    url.set_path(&format!("/{name}"));
+    Database { admin_url, name, url: url.to_string() }
+}
