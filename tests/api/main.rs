@@ -15,6 +15,7 @@ mod hostile;
 mod keys;
 mod lifecycle;
 mod limits;
+mod models;
 mod openai;
 mod openapi;
 mod playground;
@@ -24,4 +25,5 @@ mod store_failure;
 #[path = "../support/mod.rs"]
 mod support;
 mod timeouts;
+mod web;
 mod webhooks;
