@@ -1,5 +1,6 @@
-//! The HTTP surface: the two create endpoints, the four endpoints of every request, `DELETE`, CORS, and the
-//! JSON error format of the contract for everything that goes wrong.
+//! The HTTP surface: the two create endpoints, the four endpoints of every request, `DELETE`, CORS (and, while the
+//! server is open, the host names and origins it answers: `origin`), and the JSON error format of the contract
+//! for everything that goes wrong.
 
 pub mod create;
 pub mod error;
