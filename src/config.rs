@@ -155,6 +155,18 @@ pub struct ServeArgs {
     /// [default: 1s].
     #[arg(long, env = "OFFLOAD_KEY_CACHE_TTL")]
     pub key_cache_ttl: Option<String>,
+    /// How long an answer of `GET /v1/models` is reused for callers with the same upstream key; `0` asks the
+    /// upstream each time [default: 60s].
+    #[arg(long, env = "OFFLOAD_MODELS_CACHE")]
+    pub models_cache: Option<String>,
+    /// While the server has no service keys, the host names it answers to besides its public URL's host and
+    /// localhost, 127.0.0.1 and [::1] (comma-separated; `*` for any) [default: none].
+    #[arg(long, env = "OFFLOAD_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Option<Vec<String>>,
+    /// While the server has no service keys, the origins of other sites whose pages may create requests on it,
+    /// e.g. `https://app.example.com` (comma-separated; `*` for any page at all) [default: none].
+    #[arg(long, env = "OFFLOAD_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Option<Vec<String>>,
 }
 
 /// Settings after merging and checking.
@@ -201,6 +213,12 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// How long whether any service key exists is reused (`0`: not at all).
     pub key_cache_ttl: Duration,
+    /// How long `GET /v1/models` answers are reused, per upstream key (`ZERO`: not at all).
+    pub models_cache: Duration,
+    /// Names an open server answers to besides its own (normalized; `*` for any).
+    pub allowed_hosts: Vec<String>,
+    /// Origins whose pages may create on an open server (normalized; `*` for any).
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -235,6 +253,21 @@ fn positive(name: &'static str, text: &str) -> Result<Duration, ConfigError> {
         return Err(ConfigError::Invalid { name, reason: "must be more than 0".into() });
     }
     Ok(value)
+}
+
+/// A list setting, each entry checked and normalized by `parse`; empty entries (`a,,b`, a trailing comma) are
+/// skipped.
+fn list(
+    name: &'static str,
+    entries: Option<Vec<String>>,
+    parse: fn(&str) -> Result<String, String>,
+) -> Result<Vec<String>, ConfigError> {
+    entries
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| parse(e).map_err(|reason| ConfigError::Invalid { name, reason }))
+        .collect()
 }
 
 impl ServeArgs {
@@ -280,6 +313,9 @@ impl ServeArgs {
             metrics_listen: self.metrics_listen.or(other.metrics_listen),
             log_format: self.log_format.or(other.log_format),
             key_cache_ttl: self.key_cache_ttl.or(other.key_cache_ttl),
+            models_cache: self.models_cache.or(other.models_cache),
+            allowed_hosts: self.allowed_hosts.or(other.allowed_hosts),
+            cors_origins: self.cors_origins.or(other.cors_origins),
         }
     }
 }
@@ -416,6 +452,9 @@ impl Settings {
             metrics_listen: a.metrics_listen,
             log_format: a.log_format.unwrap_or_default(),
             key_cache_ttl: duration("key_cache_ttl", a.key_cache_ttl.as_deref().unwrap_or("1s"))?,
+            models_cache: duration("models_cache", a.models_cache.as_deref().unwrap_or("60s"))?,
+            allowed_hosts: list("allowed_hosts", a.allowed_hosts, crate::http::origin::host_setting)?,
+            cors_origins: list("cors_origins", a.cors_origins, crate::http::origin::origin_setting)?,
         })
     }
 }
@@ -500,6 +539,22 @@ mod tests {
         assert_eq!(s.log_format, LogFormat::Json);
         let s = Settings::resolve(ServeArgs::default()).unwrap();
         assert_eq!((s.metrics_listen, s.log_format), (None, LogFormat::Text));
+    }
+
+    #[test]
+    fn hosts_and_origins_are_lists_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offload.toml");
+        std::fs::write(&path, "cors_origins = [\"https://App.example.com\"]\nallowed_hosts = [\"box.lan\"]\n").unwrap();
+        let s = Settings::resolve(ServeArgs { config: Some(path), ..ServeArgs::default() }).unwrap();
+        assert_eq!(s.cors_origins, ["https://app.example.com"]);
+        assert_eq!(s.allowed_hosts, ["box.lan"]);
+        let err =
+            Settings::resolve(ServeArgs { cors_origins: Some(vec!["app.example.com".into()]), ..ServeArgs::default() })
+                .unwrap_err();
+        assert!(err.to_string().contains("cors_origins"), "{err}");
+        let s = Settings::resolve(ServeArgs::default()).unwrap();
+        assert!(s.cors_origins.is_empty() && s.allowed_hosts.is_empty());
     }
 
     #[test]

@@ -57,6 +57,7 @@ fn install() -> Result<PrometheusHandle, MetricsError> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
             describe();
+            zero();
             Ok(handle)
         })
         .clone()
@@ -115,6 +116,88 @@ fn describe() {
         "offload_webhook_attempts_total",
         "Webhook delivery attempts, by outcome (delivered, retrying, failed)."
     );
+}
+
+/// Route templates of the API: the values of the `route` label besides `unmatched`. Keep in step with
+/// `crate::http::router`.
+pub const ROUTES: &[&str] = &[
+    "/",
+    "/playground/app.js",
+    "/playground/style.css",
+    "/healthz",
+    "/openapi.json",
+    "/v1/stream-chatgpt",
+    "/v1/async-chatgpt",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/{kind}/r/{*rest}",
+];
+
+const STATUS_CLASSES: &[&str] = &["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// The error codes of a final status (see `ErrorInfo`); anything else counts as `other`, so that the label set
+/// stays closed whatever the code grows.
+const ERROR_CODES: &[&str] =
+    &["timeout", "connect_timeout", "upstream_error", "upstream_unreachable", "interrupted", "other"];
+const REFUSALS: &[&str] = &[
+    "key",
+    "in_flight",
+    "rate",
+    "quota",
+    "overload",
+    "shutting_down",
+    "store",
+    "upstream_key",
+    "webhook",
+    "continuation",
+    "internal",
+];
+/// Upstream statuses shown from the start: success, and those that are retried. Others appear when answered
+/// (HTTP status codes are not a set to list in full).
+const UPSTREAM_STATUSES: &[&str] = &["200", "429", "500", "502", "503", "504"];
+const UPSTREAM_FAILURES: &[&str] = &["connect_timeout", "unreachable", "failed"];
+const LANES: &[&str] = &["create", "bulk"];
+const WEBHOOK_OUTCOMES: &[&str] = &["delivered", "retrying", "failed"];
+
+/// Every family, with every value of its closed label sets, at zero from the start: a dashboard or an alert that
+/// expects a series finds it before the first event (a counter that is absent until its first webhook reads as
+/// "no data", not as 0). Registering a series is enough: the recorder renders it with its current value, 0.
+fn zero() {
+    for &route in ROUTES.iter().chain(&["unmatched"]) {
+        for &class in STATUS_CLASSES {
+            counter!("offload_http_requests_total", "route" => route, "status_class" => class).absolute(0);
+        }
+        let _ = histogram!("offload_http_request_duration_seconds", "route" => route);
+    }
+    gauge!("offload_http_requests_in_flight").set(0.0);
+    gauge!("offload_requests_running").set(0.0);
+    for status in [Status::Done, Status::Stop] {
+        counter!("offload_requests_finished_total", "status" => status.as_str(), "error_code" => "none").absolute(0);
+    }
+    for &code in ERROR_CODES {
+        counter!("offload_requests_finished_total", "status" => Status::Error.as_str(), "error_code" => code)
+            .absolute(0);
+    }
+    for &reason in REFUSALS {
+        counter!("offload_create_refused_total", "reason" => reason).absolute(0);
+    }
+    gauge!("offload_stream_readers").set(0.0);
+    let _ = histogram!("offload_time_to_first_token_seconds");
+    let _ = histogram!("offload_upstream_response_duration_seconds");
+    for &status in UPSTREAM_STATUSES {
+        counter!("offload_upstream_responses_total", "status" => status).absolute(0);
+    }
+    for &reason in UPSTREAM_FAILURES {
+        counter!("offload_upstream_failures_total", "reason" => reason).absolute(0);
+    }
+    for &lane in LANES {
+        let _ = histogram!("offload_store_batch_writes", "lane" => lane);
+        let _ = histogram!("offload_store_write_duration_seconds", "lane" => lane);
+        counter!("offload_store_write_errors_total", "lane" => lane).absolute(0);
+    }
+    gauge!("offload_store_queue_writes").set(0.0);
+    for &outcome in WEBHOOK_OUTCOMES {
+        counter!("offload_webhook_attempts_total", "outcome" => outcome).absolute(0);
+    }
 }
 
 /// The `/metrics` listener, bound by [`crate::startup::Application::build`] and served while the application runs.
@@ -223,17 +306,9 @@ pub fn request_finished(status: Status, error: Option<&ErrorInfo>) {
     counter!("offload_requests_finished_total", "status" => status.as_str(), "error_code" => code).increment(1);
 }
 
-/// The error codes of a final status (see `ErrorInfo`); anything else is `other`, so that the label set stays
-/// closed whatever the code grows.
+/// The code as a value of the closed set [`ERROR_CODES`].
 fn known_error_code(code: &str) -> &'static str {
-    match code {
-        "timeout" => "timeout",
-        "connect_timeout" => "connect_timeout",
-        "upstream_error" => "upstream_error",
-        "upstream_unreachable" => "upstream_unreachable",
-        "interrupted" => "interrupted",
-        _ => "other",
-    }
+    ERROR_CODES.iter().find(|known| **known == code).copied().unwrap_or("other")
 }
 
 /// Chunk `seq` of a stream request arrived (the first is 1); `created` is when the request was accepted (Unix

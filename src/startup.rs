@@ -6,8 +6,10 @@ use crate::document::Urls;
 use crate::domain::Limits;
 use crate::domain::NodeId;
 use crate::engine::{Engine, EngineConfig};
-use crate::http::BodyLimits;
+use crate::http::models::ModelsCache;
+use crate::http::origin::WebPolicy;
 use crate::http::server::ServerLimits;
+use crate::http::{AppState, BodyLimits};
 use crate::keys::Gatekeeper;
 use crate::mock::{MockConfig, MockServer};
 use crate::store::nodes::{NodeRecord, NodeStore};
@@ -173,7 +175,19 @@ impl Application {
         }
         let gate = Arc::new(Gatekeeper::new(stores.keys.clone(), node, settings.key_cache_ttl));
         let body = BodyLimits { max_bytes: settings.max_body_bytes, timeout: settings.body_timeout };
-        let router = crate::http::router(engine.clone(), gate, body, open_allowed);
+        let router = crate::http::router(AppState {
+            engine: engine.clone(),
+            gate,
+            body,
+            open_allowed,
+            models: Arc::new(ModelsCache::new(settings.models_cache)),
+            web: Arc::new(WebPolicy::new(
+                &base_url,
+                settings.advertise_url.as_deref(),
+                &settings.allowed_hosts,
+                &settings.cors_origins,
+            )),
+        });
         let limits =
             ServerLimits { max_connections: connection_cap(settings.server.max_connections), ..settings.server };
         if mock.is_some() {

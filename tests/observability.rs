@@ -360,3 +360,104 @@ async fn json_logs_are_one_object_a_line_with_ids_and_no_secrets() {
     assert_eq!(finished["span"]["request_id"], id.as_str());
     assert_eq!(finished["status"], "done");
 }
+
+/// The real binary, in a process of its own (so that no other test has moved its recorder), scraped before any
+/// traffic: every family of README's table is there, each label value of its closed set at zero.
+#[tokio::test]
+async fn every_family_is_exported_at_zero_before_any_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_offload"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--mock-upstream", "--log-format", "json"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) else {
+            let _ = child.kill();
+            panic!("the server never said where its metrics are");
+        };
+        let parsed: Value = serde_json::from_str(&line).unwrap_or_default();
+        if let Some(url) = parsed["message"].as_str().and_then(|m| m.strip_prefix("metrics at ")) {
+            break url.to_owned();
+        }
+    };
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let text = client.get(&metrics).send().await.unwrap().text().await.unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let scrape = Scrape::parse(&text);
+
+    for family in [
+        "offload_http_requests_total",
+        "offload_http_request_duration_seconds_count",
+        "offload_http_requests_in_flight",
+        "offload_requests_running",
+        "offload_requests_finished_total",
+        "offload_create_refused_total",
+        "offload_stream_readers",
+        "offload_time_to_first_token_seconds_count",
+        "offload_upstream_response_duration_seconds_count",
+        "offload_upstream_responses_total",
+        "offload_upstream_failures_total",
+        "offload_store_batch_writes_count",
+        "offload_store_write_duration_seconds_count",
+        "offload_store_write_errors_total",
+        "offload_store_queue_writes",
+        "offload_webhook_attempts_total",
+    ] {
+        assert!(scrape.has(family), "{family} is missing before any traffic:\n{text}");
+    }
+    let series = |name: &str, labels: &[(&str, &str)]| {
+        scrape.0.iter().any(|(series, _)| {
+            let (metric, rest) = series.split_once('{').unwrap_or((series.as_str(), ""));
+            metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+    };
+    let closed: &[(&str, &str, &[&str])] = &[
+        ("offload_webhook_attempts_total", "outcome", &["delivered", "retrying", "failed"]),
+        ("offload_upstream_failures_total", "reason", &["connect_timeout", "unreachable", "failed"]),
+        ("offload_store_write_errors_total", "lane", &["create", "bulk"]),
+        ("offload_store_batch_writes_count", "lane", &["create", "bulk"]),
+        ("offload_requests_finished_total", "status", &["done", "error", "stop"]),
+        ("offload_requests_finished_total", "error_code", &["none", "timeout", "interrupted", "other"]),
+        ("offload_http_requests_total", "route", &["/v1/stream-chatgpt", "/{kind}/r/{*rest}", "unmatched"]),
+        ("offload_http_requests_total", "status_class", &["2xx", "4xx", "5xx"]),
+        (
+            "offload_create_refused_total",
+            "reason",
+            &[
+                "key",
+                "in_flight",
+                "rate",
+                "quota",
+                "overload",
+                "shutting_down",
+                "store",
+                "upstream_key",
+                "webhook",
+                "continuation",
+                "internal",
+            ],
+        ),
+    ];
+    for (name, label, values) in closed {
+        for value in *values {
+            assert!(series(name, &[(label, value)]), "{name}{{{label}=\"{value}\"}} is missing:\n{text}");
+        }
+    }
+    // Nothing happened yet: every counter and gauge reads 0 (the scrape itself is not counted before it ends).
+    for (series, value) in &scrape.0 {
+        assert_eq!(*value, 0.0, "{series} is not 0 before any traffic");
+    }
+}

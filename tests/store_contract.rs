@@ -599,6 +599,33 @@ pub async fn the_cluster_secret_is_one_for_every_handle_and_the_store_answers_a_
     b.requests.ping(Duration::from_secs(5)).await.unwrap();
 }
 
+/// `take_token` (a call paced by the key's rate that is no request) shares the creates' bucket, exactly across
+/// handles, and takes no slot and no quota count.
+pub async fn paced_calls_share_the_rate_bucket_and_count_no_request(a: Stores, b: Stores) {
+    let node = NodeId::generate();
+    let rated = key(
+        "paced",
+        KeyLimits { rate: Some(0.1), requests_per_day: Some(1), max_in_flight: Some(1), ..Default::default() },
+    );
+    a.keys.create_key(&rated, TokenHash::of("paced")).await.unwrap();
+    let calls = (0..40).map(|i| {
+        let (keys, k) = ([&a, &b][i % 2].keys.clone(), rated.clone());
+        async move { keys.take_token(&k).await.unwrap() }
+    });
+    let outcomes = futures_util::future::join_all(calls).await;
+    assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "one token in the bucket");
+    assert!(outcomes.iter().filter_map(|o| o.err()).all(|wait| wait > 5.0 && wait <= 10.0), "{outcomes:?}");
+    assert!(matches!(admit_at_once(&[&b], &rated, node, 1).await[0].0, Admit::RateLimited { .. }), "the same bucket");
+    b.keys.return_token(&rated).await.unwrap();
+    assert_eq!(admitted(&admit_at_once(&[&a], &rated, node, 1).await), 1, "no slot and no quota count were taken");
+    let unlimited = key("unpaced", KeyLimits::default());
+    a.keys.create_key(&unlimited, TokenHash::of("unpaced")).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(b.keys.take_token(&unlimited).await.unwrap(), Ok(()), "a key without a rate always passes");
+    }
+    assert_eq!(a.keys.keys(&periods()).await.unwrap().iter().find(|(k, _)| k.id == unlimited.id).unwrap().1.today, 0);
+}
+
 async fn key_with_slots(stores: &Stores, name: &str) -> ServiceKey {
     let k = key(name, KeyLimits { max_in_flight: Some(3), ..Default::default() });
     stores.keys.create_key(&k, TokenHash::of(name)).await.unwrap();
@@ -854,6 +881,7 @@ macro_rules! contract_suite {
                 nodes_join_expire_and_are_removed_by_exactly_one_handle,
                 in_flight_slots_and_rates_are_exact_across_handles_and_refusals_take_nothing,
                 the_cluster_secret_is_one_for_every_handle_and_the_store_answers_a_ping,
+                paced_calls_share_the_rate_bucket_and_count_no_request,
                 two_handles_ending_one_request_at_once_store_one_final_status_and_one_webhook
             );
             trials

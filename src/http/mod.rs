@@ -1,11 +1,14 @@
-//! The HTTP surface: the two create endpoints, the four endpoints of every request, `DELETE`, CORS, and the
-//! JSON error format of the contract for everything that goes wrong.
+//! The HTTP surface: the two create endpoints, the four endpoints of every request, `DELETE`, CORS (and, while the
+//! server is open, the host names and origins it answers: `origin`), and the JSON error format of the contract
+//! for everything that goes wrong.
 
 pub mod create;
 pub mod error;
 pub mod forward;
+pub mod models;
 pub mod openai;
 pub mod openapi;
+pub mod origin;
 pub mod playground;
 pub mod requests;
 pub mod server;
@@ -28,6 +31,10 @@ pub struct AppState {
     /// Whether creates are taken without a service key while none exists: on a loopback listener, or when told
     /// `--allow-open`. Otherwise revoking the last key closes the server instead of opening it to anyone.
     pub open_allowed: bool,
+    /// `GET /v1/models` answers, per upstream key.
+    pub models: Arc<models::ModelsCache>,
+    /// The hosts an open server answers to, and the other origins that may create on it.
+    pub web: Arc<origin::WebPolicy>,
 }
 
 /// How much of a create body is read, and for how long.
@@ -37,7 +44,7 @@ pub struct BodyLimits {
     pub timeout: Duration,
 }
 
-pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits, open_allowed: bool) -> Router {
+pub fn router(state: AppState) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods(Any)
@@ -55,16 +62,27 @@ pub fn router(engine: Engine, gate: Arc<Gatekeeper>, body: BodyLimits, open_allo
         .route("/v1/stream-chatgpt", post(create::stream))
         .route("/v1/async-chatgpt", post(create::asynchronous))
         .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/models", get(openai::models))
+        .route("/v1/models", get(models::list))
         .route("/{kind}/r/{*rest}", get(requests::get).post(requests::post).delete(requests::delete))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(cors)
+        // Outside CORS: a refused preflight gets no CORS headers.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), origin::guard))
         .layer(axum::middleware::from_fn(requests::allow_by_ending))
         // Outermost, so that whatever layer or extractor answers an error, the caller gets the JSON format.
         .layer(axum::middleware::map_response(error::json_errors))
+        .layer(axum::middleware::map_response(nosniff))
         .layer(axum::middleware::from_fn(crate::telemetry::observe))
-        .with_state(AppState { engine, gate, body, open_allowed })
+        .with_state(state)
+}
+
+/// Every answer says `X-Content-Type-Options: nosniff`: a browser takes each body for what its `Content-Type`
+/// says and nothing else (never a stylesheet or a script guessed from its bytes).
+async fn nosniff(mut response: axum::response::Response) -> axum::response::Response {
+    let nosniff = axum::http::HeaderValue::from_static("nosniff");
+    response.headers_mut().insert(axum::http::header::X_CONTENT_TYPE_OPTIONS, nosniff);
+    response
 }
 
 /// The token of an `Authorization: Bearer <token>` header.

@@ -1,5 +1,5 @@
-//! The OpenAI-compatible entry (section 10 of the contract): `POST /v1/chat/completions` and `GET /v1/models`, so
-//! that an official OpenAI SDK works with its base URL set to this server's `/v1`.
+//! The OpenAI-compatible entry (section 10 of the contract): `POST /v1/chat/completions` (and `GET /v1/models`, in
+//! `models.rs`), so that an official OpenAI SDK works with its base URL set to this server's `/v1`.
 //!
 //! A chat completion is a request like any other (created by the engine, stored, with its status document, event
 //! stream and raw response); the answer follows it: `stream: true` relays its events live and ends with
@@ -33,8 +33,6 @@ pub const BEARER_TOKEN: HeaderName = HeaderName::from_static("x-offload-bearer-t
 const BATCH: usize = 256;
 /// Comment lines while nothing else is sent, so that proxies keep the connection open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
-/// Time limit of `GET /v1/models` at the upstream.
-const MODELS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The `X-Offload-*` request headers.
 struct Offload {
@@ -272,37 +270,4 @@ fn end_of_stream(error: Option<&ErrorInfo>) -> Bytes {
     }
     out.push_str("data: [DONE]\n\n");
     Bytes::from(out)
-}
-
-/// `GET /v1/models`: the upstream's answer, status and body, with the server's or the caller's upstream key.
-pub async fn models(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    create::caller(&app, &headers, false).await?;
-    let caller_key = create::upstream_key(&headers)?;
-    let upstream = app.engine.upstream();
-    let key = upstream.key_for(caller_key);
-    if key.is_none() && upstream.requires_key() {
-        return Err(crate::engine::CreateError::MissingKey.into());
-    }
-    let connect_timeout = app.engine.limits().max_connect_timeout.min(5.0);
-    let call = async {
-        let response = upstream.models(key, connect_timeout).await?;
-        let status = response.status();
-        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
-        let body =
-            response.bytes().await.map_err(|e| crate::upstream::CallError::Failed(crate::upstream::describe(&e)))?;
-        Ok::<_, crate::upstream::CallError>((status, content_type, body))
-    };
-    match tokio::time::timeout(MODELS_TIMEOUT, call).await {
-        Ok(Ok((status, content_type, body))) => {
-            let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            let content_type = content_type.unwrap_or(HeaderValue::from_static("application/json"));
-            Ok((status, [(header::CONTENT_TYPE, content_type)], body).into_response())
-        }
-        Ok(Err(e)) => Err(ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.to_string())),
-        Err(_) => Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!("The upstream did not answer GET /models within {} seconds.", MODELS_TIMEOUT.as_secs()),
-        )),
-    }
 }

@@ -129,6 +129,16 @@ impl Gatekeeper {
         Ok(required)
     }
 
+    /// Whether the server runs open right now (no key exists). When the store cannot tell, its last answer, or
+    /// open if it never gave one: the open server's protections then apply, which costs a keyed server at most a
+    /// refused unknown `Host` while its store is out.
+    pub async fn is_open(&self) -> bool {
+        match self.keys_required().await {
+            Ok(required) => !required,
+            Err(_) => self.open.lock().is_none_or(|(_, required)| !required),
+        }
+    }
+
     /// The calling key, or `None` when the server runs open.
     pub async fn authenticate(&self, presented: Option<&str>) -> Result<Option<ServiceKey>, Refusal> {
         if !self.keys_required().await.map_err(Refusal::Store)? {
@@ -185,6 +195,21 @@ impl Gatekeeper {
                 ),
                 to_month_end,
             ),
+        }
+    }
+
+    /// Counts a call that is no request (`GET /v1/models`) against the key's rate, and only that: a burst of such
+    /// calls is paced like creates, and shares their bucket, but takes no in-flight slot and no quota.
+    pub async fn pace(&self, key: &ServiceKey) -> Result<(), Refusal> {
+        match self.keys.take_token(key).await.map_err(Refusal::Store)? {
+            Ok(()) => Ok(()),
+            Err(wait) => Err(Refusal::Limit {
+                message: format!(
+                    "This key is limited to {} calls per second (its rate limit, shared by creates and GET /v1/models); retry shortly.",
+                    key.limits.rate.unwrap_or_default()
+                ),
+                retry_after: wait.ceil().max(1.0) as u64,
+            }),
         }
     }
 

@@ -392,6 +392,11 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Gives back a rate token taken by [`KeyStore::admit`] (its create failed).
     async fn return_token(&self, key: &ServiceKey) -> Result<(), StoreError>;
 
+    /// Takes one token of the key's rate bucket (the same bucket as [`KeyStore::admit`]'s), for a call that is
+    /// paced by the key's rate but is no request (`GET /v1/models`): no slot, no quota count. `Err` of the inner
+    /// result: the bucket is empty, the next token comes in this many seconds. A key without a rate always passes.
+    async fn take_token(&self, key: &ServiceKey) -> Result<Result<(), f64>, StoreError>;
+
     /// Gives back the in-flight slots held by nodes that are gone (a node without a record in the node family;
     /// on a store of one node, at its start, that is every slot), once none of that node's requests is running any
     /// more: a slot is returned only when its request has ended. Returns how many.

@@ -147,6 +147,10 @@ impl KeyStore for Flaky {
     async fn return_token(&self, key: &ServiceKey) -> Result<(), StoreError> {
         self.inner.return_token(key).await
     }
+    async fn take_token(&self, key: &ServiceKey) -> Result<Result<(), f64>, StoreError> {
+        self.keys()?;
+        self.inner.take_token(key).await
+    }
     async fn release_orphaned_slots(&self) -> Result<usize, StoreError> {
         self.inner.release_orphaned_slots().await
     }

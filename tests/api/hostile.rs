@@ -103,7 +103,7 @@ fn assert_json_error(status: u16, content_type: &str, body: &str, what: &str) {
 async fn a_half_sent_request_head_is_closed_after_the_header_timeout_while_healthz_keeps_answering() {
     let app = spawn_with(|a| a.header_timeout = Some("1s".into())).await;
     let mut slow = TcpStream::connect(addr(&app)).await.unwrap();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: offload\r\nX-Slow: ").await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
     healthz_answers(&app).await;
     let took = closed_within(&mut slow, Duration::from_secs(5)).await;
     assert!(took >= Duration::from_millis(500), "closed after {took:?}, before the header timeout");
@@ -114,11 +114,11 @@ async fn a_half_sent_request_head_is_closed_after_the_header_timeout_while_healt
 async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let app = spawn_with(|a| a.idle_timeout = Some("1s".into())).await;
     let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: offload\r\n\r\n").await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
     assert_eq!(read_response(&mut conn, Duration::from_secs(3)).await.status, 200);
     // Still usable before the timeout...
     tokio::time::sleep(Duration::from_millis(300)).await;
-    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: offload\r\n\r\n").await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
     assert_eq!(read_response(&mut conn, Duration::from_secs(3)).await.status, 200);
     // ...then closed once idle that long.
     closed_within(&mut conn, Duration::from_secs(5)).await;
@@ -128,7 +128,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 async fn a_trickling_create_body_gets_a_json_408_after_the_body_timeout() {
     let app = spawn_with(|a| a.body_timeout = Some("1s".into())).await;
     let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
-    let head = "POST /v1/async-chatgpt HTTP/1.1\r\nHost: offload\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n";
+    let head = "POST /v1/async-chatgpt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n";
     conn.write_all(head.as_bytes()).await.unwrap();
     conn.write_all(br#"{"messages": "#).await.unwrap();
     let started = Instant::now();
@@ -145,7 +145,7 @@ async fn an_unauthenticated_create_is_refused_with_401_before_its_body_is_read()
     let app = spawn_app().await;
     create_key(&app);
     let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
-    let head = "POST /v1/stream-chatgpt HTTP/1.1\r\nHost: offload\r\nContent-Type: application/json\r\nContent-Length: 4194304\r\n\r\n";
+    let head = "POST /v1/stream-chatgpt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 4194304\r\n\r\n";
     conn.write_all(head.as_bytes()).await.unwrap();
     conn.write_all(b"{\"messages\"").await.unwrap();
     let response = read_response(&mut conn, Duration::from_secs(2)).await;
@@ -160,7 +160,7 @@ async fn an_unauthenticated_create_is_refused_with_401_before_its_body_is_read()
 async fn a_content_length_over_the_limit_is_413_before_the_body_is_read() {
     let app = spawn_with(|a| a.max_body_bytes = Some(1000)).await;
     let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
-    let head = "POST /v1/async-chatgpt HTTP/1.1\r\nHost: offload\r\nContent-Type: application/json\r\nContent-Length: 1001\r\n\r\n";
+    let head = "POST /v1/async-chatgpt HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1001\r\n\r\n";
     conn.write_all(head.as_bytes()).await.unwrap();
     conn.write_all(b"{\"messages\"").await.unwrap();
     let response = read_response(&mut conn, Duration::from_secs(2)).await;
@@ -199,7 +199,7 @@ async fn a_flood_of_half_sent_requests_beyond_the_file_limit_does_not_stop_healt
         else {
             continue;
         };
-        let _ = conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: offload\r\n").await;
+        let _ = conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n").await;
         flood.push(conn);
     }
     assert!(flood.len() > 300, "only {} connections opened", flood.len());

@@ -14,6 +14,7 @@ mod hostile;
 mod keys;
 mod lifecycle;
 mod limits;
+mod models;
 mod openai;
 mod openapi;
 mod playground;
@@ -23,4 +24,5 @@ mod store_failure;
 #[path = "../support/mod.rs"]
 mod support;
 mod timeouts;
+mod web;
 mod webhooks;

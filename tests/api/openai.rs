@@ -252,7 +252,12 @@ pub async fn documented_calls(
         models(keyed),
         models(public),
         models(&unreachable),
+        models(app).header("Origin", "https://elsewhere.example"),
     ];
+    // A key allowed one call per 100 s: its second call is refused.
+    let out = keys_cli(keyed.data_dir.path(), &["create", "--name", "paced", "--rate", "0.01"]);
+    let paced = out.lines().last().unwrap().trim().to_owned();
+    calls.extend([models(keyed).bearer_auth(&paced), models(keyed).bearer_auth(&paced)]);
     // Every other status is the upstream's, passed on.
     for status in [403, 404, 408, 409, 413, 415, 422, 429, 500, 502, 503, 504] {
         calls.push(chat(app, json!({"messages": user("hi"), "mock": {"status": status}})));

@@ -266,7 +266,7 @@ const CREATES: [&str; 2] = ["/v1/stream-chatgpt", "/v1/async-chatgpt"];
 /// its `Content-Length`. `headers` are header lines, each ending in CRLF.
 async fn raw_call(app: &TestApp, method: Method, path: &str, headers: &str, body: &[u8]) -> Answer {
     let mut conn = TcpStream::connect(app.base.trim_start_matches("http://")).await.unwrap();
-    conn.write_all(format!("{method} {path} HTTP/1.1\r\nHost: offload\r\n{headers}\r\n").as_bytes()).await.unwrap();
+    conn.write_all(format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n").as_bytes()).await.unwrap();
     conn.write_all(body).await.unwrap();
     let read = async {
         let mut buf = Vec::new();
@@ -567,6 +567,12 @@ async fn an_undocumented_method_is_405_and_options_on_a_request_url_names_its_me
                     options.header("Origin", "https://example.com").header("Access-Control-Request-Method", "GET");
             }
             let answer = call(&app, options).await;
+            if preflight && CREATES.contains(&path.as_str()) {
+                // An open server refuses creates from other sites' pages, their preflights first (no CORS headers).
+                assert_eq!(answer.status, 403, "OPTIONS {path}: {}", answer.body);
+                assert!(!answer.headers.contains_key("access-control-allow-origin"), "OPTIONS {path}");
+                continue;
+            }
             assert_eq!(answer.status, 200, "OPTIONS {path}: {}", answer.body);
             assert_eq!(answer.headers["access-control-allow-origin"], "*", "OPTIONS {path}");
             if path.contains("/r/") {

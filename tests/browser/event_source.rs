@@ -73,9 +73,11 @@ main().catch((e) => report({failure: String(e && e.stack || e)}));
 
 pub async fn a_browser_page_on_another_origin_follows_reads_and_stops_requests() {
     let browser = crate::chromium().unwrap();
-    let app = spawn_app().await;
-
-    // The page's own origin: another port, so every call to offload is cross-origin.
+    // The page's own origin: another port, so every call to offload is cross-origin. The server has no service
+    // keys, so it takes creates from this page only because its operator listed the page's origin.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let site_origin = format!("http://{}", listener.local_addr().unwrap());
+    let app = spawn_with(|a| a.cors_origins = Some(vec![site_origin.clone()])).await;
     let (report_tx, mut report_rx) = tokio::sync::mpsc::channel::<String>(1);
     let page = PAGE.replace("__OFFLOAD__", &app.base);
     let site =
@@ -88,8 +90,7 @@ pub async fn a_browser_page_on_another_origin_follows_reads_and_stops_requests()
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let site_url = format!("http://{}/", listener.local_addr().unwrap());
+    let site_url = format!("{site_origin}/");
     tokio::spawn(async move { axum::serve(listener, site).await.unwrap() });
 
     let profile = tempfile::tempdir().unwrap();

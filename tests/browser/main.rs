@@ -1,12 +1,13 @@
 //! A real browser as the client, against the real server on port 0 and the built-in mock upstream: headless
 //! Chromium runs a page from another origin that uses `fetch` and the browser's own `EventSource`
-//! (`event_source.rs`), and the playground driven through its own UI (`playground.rs`).
+//! (`event_source.rs`, `cross_origin.rs`), and the playground driven through its own UI (`playground.rs`).
 //!
 //! Needs Chromium (`apt-get install chromium`; `.ci/run` installs it). Without it the tests are reported ignored
 //! with the reason (`harness = false`: `support::harness`), except under CI (`CI` set), where they fail.
 
 #![expect(clippy::unwrap_used, clippy::panic, reason = "a test fails loudly on anything unexpected")]
 
+mod cross_origin;
 mod event_source;
 #[path = "../api/helpers.rs"]
 #[allow(dead_code, reason = "the browser tests use part of the API tests' helpers")]
@@ -42,6 +43,12 @@ pub fn chromium() -> Result<std::path::PathBuf, Missing> {
 fn main() -> std::process::ExitCode {
     let needs_chromium = || chromium().map(|_| ());
     harness::run(vec![
+        harness::test(
+            "cross_origin::a_page_on_another_origin_cannot_create_on_an_open_server_but_uses_the_request_urls_it_is_given",
+            Flavor::CurrentThread,
+            needs_chromium,
+            cross_origin::a_page_on_another_origin_cannot_create_on_an_open_server_but_uses_the_request_urls_it_is_given,
+        ),
         harness::test(
             "event_source::a_browser_page_on_another_origin_follows_reads_and_stops_requests",
             Flavor::CurrentThread,

@@ -195,6 +195,42 @@ impl KeyStore for PostgresStore {
         Ok(())
     }
 
+    async fn take_token(&self, key: &ServiceKey) -> Result<Result<(), f64>, StoreError> {
+        let Some(rate) = key.limits.rate else { return Ok(Ok(())) };
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        // The lock `offload_admit` takes for this key: the bucket is read and written by one of them at a time.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('offload_charge'), hashtext(current_schema() || '/' || $1))",
+            &[&key.id],
+        )
+        .await
+        .map_err(pg_err)?;
+        let row = tx
+            .query_one(
+                "SELECT coalesce(least(greatest($2::float8, 1), b.tokens + greatest(n.now - b.at, 0) * $2::float8),
+                                 greatest($2::float8, 1)), n.now
+                 FROM (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) n
+                 LEFT JOIN key_buckets b ON b.key_id = $1",
+                &[&key.id, &rate],
+            )
+            .await
+            .map_err(pg_err)?;
+        let (tokens, now): (f64, f64) = (row.try_get(0).map_err(pg_err)?, row.try_get(1).map_err(pg_err)?);
+        if tokens < 1.0 {
+            return Ok(Err((1.0 - tokens) / rate));
+        }
+        tx.execute(
+            "INSERT INTO key_buckets (key_id, tokens, at) VALUES ($1, $2, $3)
+             ON CONFLICT (key_id) DO UPDATE SET tokens = EXCLUDED.tokens, at = EXCLUDED.at",
+            &[&key.id, &(tokens - 1.0), &now],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(Ok(()))
+    }
+
     async fn release_orphaned_slots(&self) -> Result<usize, StoreError> {
         let client = self.client().await?;
         let stmt = client

@@ -71,6 +71,31 @@ fn count(tx: &Connection, key_id: &str, limits: &KeyLimits, day: &str, month: &s
     Ok(Charge::Counted)
 }
 
+/// The key's bucket at `now` (refilled at `rate` per second, holding at most `max(rate, 1)` tokens) less the
+/// token taken, to be written back with [`put_bucket`]; `Err`: empty, the next token in this many seconds.
+fn take(tx: &Connection, key_id: &str, rate: f64, now: f64) -> Result<Result<f64, f64>, StoreError> {
+    let bucket: Option<(f64, f64)> = tx
+        .prepare_cached("SELECT tokens, at FROM key_buckets WHERE key_id = ?1")
+        .and_then(|mut s| s.query_row([key_id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(db_err)?;
+    let capacity = rate.max(1.0);
+    let tokens = bucket.map_or(capacity, |(t, at)| (t + (now - at).max(0.0) * rate).min(capacity));
+    if tokens < 1.0 {
+        return Ok(Err((1.0 - tokens) / rate));
+    }
+    Ok(Ok(tokens - 1.0))
+}
+
+fn put_bucket(tx: &Connection, key_id: &str, tokens: f64, now: f64) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO key_buckets (key_id, tokens, at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key_id) DO UPDATE SET tokens = excluded.tokens, at = excluded.at",
+    )
+    .and_then(|mut s| s.execute(params![key_id, tokens, now]))
+    .map_err(db_err)?;
+    Ok(())
+}
+
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn create_key(&self, key: &ServiceKey, hash: TokenHash) -> Result<(), StoreError> {
@@ -192,16 +217,10 @@ impl KeyStore for SqliteStore {
             }
             let mut tokens = None;
             if let Some(rate) = limits.rate {
-                let bucket: Option<(f64, f64)> = tx
-                    .prepare_cached("SELECT tokens, at FROM key_buckets WHERE key_id = ?1")
-                    .and_then(|mut s| s.query_row([&key.id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
-                    .map_err(db_err)?;
-                let capacity = rate.max(1.0);
-                let now_tokens = bucket.map_or(capacity, |(t, at)| (t + (now - at).max(0.0) * rate).min(capacity));
-                if now_tokens < 1.0 {
-                    return Ok(Admit::RateLimited { wait: (1.0 - now_tokens) / rate });
+                match take(&tx, &key.id, rate, now)? {
+                    Ok(left) => tokens = Some(left),
+                    Err(wait) => return Ok(Admit::RateLimited { wait }),
                 }
-                tokens = Some(now_tokens - 1.0);
             }
             match count(&tx, &key.id, limits, &day, &month)? {
                 Charge::Counted => {}
@@ -209,12 +228,7 @@ impl KeyStore for SqliteStore {
                 Charge::MonthFull => return Ok(Admit::MonthFull),
             }
             if let Some(tokens) = tokens {
-                tx.prepare_cached(
-                    "INSERT INTO key_buckets (key_id, tokens, at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (key_id) DO UPDATE SET tokens = excluded.tokens, at = excluded.at",
-                )
-                .and_then(|mut s| s.execute(params![key.id, tokens, now]))
-                .map_err(db_err)?;
+                put_bucket(&tx, &key.id, tokens, now)?;
             }
             if limits.max_in_flight.is_some() {
                 tx.prepare_cached("INSERT INTO key_slots (id, key_id, node) VALUES (?1, ?2, ?3)")
@@ -245,6 +259,22 @@ impl KeyStore for SqliteStore {
                 .and_then(|mut s| s.execute(params![id, rate.max(1.0)]))
                 .map_err(db_err)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn take_token(&self, key: &ServiceKey) -> Result<Result<(), f64>, StoreError> {
+        let Some(rate) = key.limits.rate else { return Ok(Ok(())) };
+        let (id, now) = (key.id.clone(), unix_now());
+        self.write_with(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let tokens = match take(&tx, &id, rate, now)? {
+                Ok(tokens) => tokens,
+                Err(wait) => return Ok(Err(wait)),
+            };
+            put_bucket(&tx, &id, tokens, now)?;
+            tx.commit().map_err(db_err)?;
+            Ok(Ok(()))
         })
         .await
     }

@@ -1,0 +1,150 @@
+//! `GET /v1/models`: the upstream's list of models, for the OpenAI SDKs, as JSON only and reused for a while.
+//!
+//! The answer is served from offload's own origin, so it must never be something a browser would run: whatever
+//! the upstream's `Content-Type`, the answer is `application/json` (and, like every answer of the server,
+//! `X-Content-Type-Options: nosniff`), and an upstream answer whose body is not JSON becomes a 502
+//! `upstream_error`. The upstream's status is kept. (A JSON body is served whatever `Content-Type` the upstream
+//! gave it: under offload's own `Content-Type` and `nosniff` it is data, never a page or a script.)
+//!
+//! Answers are kept for `--models-cache` per upstream key, under the SHA-256 of the key in use (never the key):
+//! a list that depends on the key is only ever shown to callers with that same key. Callers with the same key
+//! that arrive together wait for one upstream call (a burst of N makes one call, not N). An upstream that gave no
+//! answer (unreachable, timeout) is not remembered: the next caller tries again. Every call counts against the
+//! service key's rate, like a create, whether or not the cache answers it.
+
+use super::AppState;
+use super::create;
+use super::error::ApiError;
+use crate::domain::{TokenHash, UpstreamKey};
+use crate::upstream::{CallError, describe};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Time limit of one upstream call.
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest upstream answer read: OpenAI's list is tens of KiB.
+const MAX_BYTES: usize = 4 * 1024 * 1024;
+/// Upstream keys remembered at most; past this, expired answers are dropped, then all.
+const MAX_KEYS: usize = 1024;
+
+/// The cache key: the hash of the upstream key in use, or `None` for calls without one.
+type KeyHash = Option<[u8; 32]>;
+
+/// One upstream answer.
+#[derive(Clone)]
+struct Answer {
+    at: Instant,
+    status: StatusCode,
+    body: Bytes,
+    /// Whether the body is JSON; if not, it is never served (a 502 says so instead).
+    json: bool,
+}
+
+impl Answer {
+    fn serve(self) -> Result<Response, ApiError> {
+        if !self.json {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!(
+                    "The upstream answered GET /models with status {} and a body that is not JSON; check --upstream-url (it must be an OpenAI-compatible API base such as https://api.openai.com/v1).",
+                    self.status.as_u16()
+                ),
+            ));
+        }
+        let json = [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+        Ok((self.status, json, self.body).into_response())
+    }
+}
+
+pub struct ModelsCache {
+    /// `ZERO`: every call goes to the upstream (callers that arrive together still share one call).
+    ttl: Duration,
+    /// One slot per upstream key; a caller holds the slot's lock while it calls the upstream, so that the others
+    /// with that key wait for its answer instead of calling too.
+    slots: Mutex<HashMap<KeyHash, Arc<tokio::sync::Mutex<Option<Answer>>>>>,
+}
+
+impl ModelsCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self { ttl, slots: Mutex::new(HashMap::new()) }
+    }
+
+    fn slot(&self, key: KeyHash) -> Arc<tokio::sync::Mutex<Option<Answer>>> {
+        let mut slots = self.slots.lock();
+        if !slots.contains_key(&key) && slots.len() >= MAX_KEYS {
+            // A slot whose lock is free and whose answer is stale serves nobody.
+            slots.retain(|_, slot| {
+                slot.try_lock().map_or(true, |answer| answer.as_ref().is_some_and(|a| a.at.elapsed() < self.ttl))
+            });
+            if slots.len() >= MAX_KEYS {
+                slots.clear();
+            }
+        }
+        slots.entry(key).or_default().clone()
+    }
+}
+
+/// `GET /v1/models`.
+pub async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let key = create::caller(&app, &headers, false).await?;
+    let caller_key = create::upstream_key(&headers)?;
+    if let Some(key) = &key {
+        app.gate.pace(key).await?;
+    }
+    let upstream = app.engine.upstream();
+    let upstream_key = upstream.key_for(caller_key);
+    if upstream_key.is_none() && upstream.requires_key() {
+        return Err(crate::engine::CreateError::MissingKey.into());
+    }
+    let slot = app.models.slot(upstream_key.as_ref().map(|k| *TokenHash::of(k.expose()).as_bytes()));
+    let mut cached = slot.lock().await;
+    let answer = match cached.as_ref().filter(|a| a.at.elapsed() < app.models.ttl) {
+        Some(answer) => answer.clone(),
+        None => {
+            let answer = fetch(&app, upstream_key).await?;
+            *cached = Some(answer.clone());
+            answer
+        }
+    };
+    drop(cached);
+    answer.serve()
+}
+
+/// One upstream call: its answer, or the error to answer when there is none.
+async fn fetch(app: &AppState, key: Option<UpstreamKey>) -> Result<Answer, ApiError> {
+    let upstream = app.engine.upstream();
+    let connect_timeout = app.engine.limits().max_connect_timeout.min(5.0);
+    let call = async {
+        let mut response = upstream.models(key, connect_timeout).await?;
+        let status = response.status().as_u16();
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| CallError::Failed(describe(&e)))? {
+            if body.len() + chunk.len() > MAX_BYTES {
+                return Err(CallError::Failed(format!("its answer is larger than {MAX_BYTES} bytes")));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok::<_, CallError>((status, body))
+    };
+    let (status, body) = match tokio::time::timeout(TIMEOUT, call).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.to_string())),
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("The upstream did not answer GET /models within {} seconds.", TIMEOUT.as_secs()),
+            ));
+        }
+    };
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let json = serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok();
+    Ok(Answer { at: Instant::now(), status, body: Bytes::from(body), json })
+}
