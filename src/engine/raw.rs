@@ -160,9 +160,9 @@ const BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// Takes the byte order marks off the start of a stream body on its way into the SSE parser.
 ///
-/// The event stream format allows one there, and `eventsource-stream` 0.2 panics on it: it strips it by slicing
-/// its first string at byte 1, inside the three-byte mark. Bytes that may still be the start of a mark are held
-/// back until the next piece tells.
+/// The event stream format allows one there (the parser, `upstream::events`, takes none off itself; the crate
+/// used before it panicked on one). Bytes that may still be the start of a mark are held back until the next
+/// piece tells.
 #[derive(Debug, Default)]
 pub struct SkipBom {
     held: Vec<u8>,

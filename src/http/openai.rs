@@ -284,21 +284,13 @@ pub async fn models(State(app): State<AppState>, headers: HeaderMap) -> Result<R
         return Err(crate::engine::CreateError::MissingKey.into());
     }
     let connect_timeout = app.engine.limits().max_connect_timeout.min(5.0);
-    let call = async {
-        let response = upstream.models(key, connect_timeout).await?;
-        let status = response.status();
-        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
-        let body =
-            response.bytes().await.map_err(|e| crate::upstream::CallError::Failed(crate::upstream::describe(&e)))?;
-        Ok::<_, crate::upstream::CallError>((status, content_type, body))
-    };
-    match tokio::time::timeout(MODELS_TIMEOUT, call).await {
+    match tokio::time::timeout(MODELS_TIMEOUT, upstream.models(key, connect_timeout)).await {
         Ok(Ok((status, content_type, body))) => {
             let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             let content_type = content_type.unwrap_or(HeaderValue::from_static("application/json"));
             Ok((status, [(header::CONTENT_TYPE, content_type)], body).into_response())
         }
-        Ok(Err(e)) => Err(ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.to_string())),
+        Ok(Err(e)) => Err(ApiError::new(StatusCode::BAD_GATEWAY, e.code(), e.to_string())),
         Err(_) => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
