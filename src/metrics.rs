@@ -226,6 +226,8 @@ fn known_error_code(code: &str) -> &'static str {
         "upstream_error" => "upstream_error",
         "upstream_unreachable" => "upstream_unreachable",
         "interrupted" => "interrupted",
+        "event_too_large" => "event_too_large",
+        "reply_too_large" => "reply_too_large",
         _ => "other",
     }
 }
