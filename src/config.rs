@@ -6,6 +6,7 @@ use crate::http::server::ServerLimits;
 use crate::store::sqlite::Synchronous;
 use crate::store::{DatabaseUrl, StoreLocation};
 use crate::telemetry::LogFormat;
+use crate::upstream::ReplyLimits;
 use crate::webhook::WebhookConfig;
 use crate::webhook::signature::WebhookSecret;
 use clap::Args;
@@ -52,6 +53,14 @@ pub struct ServeArgs {
     /// it off for non-streaming upstreams, which send their headers only with the whole reply [default: 0].
     #[arg(long, env = "OFFLOAD_UPSTREAM_HEADER_TIMEOUT")]
     pub upstream_header_timeout: Option<String>,
+    /// Largest single event of an upstream event stream, in bytes; a larger one ends the request as
+    /// `event_too_large`, keeping the events before it [default: 16777216].
+    #[arg(long, env = "OFFLOAD_MAX_UPSTREAM_EVENT_BYTES")]
+    pub max_upstream_event_bytes: Option<usize>,
+    /// Largest upstream reply body, in bytes (stream or not); a larger one ends the request as
+    /// `reply_too_large`, keeping what arrived within the bound [default: 67108864].
+    #[arg(long, env = "OFFLOAD_MAX_UPSTREAM_REPLY_BYTES")]
+    pub max_upstream_reply_bytes: Option<usize>,
     /// Model used when a request names none [default: gpt-3.5-turbo].
     #[arg(long, env = "OFFLOAD_DEFAULT_MODEL")]
     pub default_model: Option<String>,
@@ -181,6 +190,8 @@ pub struct Settings {
     pub upstream_retries: u32,
     /// `None`: an attempt waits for its headers as long as the request's timeout allows.
     pub upstream_header_timeout: Option<Duration>,
+    /// How much of an upstream reply is read: one event, the whole body.
+    pub upstream_limits: ReplyLimits,
     pub default_model: String,
     pub max_timeout: f64,
     pub max_connect_timeout: f64,
@@ -283,6 +294,8 @@ impl ServeArgs {
             upstream_key: self.upstream_key.or(other.upstream_key),
             upstream_retries: self.upstream_retries.or(other.upstream_retries),
             upstream_header_timeout: self.upstream_header_timeout.or(other.upstream_header_timeout),
+            max_upstream_event_bytes: self.max_upstream_event_bytes.or(other.max_upstream_event_bytes),
+            max_upstream_reply_bytes: self.max_upstream_reply_bytes.or(other.max_upstream_reply_bytes),
             default_model: self.default_model.or(other.default_model),
             max_timeout: self.max_timeout.or(other.max_timeout),
             max_connect_timeout: self.max_connect_timeout.or(other.max_connect_timeout),
@@ -399,6 +412,19 @@ impl Settings {
             buffer: a.outage_buffer_mb.unwrap_or(256).saturating_mul(1024 * 1024),
             limit: positive("outage_limit", a.outage_limit.as_deref().unwrap_or("10m"))?,
         };
+        let defaults = ReplyLimits::default();
+        let upstream_limits = ReplyLimits {
+            max_event_bytes: a.max_upstream_event_bytes.unwrap_or(defaults.max_event_bytes),
+            max_reply_bytes: a.max_upstream_reply_bytes.unwrap_or(defaults.max_reply_bytes),
+        };
+        for (name, value) in [
+            ("max_upstream_event_bytes", upstream_limits.max_event_bytes),
+            ("max_upstream_reply_bytes", upstream_limits.max_reply_bytes),
+        ] {
+            if value < 1024 {
+                return Err(ConfigError::Invalid { name, reason: format!("must be at least 1024 bytes, not {value}") });
+            }
+        }
         let default_upstream = Url::parse("https://api.openai.com/v1")
             .map_err(|e| ConfigError::Invalid { name: "upstream_url", reason: e.to_string() })?;
         Ok(Settings {
@@ -414,6 +440,7 @@ impl Settings {
                 a.upstream_header_timeout.as_deref().unwrap_or("0"),
             )?)
             .filter(|d| !d.is_zero()),
+            upstream_limits,
             default_model: a.default_model.unwrap_or_else(|| "gpt-3.5-turbo".into()),
             max_timeout,
             max_connect_timeout,
@@ -555,6 +582,17 @@ mod tests {
         assert!(err.to_string().contains("cors_origins"), "{err}");
         let s = Settings::resolve(ServeArgs::default()).unwrap();
         assert!(s.cors_origins.is_empty() && s.allowed_hosts.is_empty());
+    }
+
+    #[test]
+    fn upstream_body_limits_have_defaults_and_refuse_tiny_values() {
+        let s = Settings::resolve(ServeArgs::default()).unwrap();
+        assert_eq!(s.upstream_limits, ReplyLimits::default());
+        let s = Settings::resolve(ServeArgs { max_upstream_event_bytes: Some(4096), ..ServeArgs::default() }).unwrap();
+        assert_eq!(s.upstream_limits.max_event_bytes, 4096);
+        let err =
+            Settings::resolve(ServeArgs { max_upstream_reply_bytes: Some(0), ..ServeArgs::default() }).unwrap_err();
+        assert!(err.to_string().contains("max_upstream_reply_bytes"));
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! - [`document`]: the status document: assembling a `chat.completion` from stream chunks and rendering the JSON.
 //! - [`engine`]: the running requests: the in-memory hub of live requests, the worker that performs an upstream
 //!   call, the persister that batches writes to the store, crash recovery and shutdown.
-//! - [`upstream`]: the HTTP client for the OpenAI-compatible upstream.
+//! - [`upstream`]: the HTTP client for the OpenAI-compatible upstream (no redirects, bounded replies) and the
+//!   linear-time parser of its event stream.
 //! - [`store`]: the [`store::Store`] trait and its implementations (SQLite, PostgreSQL).
 //! - [`http`]: the HTTP surface: routes, extractors, the JSON error format, SSE; the accept loop and its
 //!   connection limits.

@@ -137,7 +137,17 @@ const STATUS_CLASSES: &[&str] = &["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// The error codes of a final status (see `ErrorInfo`); anything else counts as `other`, so that the label set
 /// stays closed whatever the code grows.
 const ERROR_CODES: &[&str] =
-    &["timeout", "connect_timeout", "upstream_error", "upstream_unreachable", "interrupted", "other"];
+    &[
+        "timeout",
+        "connect_timeout",
+        "upstream_error",
+        "upstream_unreachable",
+        "interrupted",
+        "event_too_large",
+        "reply_too_large",
+        "store_unavailable",
+        "other",
+    ];
 const REFUSALS: &[&str] = &[
     "key",
     "in_flight",

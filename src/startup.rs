@@ -149,12 +149,13 @@ impl Application {
             node,
             outage: settings.outage,
         };
-        let upstream =
-            Upstream::new(&upstream_url, settings.upstream_key.clone(), settings.upstream_h2c).with_retries(Retries {
+        let upstream = Upstream::new(&upstream_url, settings.upstream_key.clone(), settings.upstream_h2c)
+            .with_retries(Retries {
                 max: settings.upstream_retries,
                 header_timeout: settings.upstream_header_timeout,
                 ..Retries::default()
-            });
+            })
+            .with_limits(settings.upstream_limits);
         let engine = Engine::new(config, stores.clone(), upstream, deliverer.wake.clone(), peers.clone());
         // One node per embedded store: what is not final was cut off by its previous run. On a shared store only
         // the requests of nodes that are gone are (others may be running right now).

@@ -16,7 +16,8 @@ use offload::domain::{Access, Kind, Locator, NodeId, RequestId, Status, TokenHas
 use offload::domain::{KeyLimits, ServiceKey};
 use offload::store::nodes::{NodeRecord, Renewal};
 use offload::store::{
-    Admit, Charge, Conflict, Periods, RawPiece, SlotId, Store, StoreError, Stores, WebhookState, WebhookStatus, WriteOp,
+    Admit, Charge, Conflict, Periods, RawCursor, RawPiece, SlotId, Store, StoreError, Stores, WebhookState,
+    WebhookStatus, WriteOp,
 };
 use serde_json::value::RawValue;
 use std::process::ExitCode;
@@ -156,6 +157,42 @@ pub async fn an_events_piece_expands_to_the_events_as_a_stream_sent_them(store: 
     .await;
     let cut = String::from_utf8(store.raw(id).await.unwrap()).unwrap();
     assert_eq!(cut, "HEAD\r\n\r\ndata: {\"n\":1}\n\ndata: {\"n\":2}\n\ndata:{\"n\":3}\r\n\r\n");
+}
+
+pub async fn raw_is_read_in_pages_of_about_the_size_asked_whatever_the_size(store: Arc<dyn Store>) {
+    let m = meta(Access::Public);
+    let id = m.locator.id;
+    let mut ops = vec![
+        WriteOp::Insert(m),
+        WriteOp::Raw { id, seq: 1, piece: RawPiece::Bytes(Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n")) },
+        WriteOp::Raw { id, seq: 2, piece: RawPiece::Events { through: Some(5) } },
+        WriteOp::Raw { id, seq: 3, piece: RawPiece::Bytes(Bytes::from_static(b"data:{\"n\":6}\r\n\r\n")) },
+        WriteOp::Raw { id, seq: 4, piece: RawPiece::Bytes(Bytes::from_static(b"data: [DONE]\n\n")) },
+    ];
+    ops.extend((1..=6u64).map(|seq| WriteOp::Event { id, seq, data: format!("{{\"n\":{seq}}}").into_bytes().into() }));
+    write(&store, ops).await;
+    let mut whole = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+    for n in 1..=5 {
+        whole.extend_from_slice(format!("data: {{\"n\":{n}}}\n\n").as_bytes());
+    }
+    whole.extend_from_slice(b"data:{\"n\":6}\r\n\r\ndata: [DONE]\n\n");
+    assert_eq!(store.raw(id).await.unwrap(), whole);
+    // The largest piece or event: a page holds less than the size asked, plus at most one of them.
+    let largest = 19;
+    for max in [1, 7, 19, 20, 21, 40, 64, 100, whole.len(), 1 << 20] {
+        let (mut read, mut cursor, mut pages) = (Vec::new(), Some(RawCursor::default()), 0);
+        while let Some(from) = cursor {
+            let page = store.raw_page(id, from, max).await.unwrap();
+            assert!(page.bytes.len() < max + largest, "a page of {} bytes for {max}", page.bytes.len());
+            read.extend_from_slice(&page.bytes);
+            cursor = page.next;
+            pages += 1;
+            assert!(pages <= 2 * whole.len() / max + 12, "{pages} pages of {max} bytes and more");
+        }
+        assert_eq!(String::from_utf8_lossy(&read), String::from_utf8_lossy(&whole), "pages of {max} bytes");
+    }
+    let unknown = store.raw_page(RequestId::generate(), RawCursor::default(), 100).await.unwrap();
+    assert!(unknown.bytes.is_empty() && unknown.next.is_none());
 }
 
 pub async fn progress_and_finish_are_kept_and_unfinished_lists_only_the_running(store: Arc<dyn Store>) {
@@ -845,6 +882,7 @@ macro_rules! contract_suite {
                 events_come_back_in_order_and_in_pages,
                 raw_pieces_are_concatenated_in_order,
                 an_events_piece_expands_to_the_events_as_a_stream_sent_them,
+                raw_is_read_in_pages_of_about_the_size_asked_whatever_the_size,
                 progress_and_finish_are_kept_and_unfinished_lists_only_the_running,
                 delete_removes_the_request_its_events_and_raw,
                 a_failed_batch_changes_nothing,

@@ -13,6 +13,7 @@ use super::raw::{RawRecorder, Stored};
 use super::sse;
 use crate::document::{Assembler, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, Urls, render};
 use crate::domain::Status;
+use crate::store::RawCursor;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
@@ -223,10 +224,10 @@ impl LiveRequest {
         })
     }
 
-    /// The raw response so far, once the upstream has answered.
-    pub fn raw(&self) -> Option<Vec<u8>> {
+    /// A page of the raw response so far (see [`RawRecorder::page`]), once the upstream has answered.
+    pub fn raw_page(&self, from: RawCursor, max_bytes: usize) -> Option<(Vec<Bytes>, Option<RawCursor>)> {
         let st = self.state.lock();
-        st.progress.response.as_ref().map(|_| st.raw.render(&st.events))
+        st.progress.response.as_ref().map(|_| st.raw.page(&st.events, from, max_bytes))
     }
 
     /// Reads events after `cursor` (at most `max` of them), or the end.

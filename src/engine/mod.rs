@@ -25,7 +25,7 @@ use crate::domain::{
     Access, AccessToken, Continuation, CreateRequest, Kind, Limits, Locator, NodeId, RequestId, Status, UpstreamKey,
 };
 use crate::store::nodes::NodeStore;
-use crate::store::{StoreError, StoredRequest, Stores, WriteOp};
+use crate::store::{RawCursor, StoreError, StoredRequest, Stores, WriteOp};
 use crate::upstream::Upstream;
 use live::{CancelReason, LiveRequest};
 use parking_lot::Mutex;
@@ -64,6 +64,9 @@ pub struct EngineConfig {
     /// What this node holds for the store through an outage.
     pub outage: health::OutagePolicy,
 }
+
+/// The bytes of a `.raw` response, page after page.
+pub type RawStream = futures_util::stream::BoxStream<'static, Result<bytes::Bytes, StoreError>>;
 
 #[derive(Clone)]
 pub struct Engine {
@@ -458,15 +461,43 @@ impl Engine {
         }
     }
 
-    /// The raw upstream response so far; `None` before the upstream answered.
-    pub async fn raw(&self, found: &Found) -> Result<Option<Vec<u8>>, StoreError> {
+    /// The raw upstream response so far, read page by page while it is sent (never whole: a reply may be as
+    /// large as `--max-upstream-reply-bytes`, and each reader would hold a copy); `None` before the upstream
+    /// answered.
+    pub async fn raw(&self, found: &Found) -> Result<Option<RawStream>, StoreError> {
+        use futures_util::{StreamExt, TryStreamExt};
+        /// About what one page of `.raw` holds in memory.
+        const PAGE: usize = 256 * 1024;
         match found {
-            Found::Live(live) => Ok(live.raw()),
+            Found::Live(live) => {
+                if live.raw_page(RawCursor::default(), 0).is_none() {
+                    return Ok(None);
+                }
+                let live = live.clone();
+                let pages = futures_util::stream::unfold(Some(RawCursor::default()), move |cursor| {
+                    let page = cursor.and_then(|from| live.raw_page(from, PAGE));
+                    async move {
+                        let (pieces, next) = page?;
+                        Some((futures_util::stream::iter(pieces.into_iter().map(Ok)), next))
+                    }
+                });
+                Ok(Some(pages.flatten().boxed()))
+            }
             Found::Stored(stored) | Found::Elsewhere { stored, .. } => {
                 if stored.progress.response.is_none() {
                     return Ok(None);
                 }
-                self.inner.stores.requests.raw(stored.meta.locator.id).await.map(Some)
+                let store = self.inner.stores.requests.clone();
+                let id = stored.meta.locator.id;
+                let pages = futures_util::stream::try_unfold(Some(RawCursor::default()), move |cursor| {
+                    let store = store.clone();
+                    async move {
+                        let Some(from) = cursor else { return Ok(None) };
+                        let page = store.raw_page(id, from, PAGE).await?;
+                        Ok(Some((bytes::Bytes::from(page.bytes), page.next)))
+                    }
+                });
+                Ok(Some(pages.try_filter(|page| std::future::ready(!page.is_empty())).boxed()))
             }
         }
     }

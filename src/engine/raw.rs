@@ -8,7 +8,7 @@
 //!
 //! The parser gets the same bytes minus any byte order mark at the start ([`SkipBom`]); the recorder keeps it.
 
-use crate::store::RawPiece;
+use crate::store::{RawCursor, RawPiece};
 use bytes::{Buf, Bytes, BytesMut};
 
 /// A piece to store: its sequence number (from 1) and the piece.
@@ -46,11 +46,12 @@ fn starts_with_canonical(pending: &[u8], data: &str) -> (bool, usize) {
     (matches, len)
 }
 
-/// A stored event frame (`id: n\ndata: ...\n\n`) as the upstream sent it (without the `id:` line).
-fn without_id_line(frame: &[u8]) -> &[u8] {
+/// How much of a stored event frame (`id: n\ndata: ...\n\n`) is its `id:` line: the rest is the event as the
+/// upstream sent it.
+fn id_line_len(frame: &[u8]) -> usize {
     match frame.iter().position(|b| *b == b'\n') {
-        Some(end) if frame.starts_with(b"id: ") => &frame[end + 1..],
-        _ => frame,
+        Some(end) if frame.starts_with(b"id: ") => end + 1,
+        _ => 0,
     }
 }
 
@@ -136,20 +137,58 @@ impl RawRecorder {
         }
     }
 
-    /// The raw response so far, given the event frames received.
-    pub fn render(&self, frames: &[Bytes]) -> Vec<u8> {
+    /// A page of the raw response so far, given the event frames received, from `from`: handles to the bytes
+    /// (nothing is copied but a partial event not yet matched), added while the page holds less than
+    /// `max_bytes`; and where the next page starts, `None` once the end was reached. Pages are cut between
+    /// pieces and between events, so that what is appended between two pages (events, a placeholder cut by a
+    /// divergence, which only ever covers events already there) reads as if it had been there from the start.
+    pub fn page(&self, frames: &[Bytes], from: RawCursor, max_bytes: usize) -> (Vec<Bytes>, Option<RawCursor>) {
         let mut out = Vec::new();
-        for piece in &self.pieces {
+        let mut len = 0;
+        let mut index = usize::try_from(from.piece.max(1) - 1).unwrap_or(usize::MAX);
+        let mut after = usize::try_from(from.event).unwrap_or(usize::MAX);
+        while let Some(piece) = self.pieces.get(index) {
+            let here = |after: usize| RawCursor { piece: index as u64 + 1, event: after as u64 };
+            if len >= max_bytes {
+                return (out, Some(here(after)));
+            }
             match piece {
-                RawPiece::Bytes(bytes) => out.extend_from_slice(bytes),
+                RawPiece::Bytes(bytes) => {
+                    len += bytes.len();
+                    out.push(bytes.clone());
+                }
                 RawPiece::Events { through } => {
                     let n = through.map_or(frames.len(), |t| (t as usize).min(frames.len()));
-                    frames[..n].iter().for_each(|f| out.extend_from_slice(without_id_line(f)));
+                    for frame in frames.get(after..n).unwrap_or_default() {
+                        if len >= max_bytes {
+                            return (out, Some(here(after)));
+                        }
+                        let event = frame.slice(id_line_len(frame)..);
+                        len += event.len();
+                        out.push(event);
+                        after += 1;
+                    }
                 }
             }
+            index += 1;
+            after = 0;
         }
-        if let Mode::Canonical { pending, .. } = &self.mode {
-            out.extend_from_slice(pending);
+        if let Mode::Canonical { pending, .. } = &self.mode
+            && !pending.is_empty()
+        {
+            out.push(Bytes::copy_from_slice(pending));
+        }
+        (out, None)
+    }
+
+    /// The whole raw response so far, given the event frames received.
+    pub fn render(&self, frames: &[Bytes]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut cursor = Some(RawCursor::default());
+        while let Some(from) = cursor {
+            let (pieces, next) = self.page(frames, from, 64 * 1024);
+            pieces.iter().for_each(|p| out.extend_from_slice(p));
+            cursor = next;
         }
         out
     }
@@ -160,9 +199,9 @@ const BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// Takes the byte order marks off the start of a stream body on its way into the SSE parser.
 ///
-/// The event stream format allows one there, and `eventsource-stream` 0.2 panics on it: it strips it by slicing
-/// its first string at byte 1, inside the three-byte mark. Bytes that may still be the start of a mark are held
-/// back until the next piece tells.
+/// The event stream format allows one there (the parser, `upstream::events`, takes none off itself; the crate
+/// used before it panicked on one). Bytes that may still be the start of a mark are held back until the next
+/// piece tells.
 #[derive(Debug, Default)]
 pub struct SkipBom {
     held: Vec<u8>,
@@ -259,6 +298,34 @@ mod tests {
         let mut skip = SkipBom::default();
         assert!(skip.feed(Bytes::from_static(b"\xef\xbb")).is_empty(), "maybe a mark: held");
         assert_eq!(&skip.feed(Bytes::from_static(b"!"))[..], b"\xef\xbb!", "not a mark after all");
+    }
+
+    #[test]
+    fn pages_of_any_size_add_up_to_the_whole_and_copy_no_event() {
+        let body = "data: {\"a\":1}\n\ndata: {\"a\":2}\n\ndata: {\"a\":3}\n\ndata: [DO";
+        let mut r = RawRecorder::default();
+        r.verbatim(Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n"));
+        r.start_stream();
+        r.received(Bytes::copy_from_slice(body.as_bytes()));
+        let mut frames = Vec::new();
+        for (i, data) in ["{\"a\":1}", "{\"a\":2}", "{\"a\":3}"].iter().enumerate() {
+            r.event(data, i as u64);
+            frames.push(frame(i as u64 + 1, data));
+        }
+        let whole = format!("HTTP/1.1 200 OK\r\n\r\n{body}").into_bytes();
+        for max in 1..=whole.len() + 1 {
+            let (mut out, mut cursor, mut pages) = (Vec::new(), Some(RawCursor::default()), 0);
+            while let Some(from) = cursor {
+                let (pieces, next) = r.page(&frames, from, max);
+                pieces.iter().for_each(|p| out.extend_from_slice(p));
+                cursor = next;
+                pages += 1;
+            }
+            assert_eq!(out, whole, "pages of {max} bytes");
+            assert!(pages <= 6, "{pages} pages of {max} bytes");
+        }
+        let (pieces, _) = r.page(&frames, RawCursor::default(), usize::MAX);
+        assert_eq!(pieces[1].as_ptr(), frames[0][id_line_len(&frames[0])..].as_ptr(), "an event is not copied");
     }
 
     #[test]

@@ -8,11 +8,9 @@ use crate::document::Attempt;
 use crate::document::{ChunkKind, ErrorInfo};
 use crate::domain::{Kind, Status, UpstreamKey};
 use crate::store::WriteOp;
+use crate::upstream::events::{EventParser, ParseError};
 use crate::upstream::{CallError, Retries, describe, raw_head, response_meta, retry_after};
 use bytes::Bytes;
-use eventsource_stream::Eventsource;
-use futures_util::StreamExt;
-use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -156,12 +154,17 @@ async fn call(
     if success && kind == Kind::Stream && is_event_stream {
         return stream_body(inner, live, response).await;
     }
+    let status = response.status();
     let bytes = match read_body(inner, live, response).await {
         Ok(bytes) => bytes,
         Err(e) => return Outcome::Failed(e),
     };
     let json = json_body(&bytes);
-    let error = (!success).then(|| upstream_error_info(&json));
+    let error = if status.is_redirection() {
+        Some(redirect_info(status))
+    } else {
+        (!success).then(|| upstream_error_info(&json))
+    };
     live.update(|st| {
         st.body = LiveBody::Complete(json);
         (true, ())
@@ -247,7 +250,8 @@ fn call_error_info(e: &CallError) -> ErrorInfo {
     let code = match e {
         CallError::ConnectTimeout(_) => "connect_timeout",
         CallError::Unreachable(_) => "upstream_unreachable",
-        CallError::Failed(_) => "upstream_error",
+        CallError::Failed(_) | CallError::Redirected(_) => "upstream_error",
+        CallError::TooLarge(_) => "reply_too_large",
     };
     ErrorInfo::new(code, e.to_string())
 }
@@ -271,6 +275,36 @@ async fn error_answer(mut response: reqwest::Response) -> String {
     }
 }
 
+/// A redirect is never followed (it may name an internal address): the request ends with the 3xx answer, its
+/// `Location` among the headers, in `response`.
+fn redirect_info(status: reqwest::StatusCode) -> ErrorInfo {
+    ErrorInfo::new(
+        "upstream_error",
+        format!("The upstream answered {status}, a redirect; redirects are not followed (see `response`)."),
+    )
+}
+
+fn reply_too_large(max: usize) -> ErrorInfo {
+    ErrorInfo::new(
+        "reply_too_large",
+        format!(
+            "The upstream's reply is larger than {max} bytes (--max-upstream-reply-bytes); what arrived within that is kept."
+        ),
+    )
+}
+
+/// Counts a piece of the reply body against the bound: the part of it within the bound, and whether the bound
+/// was passed (nothing past it is kept).
+fn within_bound(received: &mut usize, mut piece: Bytes, max: usize) -> (Bytes, bool) {
+    let room = max.saturating_sub(*received);
+    let over = piece.len() > room;
+    if over {
+        piece.truncate(room);
+    }
+    *received += piece.len();
+    (piece, over)
+}
+
 fn upstream_error_info(body: &serde_json::value::RawValue) -> ErrorInfo {
     let value: serde_json::Value = serde_json::from_str(body.get()).unwrap_or_default();
     let message = value
@@ -281,65 +315,83 @@ fn upstream_error_info(body: &serde_json::value::RawValue) -> ErrorInfo {
     ErrorInfo::new("upstream_error", message)
 }
 
-async fn read_body(inner: &Inner, live: &LiveRequest, response: reqwest::Response) -> Result<Vec<u8>, ErrorInfo> {
+/// Reads a body that is not an event stream, storing each piece as it comes, up to `--max-upstream-reply-bytes`.
+async fn read_body(inner: &Inner, live: &LiveRequest, mut response: reqwest::Response) -> Result<Vec<u8>, ErrorInfo> {
+    let max = inner.upstream.limits().max_reply_bytes;
     let mut body = Vec::new();
-    let mut stream = response.bytes_stream();
-    while let Some(piece) = stream.next().await {
-        let piece = piece.map_err(|e| {
-            ErrorInfo::new("upstream_error", format!("The connection to the upstream broke: {}", describe(&e)))
-        })?;
+    let mut received = 0;
+    while let Some(piece) = response.chunk().await.map_err(|e| {
+        ErrorInfo::new("upstream_error", format!("The connection to the upstream broke: {}", describe(&e)))
+    })? {
+        let (piece, over) = within_bound(&mut received, piece, max);
         body.extend_from_slice(&piece);
         store_raw(inner, live, [live.raw_verbatim(piece)]).await;
+        if over {
+            return Err(reply_too_large(max));
+        }
     }
     Ok(body)
 }
 
-async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Response) -> Outcome {
-    // The raw bytes are tapped on their way into the SSE parser and recorded after each event it yields.
+/// Reads an event stream: each piece goes to the raw recorder as it arrives (so that `.raw` holds it even when
+/// the request ends in the middle of an event), then to the parser, whose events are kept one by one.
+async fn stream_body(inner: &Inner, live: &LiveRequest, mut response: reqwest::Response) -> Outcome {
     live.raw_start_stream();
-    let tap: Arc<Mutex<Vec<Bytes>>> = Arc::default();
-    // Swapped with the tap after each event, so that neither allocates again once both have grown.
-    let mut tapped = Vec::new();
-    let tap_in = tap.clone();
+    let limits = inner.upstream.limits();
+    let mut parser = EventParser::new(limits.max_event_bytes);
     let mut skip_bom = SkipBom::default();
-    let mut events = response
-        .bytes_stream()
-        .inspect(move |piece| {
-            if let Ok(bytes) = piece {
-                tap_in.lock().push(bytes.clone());
-            }
-        })
-        .map(move |piece| piece.map(|bytes| skip_bom.feed(bytes)))
-        .eventsource();
+    let mut received = 0;
+    let mut events = Vec::new();
     let mut saw_done = false;
     let mut failure = None;
-    while let Some(event) = events.next().await {
-        record_tapped(inner, live, &tap, &mut tapped).await;
-        let event = match event {
-            Ok(event) => event,
+    'read: loop {
+        let piece = match response.chunk().await {
+            Ok(Some(piece)) => piece,
+            Ok(None) => break,
             Err(e) => {
-                failure = Some(ErrorInfo::new("upstream_error", format!("The upstream stream broke: {e}")));
+                failure =
+                    Some(ErrorInfo::new("upstream_error", format!("The upstream stream broke: {}", describe(&e))));
                 break;
             }
         };
-        if event.data.trim() == "[DONE]" {
-            store_raw(inner, live, live.raw_done()).await;
-            saw_done = true;
+        let (piece, over) = within_bound(&mut received, piece, limits.max_reply_bytes);
+        if let Some(stored) = live.raw_received(piece.clone()) {
+            store_raw(inner, live, [stored]).await;
+        }
+        let parsed = parser.feed(&skip_bom.feed(piece), &mut events);
+        for data in events.drain(..) {
+            if data.trim() == "[DONE]" {
+                store_raw(inner, live, live.raw_done()).await;
+                saw_done = true;
+                break 'read;
+            }
+            store_raw(inner, live, live.raw_event(&data)).await;
+            let Some((seq, kind, data)) = live.push_event(&data) else {
+                return Outcome::Cancelled;
+            };
+            inner.persister.push(WriteOp::Event { id: live.meta.locator.id, seq, data }).await;
+            if let ChunkKind::Error(error) = kind {
+                let message = error.get("message").and_then(|m| m.as_str()).unwrap_or("no message");
+                failure = Some(ErrorInfo::new(
+                    "upstream_error",
+                    format!("The upstream reported an error mid-stream: {message}"),
+                ));
+                break 'read;
+            }
+        }
+        if let Err(e) = parsed {
+            let code = match e {
+                ParseError::TooLarge(_) => "event_too_large",
+                ParseError::NotUtf8 => "upstream_error",
+            };
+            failure = Some(ErrorInfo::new(code, format!("The upstream stream broke: {e}; what arrived is kept.")));
             break;
         }
-        store_raw(inner, live, live.raw_event(&event.data)).await;
-        let Some((seq, kind, data)) = live.push_event(&event.data) else {
-            return Outcome::Cancelled;
-        };
-        inner.persister.push(WriteOp::Event { id: live.meta.locator.id, seq, data }).await;
-        if let ChunkKind::Error(error) = kind {
-            let message = error.get("message").and_then(|m| m.as_str()).unwrap_or("no message");
-            failure =
-                Some(ErrorInfo::new("upstream_error", format!("The upstream reported an error mid-stream: {message}")));
+        if over {
+            failure = Some(reply_too_large(limits.max_reply_bytes));
             break;
         }
     }
-    record_tapped(inner, live, &tap, &mut tapped).await;
     if let Some(e) = failure {
         return Outcome::Failed(e);
     }
@@ -351,15 +403,5 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, response: reqwest::Respo
             "upstream_error",
             "The upstream closed the stream before it was complete (no [DONE]); what was received is kept.",
         ))
-    }
-}
-
-/// Records the raw bytes the SSE parser took in since the last event.
-async fn record_tapped(inner: &Inner, live: &LiveRequest, tap: &Mutex<Vec<Bytes>>, tapped: &mut Vec<Bytes>) {
-    std::mem::swap(&mut *tap.lock(), tapped);
-    for bytes in tapped.drain(..) {
-        if let Some(stored) = live.raw_received(bytes) {
-            store_raw(inner, live, [stored]).await;
-        }
     }
 }

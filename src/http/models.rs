@@ -121,21 +121,18 @@ pub async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Res
 async fn fetch(app: &AppState, key: Option<UpstreamKey>) -> Result<Answer, ApiError> {
     let upstream = app.engine.upstream();
     let connect_timeout = app.engine.limits().max_connect_timeout.min(5.0);
+    // The upstream client refuses redirects and bounds the body by `--max-upstream-reply-bytes`; a list of models
+    // is bounded further, by MAX_BYTES.
     let call = async {
-        let mut response = upstream.models(key, connect_timeout).await?;
-        let status = response.status().as_u16();
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| CallError::Failed(describe(&e)))? {
-            if body.len() + chunk.len() > MAX_BYTES {
-                return Err(CallError::Failed(format!("its answer is larger than {MAX_BYTES} bytes")));
-            }
-            body.extend_from_slice(&chunk);
+        let (status, _, body) = upstream.models(key, connect_timeout).await?;
+        if body.len() > MAX_BYTES {
+            return Err(CallError::TooLarge(MAX_BYTES));
         }
-        Ok::<_, CallError>((status, body))
+        Ok::<_, CallError>((status.as_u16(), body))
     };
     let (status, body) = match tokio::time::timeout(TIMEOUT, call).await {
         Ok(Ok(answer)) => answer,
-        Ok(Err(e)) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, "upstream_unreachable", e.to_string())),
+        Ok(Err(e)) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, e.code(), e.to_string())),
         Err(_) => {
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -146,5 +143,5 @@ async fn fetch(app: &AppState, key: Option<UpstreamKey>) -> Result<Answer, ApiEr
     };
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     let json = serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok();
-    Ok(Answer { at: Instant::now(), status, body: Bytes::from(body), json })
+    Ok(Answer { at: Instant::now(), status, body, json })
 }

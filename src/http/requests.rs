@@ -371,11 +371,21 @@ fn events(
         .into_response())
 }
 
+/// Sent as it is read from memory or the store, page by page. The first page is read before answering, so that
+/// a store that fails then gets the JSON error; one that fails later cuts the body short (and is logged).
 async fn raw(app: &AppState, found: &Found) -> Result<Response, ApiError> {
-    let bytes = app.engine.raw(found).await.map_err(|e| ApiError::internal(&e))?.ok_or_else(|| {
+    use futures_util::StreamExt;
+    let mut pages = app.engine.raw(found).await.map_err(|e| ApiError::internal(&e))?.ok_or_else(|| {
         ApiError::not_found("The upstream has not answered yet; the raw response appears once it does.")
     })?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], bytes)
+    let first = pages.next().await.transpose().map_err(|e| ApiError::internal(&e))?;
+    let rest = pages.inspect(|page| {
+        if let Err(e) = page {
+            tracing::warn!(error = %e, "reading a raw response failed; its body was cut short");
+        }
+    });
+    let body = Body::from_stream(futures_util::stream::iter(first.map(Ok)).chain(rest));
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], body)
         .into_response())
 }
 

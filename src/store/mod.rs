@@ -152,6 +152,22 @@ pub enum RawPiece {
     Events { through: Option<u64> },
 }
 
+/// Where a read of a raw response goes on: at the first piece whose seq is `piece` or more, and within that
+/// piece, when it stands for events, after event `event`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RawCursor {
+    pub piece: u64,
+    pub event: u64,
+}
+
+/// A page of a raw response.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawPage {
+    pub bytes: Vec<u8>,
+    /// Where the next page starts; `None` once the end was reached (a page before it may be empty).
+    pub next: Option<RawCursor>,
+}
+
 /// One change to the store. A batch of them is applied in order, in one transaction.
 ///
 /// Once a request is final nothing of it changes: later writes to it (events, raw pieces, progress, another final
@@ -222,8 +238,23 @@ pub trait Store: Send + Sync + 'static {
     /// Events with `seq > after`, in order, at most `limit`.
     async fn events(&self, id: RequestId, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError>;
 
-    /// The raw upstream response: all pieces concatenated, events placeholders expanded.
-    async fn raw(&self, id: RequestId) -> Result<Vec<u8>, StoreError>;
+    /// A page of the raw upstream response, from `from`: the pieces concatenated, events placeholders expanded
+    /// (each event as `data: <chunk>\n\n`). Pieces and events are added while the page holds less than
+    /// `max_bytes`, so a page is at most `max_bytes` plus one piece or event; `.raw` is served page by page, so
+    /// that no read holds a whole response. An unknown request reads as empty.
+    async fn raw_page(&self, id: RequestId, from: RawCursor, max_bytes: usize) -> Result<RawPage, StoreError>;
+
+    /// The whole raw upstream response, read page after page.
+    async fn raw(&self, id: RequestId) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::new();
+        let mut cursor = Some(RawCursor::default());
+        while let Some(from) = cursor {
+            let page = self.raw_page(id, from, 1 << 20).await?;
+            out.extend_from_slice(&page.bytes);
+            cursor = page.next;
+        }
+        Ok(out)
+    }
 
     /// Deletes the request with its events and raw response. `false` when there was nothing to delete.
     async fn delete(&self, id: RequestId) -> Result<bool, StoreError>;

@@ -5,6 +5,12 @@
 //!
 //! Retries (section 11 of the contract): [`Retries`] says which failures before the first chunk of a body are
 //! retried and how long to wait; the worker runs the attempts within the request's own timeout.
+//!
+//! A hostile or misconfigured upstream changes nothing (issue 16): a redirect is never followed (it could point
+//! at an internal address; the answer is an upstream error), and what is read of a reply is bounded by
+//! [`ReplyLimits`]. The event stream is parsed in linear time by [`events::EventParser`].
+
+pub mod events;
 
 use crate::document::ResponseMeta;
 use crate::domain::UpstreamKey;
@@ -20,6 +26,7 @@ pub struct Upstream {
     chat_url: Url,
     models_url: Url,
     retries: Retries,
+    limits: ReplyLimits,
     /// HTTP/2 with prior knowledge (for an `http://` upstream that speaks it).
     h2c: bool,
     server_key: Option<UpstreamKey>,
@@ -35,6 +42,41 @@ pub enum CallError {
     Unreachable(String),
     #[error("the upstream call failed: {0}")]
     Failed(String),
+    /// A 3xx answer: redirects are never followed, whatever address they name.
+    #[error("the upstream answered {0}, a redirect; redirects are not followed")]
+    Redirected(reqwest::StatusCode),
+    /// The reply went on past `--max-upstream-reply-bytes`.
+    #[error("the upstream's reply is larger than {0} bytes (--max-upstream-reply-bytes)")]
+    TooLarge(usize),
+}
+
+impl CallError {
+    /// The error code for a caller: a redirect or an oversized reply is the upstream's error, every other
+    /// failure means it could not be reached.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CallError::Redirected(_) => "upstream_error",
+            CallError::TooLarge(_) => "reply_too_large",
+            _ => "upstream_unreachable",
+        }
+    }
+}
+
+/// How much of an upstream reply is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyLimits {
+    /// Largest single event of an event stream (its data and the line being read), in bytes.
+    pub max_event_bytes: usize,
+    /// Largest reply body, in bytes, stream or not.
+    pub max_reply_bytes: usize,
+}
+
+impl Default for ReplyLimits {
+    /// Far above any chat completion (a chunk is a few hundred bytes, a whole reply rarely a megabyte), and low
+    /// enough that one request cannot hold a large part of the server's memory.
+    fn default() -> Self {
+        Self { max_event_bytes: 16 * 1024 * 1024, max_reply_bytes: 64 * 1024 * 1024 }
+    }
 }
 
 /// The text of an error and its causes, without URLs (they may hold credentials).
@@ -82,6 +124,7 @@ impl Upstream {
             chat_url: under("chat/completions"),
             models_url: under("models"),
             retries: Retries::default(),
+            limits: ReplyLimits::default(),
             h2c,
             server_key,
             clients: Mutex::new(HashMap::new()),
@@ -96,6 +139,16 @@ impl Upstream {
 
     pub fn retries(&self) -> &Retries {
         &self.retries
+    }
+
+    /// Sets how much of a reply is read.
+    pub fn with_limits(mut self, limits: ReplyLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> ReplyLimits {
+        self.limits
     }
 
     /// The caller's key wins over the server's.
@@ -117,6 +170,9 @@ impl Upstream {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
+            // A redirect could send the call (a POST with its body and key, for 307 and 308) to any address,
+            // internal ones included: it is answered as an upstream error instead (see `call` in the worker).
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(60));
         if self.h2c {
             builder = builder.http2_prior_knowledge();
@@ -144,14 +200,33 @@ impl Upstream {
         crate::metrics::upstream_call(request.send()).await.map_err(|e| call_error(&e, connect_timeout))
     }
 
-    /// `GET {base}/models` with the key, answered as the upstream answers (section 10).
-    pub async fn models(&self, key: Option<UpstreamKey>, connect_timeout: f64) -> Result<reqwest::Response, CallError> {
+    /// `GET {base}/models` with the key: the upstream's status, content type and body (section 10). A redirect is
+    /// an error, and the body is read up to `--max-upstream-reply-bytes`.
+    pub async fn models(
+        &self,
+        key: Option<UpstreamKey>,
+        connect_timeout: f64,
+    ) -> Result<(reqwest::StatusCode, Option<HeaderValue>, Bytes), CallError> {
         let client = self.client(Duration::from_secs_f64(connect_timeout))?;
         let mut request = client.get(self.models_url.clone());
         if let Some(key) = key {
             request = request.header(AUTHORIZATION, bearer(&key)?);
         }
-        request.send().await.map_err(|e| call_error(&e, connect_timeout))
+        let mut response = request.send().await.map_err(|e| call_error(&e, connect_timeout))?;
+        let status = response.status();
+        if status.is_redirection() {
+            return Err(CallError::Redirected(status));
+        }
+        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let max = self.limits.max_reply_bytes;
+        let mut body = Vec::new();
+        while let Some(piece) = response.chunk().await.map_err(|e| CallError::Failed(describe(&e)))? {
+            if body.len() + piece.len() > max {
+                return Err(CallError::TooLarge(max));
+            }
+            body.extend_from_slice(&piece);
+        }
+        Ok((status, content_type, body.into()))
     }
 }
 

@@ -8,8 +8,8 @@ use offload::domain::{NodeId, RequestId, ServiceKey, TokenHash};
 use offload::store::nodes::{NodeRecord, NodeStore, Renewal};
 use offload::store::sqlite::{SqliteStore, Synchronous};
 use offload::store::{
-    Admit, Charge, KeyStore, Periods, SlotId, Store, StoreError, StoredRequest, Stores, Usage, WebhookJob,
-    WebhookStatus, WebhookStore, WriteOp,
+    Admit, Charge, KeyStore, Periods, RawCursor, RawPage, SlotId, Store, StoreError, StoredRequest, Stores, Usage,
+    WebhookJob, WebhookStatus, WebhookStore, WriteOp,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,9 +71,9 @@ impl Store for Flaky {
         self.reads()?;
         self.inner.events(id, after, limit).await
     }
-    async fn raw(&self, id: RequestId) -> Result<Vec<u8>, StoreError> {
+    async fn raw_page(&self, id: RequestId, from: RawCursor, max_bytes: usize) -> Result<RawPage, StoreError> {
         self.reads()?;
-        self.inner.raw(id).await
+        self.inner.raw_page(id, from, max_bytes).await
     }
     async fn delete(&self, id: RequestId) -> Result<bool, StoreError> {
         self.writes()?;

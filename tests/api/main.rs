@@ -11,6 +11,7 @@ mod flaky;
 mod hardening;
 mod helpers;
 mod hostile;
+mod hostile_upstream;
 mod keys;
 mod lifecycle;
 mod limits;

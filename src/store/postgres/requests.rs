@@ -4,7 +4,7 @@ use super::{PostgresStore, int, pg_err};
 use crate::document::Progress;
 use crate::domain::RequestId;
 use crate::store::columns::{RequestRow, encode_meta, encode_progress, event_text, json_err};
-use crate::store::{RawPiece, Store, StoreError, StoredRequest, WebhookStatus, WriteOp};
+use crate::store::{RawCursor, RawPage, RawPiece, Store, StoreError, StoredRequest, WebhookStatus, WriteOp};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -440,36 +440,66 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn raw(&self, id: RequestId) -> Result<Vec<u8>, StoreError> {
+    async fn raw_page(&self, id: RequestId, from: RawCursor, max_bytes: usize) -> Result<RawPage, StoreError> {
         let client = self.client().await?;
-        // One row per stored piece, and for an events piece one row per event it stands for (event seqs count
-        // from 1; 0 marks verbatim bytes), in the order they are sent.
-        let stmt = client
+        // The pieces from `from.piece` that start before `max_bytes`: the lengths are summed without reading the
+        // bytes (a toasted value knows its length), and only the pieces of this page are read. An events piece
+        // counts 0 here; its events are read apart.
+        let pieces = client
             .prepare_cached(
-                "WITH r AS (SELECT rkey FROM requests WHERE id = $1)
-                 SELECT p.seq, 0::bigint, p.bytes FROM raw_parts p JOIN r ON p.rkey = r.rkey WHERE p.bytes IS NOT NULL
-                 UNION ALL
-                 SELECT p.seq, e.seq, e.data FROM raw_parts p JOIN r ON p.rkey = r.rkey
-                 JOIN events e ON e.rkey = p.rkey AND e.seq <= COALESCE(p.events_through, 9223372036854775807)
-                 WHERE p.bytes IS NULL
-                 ORDER BY 1, 2",
+                "WITH r AS (SELECT rkey FROM requests WHERE id = $1),
+                 m AS (SELECT p.seq, SUM(COALESCE(octet_length(p.bytes), 0)) OVER (ORDER BY p.seq)
+                                     - COALESCE(octet_length(p.bytes), 0) AS before
+                       FROM raw_parts p JOIN r ON p.rkey = r.rkey WHERE p.seq >= $2 ORDER BY p.seq LIMIT 1000)
+                 SELECT p.seq, p.bytes, p.events_through FROM raw_parts p JOIN r ON p.rkey = r.rkey
+                 JOIN m ON m.seq = p.seq WHERE m.before < $3 ORDER BY p.seq",
             )
             .await
             .map_err(pg_err)?;
-        let rows = client.query(&stmt, &[&uuid(id)]).await.map_err(pg_err)?;
+        let rows =
+            client.query(&pieces, &[&uuid(id), &int(from.piece), &int(max_bytes as u64)]).await.map_err(pg_err)?;
         let mut out = Vec::new();
+        let mut next = None;
         for row in &rows {
-            let event: i64 = row.try_get(1).map_err(pg_err)?;
-            let bytes: &[u8] = row.try_get(2).map_err(pg_err)?;
-            if event == 0 {
+            let seq = u64::try_from(row.try_get::<_, i64>(0).map_err(pg_err)?).unwrap_or(0);
+            let after = if seq == from.piece { from.event } else { 0 };
+            if out.len() >= max_bytes {
+                return Ok(RawPage { bytes: out, next: Some(RawCursor { piece: seq, event: after }) });
+            }
+            next = Some(RawCursor { piece: seq + 1, event: 0 });
+            if let Some(bytes) = row.try_get::<_, Option<&[u8]>>(1).map_err(pg_err)? {
                 out.extend_from_slice(bytes);
-            } else {
-                out.extend_from_slice(b"data: ");
-                out.extend_from_slice(bytes);
-                out.extend_from_slice(b"\n\n");
+                continue;
+            }
+            let through: Option<i64> = row.try_get(2).map_err(pg_err)?;
+            let events = client
+                .prepare_cached(
+                    "WITH r AS (SELECT rkey FROM requests WHERE id = $1),
+                     m AS (SELECT e.seq, SUM(octet_length(e.data) + 8) OVER (ORDER BY e.seq)
+                                         - (octet_length(e.data) + 8) AS before
+                           FROM events e JOIN r ON e.rkey = r.rkey WHERE e.seq > $2 AND e.seq <= $3
+                           ORDER BY e.seq LIMIT 10000)
+                     SELECT e.seq, e.data FROM events e JOIN r ON e.rkey = r.rkey
+                     JOIN m ON m.seq = e.seq WHERE m.before < $4 ORDER BY e.seq",
+                )
+                .await
+                .map_err(pg_err)?;
+            let remaining = max_bytes - out.len();
+            let params: [&(dyn ToSql + Sync); 4] =
+                [&uuid(id), &int(after), &through.unwrap_or(i64::MAX), &int(remaining as u64)];
+            let found = client.query(&events, &params).await.map_err(pg_err)?;
+            // Events left in this piece: the page ends with them, and the next one goes on after the last.
+            if let Some(last) = found.last() {
+                for event in &found {
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(event.try_get::<_, &[u8]>(1).map_err(pg_err)?);
+                    out.extend_from_slice(b"\n\n");
+                }
+                let last = u64::try_from(last.try_get::<_, i64>(0).map_err(pg_err)?).unwrap_or(0);
+                return Ok(RawPage { bytes: out, next: Some(RawCursor { piece: seq, event: last }) });
             }
         }
-        Ok(out)
+        Ok(RawPage { bytes: out, next })
     }
 
     async fn delete(&self, id: RequestId) -> Result<bool, StoreError> {

@@ -4,7 +4,7 @@ use super::{SqliteStore, Writer, db_err};
 use crate::document::Progress;
 use crate::domain::RequestId;
 use crate::store::columns::{RequestRow, encode_meta, encode_progress, event_text};
-use crate::store::{RawPiece, Store, StoreError, StoredRequest, WriteOp};
+use crate::store::{RawCursor, RawPage, RawPiece, Store, StoreError, StoredRequest, WriteOp};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::collections::HashMap;
@@ -305,49 +305,59 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn raw(&self, id: RequestId) -> Result<Vec<u8>, StoreError> {
+    async fn raw_page(&self, id: RequestId, from: RawCursor, max_bytes: usize) -> Result<RawPage, StoreError> {
         self.read(move |conn| {
             let Some(key): Option<i64> = conn
                 .prepare_cached("SELECT rkey FROM requests WHERE id = ?1")
                 .and_then(|mut s| s.query_row([id.as_bytes()], |r| r.get(0)).optional())
                 .map_err(db_err)?
             else {
-                return Ok(Vec::new());
+                return Ok(RawPage::default());
             };
-            let mut pieces = conn
-                .prepare_cached("SELECT bytes, events_through FROM raw_parts WHERE rkey = ?1 ORDER BY seq")
-                .map_err(db_err)?;
-            let mut rows = pieces.query([key]).map_err(db_err)?;
             let mut out = Vec::new();
+            // Rows are stepped one at a time and a blob is read only when it is used: a page reads what it
+            // returns and nothing more.
+            let mut pieces = conn
+                .prepare_cached(
+                    "SELECT seq, bytes, events_through FROM raw_parts WHERE rkey = ?1 AND seq >= ?2 ORDER BY seq",
+                )
+                .map_err(db_err)?;
+            let mut rows = pieces.query(params![key, from.piece]).map_err(db_err)?;
             while let Some(row) = rows.next().map_err(db_err)? {
-                match row
-                    .get_ref(0)
+                let seq: u64 = row.get(0).map_err(db_err)?;
+                let mut last = if seq == from.piece { from.event } else { 0 };
+                if out.len() >= max_bytes {
+                    return Ok(RawPage { bytes: out, next: Some(RawCursor { piece: seq, event: last }) });
+                }
+                let bytes = row
+                    .get_ref(1)
                     .map_err(db_err)?
                     .as_blob_or_null()
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?
-                {
-                    Some(bytes) => out.extend_from_slice(bytes),
-                    None => {
-                        let through: Option<i64> = row.get(1).map_err(db_err)?;
-                        let mut events = conn
-                            .prepare_cached("SELECT data FROM events WHERE rkey = ?1 AND seq <= ?2 ORDER BY seq")
-                            .map_err(db_err)?;
-                        let mut data = events.query(params![key, through.unwrap_or(i64::MAX)]).map_err(db_err)?;
-                        while let Some(event) = data.next().map_err(db_err)? {
-                            out.extend_from_slice(b"data: ");
-                            out.extend_from_slice(
-                                event
-                                    .get_ref(0)
-                                    .map_err(db_err)?
-                                    .as_blob()
-                                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                            );
-                            out.extend_from_slice(b"\n\n");
-                        }
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                if let Some(bytes) = bytes {
+                    out.extend_from_slice(bytes);
+                    continue;
+                }
+                let through: Option<i64> = row.get(2).map_err(db_err)?;
+                let mut events = conn
+                    .prepare_cached(
+                        "SELECT seq, data FROM events WHERE rkey = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq",
+                    )
+                    .map_err(db_err)?;
+                let mut data = events.query(params![key, last, through.unwrap_or(i64::MAX)]).map_err(db_err)?;
+                while let Some(event) = data.next().map_err(db_err)? {
+                    if out.len() >= max_bytes {
+                        return Ok(RawPage { bytes: out, next: Some(RawCursor { piece: seq, event: last }) });
                     }
+                    last = event.get(0).map_err(db_err)?;
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(
+                        event.get_ref(1).map_err(db_err)?.as_blob().map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    );
+                    out.extend_from_slice(b"\n\n");
                 }
             }
-            Ok(out)
+            Ok(RawPage { bytes: out, next: None })
         })
         .await
     }
