@@ -136,18 +136,17 @@ pub const ROUTES: &[&str] = &[
 const STATUS_CLASSES: &[&str] = &["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// The error codes of a final status (see `ErrorInfo`); anything else counts as `other`, so that the label set
 /// stays closed whatever the code grows.
-const ERROR_CODES: &[&str] =
-    &[
-        "timeout",
-        "connect_timeout",
-        "upstream_error",
-        "upstream_unreachable",
-        "interrupted",
-        "event_too_large",
-        "reply_too_large",
-        "store_unavailable",
-        "other",
-    ];
+const ERROR_CODES: &[&str] = &[
+    "timeout",
+    "connect_timeout",
+    "upstream_error",
+    "upstream_unreachable",
+    "interrupted",
+    "event_too_large",
+    "reply_too_large",
+    "store_unavailable",
+    "other",
+];
 const REFUSALS: &[&str] = &[
     "key",
     "in_flight",
@@ -205,6 +204,9 @@ fn zero() {
         counter!("offload_store_write_errors_total", "lane" => lane).absolute(0);
     }
     gauge!("offload_store_queue_writes").set(0.0);
+    gauge!("offload_store_held_bytes").set(0.0);
+    // Reachable until the first health round trip says otherwise (it runs within a second of the start).
+    gauge!("offload_store_reachable").set(1.0);
     for &outcome in WEBHOOK_OUTCOMES {
         counter!("offload_webhook_attempts_total", "outcome" => outcome).absolute(0);
     }

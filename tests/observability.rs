@@ -414,6 +414,8 @@ async fn every_family_is_exported_at_zero_before_any_traffic() {
         "offload_store_write_duration_seconds_count",
         "offload_store_write_errors_total",
         "offload_store_queue_writes",
+        "offload_store_held_bytes",
+        "offload_store_reachable",
         "offload_webhook_attempts_total",
     ] {
         assert!(scrape.has(family), "{family} is missing before any traffic:\n{text}");

@@ -273,6 +273,11 @@ impl Engine {
         }
     }
 
+    /// Whether the store answered its last health round trip ([`health`]).
+    pub fn store_answers(&self) -> bool {
+        self.inner.health.reachable()
+    }
+
     pub fn accepting(&self) -> bool {
         self.inner.accepting.load(Ordering::SeqCst)
     }
@@ -366,7 +371,7 @@ impl Engine {
 
     /// The previous request's conversation id and its messages followed by its assistant answer.
     async fn history(&self, c: &Continuation) -> Result<(String, Vec<Value>), CreateError> {
-        let found = self.find(&c.target).await?.ok_or(CreateError::FromNotFound)?;
+        let found = self.find_with(&c.target, true).await?.ok_or(CreateError::FromNotFound)?;
         let meta = found.meta();
         if let Some(hash) = &meta.bearer
             && !c.bearer_token.as_deref().is_some_and(|t| hash.verify(t))
@@ -392,13 +397,20 @@ impl Engine {
     }
 
     /// The request a URL names, if its kind, access and date match.
+    /// A request found in the store comes with its body only for the status URL (the body is what the document
+    /// shows; the other endpoints do without it, and it may be many megabytes).
     pub async fn find(&self, url: &ParsedUrl) -> Result<Option<Found>, StoreError> {
+        self.find_with(url, url.suffix == crate::domain::Suffix::Status).await
+    }
+
+    async fn find_with(&self, url: &ParsedUrl, with_body: bool) -> Result<Option<Found>, StoreError> {
         let live = self.inner.hub.lock().get(&url.id).cloned();
         if let Some(live) = live {
             return Ok(url.matches(&live.meta.locator).then_some(Found::Live(live)));
         }
-        let Some(stored) = self.inner.stores.requests.get(url.id).await?.filter(|s| url.matches(&s.meta.locator))
-        else {
+        let requests = &self.inner.stores.requests;
+        let stored = if with_body { requests.get(url.id).await? } else { requests.head(url.id).await? };
+        let Some(stored) = stored.filter(|s| url.matches(&s.meta.locator)) else {
             return Ok(None);
         };
         let stored = Box::new(stored);

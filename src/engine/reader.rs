@@ -100,7 +100,7 @@ pub(super) fn follow(
                         idle = std::time::Duration::ZERO;
                         yield Ok(Bytes::from_static(sse::KEEP_ALIVE));
                     }
-                    match inner.stores.requests.get(id).await {
+                    match inner.stores.requests.head(id).await {
                         Ok(Some(fresh)) => *stored = fresh,
                         // Deleted: nothing more will come.
                         Ok(None) => break,

@@ -16,7 +16,7 @@ use super::AppState;
 use super::create;
 use super::error::ApiError;
 use crate::domain::{TokenHash, UpstreamKey};
-use crate::upstream::{CallError, describe};
+use crate::upstream::CallError;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};

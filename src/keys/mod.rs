@@ -113,6 +113,9 @@ pub fn periods_now() -> (Periods, u64, u64) {
     (periods, to_midnight, to_midnight + days_left * 86_400)
 }
 
+/// How long the check whether any key exists may wait for the store before the last answer is used.
+const OPEN_CHECK_WITHIN: Duration = Duration::from_secs(1);
+
 impl Gatekeeper {
     pub fn new(keys: Arc<dyn KeyStore>, node: NodeId, open_check_ttl: Duration) -> Self {
         Self { keys, node, open_check_ttl, open: Mutex::new(None) }
@@ -132,11 +135,17 @@ impl Gatekeeper {
     /// Whether the server runs open right now (no key exists). When the store cannot tell, its last answer, or
     /// open if it never gave one: the open server's protections then apply, which costs a keyed server at most a
     /// refused unknown `Host` while its store is out.
+    /// The lookup is bounded by [`OPEN_CHECK_WITHIN`]: it runs before every call.
     pub async fn is_open(&self) -> bool {
-        match self.keys_required().await {
-            Ok(required) => !required,
-            Err(_) => self.open.lock().is_none_or(|(_, required)| !required),
+        match tokio::time::timeout(OPEN_CHECK_WITHIN, self.keys_required()).await {
+            Ok(Ok(required)) => !required,
+            Ok(Err(_)) | Err(_) => self.was_open(),
         }
+    }
+
+    /// The last answer of [`Self::is_open`] without asking the store (open if there never was one).
+    pub fn was_open(&self) -> bool {
+        self.open.lock().is_none_or(|(_, required)| !required)
     }
 
     /// The calling key, or `None` when the server runs open.

@@ -235,6 +235,10 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError>;
 
+    /// [`Self::get`] without the body (`body` is `None`): for the endpoints that do not show it (the event stream,
+    /// the raw response, stop, DELETE), so that opening one never loads a reply of many megabytes.
+    async fn head(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError>;
+
     /// Events with `seq > after`, in order, at most `limit`.
     async fn events(&self, id: RequestId, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError>;
 

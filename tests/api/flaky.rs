@@ -67,6 +67,10 @@ impl Store for Flaky {
         self.reads()?;
         self.inner.get(id).await
     }
+    async fn head(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
+        self.reads()?;
+        self.inner.head(id).await
+    }
     async fn events(&self, id: RequestId, after: u64, limit: usize) -> Result<Vec<(u64, String)>, StoreError> {
         self.reads()?;
         self.inner.events(id, after, limit).await

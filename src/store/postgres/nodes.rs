@@ -86,7 +86,12 @@ impl NodeStore for PostgresStore {
             )
             .await
             .map_err(pg_err)?;
-        let row = client.query_one(&stmt, &[&candidate]).await.map_err(pg_err)?;
+        if let Some(row) = client.query_opt(&stmt, &[&candidate]).await.map_err(pg_err)? {
+            return row.try_get(0).map_err(pg_err);
+        }
+        // Another node stored its secret while this statement waited for it: the statement's snapshot is older than
+        // that row, so it is read again by a statement of its own.
+        let row = client.query_one("SELECT secret FROM cluster_secret WHERE id = 1", &[]).await.map_err(pg_err)?;
         row.try_get(0).map_err(pg_err)
     }
 }

@@ -69,6 +69,10 @@ SELECT 1";
 const SELECT_REQUEST: &str = "SELECT id, kind, access, created_at, bearer, stream_token, meta, parameters, progress,
     body, (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.rkey = r.rkey), owner FROM requests r";
 
+/// [`SELECT_REQUEST`] without the body.
+const SELECT_HEAD: &str = "SELECT id, kind, access, created_at, bearer, stream_token, meta, parameters, progress,
+    NULL::text, (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.rkey = r.rkey), owner FROM requests r";
+
 /// Requests not final whose node is gone (or that predate nodes).
 const ORPHANS: &str = "WHERE status NOT IN ('done', 'error', 'stop')
     AND (owner IS NULL OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = r.owner))";
@@ -417,6 +421,13 @@ impl Store for PostgresStore {
     async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(&format!("{SELECT_REQUEST} WHERE id = $1")).await.map_err(pg_err)?;
+        let row = client.query_opt(&stmt, &[&uuid(id)]).await.map_err(pg_err)?;
+        row.as_ref().map(row_to_request).transpose()
+    }
+
+    async fn head(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&format!("{SELECT_HEAD} WHERE id = $1")).await.map_err(pg_err)?;
         let row = client.query_opt(&stmt, &[&uuid(id)]).await.map_err(pg_err)?;
         row.as_ref().map(row_to_request).transpose()
     }

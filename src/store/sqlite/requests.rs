@@ -234,6 +234,10 @@ const SELECT_REQUEST: &str =
     "SELECT id, kind, access, created_at, bearer, stream_token, meta, parameters, progress, body,
     (SELECT COALESCE(MAX(seq), 0) FROM events WHERE events.rkey = requests.rkey), owner FROM requests";
 
+/// [`SELECT_REQUEST`] without the body.
+const SELECT_HEAD: &str = "SELECT id, kind, access, created_at, bearer, stream_token, meta, parameters, progress, NULL,
+    (SELECT COALESCE(MAX(seq), 0) FROM events WHERE events.rkey = requests.rkey), owner FROM requests";
+
 fn row_to_request(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredRequest, StoreError>> {
     Ok(RequestRow {
         id: row.get(0)?,
@@ -280,6 +284,16 @@ impl Store for SqliteStore {
     async fn get(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
         self.read(move |conn| {
             conn.prepare_cached(&format!("{SELECT_REQUEST} WHERE id = ?1"))
+                .and_then(|mut s| s.query_row([id.as_bytes()], row_to_request).optional())
+                .map_err(db_err)?
+                .transpose()
+        })
+        .await
+    }
+
+    async fn head(&self, id: RequestId) -> Result<Option<StoredRequest>, StoreError> {
+        self.read(move |conn| {
+            conn.prepare_cached(&format!("{SELECT_HEAD} WHERE id = ?1"))
                 .and_then(|mut s| s.query_row([id.as_bytes()], row_to_request).optional())
                 .map_err(db_err)?
                 .transpose()
