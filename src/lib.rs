@@ -2,6 +2,7 @@
 //! callers' hands, stores everything as it arrives and serves it back.
 //!
 //! Layout (one job per module):
+//! - [`backoff`]: the waits between tries of something that failed, for every retry loop.
 //! - [`cluster`]: several nodes on one shared store: leases, taking over from dead nodes, reaching peers.
 //! - [`cli`]: the command line (`serve`, `mock-upstream`, ...); `main.rs` only calls it.
 //! - [`client`]: the command-line client of a running server (`offload chat | follow | status | stop`).
@@ -27,6 +28,7 @@
 //!
 //! The benchmark is its own crate, `offload-bench` (crates/offload-bench, BENCHMARKS.md): it runs this binary.
 
+pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod cluster;

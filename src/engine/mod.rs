@@ -706,7 +706,7 @@ impl Inner {
         let has_webhook = webhook_url.is_some();
         let finish = WriteOp::Finish { id, progress: Box::new(progress), body, webhook_url };
         // Final statuses share the regular flush instead of forcing a commit each.
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while let Err(e) = self.persister.push_durable(finish.clone()).await {
             tracing::error!(request = %id, error = %e, "could not store the final status; retrying");
             if self.closing.is_cancelled() {
@@ -714,10 +714,9 @@ impl Inner {
                 return;
             }
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = self.closing.cancelled() => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(5));
         }
         live.publish_final();
         if has_webhook {

@@ -63,16 +63,15 @@ impl InFlightSlot {
     /// Retries for as long as the store refuses (a database outage of minutes is routine): a slot given up on
     /// would hold the key's limit down until the node restarts.
     async fn give_back(keys: &dyn KeyStore, id: SlotId) {
-        let mut delay = Duration::from_millis(50);
-        let mut attempt = 0u32;
+        let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
-            attempt += 1;
             match keys.release_slot(id).await {
                 Ok(()) => return,
                 Err(e) => {
+                    let delay = backoff.next_delay();
+                    let attempt = backoff.failures();
                     tracing::error!(error = %e, attempt, "could not give back an in-flight slot; retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
