@@ -12,19 +12,23 @@
 //! - [`domain`]: types parsed once at the edge: ids, access, status, tokens, the upstream key, the create body,
 //!   the URL locator.
 //! - [`document`]: the status document: assembling a `chat.completion` from stream chunks and rendering the JSON.
-//! - [`engine`]: the running requests: the in-memory hub of live requests, the worker that performs an upstream
-//!   call, the persister that batches writes to the store, crash recovery and shutdown.
-//! - [`upstream`]: the HTTP client for the OpenAI-compatible upstream (no redirects, bounded replies) and the
-//!   linear-time parser of its event stream.
+//! - [`engine`]: the request core: admission, the running requests (each owned by its `live` module, changed only
+//!   through intents), the worker that performs an upstream call, the one reader loop of every API, the persister
+//!   that batches writes to the store, crash recovery, cluster membership and shutdown. It knows no API's format.
+//! - [`upstream`]: the HTTP client for the OpenAI-compatible upstream (no redirects, bounded replies), the
+//!   linear-time parser of its event stream, and each upstream protocol in a folder of its own (`upstream::chat`).
 //! - [`store`]: the [`store::Store`] trait and its implementations (SQLite, PostgreSQL).
-//! - [`http`]: the HTTP surface: routes, extractors, the JSON error format, SSE; the accept loop and its
-//!   connection limits.
+//! - [`http`]: the HTTP surface: each API in a folder of its own (`http::offloadgpt`, `http::chat_completions`),
+//!   what they share (`intake`, the JSON error format, the origin guard, relays to other nodes), the accept loop
+//!   and its connection limits.
 //! - [`keys`]: service keys: authentication, rates, quotas, and the `offload keys` commands.
 //! - [`mock`]: the built-in OpenAI-compatible mock upstream used by tests, benchmarks and new users.
 //! - [`webhook`]: webhook delivery (signing, retries, SSRF guard).
 //! - [`retention`]: deletes finished requests older than the retention period.
 //! - [`telemetry`]: logging: text or JSON lines, the span and access line of every HTTP request.
 //! - [`metrics`]: Prometheus metrics: one helper per event, and `/metrics` on its own listener.
+//!
+//! docs/ARCHITECTURE.md draws the layers and the life of a request.
 //!
 //! The benchmark is its own crate, `offload-bench` (crates/offload-bench, BENCHMARKS.md): it runs this binary.
 

@@ -6,15 +6,13 @@
 //! metrics on or off. Every label value comes from a closed set written in this code (route templates, status
 //! classes, error codes, reasons, HTTP status codes): never a URL, an id or anything a caller sent.
 //!
+//! A leaf: it imports nothing of the server. What it reports gives its own label (`reason()`, `as_str()`), so
+//! that a new kind of refusal or status changes the type that has it, not this file.
+//!
 //! Gauges that the engine already knows (requests running) are read at each scrape; the others move with guards
 //! (taken on entry, given back on drop), so that a reader that disconnects or a handler that is cancelled still
 //! counts down.
 
-use crate::document::ErrorInfo;
-use crate::domain::Status;
-use crate::engine::{CreateError, Engine};
-use crate::keys::Refusal;
-use crate::store::Admit;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
@@ -179,12 +177,11 @@ fn zero() {
     }
     gauge!("offload_http_requests_in_flight").set(0.0);
     gauge!("offload_requests_running").set(0.0);
-    for status in [Status::Done, Status::Stop] {
-        counter!("offload_requests_finished_total", "status" => status.as_str(), "error_code" => "none").absolute(0);
+    for status in ["done", "stop"] {
+        counter!("offload_requests_finished_total", "status" => status, "error_code" => "none").absolute(0);
     }
     for &code in ERROR_CODES {
-        counter!("offload_requests_finished_total", "status" => Status::Error.as_str(), "error_code" => code)
-            .absolute(0);
+        counter!("offload_requests_finished_total", "status" => "error", "error_code" => code).absolute(0);
     }
     for &reason in REFUSALS {
         counter!("offload_create_refused_total", "reason" => reason).absolute(0);
@@ -231,7 +228,7 @@ impl Exporter {
     }
 
     /// Serves `GET /metrics` until `closing`.
-    pub async fn serve(self, engine: Engine, closing: CancellationToken) {
+    pub async fn serve(self, engine: impl RunningRequests, closing: CancellationToken) {
         let local = self.listener.local_addr().ok();
         tracing::info!("metrics at http://{}/metrics", local.map_or_else(String::new, |a| a.to_string()));
         let handle = self.handle.clone();
@@ -262,8 +259,13 @@ impl Exporter {
     }
 }
 
-fn scrape(handle: &PrometheusHandle, engine: &Engine) -> Response {
-    gauge!("offload_requests_running").set(engine.in_flight() as f64);
+/// What knows how many requests run right now (the engine), read at each scrape.
+pub trait RunningRequests: Clone + Send + Sync + 'static {
+    fn running(&self) -> usize;
+}
+
+fn scrape(handle: &PrometheusHandle, engine: &impl RunningRequests) -> Response {
+    gauge!("offload_requests_running").set(engine.running() as f64);
     let mut response = handle.render().into_response();
     response
         .headers_mut()
@@ -311,11 +313,11 @@ pub fn stream_reader() -> GaugeGuard {
     GaugeGuard::new("offload_stream_readers")
 }
 
-/// A request reached its final status.
-pub fn request_finished(status: Status, error: Option<&ErrorInfo>) {
-    let code = error.map_or("none", |e| known_error_code(&e.code));
-    tracing::info!(target: "offload::requests", status = status.as_str(), error_code = code, "request finished");
-    counter!("offload_requests_finished_total", "status" => status.as_str(), "error_code" => code).increment(1);
+/// A request reached its final status (`done`, `error`, `stop`), with its error code if it has one.
+pub fn request_finished(status: &'static str, error_code: Option<&str>) {
+    let code = error_code.map_or("none", known_error_code);
+    tracing::info!(target: "offload::requests", status, error_code = code, "request finished");
+    counter!("offload_requests_finished_total", "status" => status, "error_code" => code).increment(1);
 }
 
 /// The code as a value of the closed set [`ERROR_CODES`].
@@ -323,14 +325,9 @@ fn known_error_code(code: &str) -> &'static str {
     ERROR_CODES.iter().find(|known| **known == code).copied().unwrap_or("other")
 }
 
-/// Chunk `seq` of a stream request arrived (the first is 1); `created` is when the request was accepted (Unix
-/// seconds).
-pub fn chunk(seq: u64, created: f64) {
-    if seq != 1 {
-        return;
-    }
-    let waited = (crate::domain::unix_now() - created).max(0.0);
-    histogram!("offload_time_to_first_token_seconds").record(waited);
+/// The first chunk of a stream request arrived, `waited` seconds after the request was accepted.
+pub fn first_chunk(waited: f64) {
+    histogram!("offload_time_to_first_token_seconds").record(waited.max(0.0));
 }
 
 /// Times one upstream call to its response head and counts its outcome.
@@ -393,37 +390,7 @@ pub fn webhook_attempt(outcome: &'static str) {
     counter!("offload_webhook_attempts_total", "outcome" => outcome).increment(1);
 }
 
-fn refused(reason: &'static str) {
+/// A create call was refused, for `reason` (one of [`REFUSALS`]: the refusing type's `reason()`).
+pub fn create_refused(reason: &'static str) {
     counter!("offload_create_refused_total", "reason" => reason).increment(1);
-}
-
-/// A service key's limits answered a create call (only refusals count).
-pub fn admission(outcome: &Admit) {
-    match outcome {
-        Admit::Admitted { .. } => {}
-        Admit::InFlightFull => refused("in_flight"),
-        Admit::RateLimited { .. } => refused("rate"),
-        Admit::DayFull | Admit::MonthFull => refused("quota"),
-    }
-}
-
-/// A create call refused for its service key. Limits are counted by [`admission`], store failures by
-/// [`create_error`] (the refusal becomes one).
-pub fn refusal(refusal: &Refusal) {
-    if let Refusal::Missing | Refusal::Unknown = refusal {
-        refused("key");
-    }
-}
-
-/// A create call the engine refused.
-pub fn create_error(e: &CreateError) {
-    refused(match e {
-        CreateError::ShuttingDown => "shutting_down",
-        CreateError::Overloaded(_) => "overload",
-        CreateError::MissingKey => "upstream_key",
-        CreateError::WebhookRefused(_) => "webhook",
-        CreateError::FromNotFound | CreateError::FromForbidden | CreateError::FromNotFinished(_) => "continuation",
-        CreateError::Store(_) | CreateError::StoreFailing => "store",
-        CreateError::Internal(_) => "internal",
-    });
 }

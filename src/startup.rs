@@ -156,7 +156,8 @@ impl Application {
                 ..Retries::default()
             })
             .with_limits(settings.upstream_limits);
-        let engine = Engine::new(config, stores.clone(), upstream, deliverer.wake.clone(), peers.clone());
+        let gate = Arc::new(Gatekeeper::new(stores.keys.clone(), node, settings.key_cache_ttl));
+        let engine = Engine::new(config, stores.clone(), upstream, gate.clone(), deliverer.wake.clone(), peers.clone());
         // One node per embedded store: what is not final was cut off by its previous run. On a shared store only
         // the requests of nodes that are gone are (others may be running right now).
         let recovered = match peers {
@@ -174,7 +175,6 @@ impl Application {
         if settings.webhooks.allow_private {
             tracing::warn!("webhooks may target loopback and private addresses (--allow-private-webhooks)");
         }
-        let gate = Arc::new(Gatekeeper::new(stores.keys.clone(), node, settings.key_cache_ttl));
         let body = BodyLimits { max_bytes: settings.max_body_bytes, timeout: settings.body_timeout };
         let router = crate::http::router(AppState {
             engine: engine.clone(),

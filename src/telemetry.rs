@@ -51,13 +51,13 @@ pub fn init(format: LogFormat) {
 }
 
 /// Names the offloaded request the current HTTP call is about, on its span (and so on its access line).
-pub fn record_request_id(id: crate::domain::RequestId) {
+pub fn record_request_id(id: impl std::fmt::Display) {
     tracing::Span::current().record("request_id", tracing::field::display(id));
 }
 
 /// Runs a request's background work (its worker, a webhook attempt) in a span naming it. The span has no parent: the work outlives
 /// the HTTP call that started it.
-pub fn within_request<F: Future>(id: crate::domain::RequestId, work: F) -> tracing::instrument::Instrumented<F> {
+pub fn within_request<F: Future>(id: impl std::fmt::Display, work: F) -> tracing::instrument::Instrumented<F> {
     work.instrument(tracing::info_span!(parent: None, "request", request_id = %id))
 }
 

@@ -12,7 +12,7 @@
 use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures_util::{FutureExt, StreamExt};
-use offload::engine::raw::{RawRecorder, SkipBom, Stored};
+use offload::engine::live::raw::{RawRecorder, SkipBom, Stored};
 use offload::engine::sse::frame;
 use offload::store::RawPiece;
 use offload::upstream::events::EventParser;

@@ -1,6 +1,8 @@
-//! The event stream of one request: replay from the first wanted event, then follow live until the end.
+//! The one reader loop: the event stream of one request, for every API. It replays from the first wanted event,
+//! then follows live until the end, which each API renders its own way (`ending`); keep-alives while nothing
+//! happens, and an end without the tail when the server closes.
 
-use super::live::Read;
+use super::live::{End, Read};
 use super::{Found, Inner, sse};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
@@ -22,6 +24,7 @@ pub(super) fn follow(
     found: Found,
     after: u64,
     keep_alive: std::time::Duration,
+    ending: fn(&End) -> Bytes,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> {
     async_stream::stream! {
         let _reader = crate::metrics::stream_reader();
@@ -36,8 +39,8 @@ pub(super) fn follow(
                             cursor = next;
                             yield Ok(bytes);
                         }
-                        Read::End(tail) => {
-                            yield Ok(tail);
+                        Read::End(end) => {
+                            yield Ok(ending(&end));
                             break;
                         }
                         Read::Wait => {
@@ -84,7 +87,8 @@ pub(super) fn follow(
                     let progress = &stored.progress;
                     // The end only once every event is known to be out: never after a failed read.
                     if read && progress.status.is_final() {
-                        yield Ok(sse::tail(progress.status, progress.error.as_ref(), cursor));
+                        let end = End { status: progress.status, error: progress.error.clone(), events: cursor };
+                        yield Ok(ending(&end));
                         break;
                     }
                     // Not final and not running here: another node runs it. Look again shortly.

@@ -1,9 +1,8 @@
-//! The wire format of the event stream (`.txt`).
+//! Server-sent events as every API relays a request's chunks: each chunk framed once, with its sequence number
+//! as the event's `id`, and shared by every reader. How a stream ends is each API's own (`http::offloadgpt`,
+//! `http::chat_completions`).
 
-use crate::document::ErrorInfo;
-use crate::domain::Status;
 use bytes::Bytes;
-use serde_json::json;
 
 /// One event: `id: n`, the chunk as `data:` lines (one per line of the chunk), a blank line.
 pub fn frame(seq: u64, data: &str) -> Bytes {
@@ -38,33 +37,6 @@ fn digits(n: u64) -> usize {
     n.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
-/// The end of every stream: for `error` and `stop` a named event first (clients that only listen to
-/// `onmessage` never see it), then `data: [DONE]`. When there were no events at all, `[DONE]` carries `id: 0`
-/// so that a reconnecting `EventSource` sends `Last-Event-ID: 0` and is told 204 instead of replaying forever.
-pub fn tail(status: Status, error: Option<&ErrorInfo>, event_count: u64) -> Bytes {
-    let mut out = String::new();
-    let named = match status {
-        Status::Error => Some(("error", json!({"status": "error", "error": error}))),
-        Status::Stop => Some((
-            "stop",
-            json!({"status": "stop", "error": {"code": "stopped", "message": "The request was stopped through its stop_url."}}),
-        )),
-        _ => None,
-    };
-    if let Some((name, data)) = named {
-        out.push_str("event: ");
-        out.push_str(name);
-        out.push_str("\ndata: ");
-        out.push_str(&data.to_string());
-        out.push_str("\n\n");
-    }
-    if event_count == 0 {
-        out.push_str("id: 0\n");
-    }
-    out.push_str("data: [DONE]\n\n");
-    Bytes::from(out)
-}
-
 /// Sent every so often while nothing else is, so that proxies keep the connection open.
 pub const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
@@ -83,14 +55,5 @@ mod tests {
     #[test]
     fn multi_line_data_becomes_several_data_lines() {
         assert_eq!(&frame(3, "{\"a\":\n1}")[..], b"id: 3\ndata: {\"a\":\ndata: 1}\n\n");
-    }
-
-    #[test]
-    fn error_tail_names_the_event_before_done() {
-        let t = tail(Status::Error, Some(&ErrorInfo::new("timeout", "slow")), 2);
-        let text = std::str::from_utf8(&t).unwrap();
-        assert!(text.starts_with("event: error\ndata: {"));
-        assert!(text.ends_with("\n\ndata: [DONE]\n\n"));
-        assert_eq!(&tail(Status::Done, None, 0)[..], b"id: 0\ndata: [DONE]\n\n");
     }
 }

@@ -1,13 +1,16 @@
-//! Performs one upstream call and feeds what arrives into the live request and the persister.
+//! Performs one upstream call: the I/O. What arrives goes to the live request as an intent ([`LiveRequest`]),
+//! which answers with the writes that make it durable; the worker hands those to the persister.
 
 use super::Inner;
-use super::live::{CancelReason, LiveBody, LiveRequest, json_body};
+use super::live::raw::SkipBom;
+use super::live::{CancelReason, LiveRequest, json_body};
 use super::persister::Receipt;
-use super::raw::{SkipBom, Stored};
 use crate::document::Attempt;
 use crate::document::{ChunkKind, ErrorInfo};
 use crate::domain::{Kind, Status, UpstreamKey};
+use crate::keys::InFlightSlot;
 use crate::store::WriteOp;
+use crate::upstream::chat;
 use crate::upstream::events::{EventParser, ParseError};
 use crate::upstream::{CallError, Retries, describe, raw_head, response_meta, retry_after};
 use bytes::Bytes;
@@ -26,7 +29,7 @@ pub(super) async fn run(
     live: Arc<LiveRequest>,
     key: Option<UpstreamKey>,
     body: String,
-    held: (Option<Box<dyn super::Held>>, tokio::sync::OwnedSemaphorePermit),
+    held: (Option<InFlightSlot>, tokio::sync::OwnedSemaphorePermit),
     inserted: Receipt,
 ) {
     let timeout = live.meta.options.timeout;
@@ -68,7 +71,7 @@ pub(super) async fn run(
 }
 
 /// Gives back what the request held until it was final: the service key's slot, then the server's.
-async fn release((held, slot): (Option<Box<dyn super::Held>>, tokio::sync::OwnedSemaphorePermit)) {
+async fn release((held, slot): (Option<InFlightSlot>, tokio::sync::OwnedSemaphorePermit)) {
     if let Some(held) = held {
         held.release().await;
     }
@@ -89,22 +92,10 @@ pub fn interrupted() -> ErrorInfo {
     )
 }
 
-async fn transition(inner: &Inner, live: &LiveRequest, apply: impl FnOnce(&mut crate::document::Progress)) {
-    let progress = live.update(|st| {
-        if st.closed() {
-            return (false, None);
-        }
-        apply(&mut st.progress);
-        (true, Some(st.progress.clone()))
-    });
-    if let Some(progress) = progress {
-        inner.persister.push(WriteOp::Progress { id: live.meta.locator.id, progress: Box::new(progress) }).await;
-    }
-}
-
-async fn store_raw(inner: &Inner, live: &LiveRequest, stored: impl IntoIterator<Item = Stored>) {
-    for (seq, piece) in stored {
-        inner.persister.push(WriteOp::Raw { id: live.meta.locator.id, seq, piece }).await;
+/// Hands writes to the persister, in order.
+async fn store(inner: &Inner, writes: impl IntoIterator<Item = WriteOp>) {
+    for op in writes {
+        inner.persister.push(op).await;
     }
 }
 
@@ -116,16 +107,7 @@ async fn call(
     deadline: tokio::time::Instant,
     inserted: &Receipt,
 ) -> Outcome {
-    // Not written to the store on its own: after a crash `posting` and `pending` end alike (interrupted), and
-    // `request_at` is stored with the next transition.
-    let now = super::unix_now();
-    live.update(|st| {
-        if !st.closed() && st.progress.status.can_become(Status::Posting) {
-            st.progress.status = Status::Posting;
-            st.progress.request_at = Some(now);
-        }
-        (true, ())
-    });
+    live.posting(crate::domain::unix_now());
     let response = match attempts(inner, live, key, body, deadline, inserted).await {
         Ok(response) => response,
         Err(e) => return Outcome::Failed(e),
@@ -136,20 +118,14 @@ async fn call(
     }
 
     let meta = response_meta(&response);
-    store_raw(inner, live, [live.raw_verbatim(raw_head(&response, &meta))]).await;
+    let head = raw_head(&response, &meta);
     let success = response.status().is_success();
     let is_event_stream = meta
         .headers
         .iter()
         .any(|(n, v)| n == "content-type" && v.to_ascii_lowercase().starts_with("text/event-stream"));
     let kind = live.meta.locator.kind;
-    transition(inner, live, |p| {
-        p.response = Some(meta);
-        if kind == Kind::Async {
-            p.status = Status::Waiting;
-        }
-    })
-    .await;
+    store(inner, live.answered(meta, head).into_iter().flatten()).await;
 
     if success && kind == Kind::Stream && is_event_stream {
         return stream_body(inner, live, response).await;
@@ -165,10 +141,7 @@ async fn call(
     } else {
         (!success).then(|| upstream_error_info(&json))
     };
-    live.update(|st| {
-        st.body = LiveBody::Complete(json);
-        (true, ())
-    });
+    live.complete_body(json);
     match error {
         Some(e) => Outcome::Failed(e),
         None => Outcome::Done,
@@ -191,7 +164,7 @@ async fn attempts(
     let connect_timeout = live.meta.options.connect_timeout;
     let mut failed = 0u32;
     loop {
-        let at = super::unix_now();
+        let at = crate::domain::unix_now();
         let sent = inner.upstream.send(body.clone(), key.clone(), connect_timeout);
         let answered = match retries.header_timeout {
             Some(limit) => tokio::time::timeout(limit, sent).await.ok(),
@@ -241,7 +214,7 @@ async fn attempts(
             return Err(error);
         }
         tracing::info!(request = %live.meta.locator.id, attempt = failed, error = %error.message, "upstream attempt failed; retrying");
-        transition(inner, live, |p| p.attempts.push(Attempt { at, status_code, error })).await;
+        store(inner, live.attempt_failed(Attempt { at, status_code, error })).await;
         tokio::time::sleep(delay).await;
     }
 }
@@ -268,8 +241,7 @@ async fn error_answer(mut response: reqwest::Response) -> String {
             _ => break,
         }
     }
-    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    match value.pointer("/error/message").and_then(|m| m.as_str()) {
+    match chat::error_message(&body) {
         Some(message) => format!("The upstream answered {status}: {message}"),
         None => format!("The upstream answered {status}."),
     }
@@ -306,10 +278,7 @@ fn within_bound(received: &mut usize, mut piece: Bytes, max: usize) -> (Bytes, b
 }
 
 fn upstream_error_info(body: &serde_json::value::RawValue) -> ErrorInfo {
-    let value: serde_json::Value = serde_json::from_str(body.get()).unwrap_or_default();
-    let message = value
-        .pointer("/error/message")
-        .and_then(|m| m.as_str())
+    let message = chat::error_message(body.get().as_bytes())
         .map(|m| format!("The upstream answered with an error: {m}"))
         .unwrap_or_else(|| "The upstream answered with an error status; see `response`.".into());
     ErrorInfo::new("upstream_error", message)
@@ -325,7 +294,7 @@ async fn read_body(inner: &Inner, live: &LiveRequest, mut response: reqwest::Res
     })? {
         let (piece, over) = within_bound(&mut received, piece, max);
         body.extend_from_slice(&piece);
-        store_raw(inner, live, [live.raw_verbatim(piece)]).await;
+        store(inner, [live.body_piece(piece)]).await;
         if over {
             return Err(reply_too_large(max));
         }
@@ -336,7 +305,7 @@ async fn read_body(inner: &Inner, live: &LiveRequest, mut response: reqwest::Res
 /// Reads an event stream: each piece goes to the raw recorder as it arrives (so that `.raw` holds it even when
 /// the request ends in the middle of an event), then to the parser, whose events are kept one by one.
 async fn stream_body(inner: &Inner, live: &LiveRequest, mut response: reqwest::Response) -> Outcome {
-    live.raw_start_stream();
+    live.stream_started();
     let limits = inner.upstream.limits();
     let mut parser = EventParser::new(limits.max_event_bytes);
     let mut skip_bom = SkipBom::default();
@@ -355,21 +324,19 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, mut response: reqwest::R
             }
         };
         let (piece, over) = within_bound(&mut received, piece, limits.max_reply_bytes);
-        if let Some(stored) = live.raw_received(piece.clone()) {
-            store_raw(inner, live, [stored]).await;
-        }
+        store(inner, live.stream_bytes(piece.clone())).await;
         let parsed = parser.feed(&skip_bom.feed(piece), &mut events);
         for data in events.drain(..) {
-            if data.trim() == "[DONE]" {
-                store_raw(inner, live, live.raw_done()).await;
+            if chat::is_done(&data) {
+                store(inner, live.take_done()).await;
                 saw_done = true;
                 break 'read;
             }
-            store_raw(inner, live, live.raw_event(&data)).await;
-            let Some((seq, kind, data)) = live.push_event(&data) else {
+            let taken = live.take_event(&data);
+            store(inner, taken.writes(live.meta.locator.id)).await;
+            let Some((_, kind, _)) = taken.event else {
                 return Outcome::Cancelled;
             };
-            inner.persister.push(WriteOp::Event { id: live.meta.locator.id, seq, data }).await;
             if let ChunkKind::Error(error) = kind {
                 let message = error.get("message").and_then(|m| m.as_str()).unwrap_or("no message");
                 failure = Some(ErrorInfo::new(
@@ -395,8 +362,7 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, mut response: reqwest::R
     if let Some(e) = failure {
         return Outcome::Failed(e);
     }
-    let complete = live.update(|st| (false, matches!(&st.body, LiveBody::Assembling(a) if a.is_complete())));
-    if saw_done || complete {
+    if saw_done || live.assembled_complete() {
         Outcome::Done
     } else {
         Outcome::Failed(ErrorInfo::new(

@@ -153,7 +153,11 @@ impl From<PathRejection> for ApiError {
 
 impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
-        crate::metrics::refusal(&refusal);
+        // Limits are counted where the store answered (`Admit::refusal_reason`), store failures as the create
+        // error they become.
+        if let Refusal::Missing | Refusal::Unknown = refusal {
+            crate::metrics::create_refused(refusal.reason());
+        }
         match refusal {
             Refusal::Missing => Self::unauthorized(
                 "This server requires a service key: send it as `Authorization: Bearer <key>`, `X-API-Key` or `X-RapidAPI-Key`.",
@@ -169,9 +173,18 @@ impl From<Refusal> for ApiError {
     }
 }
 
+impl From<crate::engine::AdmitError> for ApiError {
+    fn from(e: crate::engine::AdmitError) -> Self {
+        match e {
+            crate::engine::AdmitError::Refused(refusal) => refusal.into(),
+            crate::engine::AdmitError::Create(e) => e.into(),
+        }
+    }
+}
+
 impl From<CreateError> for ApiError {
     fn from(e: CreateError) -> Self {
-        crate::metrics::create_error(&e);
+        crate::metrics::create_refused(e.reason());
         let message = e.to_string();
         match e {
             CreateError::ShuttingDown | CreateError::Overloaded(_) | CreateError::StoreFailing => {

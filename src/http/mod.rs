@@ -2,16 +2,19 @@
 //! server is open, the host names and origins it answers: `origin`), and the JSON error format of the contract
 //! for everything that goes wrong.
 
-pub mod create;
+pub mod chat_completions;
 pub mod error;
 pub mod forward;
+pub mod intake;
 pub mod models;
-pub mod openai;
+pub mod offloadgpt;
 pub mod openapi;
 pub mod origin;
 pub mod playground;
-pub mod requests;
 pub mod server;
+
+use chat_completions as openai;
+use offloadgpt::{create, requests};
 
 use crate::engine::Engine;
 use crate::keys::Gatekeeper;

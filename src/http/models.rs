@@ -13,8 +13,8 @@
 //! service key's rate, like a create, whether or not the cache answers it.
 
 use super::AppState;
-use super::create;
 use super::error::ApiError;
+use super::intake;
 use crate::domain::{TokenHash, UpstreamKey};
 use crate::upstream::CallError;
 use axum::body::Bytes;
@@ -93,8 +93,8 @@ impl ModelsCache {
 
 /// `GET /v1/models`.
 pub async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let key = create::caller(&app, &headers, false).await?;
-    let caller_key = create::upstream_key(&headers)?;
+    let key = intake::caller(&app, &headers, false).await?;
+    let caller_key = intake::upstream_key(&headers)?;
     if let Some(key) = &key {
         app.gate.pace(key).await?;
     }

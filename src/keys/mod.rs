@@ -10,7 +10,6 @@
 pub mod cli;
 
 use crate::domain::{NodeId, ServiceKey, TokenHash};
-use crate::engine::Held;
 use crate::store::{Admit, KeyStore, Periods, SlotId, StoreError};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -42,6 +41,17 @@ pub enum Refusal {
     Store(StoreError),
 }
 
+impl Refusal {
+    /// Why, as the `reason` label of `offload_create_refused_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Missing | Refusal::Unknown => "key",
+            Refusal::Limit { .. } => "rate",
+            Refusal::Store(_) => "store",
+        }
+    }
+}
+
 /// A call counted against a key; hand it back with [`Gatekeeper::refund`] if the create fails.
 pub struct Admission {
     key_id: String,
@@ -52,7 +62,7 @@ pub struct Admission {
 }
 
 /// One of a key's in-flight slots, held in the store (so that the limit holds across nodes) until
-/// [`Held::release`] gives it back. A slot that is dropped without being released (a panic on the way) is given
+/// [`InFlightSlot::release`] gives it back. A slot that is dropped without being released (a panic on the way) is given
 /// back by a task of its own; one whose node dies is given back by the node that notices.
 pub struct InFlightSlot {
     keys: Arc<dyn KeyStore>,
@@ -78,9 +88,9 @@ impl InFlightSlot {
     }
 }
 
-#[async_trait::async_trait]
-impl Held for InFlightSlot {
-    async fn release(mut self: Box<Self>) {
+impl InFlightSlot {
+    /// Gives the slot back (retrying while the store refuses).
+    pub async fn release(mut self) {
         if let Some(id) = self.id.take() {
             Self::give_back(&*self.keys, id).await;
         }
@@ -166,7 +176,9 @@ impl Gatekeeper {
         let (periods, to_midnight, to_month_end) = periods_now();
         let slot = SlotId::generate();
         let outcome = self.keys.admit(key, &periods, self.node, slot).await.map_err(Refusal::Store)?;
-        crate::metrics::admission(&outcome);
+        if let Some(reason) = outcome.refusal_reason() {
+            crate::metrics::create_refused(reason);
+        }
         let refusal = |message: String, retry_after: u64| Err(Refusal::Limit { message, retry_after });
         match outcome {
             Admit::Admitted { took_slot, took_token } => Ok(Admission {
@@ -229,7 +241,7 @@ impl Gatekeeper {
             tracing::error!(key = %admission.key_id, error = %e, "could not give back a rate token");
         }
         if let Some(slot) = admission.slot {
-            Box::new(slot).release().await;
+            slot.release().await;
         }
         if let Err(e) = self.keys.refund(&admission.key_id, &admission.periods).await {
             tracing::error!(key = %admission.key_id, error = %e, "could not refund a quota count");

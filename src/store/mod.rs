@@ -390,6 +390,18 @@ pub enum Charge {
     MonthFull,
 }
 
+impl Admit {
+    /// Why a create was refused, as the `reason` label of `offload_create_refused_total`; `None` when admitted.
+    pub fn refusal_reason(&self) -> Option<&'static str> {
+        match self {
+            Admit::Admitted { .. } => None,
+            Admit::InFlightFull => Some("in_flight"),
+            Admit::RateLimited { .. } => Some("rate"),
+            Admit::DayFull | Admit::MonthFull => Some("quota"),
+        }
+    }
+}
+
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
     /// Stores a new key (by its hash). A name already in use is an error.

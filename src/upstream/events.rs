@@ -14,7 +14,7 @@
 //! end with CRLF, LF or CR; `data` lines are joined with `\n`; an event is dispatched at a blank line when it has
 //! data; one space after the colon is dropped; a final event without its blank line is not dispatched (nor one
 //! whose blank line is a lone CR at the very end: it might have been the start of a CRLF). A byte order mark at
-//! the start is taken off before the parser (`engine::raw::SkipBom`).
+//! the start is taken off before the parser (`engine::live::raw::SkipBom`).
 
 /// Why the stream cannot be parsed further.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -10,6 +10,7 @@
 //! at an internal address; the answer is an upstream error), and what is read of a reply is bounded by
 //! [`ReplyLimits`]. The event stream is parsed in linear time by [`events::EventParser`].
 
+pub mod chat;
 pub mod events;
 
 use crate::document::ResponseMeta;

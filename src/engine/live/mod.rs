@@ -1,5 +1,10 @@
 //! A request that is running: its state in memory, shared by the worker that fills it and every reader.
 //!
+//! This module owns that state: it is private here, and changes only through a few intents (the call is posted,
+//! an attempt failed, the upstream answered, an event arrived, the request ends), each of which returns the
+//! writes that make it durable, in order, for the worker to hand to the store. The worker does the I/O; the
+//! readers read from a cursor.
+//!
 //! Readers never hold the lock while writing to their sockets: they copy out `Bytes` handles (cheap) and go.
 //! So a slow reader costs only its own cursor, never the worker's or another reader's time.
 //!
@@ -9,13 +14,17 @@
 //! makes it visible: the document's final status, the stream's named event and `[DONE]`, the 204 at the end.
 //! Whoever saw a final status therefore finds exactly the same after a crash.
 
-use super::raw::{RawRecorder, Stored};
+pub mod raw;
+
 use super::sse;
-use crate::document::{Assembler, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, Urls, render};
-use crate::domain::Status;
-use crate::store::RawCursor;
+use crate::document::{
+    Assembler, Attempt, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, ResponseMeta, Urls, render,
+};
+use crate::domain::{Kind, Status};
+use crate::store::{RawCursor, WriteOp};
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
+use raw::{RawRecorder, Stored};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -32,7 +41,7 @@ pub enum CancelReason {
 }
 
 /// The response body while the request runs.
-pub enum LiveBody {
+enum LiveBody {
     None,
     /// Stream request: the `chat.completion` assembled from the chunks so far.
     Assembling(Box<Assembler>),
@@ -41,7 +50,7 @@ pub enum LiveBody {
 }
 
 impl LiveBody {
-    pub fn view(&self) -> BodyView<'_> {
+    fn view(&self) -> BodyView<'_> {
         match self {
             LiveBody::None => BodyView::None,
             LiveBody::Assembling(a) => BodyView::Assembled(a),
@@ -50,7 +59,7 @@ impl LiveBody {
     }
 
     /// The body as JSON text, for the store.
-    pub fn to_json(&self) -> Option<String> {
+    fn to_json(&self) -> Option<String> {
         match self {
             LiveBody::None => None,
             LiveBody::Assembling(a) => serde_json::to_string(&**a).ok(),
@@ -70,14 +79,14 @@ pub fn json_body(bytes: &[u8]) -> Box<RawValue> {
     serde_json::value::to_raw_value(&text).unwrap_or_else(|_| Box::<RawValue>::default())
 }
 
-pub struct LiveState {
-    pub progress: Progress,
-    pub body: LiveBody,
+struct LiveState {
+    progress: Progress,
+    body: LiveBody,
     /// Every event so far, already framed for the wire.
-    pub events: Vec<Bytes>,
+    events: Vec<Bytes>,
     /// The raw response so far.
     raw: RawRecorder,
-    pub cancel_reason: Option<CancelReason>,
+    cancel_reason: Option<CancelReason>,
     /// The final state, fixed but not yet durable: readers do not see it until it is published.
     staged: Option<Progress>,
     version: u64,
@@ -86,7 +95,7 @@ pub struct LiveState {
 
 impl LiveState {
     /// Whether the request is ending or ended: no chunk or transition is accepted any more.
-    pub fn closed(&self) -> bool {
+    fn closed(&self) -> bool {
         self.staged.is_some() || self.progress.status.is_final()
     }
 
@@ -116,17 +125,50 @@ pub struct LiveRequest {
 pub enum Read {
     /// New events, concatenated, and the cursor after them.
     Events(Bytes, u64),
-    /// Nothing new and the request is final: the tail to send before closing.
-    End(Bytes),
+    /// Nothing new and the request is final: how it ended, for the API to render its end of stream.
+    End(End),
     /// Nothing new yet.
     Wait,
+}
+
+/// How a request ended, as its event stream's end tells it.
+pub struct End {
+    pub status: Status,
+    pub error: Option<ErrorInfo>,
+    /// Events in the stream.
+    pub events: u64,
+}
+
+/// What one upstream event changed, as writes for the store, in order (raw pieces first, then the event).
+pub struct Taken {
+    raw: Vec<Stored>,
+    /// `None` once the request is final (a stop won the race: nothing after it is kept).
+    pub event: Option<(u64, ChunkKind, Bytes)>,
+}
+
+impl Taken {
+    /// The writes that make it durable.
+    pub fn writes(&self, id: crate::domain::RequestId) -> impl Iterator<Item = WriteOp> + '_ {
+        let raw = self.raw.iter().map(move |(seq, piece)| WriteOp::Raw { id, seq: *seq, piece: piece.clone() });
+        let event = self.event.iter().map(move |(seq, _, data)| WriteOp::Event { id, seq: *seq, data: data.clone() });
+        raw.chain(event)
+    }
+}
+
+/// What the answer of a call shows so far, for an API that answers once it is known (`/v1/chat/completions`).
+#[derive(Clone, Copy, Debug)]
+pub struct Answering {
+    pub status: Status,
+    pub events: u64,
+    /// The upstream's HTTP status, once it answered.
+    pub upstream_status: Option<u16>,
 }
 
 impl LiveRequest {
     pub fn new(meta: Arc<RequestMeta>) -> Arc<Self> {
         let body = match meta.locator.kind {
-            crate::domain::Kind::Stream => LiveBody::Assembling(Box::default()),
-            crate::domain::Kind::Async => LiveBody::None,
+            Kind::Stream => LiveBody::Assembling(Box::default()),
+            Kind::Async => LiveBody::None,
         };
         Arc::new(Self {
             meta,
@@ -146,8 +188,12 @@ impl LiveRequest {
         })
     }
 
+    fn id(&self) -> crate::domain::RequestId {
+        self.meta.locator.id
+    }
+
     /// Runs `f` on the state and, when it reports a change, wakes every reader.
-    pub fn update<R>(&self, f: impl FnOnce(&mut LiveState) -> (bool, R)) -> R {
+    fn update<R>(&self, f: impl FnOnce(&mut LiveState) -> (bool, R)) -> R {
         let (changed, result, version) = {
             let mut state = self.state.lock();
             let (changed, result) = f(&mut state);
@@ -162,6 +208,18 @@ impl LiveRequest {
         result
     }
 
+    /// A status transition while the request runs (nothing once it is closed); the write that stores it.
+    fn transition(&self, apply: impl FnOnce(&mut Progress)) -> Option<WriteOp> {
+        let id = self.id();
+        self.update(|st| {
+            if st.closed() {
+                return (false, None);
+            }
+            apply(&mut st.progress);
+            (true, Some(WriteOp::Progress { id, progress: Box::new(st.progress.clone()) }))
+        })
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
@@ -170,59 +228,107 @@ impl LiveRequest {
         self.state.lock().progress.status
     }
 
-    /// Appends one chunk. Returns its sequence number, what it was, and the chunk's bytes to store (shared with
-    /// the frame when possible); `None` once the request is final (a stop won the race: nothing after it is kept).
-    pub fn push_event(&self, data: &str) -> Option<(u64, ChunkKind, Bytes)> {
+    // ---- intents of the worker ----
+
+    /// The call goes out. Not written to the store on its own: after a crash `posting` and `pending` end alike
+    /// (interrupted), and `request_at` is stored with the next transition.
+    pub fn posting(&self, now: f64) {
         self.update(|st| {
+            if !st.closed() && st.progress.status.can_become(Status::Posting) {
+                st.progress.status = Status::Posting;
+                st.progress.request_at = Some(now);
+            }
+            (true, ())
+        })
+    }
+
+    /// An attempt failed and the call is tried again: recorded in the document's `attempts`.
+    pub fn attempt_failed(&self, attempt: Attempt) -> Option<WriteOp> {
+        self.transition(|p| p.attempts.push(attempt))
+    }
+
+    /// The upstream answered with `meta` (the raw head is `head`): the writes of the head and the new state.
+    pub fn answered(&self, meta: ResponseMeta, head: Bytes) -> [Option<WriteOp>; 2] {
+        let (seq, piece) = self.update(|st| (false, st.raw.verbatim(head)));
+        let head = WriteOp::Raw { id: self.id(), seq, piece };
+        let kind = self.meta.locator.kind;
+        let progress = self.transition(|p| {
+            p.response = Some(meta);
+            if kind == Kind::Async {
+                p.status = Status::Waiting;
+            }
+        });
+        [Some(head), progress]
+    }
+
+    /// A piece of a body that is not an event stream, recorded as it is.
+    pub fn body_piece(&self, bytes: Bytes) -> WriteOp {
+        let (seq, piece) = self.update(|st| (false, st.raw.verbatim(bytes)));
+        WriteOp::Raw { id: self.id(), seq, piece }
+    }
+
+    /// The whole body of an answer that is not an event stream, as valid JSON.
+    pub fn complete_body(&self, json: Box<RawValue>) {
+        self.update(|st| {
+            st.body = LiveBody::Complete(json);
+            (true, ())
+        })
+    }
+
+    /// The body that follows is an event stream.
+    pub fn stream_started(&self) {
+        self.update(|st| (false, st.raw.start_stream()))
+    }
+
+    /// Bytes of a stream body as received (before they are parsed); what to store now, if anything.
+    pub fn stream_bytes(&self, bytes: Bytes) -> Option<WriteOp> {
+        let id = self.id();
+        self.update(|st| (false, st.raw.received(bytes))).map(|(seq, piece)| WriteOp::Raw { id, seq, piece })
+    }
+
+    /// One event of the stream, as the parser yielded it: recorded in the raw response, then appended to the
+    /// events (framed once for every reader) and to the assembled body.
+    pub fn take_event(&self, data: &str) -> Taken {
+        let created = self.meta.created;
+        self.update(|st| {
+            let raw = st.raw.event(data, st.events.len() as u64);
             if st.closed() {
-                return (false, None);
+                return (false, Taken { raw, event: None });
             }
             let kind = match &mut st.body {
                 LiveBody::Assembling(a) => a.apply(data),
                 _ => ChunkKind::Other,
             };
             let seq = st.events.len() as u64 + 1;
-            crate::metrics::chunk(seq, self.meta.created);
+            if seq == 1 {
+                crate::metrics::first_chunk(crate::domain::unix_now() - created);
+            }
             let (frame, slice) = sse::framed(seq, data);
             st.events.push(frame);
             if st.progress.status < Status::Streaming {
                 st.progress.status = Status::Streaming;
             }
             let stored = slice.unwrap_or_else(|| Bytes::copy_from_slice(data.as_bytes()));
-            (true, Some((seq, kind, stored)))
+            (true, Taken { raw, event: Some((seq, kind, stored)) })
         })
     }
 
-    /// Records a piece of the raw response as it is (the head; a non-stream body); returns what to store.
-    pub fn raw_verbatim(&self, bytes: Bytes) -> Stored {
-        self.update(|st| (false, st.raw.verbatim(bytes)))
-    }
-
-    /// The body that follows is an event stream.
-    pub fn raw_start_stream(&self) {
-        self.update(|st| (false, st.raw.start_stream()))
-    }
-
-    /// Records bytes of a stream body as received; what to store now, if anything.
-    pub fn raw_received(&self, bytes: Bytes) -> Option<Stored> {
-        self.update(|st| (false, st.raw.received(bytes)))
-    }
-
-    /// Records that the parser yielded an event (call before [`Self::push_event`]).
-    pub fn raw_event(&self, data: &str) -> Vec<Stored> {
-        self.update(|st| {
-            let before = st.events.len() as u64;
-            (false, st.raw.event(data, before))
-        })
-    }
-
-    /// Records that the parser yielded `[DONE]`.
-    pub fn raw_done(&self) -> Vec<Stored> {
-        self.update(|st| {
+    /// The parser yielded `[DONE]`: what to store of the raw response.
+    pub fn take_done(&self) -> impl Iterator<Item = WriteOp> {
+        let id = self.id();
+        let stored = self.update(|st| {
             let events = st.events.len() as u64;
             (false, st.raw.done(events))
-        })
+        });
+        stored.into_iter().map(move |(seq, piece)| WriteOp::Raw { id, seq, piece })
     }
+
+    /// Whether the assembled body of a stream is complete (every choice has its finish reason).
+    pub fn assembled_complete(&self) -> bool {
+        matches!(&self.state.lock().body, LiveBody::Assembling(a) if a.is_complete())
+    }
+
+    // ---- reads ----
 
     /// A page of the raw response so far (see [`RawRecorder::page`]), once the upstream has answered.
     pub fn raw_page(&self, from: RawCursor, max_bytes: usize) -> Option<(Vec<Bytes>, Option<RawCursor>)> {
@@ -247,7 +353,7 @@ impl LiveRequest {
             return Read::Events(out, end as u64);
         }
         if st.progress.status.is_final() {
-            return Read::End(sse::tail(st.progress.status, st.progress.error.as_ref(), total));
+            return Read::End(End { status: st.progress.status, error: st.progress.error.clone(), events: total });
         }
         Read::Wait
     }
@@ -256,6 +362,22 @@ impl LiveRequest {
     pub fn position(&self) -> (bool, u64) {
         let st = self.state.lock();
         (st.progress.status.is_final(), st.events.len() as u64)
+    }
+
+    /// Where the answer stands: status, events so far, and the upstream's status once it answered.
+    pub fn answering(&self) -> Answering {
+        let st = self.state.lock();
+        Answering {
+            status: st.progress.status,
+            events: st.events.len() as u64,
+            upstream_status: st.progress.response.as_ref().map(|r| r.status_code),
+        }
+    }
+
+    /// The state shown to readers and the body as JSON text.
+    pub fn snapshot(&self) -> (Progress, Option<String>) {
+        let st = self.state.lock();
+        (st.progress.clone(), st.body.to_json())
     }
 
     /// The status document, rendered at most once per change. `webhook` is the same for every render of a
@@ -271,6 +393,8 @@ impl LiveRequest {
         st.doc_cache = Some((st.version, doc.clone()));
         doc
     }
+
+    // ---- the end ----
 
     /// Tells the worker to end the call for `reason`, unless the request is already ending. `true` if it was
     /// running. A stop fixes the final state (`stop`) at once, so that no chunk received later is kept; it
@@ -292,21 +416,19 @@ impl LiveRequest {
         cancelled
     }
 
-    /// Fixes the final state (unless a stop already did) without showing it, and returns what to store: the
-    /// progress, the body, and the last piece of the raw response if one is still unstored.
-    pub fn stage_final(
-        &self,
-        status: Status,
-        error: Option<ErrorInfo>,
-        now: f64,
-    ) -> (Progress, Option<String>, Option<Stored>) {
+    /// Fixes the final state (unless a stop already did) without showing it, and returns what to store: the last
+    /// piece of the raw response if one is still unstored, then the final status with the body.
+    pub fn stage_final(&self, status: Status, error: Option<ErrorInfo>, now: f64) -> (Option<WriteOp>, WriteOp) {
+        let id = self.id();
+        let webhook_url = self.meta.options.webhook_url.clone();
         self.update(|st| {
             if st.staged.is_none() && !st.progress.status.is_final() {
                 st.stage(status, error, now);
             }
             let progress = st.staged.clone().unwrap_or_else(|| st.progress.clone());
-            let leftover = st.raw.finish();
-            (false, (progress, st.body.to_json(), leftover))
+            let leftover = st.raw.finish().map(|(seq, piece)| WriteOp::Raw { id, seq, piece });
+            let finish = WriteOp::Finish { id, progress: Box::new(progress), body: st.body.to_json(), webhook_url };
+            (false, (leftover, finish))
         })
     }
 

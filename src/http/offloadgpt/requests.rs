@@ -1,11 +1,11 @@
 //! The endpoints of one request: `.json` (and `DELETE`), `.txt`, `.raw`, `/stop`.
 
-use super::AppState;
-use super::error::{ApiError, ApiPath};
 use crate::document::RequestMeta;
 use crate::domain::locator::ParsedUrl;
 use crate::domain::{Access, Kind, Suffix};
 use crate::engine::{Found, StopOutcome};
+use crate::http::AppState;
+use crate::http::error::{ApiError, ApiPath};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
@@ -72,7 +72,7 @@ fn authorize(meta: &RequestMeta, headers: &HeaderMap, stream_token: Option<&str>
     if meta.locator.access == Access::Public {
         return Ok(());
     }
-    let by_bearer = super::bearer(headers).zip(meta.bearer.as_ref()).is_some_and(|(t, hash)| hash.verify(t));
+    let by_bearer = crate::http::bearer(headers).zip(meta.bearer.as_ref()).is_some_and(|(t, hash)| hash.verify(t));
     let by_stream_token = stream_token.zip(meta.stream_token.as_ref()).is_some_and(|(t, hash)| hash.verify(t));
     if by_bearer || by_stream_token {
         return Ok(());
@@ -106,7 +106,7 @@ struct Call<'a> {
 
 impl<'a> Call<'a> {
     fn new(app: &AppState, method: Method, uri: &'a Uri, headers: &'a HeaderMap) -> Self {
-        let from_peer = super::forward::relayed_by_peer(app.engine.peers(), &method, uri, headers);
+        let from_peer = crate::http::forward::relayed_by_peer(app.engine.peers(), &method, uri, headers);
         Self { method, uri, headers, from_peer }
     }
 }
@@ -128,7 +128,7 @@ async fn locate(
         // Relayed once already: this node answers with what it knows, so a call never goes round in circles.
         return Ok(Located::Unreached(found.into_stored()));
     }
-    match super::forward::send(peers, address, call.method.clone(), call.uri, call.headers).await {
+    match crate::http::forward::send(peers, address, call.method.clone(), call.uri, call.headers).await {
         Ok(answer) => Ok(Located::Relayed(answer)),
         Err(e) => {
             tracing::warn!(error = %e, "answering from the store instead");
@@ -153,16 +153,16 @@ fn in_time(call: &Call<'_>) -> Result<(), ApiError> {
 }
 
 fn relayed(answer: reqwest::Response) -> Result<Response, ApiError> {
-    super::forward::relay(answer).map_err(|e| ApiError::internal(&e))
+    crate::http::forward::relay(answer).map_err(|e| ApiError::internal(&e))
 }
 
 /// A request's event stream relayed from its owner, frame by frame; if the owner goes quiet or the connection
 /// breaks before `[DONE]`, the stream goes on from the store after the last event passed on.
 fn relay_events(app: AppState, url: ParsedUrl, answer: reqwest::Response, after: u64) -> Result<Response, ApiError> {
     use futures_util::StreamExt;
-    let head = super::forward::head(&answer);
+    let head = crate::http::forward::head(&answer);
     let stream = async_stream::stream! {
-        let mut relay = super::forward::EventRelay::new(after);
+        let mut relay = crate::http::forward::EventRelay::new(after);
         let mut body = answer.bytes_stream();
         while let Ok(Some(Ok(bytes))) = tokio::time::timeout(crate::cluster::RELAY_IDLE_WITHIN, body.next()).await {
             let whole = relay.take(&bytes);
@@ -181,7 +181,7 @@ fn relay_events(app: AppState, url: ParsedUrl, answer: reqwest::Response, after:
         }
         match app.engine.find(&url).await {
             Ok(Some(found)) => {
-                let mut rest = std::pin::pin!(app.engine.follow(found.into_stored(), relay.last_id, false));
+                let mut rest = std::pin::pin!(app.engine.follow(found.into_stored(), relay.last_id, false, super::events::ending));
                 while let Some(item) = rest.next().await {
                     yield item;
                 }
@@ -359,7 +359,7 @@ fn events(
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     // A peer relaying the stream gets keep-alives often, so that it can tell a quiet stream from a frozen node.
-    let body = Body::from_stream(app.engine.follow(found, after.unwrap_or(0), from_peer));
+    let body = Body::from_stream(app.engine.follow(found, after.unwrap_or(0), from_peer, super::events::ending));
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),

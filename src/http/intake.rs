@@ -1,24 +1,16 @@
-//! `POST /v1/stream-chatgpt` and `POST /v1/async-chatgpt`.
+//! What every API does with a create call before its body is parsed: let the caller in (the service key), check
+//! the headers, and read the body within its bounds. Each refusal costs a refused caller as little as possible,
+//! and closes an HTTP/1.1 connection instead of reading the rest.
 
 use super::error::ApiError;
 use super::{AppState, BodyLimits};
 use crate::domain::{CreateRequest, Kind, ServiceKey, UpstreamKey};
-use crate::engine::{Created, Held};
+use crate::engine::Created;
 use crate::keys::Refusal;
-use axum::Json;
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode, Version, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde_json::{Value, json};
-
-pub async fn stream(State(app): State<AppState>, request: Request) -> Result<Json<Value>, ApiError> {
-    create(app, Kind::Stream, request).await
-}
-
-pub async fn asynchronous(State(app): State<AppState>, request: Request) -> Result<Json<Value>, ApiError> {
-    create(app, Kind::Async, request).await
-}
 
 /// The service key, from the first of `Authorization: Bearer`, `X-API-Key` and `X-RapidAPI-Key` present
 /// (OffloadGPT clients send the last one). `Err` names a header that is present but not plain text, so cannot
@@ -26,7 +18,7 @@ pub async fn asynchronous(State(app): State<AppState>, request: Request) -> Resu
 fn service_key(headers: &HeaderMap) -> Result<Option<&str>, &'static str> {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         value.to_str().map_err(|_| "Authorization")?;
-        if let Some(token) = super::bearer(headers) {
+        if let Some(token) = crate::http::bearer(headers) {
             return Ok(Some(token).filter(|k| !k.is_empty()));
         }
     }
@@ -41,7 +33,7 @@ fn service_key(headers: &HeaderMap) -> Result<Option<&str>, &'static str> {
 
 /// The caller's upstream key; a header that is not plain text is refused rather than taken as absent (which
 /// would quietly spend the server's own key).
-pub(super) fn upstream_key(headers: &HeaderMap) -> Result<Option<UpstreamKey>, ApiError> {
+pub fn upstream_key(headers: &HeaderMap) -> Result<Option<UpstreamKey>, ApiError> {
     let Some(value) = headers.get("x-openai-api-key") else { return Ok(None) };
     let text = value.to_str().map_err(|_| {
         ApiError::new(
@@ -54,20 +46,8 @@ pub(super) fn upstream_key(headers: &HeaderMap) -> Result<Option<UpstreamKey>, A
     Ok(UpstreamKey::new(text))
 }
 
-/// Checks in the order that costs a refused caller the least: the service key, the headers, the declared size,
-/// and only then the body itself (bounded in size and time).
-async fn create(app: AppState, kind: Kind, request: Request) -> Result<Json<Value>, ApiError> {
-    let incoming = receive(&app, request).await?;
-    let request = CreateRequest::parse(&incoming.body, app.engine.limits()).map_err(|e| {
-        let code = if e.param.is_some() { "invalid_field" } else { "invalid_json" };
-        ApiError::new(StatusCode::BAD_REQUEST, code, e.message).with_param(e.param)
-    })?;
-    let created = start(&app, kind, &incoming, request).await?;
-    Ok(Json(created_response(&app, &created)))
-}
-
 /// A create call whose caller was let in and whose body was read.
-pub(super) struct Incoming {
+pub struct Incoming {
     pub key: Option<ServiceKey>,
     pub upstream_key: Option<UpstreamKey>,
     pub headers: HeaderMap,
@@ -76,7 +56,7 @@ pub(super) struct Incoming {
 
 /// Lets the caller in (service key), checks the headers, and reads the body: everything a create needs before
 /// its body is parsed. Every refusal closes an HTTP/1.1 connection instead of reading the rest.
-pub(super) async fn receive(app: &AppState, request: Request) -> Result<Incoming, ApiError> {
+pub async fn receive(app: &AppState, request: Request) -> Result<Incoming, ApiError> {
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
     // Every refusal before the body is read closes an HTTP/1.1 connection instead of reading the rest.
@@ -106,7 +86,7 @@ pub(super) async fn receive(app: &AppState, request: Request) -> Result<Incoming
 }
 
 /// The caller's service key (`None` while the server runs open), or why the caller is refused.
-pub(super) async fn caller(app: &AppState, headers: &HeaderMap, http1: bool) -> Result<Option<ServiceKey>, ApiError> {
+pub async fn caller(app: &AppState, headers: &HeaderMap, http1: bool) -> Result<Option<ServiceKey>, ApiError> {
     let presented = match service_key(headers) {
         Ok(presented) => presented,
         // Only matters when keys are required: an open server checks no key at all.
@@ -134,31 +114,6 @@ pub(super) async fn caller(app: &AppState, headers: &HeaderMap, http1: bool) -> 
         return Err(refused.closing(http1));
     }
     Ok(key)
-}
-
-/// Admits the request against its service key's quotas and starts it; a refusal by the engine gives the quota
-/// back.
-pub(super) async fn start(
-    app: &AppState,
-    kind: Kind,
-    incoming: &Incoming,
-    request: CreateRequest,
-) -> Result<Created, ApiError> {
-    let key = &incoming.key;
-    let mut admission = match key {
-        Some(key) => Some(app.gate.admit(key).await?),
-        None => None,
-    };
-    let held = admission.as_mut().and_then(|a| a.slot.take()).map(|slot| Box::new(slot) as Box<dyn Held>);
-    match app.engine.create(kind, request, incoming.upstream_key.clone(), held).await {
-        Ok(created) => Ok(created),
-        Err(e) => {
-            if let (Some(admission), Some(key)) = (admission, key) {
-                app.gate.refund(admission, key).await;
-            }
-            Err(e.into())
-        }
-    }
 }
 
 /// Reads the whole body: at most `max_bytes` (a larger `Content-Length` is refused before reading anything) and
@@ -196,37 +151,20 @@ async fn read_body(body: Body, limits: BodyLimits) -> Result<Bytes, ApiError> {
     }
 }
 
-fn created_response(app: &AppState, created: &Created) -> Value {
-    let meta = &created.meta;
-    let urls = app.engine.urls().endpoints(meta);
-    let authorization = match (&created.bearer, &created.stream_token) {
-        (Some(bearer), Some(stream)) => json!({
-            "access": "private",
-            "bearer_token": bearer.as_str(),
-            "stream_url_arg": format!("stream_token={}", stream.as_str()),
-        }),
-        _ => json!({"access": "public"}),
-    };
-    let readme = match meta.locator.kind {
-        Kind::Stream => {
-            "The `stream_events_url` endpoint below streams data sent by the ChatGPT API. Open it to receive incoming messages."
-        }
-        Kind::Async => {
-            "The `status_url` endpoint below continuously updates with data sent by the ChatGPT API. Load it to check for new data."
-        }
-    };
-    let mut endpoints = serde_json::Map::new();
-    endpoints.insert("status_url".into(), urls.status_url.into());
-    if let Some(stream) = urls.stream_events_url {
-        endpoints.insert("stream_events_url".into(), stream.into());
-    }
-    endpoints.insert("stop_url".into(), urls.stop_url.into());
-    json!({
-        "status": "success",
-        "created_at": meta.locator.created_at,
-        "conversation_id": meta.conversation_id,
-        "README": readme,
-        "authorization": authorization,
-        "endpoints": endpoints,
+/// The create body, parsed once (`CreateRequest`), or a 400 naming the field.
+pub fn parse(body: &[u8], app: &AppState) -> Result<CreateRequest, ApiError> {
+    CreateRequest::parse(body, app.engine.limits()).map_err(|e| {
+        let code = if e.param.is_some() { "invalid_field" } else { "invalid_json" };
+        ApiError::new(StatusCode::BAD_REQUEST, code, e.message).with_param(e.param)
     })
+}
+
+/// Lets the call in through the engine's admission (the key's limits, the create, the refund on failure).
+pub async fn admit(
+    app: &AppState,
+    kind: Kind,
+    incoming: &Incoming,
+    request: CreateRequest,
+) -> Result<Created, ApiError> {
+    Ok(app.engine.admit(incoming.key.as_ref(), kind, request, incoming.upstream_key.clone()).await?)
 }

@@ -7,20 +7,19 @@
 //! connection is not the request's: when it drops, the request runs to its end (unless
 //! `X-Offload-On-Disconnect: stop`), to be read from its URLs, named in the `X-Offload-*` headers of the answer.
 
-use super::AppState;
-use super::create::{self, Incoming};
-use super::error::ApiError;
 use crate::document::ErrorInfo;
-use crate::domain::{CreateRequest, Kind, Status};
-use crate::engine::live::{CancelReason, LiveRequest, Read};
-use crate::engine::{Created, sse};
+use crate::domain::{Kind, Status};
+use crate::engine::live::{CancelReason, End, LiveRequest};
+use crate::engine::{Created, Found};
+use crate::http::AppState;
+use crate::http::error::ApiError;
+use crate::http::intake::{self, Incoming};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Where the answer's request can be read: its status document.
 pub const STATUS_URL: HeaderName = HeaderName::from_static("x-offload-status-url");
@@ -28,11 +27,6 @@ pub const STATUS_URL: HeaderName = HeaderName::from_static("x-offload-status-url
 pub const STREAM_URL: HeaderName = HeaderName::from_static("x-offload-stream-url");
 /// Its bearer token (private requests, asked for with `X-Offload-Access: private`).
 pub const BEARER_TOKEN: HeaderName = HeaderName::from_static("x-offload-bearer-token");
-
-/// How many events one read of the live request hands over at most.
-const BATCH: usize = 256;
-/// Comment lines while nothing else is sent, so that proxies keep the connection open.
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// The `X-Offload-*` request headers.
 struct Offload {
@@ -138,14 +132,11 @@ impl Drop for OnDisconnect {
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
-    let incoming: Incoming = create::receive(&app, request).await?;
+    let incoming: Incoming = intake::receive(&app, request).await?;
     let offload = Offload::parse(&incoming.headers)?;
     let (kind, body) = create_body(&incoming.body, &offload)?;
-    let request = CreateRequest::parse(&body, app.engine.limits()).map_err(|e| {
-        let code = if e.param.is_some() { "invalid_field" } else { "invalid_json" };
-        ApiError::new(StatusCode::BAD_REQUEST, code, e.message).with_param(e.param)
-    })?;
-    let created = create::start(&app, kind, &incoming, request).await?;
+    let request = intake::parse(&body, &app)?;
+    let created = intake::admit(&app, kind, &incoming, request).await?;
     let live = created.live.clone();
     let guard = OnDisconnect { live: live.clone(), stop: offload.stop_on_disconnect };
     let headers = offload_headers(&app, &created);
@@ -154,11 +145,11 @@ pub async fn chat_completions(State(app): State<AppState>, request: Request) -> 
     let mut changes = live.subscribe();
     loop {
         changes.borrow_and_update();
-        let (status, events) = live.update(|st| (false, (st.progress.status, st.events.len())));
-        if status.is_final() || (kind == Kind::Stream && status == Status::Streaming) {
-            let streamed = kind == Kind::Stream && events > 0 && answered_ok(&live);
-            if streamed {
-                return Ok(stream_answer(live, guard, headers));
+        let now = live.answering();
+        if now.status.is_final() || (kind == Kind::Stream && now.status == Status::Streaming) {
+            let answered_ok = now.upstream_status.is_some_and(|code| (200..300).contains(&code));
+            if kind == Kind::Stream && now.events > 0 && answered_ok {
+                return Ok(stream_answer(&app, live, guard, headers));
             }
             guard.answered();
             return Ok(final_answer(&live, headers));
@@ -168,11 +159,6 @@ pub async fn chat_completions(State(app): State<AppState>, request: Request) -> 
             return Err(ApiError::internal(&"the request's state is gone"));
         }
     }
-}
-
-/// Whether the upstream answered with a success status.
-fn answered_ok(live: &LiveRequest) -> bool {
-    live.update(|st| (false, st.progress.response.as_ref().is_some_and(|r| (200..300).contains(&r.status_code))))
 }
 
 fn offload_headers(app: &AppState, created: &Created) -> HeaderMap {
@@ -199,7 +185,7 @@ fn offload_headers(app: &AppState, created: &Created) -> HeaderMap {
 /// The answer of a request that is final: the upstream's status and body when it answered (an error status, or
 /// a non-stream success), else an error saying why there is no answer.
 fn final_answer(live: &LiveRequest, mut headers: HeaderMap) -> Response {
-    let (progress, body) = live.update(|st| (false, (st.progress.clone(), st.body.to_json())));
+    let (progress, body) = live.snapshot();
     let upstream = progress.response.as_ref().map(|r| r.status_code);
     let answered = match (upstream, progress.status, &body) {
         (Some(code), _, Some(body)) if !(200..300).contains(&code) => Some((code, body.clone())),
@@ -229,37 +215,27 @@ fn final_answer(live: &LiveRequest, mut headers: HeaderMap) -> Response {
 
 /// The live event stream of a stream request, in OpenAI's format: each chunk as it arrived (with its `id`, the
 /// same as in the request's own event stream, to resume from there), then `data: [DONE]`. A request that ends in
-/// `error` sends `event: error` with `{"error": {...}}` before it, which the SDKs raise.
-fn stream_answer(live: Arc<LiveRequest>, guard: OnDisconnect, mut headers: HeaderMap) -> Response {
+/// `error` sends `event: error` with `{"error": {...}}` before it, which the SDKs raise. The engine's one reader
+/// loop sends it; this API gives only its end.
+fn stream_answer(app: &AppState, live: Arc<LiveRequest>, guard: OnDisconnect, mut headers: HeaderMap) -> Response {
+    let events = app.engine.follow(Found::Live(live), 0, false, ending);
     let body = async_stream::stream! {
         let guard = guard;
-        let mut changes = live.subscribe();
-        let mut cursor = 0;
-        loop {
-            changes.borrow_and_update();
-            match live.read(cursor, BATCH) {
-                Read::Events(bytes, next) => {
-                    cursor = next;
-                    yield Ok::<_, std::convert::Infallible>(bytes);
-                }
-                Read::End(_) => {
-                    let error = live.update(|st| (false, (st.progress.status == Status::Error).then(|| st.progress.error.clone()).flatten()));
-                    guard.answered();
-                    yield Ok(end_of_stream(error.as_ref()));
-                    break;
-                }
-                Read::Wait => {
-                    tokio::select! {
-                        changed = changes.changed() => if changed.is_err() { break },
-                        _ = tokio::time::sleep(KEEP_ALIVE) => yield Ok(Bytes::from_static(sse::KEEP_ALIVE)),
-                    }
-                }
-            }
+        let mut events = std::pin::pin!(events);
+        while let Some(bytes) = futures_util::StreamExt::next(&mut events).await {
+            yield bytes;
         }
+        // The whole answer went out (or the server is closing): leaving now stops nothing.
+        guard.answered();
     };
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     (StatusCode::OK, headers, Body::from_stream(body)).into_response()
+}
+
+/// This API's end of a stream.
+fn ending(end: &End) -> Bytes {
+    end_of_stream((end.status == Status::Error).then_some(end.error.as_ref()).flatten())
 }
 
 fn end_of_stream(error: Option<&ErrorInfo>) -> Bytes {

@@ -1,0 +1,62 @@
+//! Ending what a crash or a dead node cut off: every request that is not final becomes `error`/`interrupted`,
+//! keeping what was received (a stream's body is assembled again from its stored events).
+
+use super::{Engine, worker};
+use crate::document::Assembler;
+use crate::domain::{Kind, RequestId, Status, unix_now};
+use crate::store::{StoreError, StoredRequest, WriteOp};
+use std::sync::Arc;
+
+impl Engine {
+    /// On a store of one node: ends every request a crash cut off as `error`/`interrupted`, keeping what was
+    /// received. (On a shared store the requests of other nodes may be running: see [`Self::take_over_orphans`].)
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let cut_off = self.inner.stores.requests.unfinished().await?;
+        self.end_cut_off(cut_off).await
+    }
+
+    /// On a shared store: ends the requests whose node is gone, as `error`/`interrupted`. Several nodes may do this
+    /// at once; the store's final write applies to a request once, so each ends (and its webhook is queued) once.
+    pub async fn take_over_orphans(&self) -> Result<usize, StoreError> {
+        let orphans = self.inner.stores.requests.orphans().await?;
+        self.end_cut_off(orphans).await
+    }
+
+    async fn end_cut_off(&self, cut_off: Vec<StoredRequest>) -> Result<usize, StoreError> {
+        let store = &self.inner.stores.requests;
+        let count = cut_off.len();
+        for request in cut_off {
+            let id = request.meta.locator.id;
+            let body = match request.meta.locator.kind {
+                Kind::Stream => Some(self.reassemble(id).await?),
+                Kind::Async => None,
+            };
+            let now = unix_now();
+            let mut progress = request.progress;
+            progress.status = Status::Error;
+            progress.error = Some(worker::interrupted());
+            if progress.request_at.is_some() {
+                progress.finished_at.get_or_insert(now);
+            }
+            progress.processed_at = Some(now);
+            let webhook_url = request.meta.options.webhook_url.clone();
+            store.write(Arc::from([WriteOp::Finish { id, progress: Box::new(progress), body, webhook_url }])).await?;
+            tracing::warn!(request = %id, "request cut off by a previous crash ended as interrupted");
+        }
+        Ok(count)
+    }
+
+    async fn reassemble(&self, id: RequestId) -> Result<String, StoreError> {
+        let mut assembler = Assembler::default();
+        let mut cursor = 0;
+        loop {
+            let page = self.inner.stores.requests.events(id, cursor, 1000).await?;
+            let Some((last, _)) = page.last() else { break };
+            cursor = *last;
+            for (_, data) in &page {
+                assembler.apply(data);
+            }
+        }
+        serde_json::to_string(&assembler).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+}
