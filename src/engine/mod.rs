@@ -11,7 +11,6 @@
 pub mod continuation;
 pub mod health;
 pub mod live;
-pub mod persister;
 pub mod raw;
 pub mod reader;
 pub mod sse;
@@ -25,11 +24,11 @@ use crate::domain::{
     Access, AccessToken, Continuation, CreateRequest, Kind, Limits, Locator, NodeId, RequestId, Status, UpstreamKey,
 };
 use crate::store::nodes::NodeStore;
+use crate::store::pipeline::Persister;
 use crate::store::{RawCursor, StoreError, StoredRequest, Stores, WriteOp};
 use crate::upstream::Upstream;
 use live::{CancelReason, LiveRequest};
 use parking_lot::Mutex;
-use persister::Persister;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use std::collections::HashMap;

@@ -2,12 +2,12 @@
 
 use super::Inner;
 use super::live::{CancelReason, LiveBody, LiveRequest, json_body};
-use super::persister::Receipt;
 use super::raw::{SkipBom, Stored};
 use crate::document::Attempt;
 use crate::document::{ChunkKind, ErrorInfo};
 use crate::domain::{Kind, Status, UpstreamKey};
 use crate::store::WriteOp;
+use crate::store::pipeline::Receipt;
 use crate::upstream::events::{EventParser, ParseError};
 use crate::upstream::{CallError, Retries, describe, raw_head, response_meta, retry_after};
 use bytes::Bytes;
