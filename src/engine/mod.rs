@@ -6,8 +6,8 @@
 //! - [`admission`]: one operation lets a call in: the key's limits and quotas, the create, the refund on failure.
 //! - [`create`]: a request's record (and the conversation it continues), its insert, its worker.
 //! - [`live`]: a running request in memory, owned there and changed only through its intents.
-//! - [`worker`]: performs the upstream call (the I/O) and hands the writes to the persister.
-//! - [`persister`]: batches every write into store transactions.
+//! - [`worker`]: performs the upstream call (the I/O) and hands the writes to the store's write pipeline
+//!   (`store::pipeline`).
 //! - [`reader`]: the one reader loop: the event stream of a request, live or replayed, for every API.
 //! - [`reads`]: finding a request by its URL; its document, raw response, stream; stop and delete.
 //! - [`settle`]: the end of a request (durable, then shown) and of the server.
@@ -22,7 +22,6 @@ mod create;
 pub mod health;
 pub mod live;
 mod membership;
-pub mod persister;
 pub mod reader;
 mod reads;
 mod recovery;
@@ -36,11 +35,11 @@ use crate::cluster::Peers;
 use crate::document::{RequestMeta, Urls};
 use crate::domain::{AccessToken, Limits, NodeId, RequestId, Status};
 use crate::keys::Gatekeeper;
+use crate::store::pipeline::Persister;
 use crate::store::{StoreError, StoredRequest, Stores};
 use crate::upstream::Upstream;
 use live::LiveRequest;
 use parking_lot::Mutex;
-use persister::Persister;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,12 +4,12 @@
 use super::Inner;
 use super::live::raw::SkipBom;
 use super::live::{CancelReason, LiveRequest, json_body};
-use super::persister::Receipt;
 use crate::document::Attempt;
 use crate::document::{ChunkKind, ErrorInfo};
 use crate::domain::{Kind, Status, UpstreamKey};
 use crate::keys::InFlightSlot;
 use crate::store::WriteOp;
+use crate::store::pipeline::Receipt;
 use crate::upstream::chat;
 use crate::upstream::events::{EventParser, ParseError};
 use crate::upstream::{CallError, Retries, describe, raw_head, response_meta, retry_after};

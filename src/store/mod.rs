@@ -1,5 +1,6 @@
-//! Durable storage behind one trait. The engine batches every write into [`Store::write`] calls (one
-//! transaction each); reads serve requests that are no longer live in memory.
+//! Durable storage behind one trait. The write pipeline ([`pipeline`]) batches every write into [`Store::write`]
+//! calls (one transaction each), with the rules of a batch shared by both stores ([`pipeline::plan`]); reads
+//! serve requests that are no longer live in memory.
 //!
 //! Storage is split by query family, one trait each: [`Store`] (requests, events, raw responses), [`WebhookStore`]
 //! (webhook deliveries) and [`KeyStore`] (service keys and their usage). An implementation provides all three.
@@ -15,6 +16,7 @@
 
 mod columns;
 pub mod nodes;
+pub mod pipeline;
 pub mod postgres;
 pub mod sqlite;
 
@@ -208,6 +210,8 @@ impl WriteOp {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies the operations in order, atomically. Returns once they are durable.
+    ///
+    /// What the batch means is [`pipeline::plan::Plan::of`]'s; a store executes that plan.
     ///
     /// One exception: a store may commit a long batch in parts to let [`Self::write_urgent`] in between (the SQLite
     /// store does). An error then leaves the parts before it stored; that is harmless because the persister tries

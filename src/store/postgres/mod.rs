@@ -6,7 +6,8 @@
 //!
 //! - A write batch ([`Store::write`](crate::store::Store::write)) is one statement, so one round trip and one
 //!   implicit transaction whatever its size: the ops are grouped by kind into arrays (`UNNEST`) and applied by
-//!   data-modifying `WITH` clauses. The grouping keeps the batch's meaning: see `requests::Batch`.
+//!   data-modifying `WITH` clauses ([`write`]). What the batch means is its
+//!   [`Plan`](crate::store::pipeline::plan::Plan), shared with SQLite.
 //! - A request's rows are written only while its row is locked (`FOR KEY SHARE`, taken in the same statement),
 //!   and deleting a request deletes its row first, then its events, raw pieces and webhook in a later statement:
 //!   a delete waits for a batch that writes to the request, so no event outlives its request.
@@ -17,12 +18,13 @@
 //! starting together take turns. Every object lives in one schema: the one given to [`PostgresStore::connect`],
 //! else the first of the connection's `search_path` (usually `public`).
 //!
-//! One file per query family: [`requests`], [`webhooks`], [`keys`].
+//! One file per query family: [`requests`] (and [`write`], its writes), [`webhooks`], [`keys`].
 
 mod keys;
 mod nodes;
 mod requests;
 mod webhooks;
+mod write;
 
 use super::StoreError;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};

@@ -1,7 +1,8 @@
 //! The embedded store: one SQLite file in WAL mode.
 //!
 //! All writes run on one dedicated thread that owns the write connection (SQLite has a single writer anyway):
-//! a batch is one transaction with cached statements, and read-modify-write operations such as charging a quota
+//! it executes, one at a time, what the pipeline's schedule ([`crate::store::pipeline::serial`]) hands it; a
+//! batch is its plan ([`crate::store::pipeline::plan`]) in one transaction with cached statements, and read-modify-write operations such as charging a quota
 //! are exact because nothing else writes in between. Reads use a small pool of read connections on the blocking
 //! thread pool; WAL lets them run while the writer commits. Another process (the `offload keys` command) may
 //! open the same file: SQLite's locking and the busy timeout keep them apart.
@@ -11,15 +12,17 @@
 //! and `-shm` files the database file's mode). A directory or file found with wider permissions is tightened at
 //! start, with a warning in the log.
 //!
-//! One file per query family: [`requests`], [`webhooks`], [`keys`].
+//! One file per query family: [`requests`] (and [`write`], its writes), [`webhooks`], [`keys`].
 
 mod keys;
 mod nodes;
 mod requests;
 mod webhooks;
+mod write;
 
 use super::StoreError;
 use crate::domain::RequestId;
+use crate::store::pipeline::serial::Next;
 use parking_lot::Mutex;
 use rusqlite::Connection;
 use std::collections::HashMap;
@@ -139,7 +142,7 @@ pub(super) struct Writer {
     conn: Connection,
     rkeys: HashMap<RequestId, i64>,
     /// Where the writer finds its work; a long batch looks here between writes for creates waiting.
-    queue: Arc<Queue>,
+    queue: Arc<write::Queue>,
 }
 
 impl std::ops::Deref for Writer {
@@ -158,92 +161,8 @@ impl std::ops::DerefMut for Writer {
 /// Work for the writer thread; it sends its own result back.
 type WriteJob = Box<dyn FnOnce(&mut Writer) + Send>;
 
-/// A create's insert, waiting for the writer: these go ahead of every other job, all in one transaction (group
-/// commit), and a long batch of other writes commits what it has and lets them in (see `requests::apply`).
-type UrgentJob = (Arc<[crate::store::WriteOp]>, oneshot::Sender<Result<(), StoreError>>);
-
-/// The writer thread's work in two lanes.
-pub(super) struct Queue {
-    jobs: Mutex<Jobs>,
-    ready: parking_lot::Condvar,
-    /// Whether `jobs.urgent` has something: read between the writes of a batch without taking the lock.
-    urgent_waiting: std::sync::atomic::AtomicBool,
-}
-
-#[derive(Default)]
-struct Jobs {
-    urgent: Vec<UrgentJob>,
-    normal: std::collections::VecDeque<WriteJob>,
-    /// The store was dropped: the thread ends once the lanes are empty.
-    closed: bool,
-}
-
-enum Next {
-    Urgent(Vec<UrgentJob>),
-    Normal(WriteJob),
-}
-
-impl Queue {
-    fn push(&self, job: WriteJob) -> Result<(), StoreError> {
-        let mut jobs = self.jobs.lock();
-        if jobs.closed {
-            return Err(StoreError::Closed);
-        }
-        jobs.normal.push_back(job);
-        drop(jobs);
-        self.ready.notify_one();
-        Ok(())
-    }
-
-    fn push_urgent(&self, job: UrgentJob) -> Result<(), StoreError> {
-        let mut jobs = self.jobs.lock();
-        if jobs.closed {
-            return Err(StoreError::Closed);
-        }
-        jobs.urgent.push(job);
-        self.urgent_waiting.store(true, std::sync::atomic::Ordering::Release);
-        drop(jobs);
-        self.ready.notify_one();
-        Ok(())
-    }
-
-    /// Every urgent job waiting (possibly none).
-    pub(super) fn take_urgent(&self) -> Vec<UrgentJob> {
-        let mut jobs = self.jobs.lock();
-        self.urgent_waiting.store(false, std::sync::atomic::Ordering::Release);
-        std::mem::take(&mut jobs.urgent)
-    }
-
-    pub(super) fn urgent_waiting(&self) -> bool {
-        self.urgent_waiting.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// The next job, urgent ones first; `None` once the store is closed and nothing is left.
-    fn next(&self) -> Option<Next> {
-        let mut jobs = self.jobs.lock();
-        loop {
-            if !jobs.urgent.is_empty() {
-                self.urgent_waiting.store(false, std::sync::atomic::Ordering::Release);
-                return Some(Next::Urgent(std::mem::take(&mut jobs.urgent)));
-            }
-            if let Some(job) = jobs.normal.pop_front() {
-                return Some(Next::Normal(job));
-            }
-            if jobs.closed {
-                return None;
-            }
-            self.ready.wait(&mut jobs);
-        }
-    }
-
-    fn close(&self) {
-        self.jobs.lock().closed = true;
-        self.ready.notify_all();
-    }
-}
-
 pub struct SqliteStore {
-    queue: Arc<Queue>,
+    queue: Arc<write::Queue>,
     readers: Arc<ReadPool>,
 }
 
@@ -445,19 +364,16 @@ impl SqliteStore {
             owner_only::tighten(file, owner_only::FILE).map_err(|e| StoreError::Database(e.to_string()))?;
         }
 
-        let queue = Arc::new(Queue {
-            jobs: Mutex::new(Jobs::default()),
-            ready: parking_lot::Condvar::new(),
-            urgent_waiting: false.into(),
-        });
+        let queue = Arc::new(write::Queue::default());
         let mut writer = Writer { conn, rkeys: HashMap::new(), queue: queue.clone() };
         std::thread::Builder::new()
             .name("offload-sqlite-writer".into())
             .spawn(move || {
+                // A plain executor: the schedule is the queue's (the pipeline's).
                 while let Some(next) = writer.queue.next() {
                     match next {
-                        Next::Urgent(jobs) => requests::run_urgent(&mut writer, jobs),
-                        Next::Normal(job) => job(&mut writer),
+                        Next::Urgent(jobs) => write::run_urgent(&mut writer, jobs),
+                        Next::Job(job) => job(&mut writer),
                     }
                 }
             })

@@ -1,31 +1,12 @@
 //! The request family: requests, their events and raw responses.
 
-use super::{SqliteStore, Writer, db_err};
-use crate::document::Progress;
+use super::{SqliteStore, Writer, db_err, write};
 use crate::domain::RequestId;
-use crate::store::columns::{RequestRow, encode_meta, encode_progress, event_text};
-use crate::store::{RawCursor, RawPage, RawPiece, Store, StoreError, StoredRequest, WriteOp};
+use crate::store::columns::{RequestRow, event_text};
+use crate::store::{RawCursor, RawPage, Store, StoreError, StoredRequest, WriteOp};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use std::collections::HashMap;
 use std::sync::Arc;
-
-/// The internal key of a request that may still be written to: from the map of live requests, else from the
-/// table. `None` when the request is gone (deleted while a write for it was queued) or already final: such
-/// writes are dropped, so nothing of a final request ever changes and nothing is left orphaned.
-fn rkey(conn: &Connection, rkeys: &mut HashMap<RequestId, i64>, id: RequestId) -> Result<Option<i64>, StoreError> {
-    if let Some(key) = rkeys.get(&id) {
-        return Ok(Some(*key));
-    }
-    let key: Option<i64> = conn
-        .prepare_cached("SELECT rkey FROM requests WHERE id = ?1 AND status NOT IN ('done', 'error', 'stop')")
-        .and_then(|mut s| s.query_row([id.as_bytes()], |r| r.get(0)).optional())
-        .map_err(db_err)?;
-    if let Some(key) = key {
-        rkeys.insert(id, key);
-    }
-    Ok(key)
-}
 
 /// The internal key of a request, final or not.
 fn any_rkey(conn: &Connection, id: RequestId) -> Result<Option<i64>, StoreError> {
@@ -55,179 +36,6 @@ fn delete(w: &mut Writer, id: RequestId) -> Result<bool, StoreError> {
     tx.commit().map_err(db_err)?;
     rkeys.remove(&id);
     Ok(deleted)
-}
-
-fn apply(w: &mut Writer, ops: &[WriteOp], may_yield: bool) -> Result<(), StoreError> {
-    let mut inserted = Vec::new();
-    let result = apply_yielding(w, ops, &mut inserted, may_yield);
-    match &result {
-        Ok(()) => {
-            for op in ops {
-                if let WriteOp::Finish { id, .. } = op {
-                    w.rkeys.remove(id);
-                }
-            }
-        }
-        // Rolled back: the keys handed out in this batch do not exist.
-        Err(_) => inserted.iter().for_each(|id| {
-            w.rkeys.remove(id);
-        }),
-    }
-    result
-}
-
-/// Creates waiting for the writer: their inserts in one transaction (group commit), each told the outcome.
-pub(super) fn run_urgent(w: &mut Writer, jobs: Vec<super::UrgentJob>) {
-    let ops: Vec<WriteOp> = jobs.iter().flat_map(|(ops, _)| ops.iter().cloned()).collect();
-    let result = apply(w, &ops, false);
-    for (_, done) in jobs {
-        let _ = done.send(result.clone());
-    }
-}
-
-/// How long a batch keeps its transaction open while creates wait.
-const YIELD_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
-
-/// Applies `ops` in order. A batch is one transaction, except that when creates are waiting (see
-/// [`super::Queue`]) and the transaction has been open for [`YIELD_AFTER`], their inserts join it, it commits
-/// (`may_yield`), and the batch goes on in a new transaction: a create never waits long behind a
-/// long batch, and a steady stream of creates cannot split a batch into a commit per write. On an error the batch may thus be partly
-/// stored; the persister tries it again whole, and every write in it can be applied twice without harm (events
-/// and raw pieces replace themselves, a final status applies once, nothing is written after it).
-fn apply_yielding(
-    w: &mut Writer,
-    ops: &[WriteOp],
-    inserted: &mut Vec<RequestId>,
-    may_yield: bool,
-) -> Result<(), StoreError> {
-    // Requests this batch ended: nothing after their final status is written.
-    let mut ended = std::collections::HashSet::new();
-    // IMMEDIATE: take the write lock before reading, so that a writer of another process (the `keys` command)
-    // makes this one wait its turn instead of failing on a snapshot gone stale.
-    let mut tx = w.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
-    let mut opened = std::time::Instant::now();
-    for op in ops {
-        if may_yield && w.queue.urgent_waiting() && opened.elapsed() >= YIELD_AFTER {
-            // The waiting inserts join this transaction, which commits now: one commit lets them in. If that
-            // fails, they fail with the batch (rolled back whole, and retried by the persister).
-            let waiting = w.queue.take_urgent();
-            let mut new = Vec::new();
-            let joined = waiting
-                .iter()
-                .flat_map(|(ops, _)| ops.iter())
-                .try_for_each(|op| apply_one(&tx, &mut w.rkeys, op, &mut new, &mut ended));
-            let result = joined.and_then(|()| tx.commit().map_err(db_err));
-            if result.is_err() {
-                new.iter().for_each(|id| {
-                    w.rkeys.remove(id);
-                });
-            }
-            for (_, done) in waiting {
-                let _ = done.send(result.clone());
-            }
-            result?;
-            tx = w.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
-            opened = std::time::Instant::now();
-        }
-        apply_one(&tx, &mut w.rkeys, op, inserted, &mut ended)?;
-    }
-    tx.commit().map_err(db_err)
-}
-
-fn apply_one(
-    tx: &Connection,
-    rkeys: &mut HashMap<RequestId, i64>,
-    op: &WriteOp,
-    inserted: &mut Vec<RequestId>,
-    ended: &mut std::collections::HashSet<RequestId>,
-) -> Result<(), StoreError> {
-    if let WriteOp::Event { id, .. }
-    | WriteOp::Raw { id, .. }
-    | WriteOp::Progress { id, .. }
-    | WriteOp::Finish { id, .. } = op
-        && ended.contains(id)
-    {
-        return Ok(());
-    }
-    match op {
-        WriteOp::Insert(meta) => {
-            let meta_json = encode_meta(meta)?;
-            let progress = encode_progress(&Progress::pending())?;
-            tx.prepare_cached(
-                "INSERT INTO requests (id, kind, access, created_at, bearer, stream_token, meta, parameters, status, progress, owner)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    meta.locator.id.as_bytes(),
-                    meta.locator.kind.code(),
-                    meta.locator.access.code(),
-                    meta.locator.created_at,
-                    meta.bearer.as_ref().map(|h| h.as_bytes().to_vec()),
-                    meta.stream_token.as_ref().map(|h| h.as_bytes().to_vec()),
-                    meta_json,
-                    meta.parameters.get(),
-                    progress,
-                    meta.owner.map(|n| n.as_bytes().to_vec()),
-                ])
-            })
-            .map_err(db_err)?;
-            rkeys.insert(meta.locator.id, tx.last_insert_rowid());
-            inserted.push(meta.locator.id);
-        }
-        WriteOp::Event { id, seq, data } => {
-            let Some(key) = rkey(tx, rkeys, *id)? else { return Ok(()) };
-            tx.prepare_cached("INSERT OR REPLACE INTO events (rkey, seq, data) VALUES (?1, ?2, ?3)")
-                .and_then(|mut s| s.execute(params![key, seq, &data[..]]))
-                .map_err(db_err)?;
-        }
-        WriteOp::Raw { id, seq, piece } => {
-            let Some(key) = rkey(tx, rkeys, *id)? else { return Ok(()) };
-            let (bytes, through) = match piece {
-                RawPiece::Bytes(bytes) => (Some(&bytes[..]), None),
-                RawPiece::Events { through } => (None, *through),
-            };
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO raw_parts (rkey, seq, bytes, events_through) VALUES (?1, ?2, ?3, ?4)",
-            )
-            .and_then(|mut s| s.execute(params![key, seq, bytes, through]))
-            .map_err(db_err)?;
-        }
-        WriteOp::Progress { id, progress } => {
-            let Some(key) = rkey(tx, rkeys, *id)? else { return Ok(()) };
-            let json = encode_progress(progress)?;
-            tx.prepare_cached(
-                "UPDATE requests SET status = ?2, progress = ?3
-                 WHERE rkey = ?1 AND status NOT IN ('done', 'error', 'stop')",
-            )
-            .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json]))
-            .map_err(db_err)?;
-        }
-        WriteOp::Finish { id, progress, body, webhook_url } => {
-            let Some(key) = rkey(tx, rkeys, *id)? else {
-                ended.insert(*id);
-                return Ok(());
-            };
-            let json = encode_progress(progress)?;
-            let final_at = progress.processed_at.map(|t| t as i64);
-            // Conditional even with the key in hand: another handle on the file may have ended it first.
-            let changed = tx
-                .prepare_cached(
-                    "UPDATE requests SET status = ?2, progress = ?3, body = ?4, final_at = ?5
-                     WHERE rkey = ?1 AND status NOT IN ('done', 'error', 'stop')",
-                )
-                .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json, body, final_at]))
-                .map_err(db_err)?;
-            ended.insert(*id);
-            if changed == 0 {
-                return Ok(());
-            }
-            if let Some(url) = webhook_url {
-                super::webhooks::queue(tx, *id, url, progress.processed_at.unwrap_or(0.0))?;
-            }
-        }
-    }
-    Ok(())
 }
 
 const SELECT_REQUEST: &str =
@@ -261,7 +69,7 @@ impl Store for SqliteStore {
     async fn write(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
         // Inserts are not split from the rest of their batch (their keys are handed out in it).
         let may_yield = !ops.iter().any(|op| matches!(op, WriteOp::Insert(_)));
-        self.write_with(move |w| apply(w, &ops, may_yield)).await
+        self.write_with(move |w| write::apply(w, &ops, may_yield)).await
     }
 
     fn wants_own_thread(&self) -> bool {
