@@ -3,7 +3,6 @@
 
 use super::live::{CancelReason, End};
 use super::{Engine, Found, RawStream, StopOutcome, reader};
-use crate::document::{BodyView, render};
 use crate::domain::locator::ParsedUrl;
 use crate::domain::unix_now;
 use crate::store::{RawCursor, StoreError};
@@ -75,18 +74,6 @@ impl Engine {
             }
         }
         self.inner.stores.requests.delete(id).await
-    }
-
-    /// The status document's bytes: rendered once per change for a live request, from the store otherwise.
-    pub fn document(&self, found: &Found, webhook: Option<&RawValue>) -> bytes::Bytes {
-        match found {
-            Found::Live(live) => live.document(&self.inner.config.urls, webhook),
-            Found::Stored(stored) | Found::Elsewhere { stored, .. } => {
-                let body = stored.body.as_deref().and_then(|b| serde_json::from_str::<&RawValue>(b).ok());
-                let view = body.map_or(BodyView::None, BodyView::Json);
-                render(&stored.meta, &stored.progress, view, &self.inner.config.urls, webhook).into()
-            }
-        }
     }
 
     /// The raw upstream response so far, read page by page while it is sent (never whole: a reply may be as

@@ -17,9 +17,7 @@
 pub mod raw;
 
 use super::sse;
-use crate::document::{
-    Assembler, Attempt, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, ResponseMeta, Urls, render,
-};
+use crate::document::{Assembler, Attempt, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, ResponseMeta};
 use crate::domain::{Kind, Status};
 use crate::store::{RawCursor, WriteOp};
 use bytes::{Bytes, BytesMut};
@@ -90,7 +88,8 @@ struct LiveState {
     /// The final state, fixed but not yet durable: readers do not see it until it is published.
     staged: Option<Progress>,
     version: u64,
-    doc_cache: Option<(u64, Bytes)>,
+    /// The last rendering of each API's view of the request, with the version it shows.
+    rendered: Vec<(&'static str, u64, Bytes)>,
 }
 
 impl LiveState {
@@ -180,7 +179,7 @@ impl LiveRequest {
                 cancel_reason: None,
                 staged: None,
                 version: 0,
-                doc_cache: None,
+                rendered: Vec::new(),
             }),
             changed: watch::channel(0).0,
             cancel: CancellationToken::new(),
@@ -380,18 +379,22 @@ impl LiveRequest {
         (st.progress.clone(), st.body.to_json())
     }
 
-    /// The status document, rendered at most once per change. `webhook` is the same for every render of a
-    /// running request (`waiting`), so it is not part of the cache key.
-    pub fn document(&self, urls: &Urls, webhook: Option<&RawValue>) -> Bytes {
+    /// The request as an API shows it (`format` names the API's view), rendered by `render` at most once per
+    /// change: every poll of an unchanged request gets the same bytes.
+    pub fn rendered(
+        &self,
+        format: &'static str,
+        render: impl FnOnce(&RequestMeta, &Progress, BodyView<'_>) -> Bytes,
+    ) -> Bytes {
         let mut st = self.state.lock();
-        if let Some((version, doc)) = &st.doc_cache
-            && *version == st.version
-        {
-            return doc.clone();
+        let version = st.version;
+        if let Some((_, _, bytes)) = st.rendered.iter().find(|(f, v, _)| *f == format && *v == version) {
+            return bytes.clone();
         }
-        let doc = Bytes::from(render(&self.meta, &st.progress, st.body.view(), urls, webhook));
-        st.doc_cache = Some((st.version, doc.clone()));
-        doc
+        let bytes = render(&self.meta, &st.progress, st.body.view());
+        st.rendered.retain(|(f, _, _)| *f != format);
+        st.rendered.push((format, version, bytes.clone()));
+        bytes
     }
 
     // ---- the end ----

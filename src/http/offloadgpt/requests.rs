@@ -300,7 +300,7 @@ fn etag_of(bytes: &[u8]) -> String {
 
 async fn status(app: &AppState, found: &Found, headers: &HeaderMap) -> Result<Response, ApiError> {
     let webhook = app.engine.webhook_view(found).await.map_err(|e| ApiError::internal(&e))?;
-    let doc = app.engine.document(found, webhook.as_deref());
+    let doc = super::document(found, app.engine.urls(), webhook.as_deref());
     let etag = etag_of(&doc);
     let not_modified = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| {
         v.split(',').any(|t| t.trim() == etag || t.trim() == "*" || t.trim().trim_start_matches("W/") == etag)
