@@ -1,9 +1,9 @@
 //! The command line: `offload serve`, `keys`, `mock-upstream`, the client (`chat`, `follow`, `status`,
 //! `stop`) and `completions`.
 
-use crate::config::{ServeArgs, Settings};
 use crate::keys::cli::KeysCommand;
 use crate::mock::MockConfig;
+use crate::settings::{ServeArgs, Settings};
 use crate::startup::{Application, shutdown_signal};
 use crate::telemetry::LogFormat;
 use clap::{CommandFactory, Parser, Subcommand};

@@ -6,7 +6,8 @@
 //! - [`cluster`]: several nodes on one shared store: leases, taking over from dead nodes, reaching peers.
 //! - [`cli`]: the command line (`serve`, `mock-upstream`, ...); `main.rs` only calls it.
 //! - [`client`]: the command-line client of a running server (`offload chat | follow | status | stop`).
-//! - [`config`]: settings from flags, `OFFLOAD_*` environment variables and an optional TOML file.
+//! - [`settings`]: settings from flags, `OFFLOAD_*` environment variables and an optional TOML file, layered by
+//!   figment and nested per concern (server, store, upstream, webhooks, limits, telemetry, web).
 //! - [`startup`]: [`startup::Application`] binds a listener (port 0 allowed), opens the store, recovers what a
 //!   crash cut off, serves until a shutdown signal and then drains.
 //! - [`domain`]: types parsed once at the edge: ids, access, status, tokens, the upstream key, the create body,
@@ -36,7 +37,6 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod cluster;
-pub mod config;
 pub mod document;
 pub mod domain;
 pub mod engine;
@@ -45,6 +45,7 @@ pub mod keys;
 pub mod metrics;
 pub mod mock;
 pub mod retention;
+pub mod settings;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

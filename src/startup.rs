@@ -1,17 +1,16 @@
 //! Builds the application from settings and runs it until a shutdown signal.
 
+use crate::backoff::Backoff;
 use crate::cluster::{ClusterSecret, Peers};
-use crate::config::Settings;
 use crate::document::Urls;
-use crate::domain::Limits;
 use crate::domain::NodeId;
 use crate::engine::{Engine, EngineConfig};
 use crate::http::models::ModelsCache;
 use crate::http::origin::WebPolicy;
-use crate::http::server::ServerLimits;
 use crate::http::{AppState, BodyLimits};
 use crate::keys::Gatekeeper;
 use crate::mock::{MockConfig, MockServer};
+use crate::settings::{ServerLimits, Settings};
 use crate::store::nodes::{NodeRecord, NodeStore};
 use crate::store::{Store, Stores};
 use crate::upstream::{Retries, Upstream};
@@ -23,6 +22,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// The longest wait before a background task that keeps dying is started again.
+const RESTART_MAX: Duration = Duration::from_secs(30);
 
 pub struct Application {
     listener: TcpListener,
@@ -71,38 +73,37 @@ pub enum StartError {
 impl Application {
     /// Binds the listener, opens the store and ends what a previous crash cut off. Port 0 picks a free port.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
-        let stores = settings.store.open().await?;
+        let stores = settings.store.location.open().await?;
         Self::build_on(settings, stores).await
     }
 
     /// As [`Self::build`], on a store opened by the caller.
     pub async fn build_on(settings: Settings, stores: Stores) -> Result<Self, StartError> {
-        let mock = if settings.mock_upstream {
+        let mock = if settings.upstream.mock {
             let addr = SocketAddr::from(([127, 0, 0, 1], 0));
             Some(crate::mock::spawn(addr, MockConfig::default()).await.map_err(StartError::Mock)?)
         } else {
             None
         };
-        let upstream_url = mock.as_ref().map(MockServer::api_base).unwrap_or_else(|| settings.upstream_url.clone());
-        let open_allowed = settings.listen.ip().is_loopback() || settings.allow_open;
+        let upstream_url = mock.as_ref().map(MockServer::api_base).unwrap_or_else(|| settings.upstream.url.clone());
+        let listen = settings.server.listen;
+        let open_allowed = listen.ip().is_loopback() || settings.server.allow_open;
         if !stores.keys.active_keys_exist().await? {
             if !open_allowed {
-                return Err(StartError::Open { addr: settings.listen });
+                return Err(StartError::Open { addr: listen });
             }
             tracing::warn!(
                 "NO SERVICE KEYS: this server accepts create calls from anyone who can reach it. \
                  Create a key with `offload keys create --name NAME` to require one."
             );
         }
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: settings.listen, source })?;
-        let local = listener.local_addr().map_err(|source| StartError::Bind { addr: settings.listen, source })?;
-        let metrics = match settings.metrics_listen {
+        let listener = TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
+        let local = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
+        let metrics = match settings.telemetry.metrics_listen {
             Some(addr) => Some(crate::metrics::Exporter::bind(addr).await?),
             None => None,
         };
-        let base_url = settings.public_url.clone().unwrap_or_else(|| {
+        let base_url = settings.server.public_url.clone().unwrap_or_else(|| {
             let host = if local.ip().is_unspecified() { "127.0.0.1".to_string() } else { local.ip().to_string() };
             let host = if local.is_ipv6() && !local.ip().is_unspecified() { format!("[{host}]") } else { host };
             format!("http://{host}:{}", local.port())
@@ -112,17 +113,17 @@ impl Application {
         // its advertised address to follow, stop or delete the requests it runs.
         let node = NodeId::generate();
         let peers = if stores.nodes.shared() {
-            let address = match &settings.advertise_url {
+            let address = match &settings.store.advertise_url {
                 Some(url) => url.clone(),
                 None if local.ip().is_unspecified() => return Err(StartError::NoAdvertiseUrl { addr: local }),
                 None => format!("http://{local}"),
             };
             let me = NodeRecord { id: node, address };
-            let secret = match &settings.cluster_secret {
+            let secret = match &settings.store.cluster_secret {
                 Some(secret) => secret.clone(),
                 None => ClusterSecret::new(&stores.nodes.cluster_secret(ClusterSecret::generate().bytes()).await?),
             };
-            stores.nodes.join(&me, settings.node_lease).await?;
+            stores.nodes.join(&me, settings.store.node_lease).await?;
             tracing::info!(node = %node, address = %me.address, "joined the nodes of the shared store");
             Some(Arc::new(Peers::new(me, stores.nodes.clone(), secret)))
         } else {
@@ -135,28 +136,24 @@ impl Application {
                 .map_err(StartError::Webhooks)?,
         );
         let config = EngineConfig {
-            limits: Limits {
-                max_timeout: settings.max_timeout,
-                max_connect_timeout: settings.max_connect_timeout,
-                default_model: settings.default_model.clone(),
-            },
+            limits: settings.limits.request.clone(),
             urls,
-            max_in_flight: settings.max_in_flight,
-            flush_interval: settings.flush_interval,
-            keep_alive: settings.keep_alive,
+            max_in_flight: settings.limits.max_in_flight,
+            flush_interval: settings.store.flush_interval,
+            keep_alive: settings.server.keep_alive,
             poll_interval: Duration::from_millis(250),
             allow_private_webhooks: settings.webhooks.allow_private,
             node,
-            outage: settings.outage,
+            outage: settings.limits.outage,
         };
-        let upstream = Upstream::new(&upstream_url, settings.upstream_key.clone(), settings.upstream_h2c)
+        let upstream = Upstream::new(&upstream_url, settings.upstream.key.clone(), settings.upstream.h2c)
             .with_retries(Retries {
-                max: settings.upstream_retries,
-                header_timeout: settings.upstream_header_timeout,
+                max: settings.upstream.retries,
+                header_timeout: settings.upstream.header_timeout,
                 ..Retries::default()
             })
-            .with_limits(settings.upstream_limits);
-        let gate = Arc::new(Gatekeeper::new(stores.keys.clone(), node, settings.key_cache_ttl));
+            .with_limits(settings.upstream.reply_limits);
+        let gate = Arc::new(Gatekeeper::new(stores.keys.clone(), node, settings.store.key_cache_ttl));
         let engine = Engine::new(config, stores.clone(), upstream, gate.clone(), deliverer.wake.clone(), peers.clone());
         // One node per embedded store: what is not final was cut off by its previous run. On a shared store only
         // the requests of nodes that are gone are (others may be running right now).
@@ -175,22 +172,22 @@ impl Application {
         if settings.webhooks.allow_private {
             tracing::warn!("webhooks may target loopback and private addresses (--allow-private-webhooks)");
         }
-        let body = BodyLimits { max_bytes: settings.max_body_bytes, timeout: settings.body_timeout };
+        let body = BodyLimits { max_bytes: settings.server.max_body_bytes, timeout: settings.server.body_timeout };
         let router = crate::http::router(AppState {
             engine: engine.clone(),
             gate,
             body,
             open_allowed,
-            models: Arc::new(ModelsCache::new(settings.models_cache)),
+            models: Arc::new(ModelsCache::new(settings.upstream.models_cache)),
             web: Arc::new(WebPolicy::new(
                 &base_url,
-                settings.advertise_url.as_deref(),
-                &settings.allowed_hosts,
-                &settings.cors_origins,
+                settings.store.advertise_url.as_deref(),
+                &settings.web.allowed_hosts,
+                &settings.web.cors_origins,
             )),
         });
-        let limits =
-            ServerLimits { max_connections: connection_cap(settings.server.max_connections), ..settings.server };
+        let connections = settings.server.connections;
+        let limits = ServerLimits { max_connections: connection_cap(connections.max_connections), ..connections };
         if mock.is_some() {
             tracing::info!("using the built-in mock upstream at {upstream_url}");
         }
@@ -200,12 +197,12 @@ impl Application {
             router,
             limits,
             base_url,
-            shutdown_grace: settings.shutdown_grace,
+            shutdown_grace: settings.server.shutdown_grace,
             deliverer,
             requests: stores.requests,
             nodes: stores.nodes,
-            membership: peers.map(|_| settings.node_lease),
-            retention: settings.retention,
+            membership: peers.map(|_| settings.store.node_lease),
+            retention: settings.store.retention,
             metrics,
             _mock: mock,
         })
@@ -291,13 +288,16 @@ impl Application {
 }
 
 /// Runs a background task until `closing`; if it ends before (a panic, a bug), says so loudly and starts it again
-/// after a second.
+/// after a second, and after twice as long each time it dies again at once (up to [`RESTART_MAX`]); a run that
+/// lasted longer than that starts the waits over.
 async fn supervise<F, Fut>(name: &'static str, closing: CancellationToken, make: F)
 where
     F: Fn(CancellationToken) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut backoff = Backoff::new(Duration::from_secs(1), RESTART_MAX);
     loop {
+        let started = tokio::time::Instant::now();
         let outcome = tokio::spawn(make(closing.clone())).await;
         if closing.is_cancelled() {
             return;
@@ -306,8 +306,11 @@ where
             Ok(()) => tracing::error!("{name} stopped unexpectedly; starting it again"),
             Err(e) => tracing::error!(error = %e, "{name} died; starting it again"),
         }
+        if started.elapsed() > RESTART_MAX {
+            backoff.reset();
+        }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
             _ = closing.cancelled() => return,
         }
     }

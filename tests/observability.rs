@@ -6,8 +6,8 @@
 
 #![expect(clippy::unwrap_used, reason = "a test fails loudly on anything unexpected")]
 
-use offload::config::{ServeArgs, Settings};
 use offload::mock::MockConfig;
+use offload::settings::{ServeArgs, Settings};
 use offload::startup::Application;
 use serde_json::{Value, json};
 use std::collections::HashMap;

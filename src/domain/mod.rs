@@ -2,6 +2,7 @@
 
 pub mod clock;
 pub mod create;
+pub mod host;
 pub mod ids;
 pub mod locator;
 pub mod secret;

@@ -38,16 +38,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
-/// The connection-level limits (see the module comment).
-#[derive(Debug, Clone)]
-pub struct ServerLimits {
-    /// A request head must arrive whole within this time of its first byte.
-    pub header_timeout: Duration,
-    /// A connection with no request in progress is closed this long after its last response.
-    pub idle_timeout: Duration,
-    /// Connections served at once.
-    pub max_connections: usize,
-}
+// The connection-level limits (see the module comment), set by `--header-timeout`, `--idle-timeout` and
+// `--max-connections`: defined with the settings, which do not depend on this layer.
+pub use crate::settings::ServerLimits;
 
 /// How long a connection accepted while every slot is busy waits for one before it is closed.
 const ADMIT_WAIT: Duration = Duration::from_secs(1);

@@ -1,9 +1,9 @@
 //! `offload keys create | list | revoke`: manage service keys in the same store the server uses, also while it
 //! runs.
 
-use crate::config::{ServeArgs, Settings};
 use crate::domain::service_key::new_key_id;
 use crate::domain::{ApiKey, KeyLimits, ServiceKey};
+use crate::settings::{ServeArgs, Settings};
 use crate::store::{Conflict, KeyStore, StoreError};
 use clap::{Args, Subcommand};
 use std::io::Write;
@@ -63,7 +63,7 @@ async fn open(args: StoreArgs) -> Result<std::sync::Arc<dyn KeyStore>, String> {
         ..ServeArgs::default()
     })
     .map_err(|e| e.to_string())?;
-    Ok(settings.store.open().await.map_err(|e| e.to_string())?.keys)
+    Ok(settings.store.location.open().await.map_err(|e| e.to_string())?.keys)
 }
 
 fn limit(value: Option<u64>) -> String {

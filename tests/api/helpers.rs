@@ -2,8 +2,8 @@
 
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
-use offload::config::{ServeArgs, Settings};
 use offload::mock::{MockConfig, MockServer};
+use offload::settings::{ServeArgs, Settings};
 use offload::startup::Application;
 use serde_json::{Value, json};
 use std::time::Duration;

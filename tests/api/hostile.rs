@@ -353,7 +353,7 @@ async fn a_service_key_header_that_is_not_text_is_401_naming_the_header() {
 
 #[tokio::test]
 async fn a_public_listener_without_service_keys_refuses_to_start_unless_allow_open() {
-    use offload::config::{ServeArgs, Settings};
+    use offload::settings::{ServeArgs, Settings};
     use offload::startup::Application;
     let data = tempfile::tempdir().unwrap();
     let args = |allow_open: Option<bool>| ServeArgs {

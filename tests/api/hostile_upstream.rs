@@ -79,7 +79,7 @@ fn completion(content: &str) -> Value {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})
 }
 
-async fn spawn_against(upstream: &Hostile, adjust: impl FnOnce(&mut offload::config::ServeArgs)) -> TestApp {
+async fn spawn_against(upstream: &Hostile, adjust: impl FnOnce(&mut offload::settings::ServeArgs)) -> TestApp {
     let base = upstream.api_base();
     spawn_with(move |a| {
         a.upstream_url = Some(base);
