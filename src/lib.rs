@@ -4,7 +4,7 @@
 //! Layout (one job per module):
 //! - [`backoff`]: the waits between tries of something that failed, for every retry loop.
 //! - [`cluster`]: several nodes on one shared store: leases, taking over from dead nodes, reaching peers.
-//! - [`cli`]: the command line (`serve`, `mock-upstream`, ...); `main.rs` only calls it.
+//! - [`cli`]: the command line (`serve`, `keys`, `mock-upstream`, the client); `main.rs` only calls it.
 //! - [`client`]: the command-line client of a running server (`offload chat | follow | status | stop`).
 //! - [`settings`]: settings from flags, `OFFLOAD_*` environment variables and an optional TOML file, layered by
 //!   figment and nested per concern (server, store, upstream, webhooks, limits, telemetry, web).
@@ -22,7 +22,7 @@
 //! - [`http`]: the HTTP surface: each API in a folder of its own (`http::offloadgpt`, `http::chat_completions`),
 //!   what they share (`intake`, the JSON error format, the origin guard, relays to other nodes), the accept loop
 //!   and its connection limits.
-//! - [`keys`]: service keys: authentication, rates, quotas, and the `offload keys` commands.
+//! - [`keys`]: service keys: authentication, rates, quotas (the `offload keys` commands are in `cli::keys`).
 //! - [`mock`]: the built-in OpenAI-compatible mock upstream used by tests, benchmarks and new users.
 //! - [`webhook`]: webhook delivery (signing, retries, SSRF guard).
 //! - [`retention`]: deletes finished requests older than the retention period.

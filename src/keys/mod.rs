@@ -7,8 +7,6 @@
 //!
 //! Everything is kept in the store, so every limit is exact across all nodes of a cluster, as on one node.
 
-pub mod cli;
-
 use crate::domain::{NodeId, ServiceKey, TokenHash};
 use crate::store::{Admit, KeyStore, Periods, SlotId, StoreError};
 use parking_lot::Mutex;

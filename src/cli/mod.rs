@@ -1,12 +1,14 @@
 //! The command line: `offload serve`, `keys`, `mock-upstream`, the client (`chat`, `follow`, `status`,
 //! `stop`) and `completions`.
 
-use crate::keys::cli::KeysCommand;
+pub mod keys;
+
 use crate::mock::MockConfig;
 use crate::settings::{ServeArgs, Settings};
 use crate::startup::{Application, shutdown_signal};
 use crate::telemetry::LogFormat;
 use clap::{CommandFactory, Parser, Subcommand};
+use keys::KeysCommand;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
@@ -57,7 +59,7 @@ pub async fn run() -> ExitCode {
     crate::telemetry::init(cli.log_format());
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
-        Command::Keys(command) => crate::keys::cli::run(command).await,
+        Command::Keys(command) => keys::run(command).await,
         Command::MockUpstream { listen, defaults } => mock_upstream(listen, defaults).await,
         // The client reports its own errors plainly on stderr (not as log lines) and picks its exit codes.
         Command::Client(command) => return crate::client::run(command).await,

@@ -102,7 +102,7 @@ pub async fn run(command: KeysCommand) -> Result<(), String> {
         }
         KeysCommand::List { store } => {
             let store = open(store).await?;
-            let (periods, _, _) = super::periods_now();
+            let (periods, _, _) = crate::keys::periods_now();
             let keys = store.keys(&periods).await.map_err(|e| e.to_string())?;
             writeln!(
                 out,
