@@ -21,8 +21,7 @@
 use crate::document::{Progress, RequestMeta};
 use crate::domain::RequestId;
 use crate::store::{RawPiece, WriteOp};
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// The final status of a request, as the batch leaves it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,6 +84,25 @@ pub struct Raw<'a> {
     pub piece: &'a RawPiece,
 }
 
+/// What the plan knows of one request while it reads the batch.
+#[derive(Default)]
+struct Seen<'a> {
+    /// Where the batch inserts it (its first insert).
+    inserted_at: Option<usize>,
+    /// Its final status was seen: nothing after it is kept.
+    ended: bool,
+    outcome: Outcome<'a>,
+    /// The highest event and raw piece numbers planned so far.
+    last_event: u64,
+    last_raw: u64,
+}
+
+impl Seen<'_> {
+    fn inserted_at(at: usize) -> Self {
+        Self { inserted_at: Some(at), ..Self::default() }
+    }
+}
+
 /// A batch grouped by kind. Executing it — inserts, then for the requests of [`Self::existing`] that still
 /// exist and are not final: events, raw pieces, then status updates with their webhooks — has the effect of the
 /// batch's ops applied one by one. The final status goes last, so that a store that commits a long plan in
@@ -103,23 +121,20 @@ pub struct Plan<'a> {
 
 impl<'a> Plan<'a> {
     pub fn of(ops: &'a [WriteOp]) -> Self {
-        let mut inserted_at = HashMap::new();
+        // One map lookup per op (the plan runs for every batch, and a batch is mostly chunks): everything the rules
+        // need to know of a request is in its one entry.
+        let mut requests: HashMap<RequestId, Seen<'a>> = HashMap::new();
         for (at, op) in ops.iter().enumerate() {
             if let WriteOp::Insert(meta) = op {
-                inserted_at.entry(meta.locator.id).or_insert(at);
+                requests.entry(meta.locator.id).or_insert_with(|| Seen::inserted_at(at));
             }
         }
         let mut plan = Plan::default();
-        let mut outcomes: HashMap<RequestId, Outcome<'a>> = HashMap::new();
-        let mut event_at: HashMap<(RequestId, u64), usize> = HashMap::new();
-        let mut raw_at: HashMap<(RequestId, u64), usize> = HashMap::new();
-        let mut ended = HashSet::new();
         let mut existing = Vec::new();
         for (at, op) in ops.iter().enumerate() {
             let id = match op {
                 WriteOp::Insert(meta) => {
                     plan.inserts.push(Insert { meta, outcome: Outcome::default() });
-                    outcomes.entry(meta.locator.id).or_default();
                     continue;
                 }
                 WriteOp::Event { id, .. }
@@ -127,58 +142,55 @@ impl<'a> Plan<'a> {
                 | WriteOp::Progress { id, .. }
                 | WriteOp::Finish { id, .. } => *id,
             };
-            if ended.contains(&id) {
+            let seen = requests.entry(id).or_insert_with(|| {
+                existing.push(id);
+                Seen::default()
+            });
+            if seen.ended || seen.inserted_at.is_some_and(|insert| insert > at) {
                 continue;
-            }
-            match inserted_at.get(&id) {
-                Some(insert) if *insert > at => continue,
-                Some(_) => {}
-                None => {
-                    if let Entry::Vacant(entry) = outcomes.entry(id) {
-                        entry.insert(Outcome::default());
-                        existing.push(id);
-                    }
-                }
             }
             match op {
                 WriteOp::Insert(_) => {}
-                WriteOp::Event { seq, data, .. } => match event_at.entry((id, *seq)) {
-                    Entry::Occupied(e) => plan.events[*e.get()].data = &data[..],
-                    Entry::Vacant(e) => {
-                        e.insert(plan.events.len());
-                        plan.events.push(Event { id, seq: *seq, data: &data[..] });
+                WriteOp::Event { seq, data, .. } => {
+                    let data = &data[..];
+                    // Sequence numbers of a request only grow within a batch; one seen again (a write repeated)
+                    // is looked for among the earlier ones.
+                    let again = (*seq <= seen.last_event)
+                        .then(|| plan.events.iter_mut().rev().find(|e| e.id == id && e.seq == *seq))
+                        .flatten();
+                    match again {
+                        Some(event) => event.data = data,
+                        None => plan.events.push(Event { id, seq: *seq, data }),
                     }
-                },
-                WriteOp::Raw { seq, piece, .. } => match raw_at.entry((id, *seq)) {
-                    Entry::Occupied(e) => plan.raws[*e.get()].piece = piece,
-                    Entry::Vacant(e) => {
-                        e.insert(plan.raws.len());
-                        plan.raws.push(Raw { id, seq: *seq, piece });
-                    }
-                },
-                WriteOp::Progress { progress, .. } => {
-                    if let Some(outcome) = outcomes.get_mut(&id) {
-                        outcome.progress = Some(progress);
-                    }
+                    seen.last_event = seen.last_event.max(*seq);
                 }
-                WriteOp::Finish { progress, body, webhook_url, .. } => {
-                    ended.insert(id);
-                    if let Some(outcome) = outcomes.get_mut(&id) {
-                        outcome.progress = Some(progress);
-                        outcome.finish =
-                            Some(Finish { body: body.as_deref(), final_at: progress.processed_at.map(|t| t as i64) });
-                        outcome.hook =
-                            webhook_url.as_deref().map(|url| Hook { url, due: progress.processed_at.unwrap_or(0.0) });
+                WriteOp::Raw { seq, piece, .. } => {
+                    let again = (*seq <= seen.last_raw)
+                        .then(|| plan.raws.iter_mut().rev().find(|r| r.id == id && r.seq == *seq))
+                        .flatten();
+                    match again {
+                        Some(raw) => raw.piece = piece,
+                        None => plan.raws.push(Raw { id, seq: *seq, piece }),
                     }
+                    seen.last_raw = seen.last_raw.max(*seq);
+                }
+                WriteOp::Progress { progress, .. } => seen.outcome.progress = Some(progress),
+                WriteOp::Finish { progress, body, webhook_url, .. } => {
+                    seen.ended = true;
+                    seen.outcome.progress = Some(progress);
+                    seen.outcome.finish =
+                        Some(Finish { body: body.as_deref(), final_at: progress.processed_at.map(|t| t as i64) });
+                    seen.outcome.hook =
+                        webhook_url.as_deref().map(|url| Hook { url, due: progress.processed_at.unwrap_or(0.0) });
                 }
             }
         }
         for insert in &mut plan.inserts {
-            insert.outcome = outcomes.get(&insert.id()).copied().unwrap_or_default();
+            insert.outcome = requests.get(&insert.id()).map(|seen| seen.outcome).unwrap_or_default();
         }
         plan.existing = existing
             .into_iter()
-            .map(|id| Existing { id, outcome: outcomes.get(&id).copied().unwrap_or_default() })
+            .map(|id| Existing { id, outcome: requests.get(&id).map(|seen| seen.outcome).unwrap_or_default() })
             .collect();
         plan
     }
