@@ -1,5 +1,5 @@
-//! The built-in OpenAI-compatible mock upstream: `POST /v1/chat/completions`, streaming and not, shaped like
-//! OpenAI's answers, with controls for length, pace and faults.
+//! The built-in OpenAI-compatible mock upstream: `POST /v1/chat/completions` and `POST /v1/responses`, streaming
+//! and not, shaped like OpenAI's answers, with controls for length, pace and faults.
 //!
 //! Controls come from the process defaults (`offload mock-upstream --words ... --delay-ms ...`) and, per call,
 //! from a `mock` object in the request body, which offload passes upstream unchanged like any unknown field:
@@ -11,18 +11,56 @@
 //! succeed: a failing upstream that recovers, for retries.
 //! A non-streaming answer is paced too: headers after `ttft_ms`, then the JSON body in `words` pieces
 //! `delay_ms` apart; `stall_after` and `drop_after` count those pieces (for streams: events).
+//! Both APIs read the same controls the same way (`controls.rs`); an error (`status`, `fail_first`) is OpenAI's
+//! error body, `{"error": {"message", "type", "param", "code"}}`.
 //!
-//! `GET /_mock/stats` counts calls, completed responses and responses the client abandoned (the connection was
-//! dropped mid-way); `GET /_mock/requests` shows the last calls received: the body, whether an `Authorization`
+//! ## Chat Completions (`chat.rs`)
+//!
+//! `POST /v1/chat/completions` (`messages` required, `n` choices, `stream`, `stream_options.include_usage`):
+//! the `chat.completion` object, or `data: <chat.completion.chunk>` events and `data: [DONE]`; `tool_calls`
+//! answer tool calls (`call_0`, `call_1`, ...) instead of text, their arguments streamed 4 characters a chunk.
+//!
+//! ## Responses (`responses.rs`)
+//!
+//! `POST /v1/responses` (`model`, `input` as a string or items, `instructions`, `tools`, `metadata`, `stream`,
+//! ...; nothing is required): the response object (`object: "response"`, `status: "completed"`, `output`,
+//! `usage`; `output_text` is not on the wire, the SDKs compute it), which echoes the request's `model`,
+//! `instructions`, `metadata`, `tools`, `tool_choice`, `temperature`, `top_p`, `max_output_tokens`,
+//! `previous_response_id`, `parallel_tool_calls`, `store`, `text`, `reasoning`, `truncation`, `user` and
+//! `background` (the mock itself never runs in the background: it answers at once). Ids are `resp_`, `msg_`,
+//! `fc_` and `call_` followed by random hex. With `stream: true`, `event: <type>` + `data: <json>` frames (no
+//! `[DONE]`), each with its `sequence_number` from 0:
+//! `response.created`, `response.in_progress` (both with the response `in_progress`, `output: []`, `usage:
+//! null`), then for the text: `response.output_item.added` (a `message`, `in_progress`),
+//! `response.content_part.added` (an empty `output_text`), one `response.output_text.delta` per word,
+//! `response.output_text.done`, `response.content_part.done`, `response.output_item.done`; or, with
+//! `tool_calls`, for each call: `response.output_item.added` (a `function_call`),
+//! `response.function_call_arguments.delta` per 4 characters, `response.function_call_arguments.done`,
+//! `response.output_item.done`; last `response.completed`, whose response is the non-streamed object.
+//! `stall_after`, `drop_after`, `comment_after` and `bom` count and treat these frames as they do chat chunks.
+//! `offload mock-upstream --no-responses-api` (or `OFFLOAD_MOCK_NO_RESPONSES_API=true`, or
+//! [`MockConfig::no_responses_api`]) makes it an upstream with only Chat Completions: `POST /v1/responses`
+//! answers 404 with OpenAI's body for an unknown URL (`"Invalid URL (POST /v1/responses)"`).
+//!
+//! ## Inspection
+//!
+//! `GET /_mock/stats` counts calls of either API (`requests`, and per API `chat` and `responses`), completed
+//! responses and responses the client abandoned (the connection was dropped mid-way), and the calls to a
+//! switched-off `/v1/responses` (`not_found`, counted nowhere else); `GET /_mock/requests` shows the last calls
+//! received, of either API: the `path` called, the body, whether an `Authorization`
 //! header came (`"authorization": true`), and, when the mock was started with an [`MockConfig::expected_key`],
 //! whether it was `Bearer <that key>` (`"authorization_expected"`, else `null`). The header's value itself is
 //! never shown: it is the caller's upstream key.
 
+mod chat;
+mod controls;
+mod responses;
+#[cfg(test)]
+mod tests;
+
 use crate::domain::UpstreamKey;
-use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, header};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
@@ -34,7 +72,6 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 use subtle::ConstantTimeEq;
 
 /// Defaults for every call; a call's `mock` object overrides them.
@@ -52,52 +89,44 @@ pub struct MockConfig {
     #[arg(long)]
     #[serde(default)]
     pub delay_ms: Option<u64>,
+    /// Answer 404 to `POST /v1/responses`, like an upstream that has only Chat Completions.
+    #[arg(long, env = "OFFLOAD_MOCK_NO_RESPONSES_API")]
+    #[serde(default)]
+    pub no_responses_api: bool,
     /// The key a test expects calls to carry; `/_mock/requests` tells whether each did, never what came.
     #[arg(skip)]
     #[serde(skip)]
     pub expected_key: Option<UpstreamKey>,
 }
 
-/// The per-call controls.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(default)]
-struct Controls {
-    words: Option<usize>,
-    content: Option<String>,
-    ttft_ms: Option<u64>,
-    delay_ms: Option<u64>,
-    status: Option<u16>,
-    error_message: Option<String>,
-    stall_after: Option<usize>,
-    stall_headers: bool,
-    drop_after: Option<usize>,
-    /// Stream: an SSE comment line (`: ping`) after this many events, as some OpenAI-compatible servers send.
-    comment_after: Option<usize>,
-    /// Stream: a byte order mark before the first event, which the event stream format allows.
-    bom: bool,
-    tool_calls: Option<Vec<MockToolCall>>,
-    /// Only the first this many calls with the same body (or `key`) fail with `status` (default 503).
-    fail_first: Option<u32>,
-    /// Like `fail_first`, but the first n calls send no headers at all (they stall).
-    stall_first: Option<u32>,
-    /// Tells calls apart for `fail_first` instead of their whole body.
-    key: Option<String>,
-    /// `Retry-After` (seconds) on a failure of `fail_first`.
-    retry_after: Option<f64>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct MockToolCall {
-    name: String,
-    #[serde(default)]
-    arguments: String,
-}
-
 #[derive(Default)]
 pub struct MockStats {
+    /// Calls of either API.
     pub requests: AtomicU64,
+    /// Calls of `/v1/chat/completions`.
+    pub chat: AtomicU64,
+    /// Calls of `/v1/responses`.
+    pub responses: AtomicU64,
+    /// Calls of `/v1/responses` answered 404 because the API is switched off; not in `requests`.
+    pub not_found: AtomicU64,
     pub completed: AtomicU64,
     pub disconnected: AtomicU64,
+}
+
+/// The API a call is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Chat,
+    Responses,
+}
+
+impl Api {
+    fn path(self) -> &'static str {
+        match self {
+            Api::Chat => "/v1/chat/completions",
+            Api::Responses => "/v1/responses",
+        }
+    }
 }
 
 struct MockState {
@@ -108,6 +137,37 @@ struct MockState {
     seen: Mutex<std::collections::HashMap<String, u32>>,
 }
 
+impl MockState {
+    /// Counts a call, and what becomes of its answer.
+    fn begin(self: &Arc<Self>, api: Api) -> Completion {
+        self.stats.requests.fetch_add(1, Ordering::SeqCst);
+        let counter = match api {
+            Api::Chat => &self.stats.chat,
+            Api::Responses => &self.stats.responses,
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+        Completion { state: self.clone(), done: false }
+    }
+
+    /// Keeps the call for `/_mock/requests` (the last 32).
+    fn record(&self, api: Api, headers: &HeaderMap, request: &Value) {
+        let mut recent = self.recent.lock();
+        let authorization = headers.get(header::AUTHORIZATION);
+        let expected = self.defaults.expected_key.as_ref().map(|key| {
+            let wanted = format!("Bearer {}", key.expose());
+            authorization.is_some_and(|v| bool::from(v.as_bytes().ct_eq(wanted.as_bytes())))
+        });
+        recent.push_back(json!({
+            "path": api.path(),
+            "body": request,
+            "authorization": authorization.is_some(),
+            "authorization_expected": expected,
+        }));
+        while recent.len() > 32 {
+            recent.pop_front();
+        }
+    }
+}
 /// A running mock; it stops when dropped.
 pub struct MockServer {
     addr: SocketAddr,
@@ -164,7 +224,8 @@ pub async fn spawn(addr: SocketAddr, defaults: MockConfig) -> std::io::Result<Mo
 
 fn router(state: Arc<MockState>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(completions))
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/responses", post(responses::create))
         .route(
             "/v1/models",
             get(|| async { Json(json!({"object": "list", "data": [{"id": "gpt-3.5-turbo", "object": "model"}]})) }),
@@ -178,6 +239,9 @@ async fn stats(State(state): State<Arc<MockState>>) -> Json<Value> {
     let s = &state.stats;
     Json(json!({
         "requests": s.requests.load(Ordering::SeqCst),
+        "chat": s.chat.load(Ordering::SeqCst),
+        "responses": s.responses.load(Ordering::SeqCst),
+        "not_found": s.not_found.load(Ordering::SeqCst),
         "completed": s.completed.load(Ordering::SeqCst),
         "disconnected": s.disconnected.load(Ordering::SeqCst),
     }))
@@ -187,39 +251,9 @@ async fn recent(State(state): State<Arc<MockState>>) -> Json<Value> {
     Json(Value::Array(state.recent.lock().iter().cloned().collect()))
 }
 
-fn openai_error(status: StatusCode, message: &str) -> Response {
-    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
-    (status, Json(json!({"error": {"message": message, "type": kind, "param": null, "code": null}}))).into_response()
-}
-
-const WORDS: &[&str] = &[
-    "Hello",
-    "from",
-    "the",
-    "offload",
-    "mock",
-    "upstream.",
-    "This",
-    "reply",
-    "is",
-    "generated",
-    "one",
-    "word",
-    "per",
-    "chunk",
-    "so",
-    "that",
-    "streams",
-    "can",
-    "be",
-    "followed",
-    "and",
-    "measured.",
-];
-
-fn random_id() -> String {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    format!("chatcmpl-{}", &id[..24])
+/// Seconds since the Unix epoch.
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Counts a response as completed, or as disconnected when it is dropped before the end.
@@ -241,276 +275,4 @@ impl Drop for Completion {
             self.state.stats.disconnected.fetch_add(1, Ordering::SeqCst);
         }
     }
-}
-
-async fn completions(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
-    state.stats.requests.fetch_add(1, Ordering::SeqCst);
-    let guard = Completion { state: state.clone(), done: false };
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return openai_error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request.");
-    };
-    {
-        let mut recent = state.recent.lock();
-        let authorization = headers.get(header::AUTHORIZATION);
-        let expected = state.defaults.expected_key.as_ref().map(|key| {
-            let wanted = format!("Bearer {}", key.expose());
-            authorization.is_some_and(|v| bool::from(v.as_bytes().ct_eq(wanted.as_bytes())))
-        });
-        recent.push_back(json!({
-            "body": request,
-            "authorization": authorization.is_some(),
-            "authorization_expected": expected,
-        }));
-        while recent.len() > 32 {
-            recent.pop_front();
-        }
-    }
-    let controls: Controls =
-        request.get("mock").cloned().and_then(|m| serde_json::from_value(m).ok()).unwrap_or_default();
-    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
-        return openai_error(StatusCode::BAD_REQUEST, "'messages' is a required property");
-    };
-    if controls.stall_headers {
-        tokio::time::sleep(Duration::from_secs(600)).await;
-    }
-    // Calls seen with this body (or `key`), counted for `fail_first` and `stall_first`.
-    let seen = (controls.fail_first.is_some() || controls.stall_first.is_some()).then(|| {
-        let key = controls.key.clone().unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-        let mut seen = state.seen.lock();
-        let count = seen.entry(key).or_insert(0);
-        *count += 1;
-        *count
-    });
-    if let (Some(first), Some(seen)) = (controls.stall_first, seen)
-        && seen <= first
-    {
-        tokio::time::sleep(Duration::from_secs(600)).await;
-    }
-    if let (Some(first), Some(seen)) = (controls.fail_first, seen) {
-        if seen <= first {
-            let status = controls.status.and_then(|s| StatusCode::from_u16(s).ok());
-            let status = status.unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            let message = controls.error_message.clone().unwrap_or_else(|| format!("Mock failure {seen} of {first}."));
-            guard.finish();
-            let mut response = openai_error(status, &message);
-            if let Some(after) = controls.retry_after
-                && let Ok(value) = header::HeaderValue::from_str(&after.to_string())
-            {
-                response.headers_mut().insert(header::RETRY_AFTER, value);
-            }
-            return response;
-        }
-    } else if let Some(status) = controls.status.and_then(|s| StatusCode::from_u16(s).ok()) {
-        let message = controls.error_message.clone().unwrap_or_else(|| format!("Mock error with status {status}."));
-        guard.finish();
-        return openai_error(status, &message);
-    }
-    let plan = Plan::new(&state.defaults, &controls, &request, messages.len());
-    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let pieces = if stream {
-        let mut pieces: Vec<String> = plan.events().into_iter().map(|e| format!("data: {e}\n\n")).collect();
-        if let Some(at) = controls.comment_after.filter(|at| *at <= pieces.len()) {
-            pieces.insert(at, ": ping\n\n".to_owned());
-        }
-        pieces.push("data: [DONE]\n\n".to_owned());
-        if controls.bom {
-            pieces[0].insert(0, '\u{feff}');
-        }
-        pieces
-    } else {
-        // The JSON body is sent in as many pieces as there are words, paced like a stream, so that a slow
-        // answer shows as `waiting` and stalls and drops work the same way.
-        let body = plan.completion().to_string();
-        split_evenly(&body, plan.words.len().max(1))
-    };
-    let content_type = if stream { "text/event-stream; charset=utf-8" } else { "application/json" };
-    paced_response(plan, controls, guard, pieces, content_type)
-}
-
-fn split_evenly(text: &str, parts: usize) -> Vec<String> {
-    let chars: Vec<char> = text.chars().collect();
-    let size = chars.len().div_ceil(parts).max(1);
-    chars.chunks(size).map(|c| c.iter().collect()).collect()
-}
-
-/// What the mock will answer.
-struct Plan {
-    id: String,
-    created: u64,
-    model: String,
-    n: usize,
-    words: Vec<String>,
-    tool_calls: Vec<MockToolCall>,
-    include_usage: bool,
-    prompt_tokens: usize,
-    ttft: Duration,
-    delay: Duration,
-}
-
-impl Plan {
-    fn new(defaults: &MockConfig, c: &Controls, request: &Value, message_count: usize) -> Self {
-        let words = match &c.content {
-            Some(text) => {
-                let mut pieces: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
-                if pieces.is_empty() {
-                    pieces.push(String::new());
-                }
-                pieces
-            }
-            None => {
-                let count = c.words.or(defaults.words).unwrap_or(12);
-                (0..count).map(|i| format!("{} ", WORDS[i % WORDS.len()])).collect()
-            }
-        };
-        Self {
-            id: random_id(),
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            model: request.get("model").and_then(Value::as_str).unwrap_or("gpt-3.5-turbo").to_owned(),
-            n: request.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, 16) as usize,
-            words,
-            tool_calls: c.tool_calls.clone().unwrap_or_default(),
-            include_usage: request.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
-            prompt_tokens: message_count * 8,
-            ttft: Duration::from_millis(c.ttft_ms.or(defaults.ttft_ms).unwrap_or(0)),
-            delay: Duration::from_millis(c.delay_ms.or(defaults.delay_ms).unwrap_or(0)),
-        }
-    }
-
-    fn finish_reason(&self) -> &'static str {
-        if self.tool_calls.is_empty() { "stop" } else { "tool_calls" }
-    }
-
-    fn usage(&self) -> Value {
-        let completion = self.words.len() * self.n;
-        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion})
-    }
-
-    fn text(&self) -> String {
-        self.words.concat()
-    }
-
-    fn completion(&self) -> Value {
-        let choices: Vec<Value> = (0..self.n)
-            .map(|i| {
-                let mut message = json!({"role": "assistant", "content": self.text(), "refusal": null});
-                if !self.tool_calls.is_empty() {
-                    message["content"] = Value::Null;
-                    message["tool_calls"] = Value::Array(
-                        self.tool_calls
-                            .iter()
-                            .enumerate()
-                            .map(|(k, t)| json!({"id": format!("call_{k}"), "type": "function", "function": {"name": t.name, "arguments": t.arguments}}))
-                            .collect(),
-                    );
-                }
-                json!({"index": i, "message": message, "logprobs": null, "finish_reason": self.finish_reason()})
-            })
-            .collect();
-        json!({"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-               "choices": choices, "usage": self.usage(), "system_fingerprint": "fp_mock"})
-    }
-
-    fn chunk(&self, index: usize, delta: Value, finish_reason: Option<&str>) -> String {
-        let mut chunk = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.model, "system_fingerprint": "fp_mock",
-            "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]});
-        if self.include_usage {
-            chunk["usage"] = Value::Null;
-        }
-        chunk.to_string()
-    }
-
-    /// Every event of the stream, in order, without `[DONE]`.
-    fn events(&self) -> Vec<String> {
-        let mut events = Vec::new();
-        for i in 0..self.n {
-            // Like OpenAI: the role chunk has `content: ""`, or `null` when the answer is tool calls.
-            let content = if self.tool_calls.is_empty() { json!("") } else { Value::Null };
-            events.push(self.chunk(i, json!({"role": "assistant", "content": content, "refusal": null}), None));
-        }
-        if self.tool_calls.is_empty() {
-            for word in &self.words {
-                for i in 0..self.n {
-                    events.push(self.chunk(i, json!({"content": word}), None));
-                }
-            }
-        } else {
-            for (k, call) in self.tool_calls.iter().enumerate() {
-                for i in 0..self.n {
-                    events.push(self.chunk(
-                        i,
-                        json!({"tool_calls": [{"index": k, "id": format!("call_{k}"), "type": "function",
-                        "function": {"name": call.name, "arguments": ""}}]}),
-                        None,
-                    ));
-                    let args: Vec<char> = call.arguments.chars().collect();
-                    for piece in args.chunks(4) {
-                        let piece: String = piece.iter().collect();
-                        events.push(self.chunk(
-                            i,
-                            json!({"tool_calls": [{"index": k, "function": {"arguments": piece}}]}),
-                            None,
-                        ));
-                    }
-                }
-            }
-        }
-        for i in 0..self.n {
-            events.push(self.chunk(i, json!({}), Some(self.finish_reason())));
-        }
-        if self.include_usage {
-            events.push(
-                json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "system_fingerprint": "fp_mock", "choices": [], "usage": self.usage()})
-                .to_string(),
-            );
-        }
-        events
-    }
-}
-
-fn paced_response(
-    plan: Plan,
-    controls: Controls,
-    guard: Completion,
-    pieces: Vec<String>,
-    content_type: &'static str,
-) -> Response {
-    let body = async_stream::stream! {
-        let guard = guard;
-        // A zero sleep still waits for the next timer tick (1 ms): the floor must not pay it.
-        if !plan.ttft.is_zero() {
-            tokio::time::sleep(plan.ttft).await;
-        }
-        for (i, piece) in pieces.into_iter().enumerate() {
-            if controls.drop_after == Some(i) {
-                // Let what was sent reach the client first, then cut the connection mid-body.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                yield Err(std::io::Error::other("mock: dropping the connection"));
-                return;
-            }
-            if controls.stall_after == Some(i) {
-                tokio::time::sleep(Duration::from_secs(600)).await;
-                return;
-            }
-            if i > 0 && !plan.delay.is_zero() {
-                tokio::time::sleep(plan.delay).await;
-            }
-            yield Ok::<_, std::io::Error>(Bytes::from(piece));
-        }
-        guard.finish();
-    };
-    (
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-cache"),
-            (header::HeaderName::from_static("x-request-id"), "req_mock"),
-        ],
-        Body::from_stream(body),
-    )
-        .into_response()
 }
