@@ -12,6 +12,7 @@
 
 pub mod chat;
 pub mod events;
+pub mod translate;
 
 use crate::document::ResponseMeta;
 use crate::domain::UpstreamKey;
