@@ -1,6 +1,8 @@
-//! The HTTP surface: the two create endpoints, the four endpoints of every request, `DELETE`, CORS (and, while the
-//! server is open, the host names and origins it answers: `origin`), and the JSON error format of the contract
-//! for everything that goes wrong.
+//! The HTTP surface: each API in a folder of its own (`offloadgpt`: the two create endpoints, the four endpoints of
+//! every request, `DELETE`; `chat_completions`: `POST /v1/chat/completions`), what every create shares
+//! (`intake`), `GET /v1/models`, CORS (and, while the server is open, the host names and origins it answers:
+//! `origin`), relays to other nodes (`forward`), and the JSON error format of the contract for everything that
+//! goes wrong.
 
 pub mod chat_completions;
 pub mod error;
@@ -12,9 +14,6 @@ pub mod openapi;
 pub mod origin;
 pub mod playground;
 pub mod server;
-
-use chat_completions as openai;
-use offloadgpt::{create, requests};
 
 use crate::engine::Engine;
 use crate::keys::Gatekeeper;
@@ -53,7 +52,12 @@ pub fn router(state: AppState) -> Router {
         .allow_methods(Any)
         // Mirrors what the preflight asks for: `Access-Control-Allow-Headers: *` would not cover Authorization.
         .allow_headers(AllowHeaders::mirror_request())
-        .expose_headers([axum::http::header::ETAG, openai::STATUS_URL, openai::STREAM_URL, openai::BEARER_TOKEN])
+        .expose_headers([
+            axum::http::header::ETAG,
+            chat_completions::STATUS_URL,
+            chat_completions::STREAM_URL,
+            chat_completions::BEARER_TOKEN,
+        ])
         .max_age(std::time::Duration::from_secs(86_400));
     Router::new()
         .route("/", get(index))
@@ -62,17 +66,20 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health))
         .route("/_offload/alive", get(alive))
         .route("/openapi.json", get(openapi::document))
-        .route("/v1/stream-chatgpt", post(create::stream))
-        .route("/v1/async-chatgpt", post(create::asynchronous))
-        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/stream-chatgpt", post(offloadgpt::create::stream))
+        .route("/v1/async-chatgpt", post(offloadgpt::create::asynchronous))
+        .route("/v1/chat/completions", post(chat_completions::chat_completions))
         .route("/v1/models", get(models::list))
-        .route("/{kind}/r/{*rest}", get(requests::get).post(requests::post).delete(requests::delete))
+        .route(
+            "/{kind}/r/{*rest}",
+            get(offloadgpt::requests::get).post(offloadgpt::requests::post).delete(offloadgpt::requests::delete),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(cors)
         // Outside CORS: a refused preflight gets no CORS headers.
         .layer(axum::middleware::from_fn_with_state(state.clone(), origin::guard))
-        .layer(axum::middleware::from_fn(requests::allow_by_ending))
+        .layer(axum::middleware::from_fn(offloadgpt::requests::allow_by_ending))
         // Outermost, so that whatever layer or extractor answers an error, the caller gets the JSON format.
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(axum::middleware::map_response(nosniff))
