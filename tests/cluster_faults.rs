@@ -268,13 +268,15 @@ async fn a_database_outage_longer_than_a_lease_ends_no_stream_and_loses_nothing_
     eprintln!("a create was refused in {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(2), "a create waited {:?} to be refused", started.elapsed());
     // Running requests are served from memory meanwhile by their owners: their documents keep growing. (Another
-    // node cannot look up where a request runs without the store: it answers an error at once, never hangs.)
+    // node cannot look up where a request runs without the store: it answers 503 soon, never hangs.)
     let during = content(&c.document(0, &streams[0].0).await);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(content(&c.document(0, &streams[0].0).await).len() > during.len(), "the text grows through the outage");
     let started = Instant::now();
     let elsewhere = c.client.get(local(&c.nodes[1], &streams[0].0)).send().await.unwrap();
-    assert!(elsewhere.status().is_server_error(), "{}", elsewhere.status());
+    assert_eq!(elsewhere.status(), 503, "a lookup without the store");
+    let error: Value = elsewhere.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "store_unavailable", "{error}");
     assert!(started.elapsed() < Duration::from_secs(7), "a lookup on another node took {:?}", started.elapsed());
 
     tokio::time::sleep(Duration::from_secs(15).saturating_sub(cut.elapsed())).await;

@@ -151,6 +151,21 @@ impl From<PathRejection> for ApiError {
     }
 }
 
+impl ApiError {
+    /// A read from the store that failed: 503 while the store is unreachable or busy (it passes by itself;
+    /// nothing was changed), else an internal error.
+    pub fn from_store(e: &crate::store::StoreError) -> Self {
+        if e.is_retryable() || matches!(e, crate::store::StoreError::Closed) {
+            tracing::warn!(error = %e, "a read from the store failed");
+            return Self::unavailable(
+                "store_unavailable",
+                "The server cannot reach its database right now, so it cannot look this up; nothing was changed. Retry shortly.",
+            );
+        }
+        Self::internal(e)
+    }
+}
+
 impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
         // Limits are counted where the store answered (`Admit::refusal_reason`), store failures as the create

@@ -20,6 +20,7 @@ use crate::keys::Gatekeeper;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use error::ApiError;
+use offloadgpt::requests;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,16 +71,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/async-chatgpt", post(offloadgpt::create::asynchronous))
         .route("/v1/chat/completions", post(chat_completions::chat_completions))
         .route("/v1/models", get(models::list))
-        .route(
-            "/{kind}/r/{*rest}",
-            get(offloadgpt::requests::get).post(offloadgpt::requests::post).delete(offloadgpt::requests::delete),
-        )
+        .route("/{kind}/r/{*rest}", get(requests::get).post(requests::post).delete(requests::delete))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(cors)
         // Outside CORS: a refused preflight gets no CORS headers.
         .layer(axum::middleware::from_fn_with_state(state.clone(), origin::guard))
-        .layer(axum::middleware::from_fn(offloadgpt::requests::allow_by_ending))
+        .layer(axum::middleware::from_fn(requests::allow_by_ending))
         // Outermost, so that whatever layer or extractor answers an error, the caller gets the JSON format.
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(axum::middleware::map_response(nosniff))

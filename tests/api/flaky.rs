@@ -20,6 +20,8 @@ pub struct Flaky {
     inner: SqliteStore,
     /// Reading requests (documents, events, raw responses) fails.
     pub fail_reads: AtomicBool,
+    /// Reading requests fails as a database that does not answer does (a failure that passes by itself).
+    pub reads_unreachable: AtomicBool,
     /// Writing fails: requests, webhook deliveries.
     pub fail_writes: AtomicBool,
     /// Key lookups and quota charges fail.
@@ -38,6 +40,9 @@ impl Flaky {
     }
 
     fn reads(&self) -> Result<(), StoreError> {
+        if self.reads_unreachable.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("connection timed out (caused by the test)".into()));
+        }
         if self.fail_reads.load(Ordering::SeqCst) { Err(broken()) } else { Ok(()) }
     }
 
@@ -193,6 +198,7 @@ pub async fn spawn_flaky() -> (TestApp, Arc<Flaky>) {
     let flaky = Arc::new(Flaky {
         inner: SqliteStore::open(data_dir.path(), Synchronous::Normal).unwrap(),
         fail_reads: AtomicBool::new(false),
+        reads_unreachable: AtomicBool::new(false),
         fail_writes: AtomicBool::new(false),
         fail_keys: AtomicBool::new(false),
         fail_inserts: AtomicBool::new(false),

@@ -485,6 +485,12 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
         check(call(&flaky, request).await);
     }
     store.fail_reads.store(false, Ordering::SeqCst);
+    // A store that does not answer: 503 from the reads of a stored request (the lookup fails; nothing changes).
+    store.reads_unreachable.store(true, Ordering::SeqCst);
+    for request in [c.get(&status), c.get(&txt), c.get(&raw)] {
+        check(call(&flaky, request).await);
+    }
+    store.reads_unreachable.store(false, Ordering::SeqCst);
     // Writes: once the chunks of a running request cannot be stored, /healthz and creates answer 503, and a stop
     // answers 503 once it has waited for its final status to be stored.
     let running =

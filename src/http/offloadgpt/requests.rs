@@ -62,7 +62,7 @@ fn parse_url(kind: &str, rest: &str) -> Result<ParsedUrl, ApiError> {
 
 async fn find(app: &AppState, url: &ParsedUrl) -> Result<Found, ApiError> {
     crate::telemetry::record_request_id(url.id);
-    app.engine.find(url).await.map_err(|e| ApiError::internal(&e))?.ok_or_else(|| {
+    app.engine.find(url).await.map_err(|e| ApiError::from_store(&e))?.ok_or_else(|| {
         ApiError::not_found("No request exists at this URL (it may have been deleted or never existed).")
     })
 }
@@ -299,7 +299,7 @@ fn etag_of(bytes: &[u8]) -> String {
 }
 
 async fn status(app: &AppState, found: &Found, headers: &HeaderMap) -> Result<Response, ApiError> {
-    let webhook = app.engine.webhook_view(found).await.map_err(|e| ApiError::internal(&e))?;
+    let webhook = app.engine.webhook_view(found).await.map_err(|e| ApiError::from_store(&e))?;
     let doc = super::document(found, app.engine.urls(), webhook.as_deref());
     let etag = etag_of(&doc);
     let not_modified = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| {
@@ -375,10 +375,10 @@ fn events(
 /// a store that fails then gets the JSON error; one that fails later cuts the body short (and is logged).
 async fn raw(app: &AppState, found: &Found) -> Result<Response, ApiError> {
     use futures_util::StreamExt;
-    let mut pages = app.engine.raw(found).await.map_err(|e| ApiError::internal(&e))?.ok_or_else(|| {
+    let mut pages = app.engine.raw(found).await.map_err(|e| ApiError::from_store(&e))?.ok_or_else(|| {
         ApiError::not_found("The upstream has not answered yet; the raw response appears once it does.")
     })?;
-    let first = pages.next().await.transpose().map_err(|e| ApiError::internal(&e))?;
+    let first = pages.next().await.transpose().map_err(|e| ApiError::from_store(&e))?;
     let rest = pages.inspect(|page| {
         if let Err(e) = page {
             tracing::warn!(error = %e, "reading a raw response failed; its body was cut short");
