@@ -116,13 +116,14 @@ fn describe() {
     );
 }
 
-/// Route templates of the API: the values of the `route` label besides `unmatched`. Keep in step with
-/// `crate::http::router`.
+/// Route templates of the API: the values of the `route` label besides `unmatched`. The same as
+/// `crate::http::router`'s routes (a test compares the two).
 pub const ROUTES: &[&str] = &[
     "/",
     "/playground/app.js",
     "/playground/style.css",
     "/healthz",
+    "/_offload/alive",
     "/openapi.json",
     "/v1/stream-chatgpt",
     "/v1/async-chatgpt",

@@ -465,3 +465,15 @@ async fn every_family_is_exported_at_zero_before_any_traffic() {
         assert_eq!(*value, expected, "{series} before any traffic");
     }
 }
+
+/// The routes whose series are exported at zero from the start (`metrics::ROUTES`) are the router's routes: a
+/// route added to `src/http/mod.rs` without its series would show up only after its first call.
+#[test]
+fn the_routes_of_the_metrics_are_the_routers() {
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/http/mod.rs")).unwrap();
+    let routed: std::collections::BTreeSet<&str> =
+        source.split(".route(\"").skip(1).map(|route| route.split_once('"').unwrap().0).collect();
+    assert!(routed.len() >= 6, "could not read the routes of src/http/mod.rs");
+    let labelled: std::collections::BTreeSet<&str> = offload::metrics::ROUTES.iter().copied().collect();
+    assert_eq!(labelled, routed, "metrics::ROUTES vs the router's routes");
+}
