@@ -18,6 +18,9 @@ pub enum ChunkKind {
     Error(Value),
     /// Not JSON or not a chunk: kept as an event, ignored for the body.
     Other,
+    /// A chunk with no choices that carries the usage (the last one of a stream asked for it with
+    /// `stream_options.include_usage`): merged into the body.
+    UsageOnly,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -203,8 +206,12 @@ impl Assembler {
         }
         keep_last(&mut self.system_fingerprint, chunk.system_fingerprint);
         keep_last(&mut self.service_tier, chunk.service_tier);
+        let usage_only = choices.is_empty() && chunk.usage.as_ref().is_some_and(|v| !v.is_null());
         if let Some(usage) = chunk.usage.filter(|v| !v.is_null()) {
             self.usage = Some(usage);
+        }
+        if usage_only {
+            return ChunkKind::UsageOnly;
         }
         for c in choices {
             let choice = self.choice(c.index);
@@ -385,7 +392,9 @@ mod tests {
     fn assemble(chunks: &[Value]) -> Value {
         let mut a = Assembler::default();
         for c in chunks {
-            assert_eq!(a.apply(&c.to_string()), ChunkKind::Completion);
+            let usage_only = c["choices"].as_array().is_some_and(Vec::is_empty) && c["usage"].is_object();
+            let expected = if usage_only { ChunkKind::UsageOnly } else { ChunkKind::Completion };
+            assert_eq!(a.apply(&c.to_string()), expected, "{c}");
         }
         serde_json::to_value(&a).unwrap()
     }

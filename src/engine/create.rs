@@ -65,6 +65,7 @@ impl Engine {
             }
             Access::Public => None,
         };
+        let hide_usage = kind == Kind::Stream && crate::upstream::chat::ask_for_usage(&mut parameters);
         let parameters_json = serde_json::to_string(&parameters).map_err(|e| CreateError::Internal(e.to_string()))?;
         let upstream_body = crate::upstream::chat::body(&parameters_json, kind == Kind::Stream);
         let meta = Arc::new(RequestMeta {
@@ -87,7 +88,7 @@ impl Engine {
         // The upstream call starts while the insert commits; the answer waits for the insert, and the worker writes
         // nothing (and drops the call) if it fails.
         let inserted = inner.persister.commit_soon(WriteOp::Insert(meta.clone()));
-        let live = LiveRequest::new(meta.clone());
+        let live = LiveRequest::new(meta.clone(), hide_usage);
         inner.hub.lock().insert(id, live.clone());
         inner.tasks.spawn(crate::telemetry::within_request(
             id,

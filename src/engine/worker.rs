@@ -335,6 +335,9 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, mut response: reqwest::R
             let taken = live.take_event(&data);
             store(inner, taken.writes(live.meta.locator.id)).await;
             let Some((_, kind, _)) = taken.event else {
+                if taken.hidden {
+                    continue;
+                }
                 return Outcome::Cancelled;
             };
             if let ChunkKind::Error(error) = kind {

@@ -25,5 +25,6 @@ mod store_failure;
 #[path = "../support/mod.rs"]
 mod support;
 mod timeouts;
+mod usage;
 mod web;
 mod webhooks;

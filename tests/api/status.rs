@@ -160,7 +160,8 @@ async fn the_raw_response_has_the_status_line_headers_and_body() {
 }
 
 /// `.raw` is exactly what the upstream sent, also when its framing is not the canonical one that lets offload
-/// store a stream's body only once (here a comment line arrives after three events).
+/// store a stream's body only once (here a comment line arrives after three events). The caller asks for the
+/// usage chunk, so that every chunk the upstream sent is an event (see `usage` for one who does not).
 #[tokio::test]
 async fn the_raw_response_is_exact_whatever_the_upstream_framing() {
     let app = spawn_app().await;
@@ -169,7 +170,8 @@ async fn the_raw_response_is_exact_whatever_the_upstream_framing() {
         if let Some(at) = comment_after {
             mock["comment_after"] = at.into();
         }
-        let created = app.stream(json!({"messages": user("hi"), "mock": mock})).await;
+        let body = json!({"messages": user("hi"), "mock": mock, "stream_options": {"include_usage": true}});
+        let created = app.stream(body).await;
         let events = app.events(&endpoint(&created, "stream_events_url"), &[]).await;
         let status_url = endpoint(&created, "status_url");
         app.wait_final(&status_url, None).await;

@@ -112,6 +112,9 @@ impl LiveState {
 
 pub struct LiveRequest {
     pub meta: Arc<RequestMeta>,
+    /// The caller did not ask for the stream's usage chunk, which the server asked the upstream for: it is kept
+    /// out of the events (the body and the raw response keep it).
+    hide_usage: bool,
     state: Mutex<LiveState>,
     changed: watch::Sender<u64>,
     /// Cancelled to end the upstream call early (stop, delete, shutdown); the reason is in the state.
@@ -141,8 +144,11 @@ pub struct End {
 /// What one upstream event changed, as writes for the store, in order (raw pieces first, then the event).
 pub struct Taken {
     raw: Vec<Stored>,
-    /// `None` once the request is final (a stop won the race: nothing after it is kept).
+    /// `None` once the request is final (a stop won the race: nothing after it is kept), or when the event is
+    /// kept out of the events (`hidden`).
     pub event: Option<(u64, ChunkKind, Bytes)>,
+    /// A usage-only chunk the caller did not ask for: merged into the body, kept in the raw response, not an event.
+    pub hidden: bool,
 }
 
 impl Taken {
@@ -164,13 +170,15 @@ pub struct Answering {
 }
 
 impl LiveRequest {
-    pub fn new(meta: Arc<RequestMeta>) -> Arc<Self> {
+    /// `hide_usage`: see [`Taken::hidden`].
+    pub fn new(meta: Arc<RequestMeta>, hide_usage: bool) -> Arc<Self> {
         let body = match meta.locator.kind {
             Kind::Stream => LiveBody::Assembling(Box::default()),
             Kind::Async => LiveBody::None,
         };
         Arc::new(Self {
             meta,
+            hide_usage,
             state: Mutex::new(LiveState {
                 progress: Progress::pending(),
                 body,
@@ -289,15 +297,21 @@ impl LiveRequest {
     /// events (framed once for every reader) and to the assembled body.
     pub fn take_event(&self, data: &str) -> Taken {
         let created = self.meta.created;
+        let hide_usage = self.hide_usage;
         self.update(|st| {
-            let raw = st.raw.event(data, st.events.len() as u64);
+            let before = st.events.len() as u64;
             if st.closed() {
-                return (false, Taken { raw, event: None });
+                return (false, Taken { raw: st.raw.event(data, before), event: None, hidden: false });
             }
             let kind = match &mut st.body {
                 LiveBody::Assembling(a) => a.apply(data),
                 _ => ChunkKind::Other,
             };
+            if hide_usage && matches!(kind, ChunkKind::UsageOnly) {
+                // The body changed (its usage): readers of the document see it.
+                return (true, Taken { raw: st.raw.not_an_event(before), event: None, hidden: true });
+            }
+            let raw = st.raw.event(data, before);
             let seq = st.events.len() as u64 + 1;
             if seq == 1 {
                 crate::metrics::first_chunk(crate::domain::unix_now() - created);
@@ -308,7 +322,7 @@ impl LiveRequest {
                 st.progress.status = Status::Streaming;
             }
             let stored = slice.unwrap_or_else(|| Bytes::copy_from_slice(data.as_bytes()));
-            (true, Taken { raw, event: Some((seq, kind, stored)) })
+            (true, Taken { raw, event: Some((seq, kind, stored)), hidden: false })
         })
     }
 

@@ -108,6 +108,12 @@ impl RawRecorder {
         vec![self.push(RawPiece::Bytes(Bytes::from_static(DONE)))]
     }
 
+    /// The parser yielded an event that is kept out of the events (a usage-only chunk the caller did not ask
+    /// for), after `events_before` events: the raw response keeps it, as it came, like everything after it.
+    pub fn not_an_event(&mut self, events_before: u64) -> Vec<Stored> {
+        self.diverge(events_before)
+    }
+
     /// The framing differs from here on: the placeholder covers only the events before, and the bytes not yet
     /// matched (this event's among them) are stored as they came, like everything after them.
     fn diverge(&mut self, events_before: u64) -> Vec<Stored> {

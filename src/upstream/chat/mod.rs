@@ -11,6 +11,25 @@ pub fn body(parameters: &str, stream: bool) -> String {
     format!("{body},\"stream\":{stream}}}")
 }
 
+/// Makes a stream's parameters ask the upstream for its usage (`stream_options.include_usage`), so that every
+/// request records its tokens. Returns whether the caller had not asked for it: then the usage-only chunk the
+/// upstream sends last is the server's, kept out of the caller's events. `stream_options` given as something other
+/// than an object (or `null`) is left as it is, for the upstream to judge.
+pub fn ask_for_usage(parameters: &mut serde_json::Map<String, Value>) -> bool {
+    let options = parameters.entry("stream_options").or_insert(Value::Null);
+    if options.is_null() {
+        *options = Value::Object(serde_json::Map::new());
+    }
+    let Value::Object(options) = options else { return false };
+    match options.get("include_usage") {
+        Some(Value::Bool(true)) => false,
+        _ => {
+            options.insert("include_usage".into(), Value::Bool(true));
+            true
+        }
+    }
+}
+
 /// Whether an event's data is the end of the stream (`[DONE]`).
 pub fn is_done(data: &str) -> bool {
     data.trim() == "[DONE]"
@@ -32,6 +51,29 @@ mod tests {
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["stream"], true);
         assert_eq!(v["model"], "m");
+    }
+
+    #[test]
+    fn usage_is_asked_for_unless_the_caller_did() {
+        let ask = |v: Value| {
+            let mut map = v.as_object().unwrap().clone();
+            let hidden = ask_for_usage(&mut map);
+            (hidden, Value::Object(map))
+        };
+        let (hidden, p) = ask(serde_json::json!({"model": "m"}));
+        assert!(hidden);
+        assert_eq!(p["stream_options"], serde_json::json!({"include_usage": true}));
+        let (hidden, p) = ask(serde_json::json!({"stream_options": {"include_usage": false, "x": 1}}));
+        assert!(hidden);
+        assert_eq!(p["stream_options"], serde_json::json!({"include_usage": true, "x": 1}));
+        let (hidden, p) = ask(serde_json::json!({"stream_options": {"include_usage": true}}));
+        assert!(!hidden);
+        assert_eq!(p["stream_options"], serde_json::json!({"include_usage": true}));
+        let (hidden, p) = ask(serde_json::json!({"stream_options": "odd"}));
+        assert!(!hidden);
+        assert_eq!(p["stream_options"], "odd");
+        let (hidden, _) = ask(serde_json::json!({"stream_options": null}));
+        assert!(hidden);
     }
 
     #[test]
