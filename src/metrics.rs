@@ -114,6 +114,11 @@ fn describe() {
         "offload_webhook_attempts_total",
         "Webhook delivery attempts, by outcome (delivered, retrying, failed)."
     );
+    describe_counter!(
+        "offload_tokens_total",
+        "Tokens of finished requests as their upstream counted them, by kind (input, output), upstream and model \
+         (the first 32 models seen, then `other`)."
+    );
 }
 
 /// Route templates of the API: the values of the `route` label besides `unmatched`. The same as
@@ -207,6 +212,9 @@ fn zero() {
     gauge!("offload_store_reachable").set(1.0);
     for &outcome in WEBHOOK_OUTCOMES {
         counter!("offload_webhook_attempts_total", "outcome" => outcome).absolute(0);
+    }
+    for kind in ["input", "output"] {
+        counter!("offload_tokens_total", "kind" => kind, "upstream" => UPSTREAM, "model" => OTHER_MODEL).absolute(0);
     }
 }
 
@@ -384,6 +392,41 @@ pub fn store_held_bytes(bytes: usize) {
 /// Whether the store answered this node's last health round trip (1) or not (0).
 pub fn store_reachable(reachable: bool) {
     gauge!("offload_store_reachable").set(if reachable { 1.0 } else { 0.0 });
+}
+
+/// The `upstream` label of the token counts: the one upstream (named ones come with several upstreams).
+const UPSTREAM: &str = "default";
+/// How many model names become label values; later ones count as [`OTHER_MODEL`], so that callers naming made-up
+/// models cannot grow the label set without bound.
+const MAX_MODELS: usize = 32;
+const OTHER_MODEL: &str = "other";
+
+/// The model names admitted as label values so far.
+static MODELS: OnceLock<parking_lot::Mutex<Vec<String>>> = OnceLock::new();
+
+/// `model` as a label value: itself if it is among the first [`MAX_MODELS`] seen (and short), else `other`.
+fn model_label(model: &str) -> String {
+    const MAX_LEN: usize = 64;
+    if model.is_empty() || model.len() > MAX_LEN {
+        return OTHER_MODEL.to_owned();
+    }
+    let mut models = MODELS.get_or_init(Default::default).lock();
+    if models.iter().any(|m| m == model) {
+        return model.to_owned();
+    }
+    if models.len() < MAX_MODELS {
+        models.push(model.to_owned());
+        return model.to_owned();
+    }
+    OTHER_MODEL.to_owned()
+}
+
+/// A request finished with the usage its upstream reported: `input` and `output` tokens of `model`.
+pub fn tokens(model: &str, input: u64, output: u64) {
+    let model = model_label(model);
+    counter!("offload_tokens_total", "kind" => "input", "upstream" => UPSTREAM, "model" => model.clone())
+        .increment(input);
+    counter!("offload_tokens_total", "kind" => "output", "upstream" => UPSTREAM, "model" => model).increment(output);
 }
 
 /// A webhook attempt ended with `outcome` (`delivered`, `retrying`, `failed`).

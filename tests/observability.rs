@@ -417,6 +417,7 @@ async fn every_family_is_exported_at_zero_before_any_traffic() {
         "offload_store_held_bytes",
         "offload_store_reachable",
         "offload_webhook_attempts_total",
+        "offload_tokens_total",
     ] {
         assert!(scrape.has(family), "{family} is missing before any traffic:\n{text}");
     }
@@ -476,4 +477,50 @@ fn the_routes_of_the_metrics_are_the_routers() {
     assert!(routed.len() >= 6, "could not read the routes of src/http/mod.rs");
     let labelled: std::collections::BTreeSet<&str> = offload::metrics::ROUTES.iter().copied().collect();
     assert_eq!(labelled, routed, "metrics::ROUTES vs the router's routes");
+}
+
+/// Tokens are counted from each finished request's usage (streams too), by kind and model; callers naming dozens
+/// of made-up models get at most 32 model labels, the rest counting as `other`.
+#[tokio::test]
+async fn tokens_are_counted_by_model_with_a_bounded_label_set() {
+    let _turn = SERIAL.lock().await;
+    let app = spawn(|_| {}).await;
+    const MODELS: usize = 40;
+    const WORDS: u64 = 3;
+    let before = app.scrape().await;
+    let other_before = before.value("offload_tokens_total", &[("kind", "output"), ("model", "other")]);
+    for i in 0..MODELS {
+        let endpoint = if i % 2 == 0 { "async-chatgpt" } else { "stream-chatgpt" };
+        let body = json!({"model": format!("made-up-{i}"), "messages": user("hi"), "mock": {"words": WORDS}});
+        let (status, _) = app.create(endpoint, body).await;
+        assert_eq!(status, 200);
+    }
+    let mine = |s: &Scrape| -> f64 {
+        let labelled: f64 = (0..MODELS)
+            .map(|i| s.value("offload_tokens_total", &[("kind", "output"), ("model", &format!("made-up-{i}"))]))
+            .sum();
+        labelled + s.value("offload_tokens_total", &[("kind", "output"), ("model", "other")]) - other_before
+    };
+    let expected = (MODELS as u64 * WORDS) as f64;
+    let scrape = app.scrape_until("every request's tokens counted", |s| mine(s) >= expected).await;
+    assert_eq!(mine(&scrape), expected);
+    for i in 0..MODELS {
+        let labelled = scrape.value("offload_tokens_total", &[("kind", "output"), ("model", &format!("made-up-{i}"))]);
+        assert!(labelled == 0.0 || labelled == WORDS as f64, "made-up-{i}: {labelled}");
+        let input = scrape.value("offload_tokens_total", &[("kind", "input"), ("model", &format!("made-up-{i}"))]);
+        assert_eq!(input > 0.0, labelled > 0.0, "made-up-{i}: input {input}");
+    }
+    let labels: std::collections::BTreeSet<&str> = scrape
+        .0
+        .keys()
+        .filter(|series| series.starts_with("offload_tokens_total{"))
+        .filter_map(|series| series.split("model=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(labels.len() <= 33, "{} model labels: {labels:?}", labels.len());
+    assert!(labels.contains("other"));
+    assert!(
+        scrape.value("offload_tokens_total", &[("kind", "output"), ("model", "other")]) - other_before
+            >= ((MODELS - 32) as u64 * WORDS) as f64,
+        "the models past the first 32 count as other"
+    );
 }

@@ -182,6 +182,11 @@ fn append(slot: &mut Option<String>, piece: &str) {
 }
 
 impl Assembler {
+    /// The tokens the stream's usage chunk reported, if one came.
+    pub fn tokens(&self) -> Option<super::usage::Tokens> {
+        super::usage::Tokens::of_usage(self.model.as_deref(), self.usage.as_ref()?)
+    }
+
     /// Merges one chunk (the `data` of one event, exactly as received).
     pub fn apply(&mut self, data: &str) -> ChunkKind {
         let Ok(chunk) = serde_json::from_str::<Chunk<'_>>(data) else {

@@ -4,6 +4,7 @@
 pub mod assembler;
 pub mod model;
 pub mod render;
+pub mod usage;
 
 pub use assembler::{Assembler, ChunkKind};
 pub use model::{Attempt, ErrorInfo, Progress, RequestMeta, ResponseMeta};

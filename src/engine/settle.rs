@@ -60,6 +60,9 @@ impl Inner {
             }
         }
         live.publish_final();
+        if let Some(tokens) = live.tokens() {
+            crate::metrics::tokens(&tokens.model, tokens.input, tokens.output);
+        }
         if has_webhook {
             self.webhook_wake.notify_one();
         }

@@ -17,6 +17,7 @@
 pub mod raw;
 
 use super::sse;
+use crate::document::usage::Tokens;
 use crate::document::{Assembler, Attempt, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, ResponseMeta};
 use crate::domain::{Kind, Status};
 use crate::store::{RawCursor, WriteOp};
@@ -88,6 +89,8 @@ struct LiveState {
     /// The final state, fixed but not yet durable: readers do not see it until it is published.
     staged: Option<Progress>,
     version: u64,
+    /// The usage of a whole (not streamed) answer, read once it arrived.
+    tokens: Option<Tokens>,
     /// The last rendering of each API's view of the request, with the version it shows.
     rendered: Vec<(&'static str, u64, Bytes)>,
 }
@@ -187,6 +190,7 @@ impl LiveRequest {
                 cancel_reason: None,
                 staged: None,
                 version: 0,
+                tokens: None,
                 rendered: Vec::new(),
             }),
             changed: watch::channel(0).0,
@@ -276,7 +280,10 @@ impl LiveRequest {
 
     /// The whole body of an answer that is not an event stream, as valid JSON.
     pub fn complete_body(&self, json: Box<RawValue>) {
+        // Read before the lock: a whole answer may be large.
+        let tokens = Tokens::of_json(json.get());
         self.update(|st| {
+            st.tokens = tokens;
             st.body = LiveBody::Complete(json);
             (true, ())
         })
@@ -384,6 +391,15 @@ impl LiveRequest {
             status: st.progress.status,
             events: st.events.len() as u64,
             upstream_status: st.progress.response.as_ref().map(|r| r.status_code),
+        }
+    }
+
+    /// The tokens the upstream reported for this request so far (its usage), if it did.
+    pub fn tokens(&self) -> Option<Tokens> {
+        let st = self.state.lock();
+        match &st.body {
+            LiveBody::Assembling(a) => a.tokens(),
+            _ => st.tokens.clone(),
         }
     }
 
