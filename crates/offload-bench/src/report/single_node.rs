@@ -87,6 +87,31 @@ pub(super) fn tables(r: &Results) -> Vec<Table> {
             })
             .collect(),
     });
+    let notes: Vec<&str> = r.ttft.iter().flat_map(|x| x.notes.iter().map(String::as_str)).collect();
+    tables.push(Table {
+        title: format!(
+            "time to first chunk by path (ms; added = to the mock's own){}",
+            if notes.is_empty() { String::new() } else { format!(": {}", notes.join("; ")) }
+        ),
+        header: vec!["flush", "path", "n", "p50", "p99", "added p50", "added p99"],
+        rows: r
+            .ttft
+            .iter()
+            .flat_map(|x| {
+                x.paths.iter().map(|p| {
+                    vec![
+                        format!("{} ms", x.flush_interval_ms),
+                        p.path.to_owned(),
+                        p.summary.count.to_string(),
+                        ms(p.summary.p50_us),
+                        ms(p.summary.p99_us),
+                        ms(p.added_p50_us),
+                        ms(p.added_p99_us),
+                    ]
+                })
+            })
+            .collect(),
+    });
     tables.push(Table {
         title: "per-chunk relay (ms from the tap handing a chunk on to the reader receiving it)".into(),
         header: vec![

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod concurrency;
 pub mod create;
 pub mod fanout;
+pub mod nginx;
 pub mod profile;
 pub mod relay;
 pub mod ttft;
