@@ -18,19 +18,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const PUBLIC: &str = "http://offload.test";
 /// Short, so that a dead node is noticed quickly in tests (the default is 10 s).
 const LEASE: &str = "2s";
 
 mod support;
 
 use support::Offload as Node;
+use support::cluster::{PUBLIC, content, create_key, endpoint, local};
 use support::postgres::Database;
-
-/// The URL of `node` for a public URL handed out by any node.
-fn local(node: &Node, public_url: &str) -> String {
-    public_url.replacen(PUBLIC, &format!("http://{}", node.addr), 1)
-}
 
 /// Starts a node on `db`.
 fn start(db: &Database, upstream: &str, extra: &[&str]) -> Node {
@@ -68,21 +63,11 @@ impl Cluster {
     }
 
     async fn document(&self, node: usize, status_url: &str) -> Value {
-        let response = self.client.get(local(&self.nodes[node], status_url)).send().await.unwrap();
-        assert_eq!(response.status(), 200);
-        response.json().await.unwrap()
+        support::cluster::document(&self.client, &self.nodes[node], status_url).await
     }
 
     async fn wait_final(&self, node: usize, status_url: &str, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let doc = self.document(node, status_url).await;
-            if matches!(doc["status"].as_str(), Some("done" | "error" | "stop")) {
-                return doc;
-            }
-            assert!(Instant::now() < deadline, "not final in time: {}", doc["status"]);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        support::cluster::wait_final(&self.client, &self.nodes[node], status_url, within).await
     }
 
     async fn stream_bytes(&self, node: usize, events_url: &str, last_event_id: Option<&str>) -> (u16, String) {
@@ -99,14 +84,6 @@ impl Cluster {
         let url = format!("http://{}/_mock/stats", self.mock.addr());
         self.client.get(url).send().await.unwrap().json().await.unwrap()
     }
-}
-
-fn endpoint(created: &Value, name: &str) -> String {
-    created["endpoints"][name].as_str().unwrap().to_owned()
-}
-
-fn content(doc: &Value) -> String {
-    doc["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_owned()
 }
 
 fn slow(words: usize) -> Value {
@@ -291,17 +268,6 @@ async fn restarting_a_node_never_ends_the_requests_another_node_runs() {
     }
 }
 
-/// Creates a key through the CLI on the cluster's store; returns it.
-fn create_key(c: &Cluster, name: &str, limits: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_offload"))
-        .args(["keys", "create", "--name", name, "--store", &c.db.url])
-        .args(limits)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().split_whitespace().find(|w| w.starts_with("ofk_")).unwrap().to_owned()
-}
-
 /// `n` creates at once with `key`, spread round-robin over the three nodes; the status of each.
 async fn spread(c: &Cluster, key: &str, body: &Value, n: usize) -> Vec<u16> {
     let calls =
@@ -315,9 +281,9 @@ fn count(statuses: &[u16], status: u16) -> usize {
 
 async fn every_key_limit_is_exact_with_creates_spread_over_three_nodes() {
     let mut c = cluster(&[]).await;
-    let daily = create_key(&c, "daily", &["--requests-per-day", "30"]);
-    let parallel = create_key(&c, "parallel", &["--max-in-flight", "4"]);
-    let rated = create_key(&c, "rated", &["--rate", "0.1"]);
+    let daily = create_key(&c.db.url, "daily", &["--requests-per-day", "30"]);
+    let parallel = create_key(&c.db.url, "parallel", &["--max-in-flight", "4"]);
+    let rated = create_key(&c.db.url, "rated", &["--rate", "0.1"]);
     let quick = json!({"messages": [{"role": "user", "content": "hi"}]});
     let statuses = spread(&c, &daily, &quick, 120).await;
     assert_eq!((count(&statuses, 200), count(&statuses, 429)), (30, 90), "the day quota");

@@ -18,10 +18,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 use support::Offload as Node;
+use support::cluster::{PUBLIC, content, create_key, endpoint, local};
 use support::postgres::Database;
 use tokio::net::{TcpListener, TcpStream};
-
-const PUBLIC: &str = "http://offload.test";
 
 /// A TCP proxy in front of PostgreSQL that the test can cut.
 struct Proxy {
@@ -126,19 +125,6 @@ async fn cluster_with(lease: &str, extra: [&[&str]; 3]) -> Cluster {
     Cluster { nodes, proxies, mock, db, client }
 }
 
-/// The URL of `node` for a public URL handed out by any node.
-fn local(node: &Node, public_url: &str) -> String {
-    public_url.replacen(PUBLIC, &format!("http://{}", node.addr), 1)
-}
-
-fn endpoint(created: &Value, name: &str) -> String {
-    created["endpoints"][name].as_str().unwrap().to_owned()
-}
-
-fn content(doc: &Value) -> String {
-    doc["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_owned()
-}
-
 /// A stream of `words` words, one every `delay_ms`.
 fn paced(words: usize, delay_ms: u64) -> Value {
     json!({"messages": [{"role": "user", "content": "hi"}], "mock": {"words": words, "delay_ms": delay_ms}})
@@ -158,21 +144,11 @@ impl Cluster {
     }
 
     async fn document(&self, node: usize, status_url: &str) -> Value {
-        let response = self.client.get(local(&self.nodes[node], status_url)).send().await.unwrap();
-        assert_eq!(response.status(), 200);
-        response.json().await.unwrap()
+        support::cluster::document(&self.client, &self.nodes[node], status_url).await
     }
 
     async fn wait_final(&self, node: usize, status_url: &str, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let doc = self.document(node, status_url).await;
-            if matches!(doc["status"].as_str(), Some("done" | "error" | "stop")) {
-                return doc;
-            }
-            assert!(Instant::now() < deadline, "not final in time: {}", doc["status"]);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        support::cluster::wait_final(&self.client, &self.nodes[node], status_url, within).await
     }
 
     /// Waits until the request streams with some text, seen from `node`.
@@ -299,20 +275,9 @@ async fn a_database_outage_longer_than_a_lease_ends_no_stream_and_loses_nothing_
     }
 }
 
-/// Creates a key through the CLI, straight on the database; returns it.
-fn create_key(c: &Cluster, name: &str, limits: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_offload"))
-        .args(["keys", "create", "--name", name, "--store", &c.db.url])
-        .args(limits)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().split_whitespace().find(|w| w.starts_with("ofk_")).unwrap().to_owned()
-}
-
 async fn a_node_cut_off_from_the_database_for_four_leases_keeps_its_request_and_its_key_slot() {
     let c = cluster("2s").await;
-    let key = create_key(&c, "one-at-a-time", &["--max-in-flight", "1"]);
+    let key = create_key(&c.db.url, "one-at-a-time", &["--max-in-flight", "1"]);
     let body = paced(400, 40);
     let response =
         c.client.post(c.nodes[0].url("/v1/stream-chatgpt")).bearer_auth(&key).json(&body).send().await.unwrap();

@@ -2,9 +2,8 @@
 //! requests on it (a JSON `fetch` with its preflight, a `text/plain` simple POST, the OpenAI entry, `GET /v1/models`),
 //! while the URLs of a request it was given keep answering it (status, raw, `EventSource`, stop by XHR).
 
-use crate::HEADLESS;
 use crate::helpers::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -105,21 +104,7 @@ pub async fn a_page_on_another_origin_cannot_create_on_an_open_server_but_uses_t
     let site_url = format!("http://{}/", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, site).await.unwrap() });
 
-    let profile = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(browser)
-        .args(HEADLESS)
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(&site_url)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let report = tokio::time::timeout(Duration::from_secs(60), report_rx.recv()).await;
-    let _ = child.kill().await;
-    let report = report.unwrap_or_else(|_| panic!("the page never reported")).unwrap();
-    let report: Value = serde_json::from_str(&report).unwrap();
-    assert!(report.get("failure").is_none(), "{report}");
+    let report = crate::page_report(&browser, &site_url, &mut report_rx).await;
 
     // Refused before anything happened: the page reads nothing (no CORS headers), and no upstream call was made.
     for create in ["json_create", "plain_create", "chat_create", "models"] {

@@ -1,10 +1,7 @@
 //! A real browser as the client: headless Chromium runs a page from another origin that uses `fetch` and the
 //! browser's own `EventSource` against offload, as a web app written for OffloadGPT would.
 
-use crate::HEADLESS;
 use crate::helpers::*;
-use serde_json::Value;
-use std::time::Duration;
 
 const PAGE: &str = r#"<!doctype html><html><body><script>
 const OFFLOAD = "__OFFLOAD__";
@@ -93,21 +90,7 @@ pub async fn a_browser_page_on_another_origin_follows_reads_and_stops_requests()
     let site_url = format!("{site_origin}/");
     tokio::spawn(async move { axum::serve(listener, site).await.unwrap() });
 
-    let profile = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(browser)
-        .args(HEADLESS)
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(&site_url)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let report = tokio::time::timeout(Duration::from_secs(60), report_rx.recv()).await;
-    let _ = child.kill().await;
-    let report = report.unwrap_or_else(|_| panic!("the page never reported")).unwrap();
-    let report: Value = serde_json::from_str(&report).unwrap();
-    assert!(report.get("failure").is_none(), "{report}");
+    let report = crate::page_report(&browser, &site_url, &mut report_rx).await;
 
     assert_eq!(report["done"], true);
     let ids: Vec<String> = serde_json::from_value(report["ids"].clone()).unwrap();

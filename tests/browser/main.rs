@@ -31,6 +31,31 @@ pub const HEADLESS: [&str; 8] = [
     "--disable-sync",
 ];
 
+/// Opens `site_url` in headless Chromium and returns the JSON report its page sends back on `reports` (within
+/// 60 s), checked to carry no `failure`.
+pub async fn page_report(
+    browser: &std::path::Path,
+    site_url: &str,
+    reports: &mut tokio::sync::mpsc::Receiver<String>,
+) -> serde_json::Value {
+    let profile = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(browser)
+        .args(HEADLESS)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(site_url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let report = tokio::time::timeout(std::time::Duration::from_secs(60), reports.recv()).await;
+    let _ = child.kill().await;
+    let report = report.unwrap_or_else(|_| panic!("the page never reported")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert!(report.get("failure").is_none(), "{report}");
+    report
+}
+
 /// Where Chromium is installed, if it is.
 pub fn chromium() -> Result<std::path::PathBuf, Missing> {
     ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"]

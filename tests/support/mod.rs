@@ -2,9 +2,11 @@
 //! learn its address from its log, and kill it (SIGKILL) when the test is done with it, also when the test fails.
 //! `harness`: test binaries whose tests may need what the machine lacks, reported as ignored with the reason.
 //! `postgres`: the PostgreSQL server of the suites that need one, reachable or throwaway.
+//! `cluster`: what the cluster suites ask of their nodes.
 
 #![allow(dead_code, reason = "each test crate uses the part it needs")]
 
+pub mod cluster;
 pub mod harness;
 pub mod postgres;
 
