@@ -96,6 +96,15 @@ fn describe() {
         "offload_upstream_failures_total",
         "Upstream calls that got no response, by reason (connect_timeout, unreachable, failed)."
     );
+    describe_counter!(
+        "offload_upstream_attempts_total",
+        "Upstream attempts, by upstream (its name in the config) and outcome (answered, failed, skipped while its \
+         breaker is open)."
+    );
+    describe_gauge!(
+        "offload_upstream_breaker_open",
+        "1 while an upstream is skipped after failing too often in a row (its breaker is open), else 0."
+    );
     describe_histogram!("offload_store_batch_writes", "Writes per store transaction, by lane (create, bulk).");
     describe_histogram!(
         "offload_store_write_duration_seconds",
@@ -134,6 +143,10 @@ pub const ROUTES: &[&str] = &[
     "/v1/async-chatgpt",
     "/v1/chat/completions",
     "/v1/models",
+    "/v1/responses",
+    "/v1/responses/{id}",
+    "/v1/responses/{id}/cancel",
+    "/v1/responses/{id}/input_items",
     "/{kind}/r/{*rest}",
 ];
 
@@ -162,6 +175,7 @@ const REFUSALS: &[&str] = &[
     "upstream_key",
     "webhook",
     "continuation",
+    "invalid",
     "internal",
 ];
 /// Upstream statuses shown from the start: success, and those that are retried. Others appear when answered
@@ -212,9 +226,6 @@ fn zero() {
     gauge!("offload_store_reachable").set(1.0);
     for &outcome in WEBHOOK_OUTCOMES {
         counter!("offload_webhook_attempts_total", "outcome" => outcome).absolute(0);
-    }
-    for kind in ["input", "output"] {
-        counter!("offload_tokens_total", "kind" => kind, "upstream" => UPSTREAM, "model" => OTHER_MODEL).absolute(0);
     }
 }
 
@@ -394,8 +405,6 @@ pub fn store_reachable(reachable: bool) {
     gauge!("offload_store_reachable").set(if reachable { 1.0 } else { 0.0 });
 }
 
-/// The `upstream` label of the token counts: the one upstream (named ones come with several upstreams).
-const UPSTREAM: &str = "default";
 /// How many model names become label values; later ones count as [`OTHER_MODEL`], so that callers naming made-up
 /// models cannot grow the label set without bound.
 const MAX_MODELS: usize = 32;
@@ -422,11 +431,39 @@ fn model_label(model: &str) -> String {
 }
 
 /// A request finished with the usage its upstream reported: `input` and `output` tokens of `model`.
-pub fn tokens(model: &str, input: u64, output: u64) {
+pub fn tokens(upstream: &str, model: &str, input: u64, output: u64) {
     let model = model_label(model);
-    counter!("offload_tokens_total", "kind" => "input", "upstream" => UPSTREAM, "model" => model.clone())
+    let upstream = upstream.to_owned();
+    counter!("offload_tokens_total", "kind" => "input", "upstream" => upstream.clone(), "model" => model.clone())
         .increment(input);
-    counter!("offload_tokens_total", "kind" => "output", "upstream" => UPSTREAM, "model" => model).increment(output);
+    counter!("offload_tokens_total", "kind" => "output", "upstream" => upstream, "model" => model).increment(output);
+}
+
+/// The upstreams of the config, by name: their series start at zero. Names are the config's, so the label is
+/// bounded by it.
+pub fn upstreams<'a>(names: impl IntoIterator<Item = &'a str>) {
+    for name in names {
+        for outcome in ["answered", "failed", "skipped"] {
+            counter!("offload_upstream_attempts_total", "upstream" => name.to_owned(), "outcome" => outcome)
+                .absolute(0);
+        }
+        gauge!("offload_upstream_breaker_open", "upstream" => name.to_owned()).set(0.0);
+        for kind in ["input", "output"] {
+            let upstream = name.to_owned();
+            counter!("offload_tokens_total", "kind" => kind, "upstream" => upstream, "model" => OTHER_MODEL)
+                .absolute(0);
+        }
+    }
+}
+
+/// An upstream attempt ended with `outcome` (`answered`, `failed`, or `skipped` while its breaker is open).
+pub fn upstream_attempt(upstream: &str, outcome: &'static str) {
+    counter!("offload_upstream_attempts_total", "upstream" => upstream.to_owned(), "outcome" => outcome).increment(1);
+}
+
+/// Whether `upstream` is being skipped (its breaker is open).
+pub fn breaker(upstream: &str, open: bool) {
+    gauge!("offload_upstream_breaker_open", "upstream" => upstream.to_owned()).set(if open { 1.0 } else { 0.0 });
 }
 
 /// A webhook attempt ended with `outcome` (`delivered`, `retrying`, `failed`).

@@ -13,7 +13,7 @@ use crate::mock::{MockConfig, MockServer};
 use crate::settings::{ServerLimits, Settings};
 use crate::store::nodes::{NodeRecord, NodeStore};
 use crate::store::{Store, Stores};
-use crate::upstream::{Retries, Upstream};
+use crate::upstream::{Retries, Upstream, Upstreams};
 use crate::webhook::Deliverer;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -146,15 +146,11 @@ impl Application {
             node,
             outage: settings.limits.outage,
         };
-        let upstream = Upstream::new(&upstream_url, settings.upstream.key.clone(), settings.upstream.h2c)
-            .with_retries(Retries {
-                max: settings.upstream.retries,
-                header_timeout: settings.upstream.header_timeout,
-                ..Retries::default()
-            })
-            .with_limits(settings.upstream.reply_limits);
+        let upstreams = upstreams(&settings.upstream, upstream_url.clone());
+        crate::metrics::upstreams(upstreams.all().iter().map(|u| u.name()));
         let gate = Arc::new(Gatekeeper::new(stores.keys.clone(), node, settings.store.key_cache_ttl));
-        let engine = Engine::new(config, stores.clone(), upstream, gate.clone(), deliverer.wake.clone(), peers.clone());
+        let engine =
+            Engine::new(config, stores.clone(), upstreams, gate.clone(), deliverer.wake.clone(), peers.clone());
         // One node per embedded store: what is not final was cut off by its previous run. On a shared store only
         // the requests of nodes that are gone are (others may be running right now).
         let recovered = match peers {
@@ -326,6 +322,35 @@ fn raise_file_limit() -> Option<u64> {
             None
         }
     }
+}
+
+/// The upstreams the settings name: those of the config file's `[[upstreams]]` with its routes, else the one of
+/// `--upstream-url` (`url`: the built-in mock's, with `--mock-upstream`) serving every model. The retries, reply
+/// bounds and breaker are every upstream's.
+fn upstreams(settings: &crate::settings::UpstreamSettings, url: url::Url) -> Upstreams {
+    let common = |upstream: Upstream, api| {
+        upstream
+            .with_retries(Retries {
+                max: settings.retries,
+                header_timeout: settings.header_timeout,
+                ..Retries::default()
+            })
+            .with_limits(settings.reply_limits)
+            .with_api(api)
+            .with_breaker(settings.breaker)
+    };
+    if settings.named.is_empty() || settings.mock {
+        return Upstreams::single(common(Upstream::new(&url, settings.key.clone(), settings.h2c), settings.api));
+    }
+    let list = settings
+        .named
+        .iter()
+        .map(|n| {
+            let upstream = Upstream::new(&n.url, n.key.clone(), n.h2c).named(&n.name, n.models.clone(), n.caller_keys);
+            common(upstream, n.api)
+        })
+        .collect();
+    Upstreams::new(list, &settings.routes)
 }
 
 /// `max_connections`, lowered if needed to leave a quarter of the open-file limit (at least 64) to the store,

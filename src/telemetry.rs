@@ -55,10 +55,15 @@ pub fn record_request_id(id: impl std::fmt::Display) {
     tracing::Span::current().record("request_id", tracing::field::display(id));
 }
 
+/// Names the upstream (its name in the config) the current call or request goes to, on its span.
+pub fn record_upstream(name: &str) {
+    tracing::Span::current().record("upstream", name);
+}
+
 /// Runs a request's background work (its worker, a webhook attempt) in a span naming it. The span has no parent: the work outlives
 /// the HTTP call that started it.
 pub fn within_request<F: Future>(id: impl std::fmt::Display, work: F) -> tracing::instrument::Instrumented<F> {
-    work.instrument(tracing::info_span!(parent: None, "request", request_id = %id))
+    work.instrument(tracing::info_span!(parent: None, "request", request_id = %id, upstream = tracing::field::Empty))
 }
 
 /// The middleware around every route: the span, the access line and the HTTP metrics.
@@ -66,7 +71,13 @@ pub async fn observe(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let route = route_of(&request);
-    let span = tracing::info_span!("http", method = %method, route = %route, request_id = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "http",
+        method = %method,
+        route = %route,
+        request_id = tracing::field::Empty,
+        upstream = tracing::field::Empty
+    );
     let in_flight = crate::metrics::http_in_flight();
     let response = next.run(request).instrument(span.clone()).await;
     drop(in_flight);

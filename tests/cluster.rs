@@ -332,10 +332,92 @@ async fn a_node_frozen_past_its_lease_never_ends_the_requests_of_others_when_it_
     assert_eq!(health.status(), 200);
 }
 
+/// Issue 18: the Responses API on any node for a response running on another: polled, streamed and resumed with
+/// `starting_after`, cancelled (twice), continued with `previous_response_id`, its input items listed.
+async fn a_response_running_on_one_node_is_served_cancelled_and_continued_by_the_others() {
+    let c = cluster(&[]).await;
+    let post = |node: usize, path: String, body: Value| {
+        let request = c.client.post(c.nodes[node].url(&path)).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let get = |node: usize, path: String| {
+        let request = c.client.get(c.nodes[node].url(&path));
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+            response.text().await.unwrap()
+        }
+    };
+    let body = json!({"input": "hi", "background": true, "mock": {"words": 2000, "delay_ms": 25}});
+    let created = post(0, "/v1/responses".into(), body).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let object: Value = serde_json::from_str(&get(1, format!("/v1/responses/{id}")).await).unwrap();
+        let text = object["output"][0]["content"][0]["text"].as_str().unwrap_or("").to_owned();
+        if text.split_whitespace().count() >= 3 {
+            assert_eq!(object["status"], "in_progress");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no output in time: {object}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Resumed on a third node after sequence number 2: the events from 3 on, contiguous, live.
+    let response = c.client.get(c.nodes[2].url(&format!("/v1/responses/{id}?stream=true&starting_after=2"))).send();
+    let mut events = response.await.unwrap().bytes_stream().eventsource();
+    let mut expected = 3;
+    while expected < 8 {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next()).await.unwrap().unwrap().unwrap();
+        let data: Value = serde_json::from_str(&event.data).unwrap();
+        assert_eq!(data["sequence_number"], expected, "{data}");
+        assert_eq!(event.event, data["type"].as_str().unwrap());
+        expected += 1;
+    }
+    drop(events);
+
+    let started = Instant::now();
+    let cancelled = post(1, format!("/v1/responses/{id}/cancel"), json!({})).await;
+    assert!(started.elapsed() < Duration::from_secs(1), "cancel through another node took {:?}", started.elapsed());
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let again = post(2, format!("/v1/responses/{id}/cancel"), json!({})).await;
+    assert_eq!(again, cancelled, "a second cancel answers the same");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for node in 0..3 {
+        let object: Value = serde_json::from_str(&get(node, format!("/v1/responses/{id}")).await).unwrap();
+        assert_eq!(object, cancelled, "cancelled, the same on every node");
+    }
+    let replays: Vec<String> =
+        futures_util::future::join_all((0..3).map(|node| get(node, format!("/v1/responses/{id}?stream=true")))).await;
+    assert!(replays.iter().all(|r| *r == replays[0]), "a replay is the same bytes on every node");
+
+    let next = post(2, "/v1/responses".into(), json!({"input": "and then?", "previous_response_id": id})).await;
+    assert_eq!(next["status"], "completed", "{next}");
+    assert_eq!(next["previous_response_id"], id.as_str());
+    let received: Value =
+        c.client.get(format!("http://{}/_mock/requests", c.mock.addr())).send().await.unwrap().json().await.unwrap();
+    let last = received.as_array().unwrap().last().unwrap().clone();
+    let input = last["body"]["input"].as_array().cloned().unwrap_or_default();
+    assert!(input.len() >= 3, "the upstream got the earlier turn, then the new input: {last}");
+    let next_id = next["id"].as_str().unwrap();
+    let items: Value = serde_json::from_str(&get(0, format!("/v1/responses/{next_id}/input_items")).await).unwrap();
+    assert_eq!(items["data"].as_array().unwrap().len(), 1, "only its own input: {items}");
+    assert_eq!(items["data"][0]["content"][0]["text"], "and then?");
+}
+
 fn main() -> std::process::ExitCode {
     use support::harness::{Flavor, test};
     let on_postgres = support::postgres::needed;
     support::harness::run(vec![
+        test(
+            "a_response_running_on_one_node_is_served_cancelled_and_continued_by_the_others",
+            Flavor::MultiThread,
+            on_postgres,
+            a_response_running_on_one_node_is_served_cancelled_and_continued_by_the_others,
+        ),
         test(
             "a_request_created_on_one_node_is_followed_on_a_second_and_polled_on_a_third",
             Flavor::MultiThread,

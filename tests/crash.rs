@@ -247,3 +247,101 @@ async fn kill_9_right_after_a_final_status_was_seen_changes_nothing_that_was_see
         }
     }
 }
+
+/// The events (`id`, `event`, `data`) of a Responses event stream, with the bytes they came in.
+fn response_events(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|frame| frame.lines().find_map(|line| line.strip_prefix("data: ")))
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect()
+}
+
+async fn read_until_closed(client: &reqwest::Client, url: &str) -> String {
+    let response = client.get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{url}");
+    tokio::time::timeout(Duration::from_secs(20), response.text()).await.unwrap().unwrap()
+}
+
+/// Issue 18: a crash keeps every final state of the Responses API as it was shown; a response it cut off ends
+/// `failed` with `interrupted` and the output received so far, and its stream ends with `response.failed` after the
+/// events seen before the crash, byte for byte. Over both kinds of upstream.
+#[tokio::test]
+async fn kill_9_keeps_a_finished_response_and_ends_a_running_one_as_failed_interrupted() {
+    for no_responses_api in [false, true] {
+        let config = offload::mock::MockConfig { no_responses_api, ..Default::default() };
+        let mock = offload::mock::spawn("127.0.0.1:0".parse().unwrap(), config).await.unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let client = reqwest::Client::new();
+        let server = start(data.path(), mock.api_base().as_str());
+        let base = format!("http://{}", server.addr);
+        let create = |body: Value| {
+            let client = client.clone();
+            let url = format!("{base}/v1/responses");
+            async move {
+                let response = client.post(url).json(&body).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                response.json::<Value>().await.unwrap()
+            }
+        };
+
+        let done = create(json!({"input": "a", "background": true, "mock": {"words": 6}})).await;
+        let done_id = done["id"].as_str().unwrap().to_owned();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while get_json(&client, &format!("{base}/v1/responses/{done_id}")).await["status"] != "completed" {
+            assert!(std::time::Instant::now() < deadline, "not completed in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let done_object =
+            client.get(format!("{base}/v1/responses/{done_id}")).send().await.unwrap().text().await.unwrap();
+        let done_stream = read_until_closed(&client, &format!("{base}/v1/responses/{done_id}?stream=true")).await;
+
+        let cut = create(json!({"input": "b", "background": true, "mock": {"words": 1000, "delay_ms": 10}})).await;
+        let cut_id = cut["id"].as_str().unwrap().to_owned();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let seen = loop {
+            let object = get_json(&client, &format!("{base}/v1/responses/{cut_id}")).await;
+            let text = object["output"][0]["content"][0]["text"].as_str().unwrap_or("").to_owned();
+            if text.split_whitespace().count() >= 5 {
+                break text;
+            }
+            assert!(std::time::Instant::now() < deadline, "no output in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // What a reader of the stream saw before the crash: the first events, read live.
+        let mut live = client.get(format!("{base}/v1/responses/{cut_id}?stream=true")).send().await.unwrap();
+        let mut seen_stream = Vec::new();
+        while seen_stream.len() < 2000 {
+            seen_stream.extend_from_slice(&live.chunk().await.unwrap().unwrap());
+        }
+        let seen_stream = String::from_utf8(seen_stream).unwrap();
+        let seen_stream = &seen_stream[..seen_stream.rfind("\n\n").unwrap() + 2];
+        // A crash may lose the last flush interval (50 ms by default) of events; what was seen well before it may not.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let mut server = server;
+        server.kill();
+        let server = start(data.path(), mock.api_base().as_str());
+        let base = format!("http://{}", server.addr);
+
+        let after = client.get(format!("{base}/v1/responses/{done_id}")).send().await.unwrap().text().await.unwrap();
+        assert_eq!(after, done_object, "a completed response is the same after the crash");
+        let after_stream = read_until_closed(&client, &format!("{base}/v1/responses/{done_id}?stream=true")).await;
+        assert_eq!(after_stream, done_stream, "and so is its stream");
+
+        let object = get_json(&client, &format!("{base}/v1/responses/{cut_id}")).await;
+        assert_eq!(object["status"], "failed", "{object}");
+        assert_eq!(object["error"]["code"], "interrupted", "{object}");
+        let text = object["output"][0]["content"][0]["text"].as_str().unwrap();
+        assert!(text.starts_with(&seen), "the output kept everything seen: {text:?} / {seen:?}");
+        let stream = read_until_closed(&client, &format!("{base}/v1/responses/{cut_id}?stream=true")).await;
+        assert!(stream.starts_with(seen_stream), "the replay begins with what was seen live, byte for byte");
+        let events = response_events(&stream);
+        let numbers: Vec<u64> = events.iter().map(|e| e["sequence_number"].as_u64().unwrap()).collect();
+        assert_eq!(numbers, (0..events.len() as u64).collect::<Vec<_>>(), "contiguous sequence numbers");
+        let last = events.last().unwrap();
+        assert_eq!(last["type"], "response.failed", "the stream ends with the terminal event");
+        assert_eq!(last["response"]["error"]["code"], "interrupted");
+        assert_eq!(last["response"], object, "the terminal event carries the final object");
+        drop(server);
+    }
+}

@@ -51,6 +51,8 @@ fn owned_by(access: Access, owner: Option<NodeId>) -> Arc<RequestMeta> {
         parameters: RawValue::from_string(r#"{"model":"m","messages":[{"role":"user","content":"hé"}]}"#.into())
             .unwrap(),
         owner,
+        format: offload::domain::Format::Chat,
+        history_items: 0,
     })
 }
 
@@ -67,6 +69,7 @@ fn progress(status: Status) -> Progress {
         }),
         error: (status == Status::Error).then(|| ErrorInfo::new("timeout", "slow")),
         attempts: Vec::new(),
+        upstream: None,
     }
 }
 

@@ -7,5 +7,5 @@ pub mod render;
 pub mod usage;
 
 pub use assembler::{Assembler, ChunkKind};
-pub use model::{Attempt, ErrorInfo, Progress, RequestMeta, ResponseMeta};
+pub use model::{Attempt, ErrorInfo, Progress, RequestMeta, ResponseMeta, Served};
 pub use render::{BodyView, Urls, render};

@@ -24,6 +24,11 @@ pub struct RequestMeta {
     /// The node that runs the request (not part of the document). `None` in stores written before nodes were
     /// recorded.
     pub owner: Option<crate::domain::NodeId>,
+    /// What the record holds: Chat Completions chunks, or Responses events (a Responses API request).
+    pub format: crate::domain::Format,
+    /// A Responses request: how many items at the start of its `input` are the conversation before it (resolved
+    /// from `previous_response_id`), not the caller's own input.
+    pub history_items: usize,
 }
 
 /// The `options` object of the document.
@@ -65,6 +70,17 @@ pub struct Progress {
     /// outcome is the request's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<Attempt>,
+    /// The upstream that the call (its last attempt) went to, and the model name it was sent, once it is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<Served>,
+}
+
+/// An upstream by its name in the config (`default` for the single-upstream settings), and the model name it was
+/// sent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Served {
+    pub name: String,
+    pub model: String,
 }
 
 /// One upstream attempt that failed before the first chunk of its body and was retried.
@@ -77,6 +93,11 @@ pub struct Attempt {
     pub status_code: Option<u16>,
     /// Why it failed: `connect_timeout`, `upstream_unreachable` or `upstream_error`, and a message.
     pub error: ErrorInfo,
+    /// The upstream it went to, and the model name it was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 impl Progress {
@@ -89,6 +110,7 @@ impl Progress {
             response: None,
             error: None,
             attempts: Vec::new(),
+            upstream: None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Renders the status document. One function serves live requests (from memory) and stored ones.
 
 use super::Assembler;
-use super::model::{Attempt, ErrorInfo, Options, Progress, RequestMeta, ResponseMeta};
+use super::model::{Attempt, ErrorInfo, Options, Progress, RequestMeta, ResponseMeta, Served};
 use crate::domain::{Kind, Status, Suffix};
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
@@ -24,6 +24,8 @@ pub enum BodyView<'a> {
     Json(&'a RawValue),
     /// A body that is not JSON, shown as a string.
     Text(&'a str),
+    /// A body kept as a JSON value (a Responses request's response object).
+    Value(&'a serde_json::Value),
 }
 
 impl Serialize for BodyView<'_> {
@@ -33,6 +35,7 @@ impl Serialize for BodyView<'_> {
             BodyView::Assembled(a) => a.serialize(s),
             BodyView::Json(raw) => raw.serialize(s),
             BodyView::Text(text) => s.serialize_str(text),
+            BodyView::Value(value) => value.serialize(s),
         }
     }
 }
@@ -90,6 +93,8 @@ struct Doc<'a> {
     error: Option<&'a ErrorInfo>,
     #[serde(skip_serializing_if = "<[Attempt]>::is_empty")]
     attempts: &'a [Attempt],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<&'a Served>,
     #[serde(skip_serializing_if = "Option::is_none")]
     webhook: Option<&'a RawValue>,
 }
@@ -189,7 +194,10 @@ pub fn render(
             from_status_url: meta.from_status_url.clone(),
         },
         request: Times {
-            endpoint: loc.kind.endpoint(),
+            endpoint: match meta.format {
+                crate::domain::Format::Responses => "/v1/responses",
+                crate::domain::Format::Chat => loc.kind.endpoint(),
+            },
             request_at: seconds(progress.request_at),
             finished_at: seconds(progress.finished_at),
             processed_at: seconds(progress.processed_at),
@@ -206,6 +214,7 @@ pub fn render(
         }),
         error: progress.error.as_ref().filter(|_| progress.status == Status::Error),
         attempts: &progress.attempts,
+        upstream: progress.upstream.as_ref(),
         webhook,
     };
     // Serialising plain structs, strings and already-valid JSON into a Vec cannot fail; an empty document

@@ -41,8 +41,15 @@ pub struct CreateRequest {
     pub conversation_id: Option<String>,
     pub webhook_url: Option<Url>,
     /// The Chat Completions parameters: `messages` always an array, `model` defaulted, `stream` removed (the
-    /// endpoint decides it).
+    /// endpoint decides it). For a Responses request, the Responses request as given, minus `stream`.
     pub parameters: Map<String, Value>,
+    /// What the request's record holds (Chat Completions chunks, or Responses events).
+    pub format: super::Format,
+    /// A Responses request that continues another (`previous_response_id`).
+    pub previous_response: Option<super::RequestId>,
+    /// A request private to the service key that made it (a Responses request made with one): the key's hash
+    /// reads it, as its bearer token would.
+    pub key_hash: Option<super::TokenHash>,
 }
 
 /// `from_status_url` and its companions.
@@ -144,7 +151,18 @@ impl CreateRequest {
             }
         }
 
-        Ok(Self { access, timeout, connect_timeout, continuation, conversation_id, webhook_url, parameters: fields })
+        Ok(Self {
+            access,
+            timeout,
+            connect_timeout,
+            continuation,
+            conversation_id,
+            webhook_url,
+            parameters: fields,
+            format: super::Format::Chat,
+            previous_response: None,
+            key_hash: None,
+        })
     }
 }
 
@@ -218,7 +236,7 @@ fn parse_status_url(url: &str) -> Result<ParsedUrl, FieldError> {
     }
 }
 
-fn parse_webhook_url(url: &str) -> Result<Url, FieldError> {
+pub fn parse_webhook_url(url: &str) -> Result<Url, FieldError> {
     let parsed = Url::parse(url)
         .map_err(|e| FieldError::field("webhook_url", format!("`webhook_url` is not a valid URL ({e}).")))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() || url.len() > 2048 {

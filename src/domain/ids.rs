@@ -27,6 +27,20 @@ impl RequestId {
     pub fn as_bytes(&self) -> &[u8; 16] {
         self.0.as_bytes()
     }
+
+    /// The id of a Responses API request as that API shows it: `resp_` and the id's 32 hex digits.
+    pub fn response_id(&self) -> String {
+        format!("resp_{}", self.0.simple())
+    }
+
+    /// Parses a Responses API id (`resp_` and 32 lowercase hex digits); anything else is not one of ours.
+    pub fn parse_response_id(s: &str) -> Option<Self> {
+        let hex = s.strip_prefix("resp_")?;
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return None;
+        }
+        Uuid::parse_str(hex).ok().map(Self)
+    }
 }
 
 impl fmt::Display for RequestId {
@@ -111,6 +125,23 @@ impl Kind {
     }
 }
 
+/// The format of a request's record: what its events are and what its body is. A request made through the
+/// OffloadGPT API or `/v1/chat/completions` records Chat Completions chunks and a `chat.completion`; one made
+/// through the Responses API records Responses events and a `response` object, whatever its upstream speaks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    #[default]
+    Chat,
+    Responses,
+}
+
+impl Format {
+    pub fn is_chat(&self) -> bool {
+        *self == Format::Chat
+    }
+}
+
 /// Who may read a request's endpoints.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Access {
@@ -166,6 +197,18 @@ mod tests {
     fn request_id_round_trips_through_its_url_form() {
         let id = RequestId::generate();
         assert_eq!(RequestId::parse(&id.to_string()), Some(id));
+    }
+
+    #[test]
+    fn response_id_round_trips_and_refuses_other_forms() {
+        let id = RequestId::generate();
+        let text = id.response_id();
+        assert!(text.starts_with("resp_") && text.len() == 37, "{text}");
+        assert_eq!(RequestId::parse_response_id(&text), Some(id));
+        assert!(RequestId::parse_response_id(&id.to_string()).is_none());
+        assert!(RequestId::parse_response_id(&text.to_uppercase()).is_none());
+        assert!(RequestId::parse_response_id("resp_").is_none());
+        assert!(RequestId::parse_response_id(&format!("{text}0")).is_none());
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod token;
 
 pub use clock::unix_now;
 pub use create::{Continuation, CreateRequest, FieldError, Limits};
-pub use ids::{Access, Kind, NodeId, RequestId};
+pub use ids::{Access, Format, Kind, NodeId, RequestId};
 pub use locator::{Locator, Suffix};
 pub use secret::UpstreamKey;
 pub use service_key::{ApiKey, KeyLimits, ServiceKey};

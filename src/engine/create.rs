@@ -1,12 +1,13 @@
 //! Accepting a request: building its record (with the history of the conversation it continues), inserting it,
 //! and starting its upstream call while the insert commits.
 
+use super::attempts::{Bodies, UpstreamCall};
 use super::live::{CancelReason, LiveRequest};
-use super::{CreateError, Created, Engine, Found, continuation, worker};
+use super::{CreateError, Created, Engine, continuation, worker};
 use crate::document::RequestMeta;
 use crate::document::model::Options;
 use crate::domain::{
-    Access, AccessToken, Continuation, CreateRequest, Kind, Locator, RequestId, UpstreamKey, unix_now,
+    Access, AccessToken, Continuation, CreateRequest, Format, Kind, Locator, RequestId, UpstreamKey, unix_now,
 };
 use crate::keys::InFlightSlot;
 use crate::store::WriteOp;
@@ -33,8 +34,15 @@ impl Engine {
         }
         let slot =
             inner.slots.clone().try_acquire_owned().map_err(|_| CreateError::Overloaded(inner.config.max_in_flight))?;
-        let key = inner.upstream.key_for(caller_key);
-        if key.is_none() && inner.upstream.requires_key() {
+        // The one routing step of every API: where the call may go, in order.
+        let model = req.parameters.get("model").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let targets = inner.upstreams.route(&model);
+        let Some(first) = targets.first() else { return Err(CreateError::NoUpstream(model)) };
+        if targets.len() == 1 {
+            // The create call's access line names the upstream when there is no choice to make.
+            crate::telemetry::record_upstream(first.upstream.name());
+        }
+        if first.upstream.key_for(caller_key.clone()).is_none() && first.upstream.requires_key() {
             return Err(CreateError::MissingKey);
         }
 
@@ -46,6 +54,14 @@ impl Engine {
 
         let mut parameters = req.parameters;
         let mut conversation_id = req.conversation_id;
+        let prepared = match req.format {
+            Format::Responses => {
+                let has_responses_api = first.upstream.has_responses_api();
+                let key_hash = req.key_hash.as_ref();
+                Some(self.prepare_response(&mut parameters, req.previous_response, key_hash, has_responses_api).await?)
+            }
+            Format::Chat => None,
+        };
         if let Some(c) = &req.continuation {
             let (previous_conversation, history) = self.history(c).await?;
             if let Some(Value::Array(messages)) = parameters.get_mut("messages") {
@@ -58,21 +74,31 @@ impl Engine {
         let id = RequestId::generate();
         crate::telemetry::record_request_id(id);
         let created = unix_now();
-        let tokens = match req.access {
-            Access::Private => {
+        // A request private to its service key is read with the key: it has no tokens of its own.
+        let tokens = match (req.access, &req.key_hash) {
+            (Access::Private, None) => {
                 let token = || AccessToken::generate().map_err(|e| CreateError::Internal(e.to_string()));
                 Some((token()?, token()?))
             }
-            Access::Public => None,
+            _ => None,
         };
-        let hide_usage = kind == Kind::Stream && crate::upstream::chat::ask_for_usage(&mut parameters);
+        let hide_usage =
+            prepared.is_none() && kind == Kind::Stream && crate::upstream::chat::ask_for_usage(&mut parameters);
         let parameters_json = serde_json::to_string(&parameters).map_err(|e| CreateError::Internal(e.to_string()))?;
-        let upstream_body = crate::upstream::chat::body(&parameters_json, kind == Kind::Stream);
+        let (history_items, upstream_body) = match prepared {
+            Some(prepared) => {
+                if conversation_id.is_none() {
+                    conversation_id = prepared.conversation_id;
+                }
+                (prepared.history_items, prepared.bodies)
+            }
+            None => (0, Bodies::Chat(crate::upstream::chat::body(&parameters_json, kind == Kind::Stream))),
+        };
         let meta = Arc::new(RequestMeta {
             locator: Locator { kind, access: req.access, created_at: created.floor() as i64, id },
             created,
             conversation_id: conversation_id.unwrap_or_else(|| id.to_string()),
-            bearer: tokens.as_ref().map(|(b, _)| b.hash()),
+            bearer: tokens.as_ref().map(|(b, _)| b.hash()).or(req.key_hash),
             stream_token: tokens.as_ref().map(|(_, s)| s.hash()),
             options: Options {
                 timeout: req.timeout,
@@ -83,6 +109,8 @@ impl Engine {
             from_status_url: req.continuation.map(|c| c.from_status_url),
             parameters: RawValue::from_string(parameters_json).map_err(|e| CreateError::Internal(e.to_string()))?,
             owner: Some(inner.config.node),
+            format: req.format,
+            history_items,
         });
 
         // The upstream call starts while the insert commits; the answer waits for the insert, and the worker writes
@@ -92,7 +120,13 @@ impl Engine {
         inner.hub.lock().insert(id, live.clone());
         inner.tasks.spawn(crate::telemetry::within_request(
             id,
-            worker::run(inner.clone(), live.clone(), key, upstream_body, (held, slot), inserted.clone()),
+            worker::run(
+                inner.clone(),
+                live.clone(),
+                UpstreamCall { targets, caller_key, bodies: upstream_body, model },
+                (held, slot),
+                inserted.clone(),
+            ),
         ));
         inserted.durable().await?;
         if !self.accepting() {
@@ -116,12 +150,7 @@ impl Engine {
         if !status.is_final() {
             return Err(CreateError::FromNotFinished(status.as_str()));
         }
-        let body = match &found {
-            Found::Live(live) => live.snapshot().1,
-            Found::Stored(stored) | Found::Elsewhere { stored, .. } => stored.body.clone(),
-        };
-        let body: Value = body.and_then(|b| serde_json::from_str(&b).ok()).unwrap_or(Value::Null);
-        let parameters: Value = serde_json::from_str(meta.parameters.get()).unwrap_or(Value::Null);
+        let (parameters, body) = found.parameters_and_body();
         let mut messages = match parameters.get("messages") {
             Some(Value::Array(m)) => m.clone(),
             _ => Vec::new(),

@@ -17,7 +17,9 @@
 //! - [`continuation`]: building a continued conversation.
 
 mod admission;
+mod attempts;
 pub mod continuation;
+mod conversation;
 mod create;
 pub mod health;
 pub mod live;
@@ -37,7 +39,7 @@ use crate::domain::{AccessToken, Limits, NodeId, RequestId, Status};
 use crate::keys::Gatekeeper;
 use crate::store::pipeline::Persister;
 use crate::store::{StoreError, StoredRequest, Stores};
-use crate::upstream::Upstream;
+use crate::upstream::Upstreams;
 use live::LiveRequest;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -90,7 +92,7 @@ pub(crate) struct Inner {
     persister_died: Arc<AtomicBool>,
     /// Woken when a webhook delivery is queued.
     webhook_wake: Arc<tokio::sync::Notify>,
-    upstream: Upstream,
+    upstreams: Upstreams,
     /// Service keys: their limits and quotas, counted at admission.
     gate: Arc<Gatekeeper>,
     hub: Mutex<HashMap<RequestId, Arc<LiveRequest>>>,
@@ -147,6 +149,16 @@ impl Found {
         }
     }
 
+    /// The request's parameters and its body (as it stands; `Null` without one), as JSON values.
+    pub fn parameters_and_body(&self) -> (serde_json::Value, serde_json::Value) {
+        let body = match self {
+            Found::Live(live) => live.snapshot().1,
+            Found::Stored(stored) | Found::Elsewhere { stored, .. } => stored.body.clone(),
+        };
+        let parse = |text: &str| serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
+        (parse(self.meta().parameters.get()), body.as_deref().map_or(serde_json::Value::Null, parse))
+    }
+
     /// The store's view, for a request whose node could not be reached.
     pub fn into_stored(self) -> Self {
         match self {
@@ -164,6 +176,10 @@ pub enum CreateError {
     Overloaded(usize),
     #[error("the X-OpenAI-API-Key header is required: this server has no upstream key of its own")]
     MissingKey,
+    #[error(
+        "no upstream serves the model {0:?}: name a model one of this server's upstreams serves, or one of its routes (GET /v1/models lists them)"
+    )]
+    NoUpstream(String),
     #[error("`from_status_url` names no request of this server (it may have been deleted)")]
     FromNotFound,
     #[error("`from_bearer_token` is missing or wrong for the private request named by `from_status_url`")]
@@ -172,6 +188,15 @@ pub enum CreateError {
     FromNotFinished(&'static str),
     #[error("{0}")]
     WebhookRefused(String),
+    #[error(
+        "no response with id '{0}' is found (`previous_response_id`): it may have been deleted, or made with another key"
+    )]
+    PreviousNotFound(String),
+    #[error("the previous response '{0}' has not finished yet (status `{1}`); continue from it once it has")]
+    PreviousNotFinished(String, &'static str),
+    /// A Responses request that the upstream (which has only Chat Completions) cannot be given.
+    #[error("this upstream has only Chat Completions, and the request cannot be put as one: {message}")]
+    Untranslatable { param: &'static str, message: String },
     #[error("the request could not be stored")]
     Store(#[from] StoreError),
     #[error("the server cannot store requests right now (its store is failing); nothing was created, retry shortly")]
@@ -187,8 +212,14 @@ impl CreateError {
             CreateError::ShuttingDown => "shutting_down",
             CreateError::Overloaded(_) => "overload",
             CreateError::MissingKey => "upstream_key",
+            CreateError::NoUpstream(_) => "invalid",
             CreateError::WebhookRefused(_) => "webhook",
-            CreateError::FromNotFound | CreateError::FromForbidden | CreateError::FromNotFinished(_) => "continuation",
+            CreateError::FromNotFound
+            | CreateError::FromForbidden
+            | CreateError::FromNotFinished(_)
+            | CreateError::PreviousNotFound(_)
+            | CreateError::PreviousNotFinished(..) => "continuation",
+            CreateError::Untranslatable { .. } => "invalid",
             CreateError::Store(_) | CreateError::StoreFailing => "store",
             CreateError::Internal(_) => "internal",
         }
@@ -228,7 +259,7 @@ impl Engine {
     pub fn new(
         config: EngineConfig,
         stores: Stores,
-        upstream: Upstream,
+        upstreams: Upstreams,
         gate: Arc<Gatekeeper>,
         webhook_wake: Arc<tokio::sync::Notify>,
         peers: Option<Arc<Peers>>,
@@ -254,7 +285,7 @@ impl Engine {
                 stores,
                 persister,
                 webhook_wake,
-                upstream,
+                upstreams,
                 gate,
                 hub: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
@@ -272,9 +303,9 @@ impl Engine {
         &self.inner.config.urls
     }
 
-    /// The upstream, for calls that are not requests (`GET /v1/models`).
-    pub fn upstream(&self) -> &Upstream {
-        &self.inner.upstream
+    /// The upstreams and their routes, for calls that are not requests (`GET /v1/models`).
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.inner.upstreams
     }
 
     pub fn limits(&self) -> &Limits {

@@ -4,6 +4,7 @@
 
 use super::live::{End, Read};
 use super::{Found, Inner, sse};
+use crate::domain::Format;
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use std::convert::Infallible;
@@ -60,6 +61,7 @@ pub(super) fn follow(
             }
             Found::Stored(mut stored) | Found::Elsewhere { mut stored, .. } => {
                 let id = stored.meta.locator.id;
+                let format = stored.meta.format;
                 let mut cursor = after;
                 let mut idle = std::time::Duration::ZERO;
                 loop {
@@ -78,7 +80,7 @@ pub(super) fn follow(
                         cursor = *last;
                         let mut buf = BytesMut::new();
                         for (seq, data) in &page {
-                            buf.extend_from_slice(&sse::frame(*seq, data));
+                            buf.extend_from_slice(&sse::frame_as(format, *seq, data));
                         }
                         idle = std::time::Duration::ZERO;
                         yield Ok(buf.freeze());
@@ -87,7 +89,22 @@ pub(super) fn follow(
                     let progress = &stored.progress;
                     // The end only once every event is known to be out: never after a failed read.
                     if read && progress.status.is_final() {
-                        let end = End { status: progress.status, error: progress.error.clone(), events: cursor };
+                        // A Responses request's end is rendered from its final body, which a look at the request's
+                        // head does not bring.
+                        if format == Format::Responses && stored.body.is_none() {
+                            match inner.stores.requests.get(id).await {
+                                Ok(Some(fresh)) => *stored = fresh,
+                                Ok(None) => break,
+                                Err(e) => {
+                                    tracing::warn!(request = %id, error = %e, "could not read a request; trying again");
+                                    tokio::time::sleep(inner.config.poll_interval).await;
+                                    continue;
+                                }
+                            }
+                        }
+                        let progress = &stored.progress;
+                        let body = stored.body.as_deref().filter(|_| format == Format::Responses).map(Arc::from);
+                        let end = End { status: progress.status, error: progress.error.clone(), events: cursor, body };
                         yield Ok(ending(&end));
                         break;
                     }

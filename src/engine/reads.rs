@@ -3,8 +3,9 @@
 
 use super::live::{CancelReason, End};
 use super::{Engine, Found, RawStream, StopOutcome, reader};
+use crate::document::RequestMeta;
 use crate::domain::locator::ParsedUrl;
-use crate::domain::unix_now;
+use crate::domain::{Format, RequestId, unix_now};
 use crate::store::{RawCursor, StoreError};
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -19,13 +20,28 @@ impl Engine {
     }
 
     pub(super) async fn find_with(&self, url: &ParsedUrl, with_body: bool) -> Result<Option<Found>, StoreError> {
-        let live = self.inner.hub.lock().get(&url.id).cloned();
+        self.find_by(url.id, |meta| url.matches(&meta.locator), with_body).await
+    }
+
+    /// The Responses API request with this id (with its body, for its response object, if `with_body`).
+    pub async fn find_response(&self, id: RequestId, with_body: bool) -> Result<Option<Found>, StoreError> {
+        self.find_by(id, |meta| meta.format == Format::Responses, with_body).await
+    }
+
+    /// The request `id`, if it is what `wanted` says: here, on another node, or in the store.
+    async fn find_by(
+        &self,
+        id: RequestId,
+        wanted: impl Fn(&RequestMeta) -> bool,
+        with_body: bool,
+    ) -> Result<Option<Found>, StoreError> {
+        let live = self.inner.hub.lock().get(&id).cloned();
         if let Some(live) = live {
-            return Ok(url.matches(&live.meta.locator).then_some(Found::Live(live)));
+            return Ok(wanted(&live.meta).then_some(Found::Live(live)));
         }
         let requests = &self.inner.stores.requests;
-        let stored = if with_body { requests.get(url.id).await? } else { requests.head(url.id).await? };
-        let Some(stored) = stored.filter(|s| url.matches(&s.meta.locator)) else {
+        let stored = if with_body { requests.get(id).await? } else { requests.head(id).await? };
+        let Some(stored) = stored.filter(|s| wanted(&s.meta)) else {
             return Ok(None);
         };
         let stored = Box::new(stored);

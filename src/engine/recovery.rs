@@ -1,9 +1,10 @@
 //! Ending what a crash or a dead node cut off: every request that is not final becomes `error`/`interrupted`,
 //! keeping what was received (a stream's body is assembled again from its stored events).
 
+use super::live::base_response;
 use super::{Engine, worker};
-use crate::document::Assembler;
-use crate::domain::{Kind, RequestId, Status, unix_now};
+use crate::document::{Assembler, RequestMeta};
+use crate::domain::{Format, Kind, RequestId, Status, unix_now};
 use crate::store::{StoreError, StoredRequest, WriteOp};
 use std::sync::Arc;
 
@@ -27,9 +28,10 @@ impl Engine {
         let count = cut_off.len();
         for request in cut_off {
             let id = request.meta.locator.id;
-            let body = match request.meta.locator.kind {
-                Kind::Stream => Some(self.reassemble(id).await?),
-                Kind::Async => None,
+            let body = match (request.meta.format, request.meta.locator.kind) {
+                (Format::Responses, _) => Some(self.response_of(&request.meta).await?),
+                (Format::Chat, Kind::Stream) => Some(self.reassemble(id).await?),
+                (Format::Chat, Kind::Async) => None,
             };
             let now = unix_now();
             let mut progress = request.progress;
@@ -48,15 +50,37 @@ impl Engine {
 
     async fn reassemble(&self, id: RequestId) -> Result<String, StoreError> {
         let mut assembler = Assembler::default();
+        self.each_event(id, |data| {
+            assembler.apply(data);
+        })
+        .await?;
+        serde_json::to_string(&assembler).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// A Responses request's object as its stored events leave it, ended as failed (`interrupted`); the stream's
+    /// terminal event is rendered from it.
+    async fn response_of(&self, meta: &RequestMeta) -> Result<String, StoreError> {
+        let mut events = Vec::new();
+        self.each_event(meta.locator.id, |data| events.push(data.to_owned())).await?;
+        let error = worker::interrupted();
+        let response = crate::upstream::translate::record::recovered(
+            base_response(meta),
+            events.iter().map(String::as_str),
+            &error.code,
+            &error.message,
+        );
+        serde_json::to_string(&response).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    async fn each_event(&self, id: RequestId, mut each: impl FnMut(&str)) -> Result<(), StoreError> {
         let mut cursor = 0;
         loop {
             let page = self.inner.stores.requests.events(id, cursor, 1000).await?;
-            let Some((last, _)) = page.last() else { break };
+            let Some((last, _)) = page.last() else { return Ok(()) };
             cursor = *last;
             for (_, data) in &page {
-                assembler.apply(data);
+                each(data);
             }
         }
-        serde_json::to_string(&assembler).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 }

@@ -42,9 +42,9 @@ impl Inner {
         crate::metrics::request_finished(status.as_str(), error.as_ref().map(|e| e.code.as_str()));
         let id = live.meta.locator.id;
         let has_webhook = live.meta.options.webhook_url.is_some();
-        let (leftover, finish) = live.stage_final(status, error, unix_now());
-        if let Some(leftover) = leftover {
-            self.persister.push(leftover).await;
+        let (before, finish) = live.stage_final(status, error, unix_now());
+        for write in before {
+            self.persister.push(write).await;
         }
         // Final statuses share the regular flush instead of forcing a commit each.
         let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -61,7 +61,8 @@ impl Inner {
         }
         live.publish_final();
         if let Some(tokens) = live.tokens() {
-            crate::metrics::tokens(&tokens.model, tokens.input, tokens.output);
+            let upstream = live.upstream_name();
+            crate::metrics::tokens(upstream.as_deref().unwrap_or("none"), &tokens.model, tokens.input, tokens.output);
         }
         if has_webhook {
             self.webhook_wake.notify_one();

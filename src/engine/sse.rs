@@ -2,6 +2,7 @@
 //! as the event's `id`, and shared by every reader. How a stream ends is each API's own (`http::offloadgpt`,
 //! `http::chat_completions`).
 
+use crate::domain::Format;
 use bytes::Bytes;
 
 /// One event: `id: n`, the chunk as `data:` lines (one per line of the chunk), a blank line.
@@ -32,6 +33,39 @@ pub fn framed(seq: u64, data: &str) -> (Bytes, Option<Bytes>) {
     (frame, slice)
 }
 
+/// One Responses API event: `id: n`, `event: <type>`, the event's JSON as one `data:` line, a blank line; and
+/// the JSON as a slice of the frame, for the store. `data` is compact JSON, which has no line break.
+pub fn named(seq: u64, kind: &str, data: &str) -> (Bytes, Bytes) {
+    use std::io::Write;
+    let mut out = Vec::with_capacity("id: \nevent: \ndata: \n\n".len() + digits(seq) + kind.len() + data.len());
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "id: {seq}\nevent: {kind}\ndata: ");
+    let start = out.len();
+    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(b"\n\n");
+    let frame = Bytes::from(out);
+    let slice = frame.slice(start..start + data.len());
+    (frame, slice)
+}
+
+/// The frame of a stored event of a request whose record is in `format`: the same bytes as when it was live.
+pub fn frame_as(format: Format, seq: u64, data: &str) -> Bytes {
+    match format {
+        Format::Chat => frame(seq, data),
+        Format::Responses => named(seq, &event_type(data), data).0,
+    }
+}
+
+/// The `type` of a Responses event.
+fn event_type(data: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[serde(rename = "type", default)]
+        kind: String,
+    }
+    serde_json::from_str::<Typed>(data).map(|t| t.kind).unwrap_or_default()
+}
+
 /// Decimal digits of `n`.
 fn digits(n: u64) -> usize {
     n.checked_ilog10().map_or(1, |d| d as usize + 1)
@@ -50,6 +84,15 @@ mod tests {
         assert_eq!(&frame[..], b"id: 12\ndata: {\"a\":1}\n\n");
         assert_eq!(&data.unwrap()[..], b"{\"a\":1}");
         assert!(framed(1, "a\nb").1.is_none());
+    }
+
+    #[test]
+    fn a_responses_event_is_named_and_framed_alike_live_and_stored() {
+        let data = r#"{"type":"response.output_text.delta","sequence_number":4,"delta":"hi"}"#;
+        let (frame, slice) = named(5, "response.output_text.delta", data);
+        assert_eq!(&frame[..], format!("id: 5\nevent: response.output_text.delta\ndata: {data}\n\n").as_bytes());
+        assert_eq!(&slice[..], data.as_bytes());
+        assert_eq!(frame_as(Format::Responses, 5, data), frame);
     }
 
     #[test]

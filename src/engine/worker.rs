@@ -2,17 +2,18 @@
 //! which answers with the writes that make it durable; the worker hands those to the persister.
 
 use super::Inner;
+use super::attempts::{Answered, UpstreamCall, attempts};
 use super::live::raw::SkipBom;
-use super::live::{CancelReason, LiveRequest, json_body};
-use crate::document::Attempt;
-use crate::document::{ChunkKind, ErrorInfo};
-use crate::domain::{Kind, Status, UpstreamKey};
+use super::live::{CancelReason, LiveRequest, Took, json_body};
+use crate::document::ErrorInfo;
+use crate::domain::{Kind, Status};
 use crate::keys::InFlightSlot;
 use crate::store::WriteOp;
 use crate::store::pipeline::Receipt;
 use crate::upstream::chat;
 use crate::upstream::events::{EventParser, ParseError};
-use crate::upstream::{CallError, Retries, describe, raw_head, response_meta, retry_after};
+use crate::upstream::translate::Source;
+use crate::upstream::{Endpoint, ReplyLimits, describe, raw_head, response_meta};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +28,7 @@ enum Outcome {
 pub(super) async fn run(
     inner: Arc<Inner>,
     live: Arc<LiveRequest>,
-    key: Option<UpstreamKey>,
-    body: String,
+    upstream: UpstreamCall,
     held: (Option<InFlightSlot>, tokio::sync::OwnedSemaphorePermit),
     inserted: Receipt,
 ) {
@@ -47,7 +47,7 @@ pub(super) async fn run(
             "timeout",
             format!("The upstream did not finish within the timeout of {timeout} seconds."),
         )),
-        outcome = call(&inner, &live, key, body, deadline, &inserted) => outcome,
+        outcome = call(&inner, &live, &upstream, deadline, &inserted) => outcome,
     };
     if inserted.durable().await.is_err() {
         // Never stored, so its create answered an error and nobody knows its URLs: nothing of it is written.
@@ -102,16 +102,17 @@ async fn store(inner: &Inner, writes: impl IntoIterator<Item = WriteOp>) {
 async fn call(
     inner: &Inner,
     live: &LiveRequest,
-    key: Option<UpstreamKey>,
-    body: String,
+    upstream: &UpstreamCall,
     deadline: tokio::time::Instant,
     inserted: &Receipt,
 ) -> Outcome {
     live.posting(crate::domain::unix_now());
-    let response = match attempts(inner, live, key, body, deadline, inserted).await {
-        Ok(response) => response,
-        Err(e) => return Outcome::Failed(e),
-    };
+    let Answered { response, endpoint, served, limits } =
+        match attempts(inner, live, upstream, deadline, inserted).await {
+            Ok(answered) => answered,
+            Err(e) => return Outcome::Failed(e),
+        };
+    crate::telemetry::record_upstream(&served.name);
     // Nothing is written before the request's insert is durable.
     if inserted.durable().await.is_err() {
         return Outcome::Cancelled;
@@ -125,13 +126,17 @@ async fn call(
         .iter()
         .any(|(n, v)| n == "content-type" && v.to_ascii_lowercase().starts_with("text/event-stream"));
     let kind = live.meta.locator.kind;
-    store(inner, live.answered(meta, head).into_iter().flatten()).await;
+    store(inner, live.answered(meta, head, served).into_iter().flatten()).await;
 
     if success && kind == Kind::Stream && is_event_stream {
-        return stream_body(inner, live, response).await;
+        let source = match endpoint {
+            Endpoint::Responses => Source::Responses,
+            Endpoint::ChatCompletions => Source::Chat,
+        };
+        return stream_body(inner, live, response, source, limits).await;
     }
     let status = response.status();
-    let bytes = match read_body(inner, live, response).await {
+    let bytes = match read_body(inner, live, response, limits.max_reply_bytes).await {
         Ok(bytes) => bytes,
         Err(e) => return Outcome::Failed(e),
     };
@@ -144,106 +149,12 @@ async fn call(
     live.complete_body(json);
     match error {
         Some(e) => Outcome::Failed(e),
+        // A Responses request is always streamed: a whole answer is not one it can record.
+        None if live.meta.format == crate::domain::Format::Responses => Outcome::Failed(ErrorInfo::new(
+            "upstream_error",
+            "The upstream answered without an event stream; see `response`.",
+        )),
         None => Outcome::Done,
-    }
-}
-
-/// Sends the call until an attempt gets an answer that is not retried (section 11): a connect error or a 429,
-/// 500, 502, 503 or 504 is retried while retries are left and the wait before the next attempt ends before the
-/// request's deadline. Each retried attempt is recorded in the document's `attempts`. Nothing of a body is read
-/// here except a retried error answer's, so a call is never retried once a chunk of its body arrived.
-async fn attempts(
-    inner: &Inner,
-    live: &LiveRequest,
-    key: Option<UpstreamKey>,
-    body: String,
-    deadline: tokio::time::Instant,
-    inserted: &Receipt,
-) -> Result<reqwest::Response, ErrorInfo> {
-    let retries = inner.upstream.retries().clone();
-    let connect_timeout = live.meta.options.connect_timeout;
-    let mut failed = 0u32;
-    loop {
-        let at = crate::domain::unix_now();
-        let sent = inner.upstream.send(body.clone(), key.clone(), connect_timeout);
-        let answered = match retries.header_timeout {
-            Some(limit) => tokio::time::timeout(limit, sent).await.ok(),
-            None => Some(sent.await),
-        };
-        let (error, status_code, delay) = match answered {
-            // A timeout before the headers: the attempt is dropped (its connection closed) and tried again.
-            None => {
-                let limit = retries.header_timeout.unwrap_or_default().as_secs_f64();
-                let info = ErrorInfo::new(
-                    "timeout",
-                    format!(
-                        "The upstream sent no response headers within {limit} seconds (--upstream-header-timeout)."
-                    ),
-                );
-                let delay = retries.delay(failed + 1, None);
-                if failed >= retries.max || tokio::time::Instant::now() + delay >= deadline {
-                    return Err(info);
-                }
-                (info, None, delay)
-            }
-            Some(Ok(response)) => {
-                let status = response.status().as_u16();
-                let delay = retries.delay(failed + 1, retry_after(&response));
-                if failed >= retries.max
-                    || !Retries::retryable_status(status)
-                    || tokio::time::Instant::now() + delay >= deadline
-                {
-                    return Ok(response);
-                }
-                (ErrorInfo::new("upstream_error", error_answer(response).await), Some(status), delay)
-            }
-            Some(Err(e)) => {
-                let info = call_error_info(&e);
-                let delay = retries.delay(failed + 1, None);
-                if failed >= retries.max
-                    || !Retries::retryable_error(&e)
-                    || tokio::time::Instant::now() + delay >= deadline
-                {
-                    return Err(info);
-                }
-                (info, None, delay)
-            }
-        };
-        failed += 1;
-        if inserted.durable().await.is_err() {
-            return Err(error);
-        }
-        tracing::info!(request = %live.meta.locator.id, attempt = failed, error = %error.message, "upstream attempt failed; retrying");
-        store(inner, live.attempt_failed(Attempt { at, status_code, error })).await;
-        tokio::time::sleep(delay).await;
-    }
-}
-
-fn call_error_info(e: &CallError) -> ErrorInfo {
-    let code = match e {
-        CallError::ConnectTimeout(_) => "connect_timeout",
-        CallError::Unreachable(_) => "upstream_unreachable",
-        CallError::Failed(_) | CallError::Redirected(_) => "upstream_error",
-        CallError::TooLarge(_) => "reply_too_large",
-    };
-    ErrorInfo::new(code, e.to_string())
-}
-
-/// Why an error answer that is retried failed: its status and the `error.message` of its body (read up to
-/// 64 KiB).
-async fn error_answer(mut response: reqwest::Response) -> String {
-    const MAX: usize = 64 * 1024;
-    let status = response.status();
-    let mut body = Vec::new();
-    while body.len() < MAX {
-        match response.chunk().await {
-            Ok(Some(piece)) => body.extend_from_slice(&piece),
-            _ => break,
-        }
-    }
-    match chat::error_message(&body) {
-        Some(message) => format!("The upstream answered {status}: {message}"),
-        None => format!("The upstream answered {status}."),
     }
 }
 
@@ -285,8 +196,12 @@ fn upstream_error_info(body: &serde_json::value::RawValue) -> ErrorInfo {
 }
 
 /// Reads a body that is not an event stream, storing each piece as it comes, up to `--max-upstream-reply-bytes`.
-async fn read_body(inner: &Inner, live: &LiveRequest, mut response: reqwest::Response) -> Result<Vec<u8>, ErrorInfo> {
-    let max = inner.upstream.limits().max_reply_bytes;
+async fn read_body(
+    inner: &Inner,
+    live: &LiveRequest,
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, ErrorInfo> {
     let mut body = Vec::new();
     let mut received = 0;
     while let Some(piece) = response.chunk().await.map_err(|e| {
@@ -304,9 +219,14 @@ async fn read_body(inner: &Inner, live: &LiveRequest, mut response: reqwest::Res
 
 /// Reads an event stream: each piece goes to the raw recorder as it arrives (so that `.raw` holds it even when
 /// the request ends in the middle of an event), then to the parser, whose events are kept one by one.
-async fn stream_body(inner: &Inner, live: &LiveRequest, mut response: reqwest::Response) -> Outcome {
-    live.stream_started();
-    let limits = inner.upstream.limits();
+async fn stream_body(
+    inner: &Inner,
+    live: &LiveRequest,
+    mut response: reqwest::Response,
+    source: Source,
+    limits: ReplyLimits,
+) -> Outcome {
+    store(inner, live.stream_started(source)).await;
     let mut parser = EventParser::new(limits.max_event_bytes);
     let mut skip_bom = SkipBom::default();
     let mut received = 0;
@@ -332,21 +252,21 @@ async fn stream_body(inner: &Inner, live: &LiveRequest, mut response: reqwest::R
                 saw_done = true;
                 break 'read;
             }
-            let taken = live.take_event(&data);
+            let mut taken = live.take_event(&data);
+            let took = std::mem::replace(&mut taken.took, Took::More);
             store(inner, taken.writes(live.meta.locator.id)).await;
-            let Some((_, kind, _)) = taken.event else {
-                if taken.hidden {
-                    continue;
+            match took {
+                Took::More => {}
+                Took::Closed => return Outcome::Cancelled,
+                Took::Failed(error) => {
+                    failure = Some(error);
+                    break 'read;
                 }
-                return Outcome::Cancelled;
-            };
-            if let ChunkKind::Error(error) = kind {
-                let message = error.get("message").and_then(|m| m.as_str()).unwrap_or("no message");
-                failure = Some(ErrorInfo::new(
-                    "upstream_error",
-                    format!("The upstream reported an error mid-stream: {message}"),
-                ));
-                break 'read;
+                Took::Ended(None) => {
+                    saw_done = true;
+                    break 'read;
+                }
+                Took::Ended(Some(error)) => return Outcome::Failed(error),
             }
         }
         if let Err(e) = parsed {

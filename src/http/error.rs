@@ -218,6 +218,20 @@ impl From<CreateError> for ApiError {
             CreateError::FromNotFinished(_) => {
                 Self::new(StatusCode::CONFLICT, "not_finished", message).with_param(Some("from_status_url"))
             }
+            CreateError::NoUpstream(_) => {
+                Self::new(StatusCode::BAD_REQUEST, "model_not_served", message).with_param(Some("model"))
+            }
+            CreateError::PreviousNotFound(_) => {
+                Self::new(StatusCode::BAD_REQUEST, "previous_response_not_found", message)
+                    .with_param(Some("previous_response_id"))
+            }
+            CreateError::PreviousNotFinished(..) => {
+                Self::new(StatusCode::BAD_REQUEST, "previous_response_not_finished", message)
+                    .with_param(Some("previous_response_id"))
+            }
+            CreateError::Untranslatable { param, .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "unsupported_by_upstream", message).with_param(Some(param))
+            }
             CreateError::Store(store) => {
                 tracing::error!(error = %store, "could not store a new request");
                 Self::unavailable(

@@ -49,6 +49,65 @@ pub fn relayed_by_peer(
     age
 }
 
+/// A request found for a call, once the caller may see it: here, or relayed to the node that runs it.
+pub enum Located {
+    Here(crate::engine::Found),
+    /// The node that runs the request answered; its answer's head has come.
+    Relayed(reqwest::Response),
+    /// Another node runs the request and did not answer in time (or relayed the call here, where it does not
+    /// run): the store's view. Reads are served from it; a stop or DELETE of a request not final is refused, since
+    /// only its owner can end it.
+    Unreached(crate::engine::Found),
+}
+
+/// A call on a request, as it came, for relaying it.
+pub struct Call<'a> {
+    pub method: Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+    /// Relayed here by a node of this cluster (a verified mark), this long ago: served here, never relayed again.
+    pub from_peer: Option<std::time::Duration>,
+}
+
+impl<'a> Call<'a> {
+    pub fn new(peers: Option<&Peers>, method: Method, uri: &'a Uri, headers: &'a HeaderMap) -> Self {
+        let from_peer = relayed_by_peer(peers, &method, uri, headers);
+        Self { method, uri, headers, from_peer }
+    }
+
+    /// A stop, cancel or DELETE relayed by a peer is carried out only while that peer still waits for the answer:
+    /// one that arrives later (this node was frozen, and reads it on waking) was already answered 503, and must
+    /// not happen now. `false`: too late.
+    pub fn in_time(&self) -> bool {
+        match self.from_peer {
+            Some(age) if age > crate::cluster::RELAY_ACT_WITHIN => {
+                tracing::warn!(age = ?age, "refusing a relayed stop or delete that arrived after its sender gave up");
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Where `found` (which the caller may see) is served: here, or by the node that runs it, to which the call is
+    /// relayed. If that node cannot be reached in time (it may have just died, or be frozen), the store's view.
+    pub async fn locate(&self, peers: Option<&Peers>, found: crate::engine::Found) -> Located {
+        let (Some(address), Some(peers)) = (found.elsewhere(), peers) else {
+            return Located::Here(found);
+        };
+        if self.from_peer.is_some() {
+            // Relayed once already: this node answers with what it knows, so a call never goes round in circles.
+            return Located::Unreached(found.into_stored());
+        }
+        match send(peers, address, self.method.clone(), self.uri, self.headers).await {
+            Ok(answer) => Located::Relayed(answer),
+            Err(e) => {
+                tracing::warn!(error = %e, "answering from the store instead");
+                Located::Unreached(found.into_stored())
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error("the node running this request could not be reached: {0}")]

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 /// The service key, from the first of `Authorization: Bearer`, `X-API-Key` and `X-RapidAPI-Key` present
 /// (OffloadGPT clients send the last one). `Err` names a header that is present but not plain text, so cannot
 /// hold a key.
-fn service_key(headers: &HeaderMap) -> Result<Option<&str>, &'static str> {
+pub fn service_key(headers: &HeaderMap) -> Result<Option<&str>, &'static str> {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         value.to_str().map_err(|_| "Authorization")?;
         if let Some(token) = crate::http::bearer(headers) {

@@ -9,10 +9,12 @@ pub mod error;
 pub mod forward;
 pub mod intake;
 pub mod models;
+pub mod offload_headers;
 pub mod offloadgpt;
 pub mod openapi;
 pub mod origin;
 pub mod playground;
+pub mod responses;
 pub mod server;
 
 use crate::engine::Engine;
@@ -55,9 +57,9 @@ pub fn router(state: AppState) -> Router {
         .allow_headers(AllowHeaders::mirror_request())
         .expose_headers([
             axum::http::header::ETAG,
-            chat_completions::STATUS_URL,
-            chat_completions::STREAM_URL,
-            chat_completions::BEARER_TOKEN,
+            offload_headers::STATUS_URL,
+            offload_headers::STREAM_URL,
+            offload_headers::BEARER_TOKEN,
         ])
         .max_age(std::time::Duration::from_secs(86_400));
     Router::new()
@@ -71,6 +73,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/async-chatgpt", post(offloadgpt::create::asynchronous))
         .route("/v1/chat/completions", post(chat_completions::chat_completions))
         .route("/v1/models", get(models::list))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{id}", get(responses::reads::get).delete(responses::reads::delete))
+        .route("/v1/responses/{id}/cancel", post(responses::reads::cancel))
+        .route("/v1/responses/{id}/input_items", get(responses::reads::input_items))
         .route("/{kind}/r/{*rest}", get(requests::get).post(requests::post).delete(requests::delete))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -16,7 +16,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::intake;
 use crate::domain::{TokenHash, UpstreamKey};
-use crate::upstream::CallError;
+use crate::upstream::{CallError, Upstream};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -98,7 +98,11 @@ pub async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Res
     if let Some(key) = &key {
         app.gate.pace(key).await?;
     }
-    let upstream = app.engine.upstream();
+    let upstreams = app.engine.upstreams();
+    let [upstream] = upstreams.all() else { return merged(&app, caller_key).await };
+    if !upstreams.is_single() {
+        return merged(&app, caller_key).await;
+    }
     let upstream_key = upstream.key_for(caller_key);
     if upstream_key.is_none() && upstream.requires_key() {
         return Err(crate::engine::CreateError::MissingKey.into());
@@ -108,7 +112,7 @@ pub async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Res
     let answer = match cached.as_ref().filter(|a| a.at.elapsed() < app.models.ttl) {
         Some(answer) => answer.clone(),
         None => {
-            let answer = fetch(&app, upstream_key).await?;
+            let answer = fetch(&app, upstream, upstream_key).await?;
             *cached = Some(answer.clone());
             answer
         }
@@ -117,9 +121,64 @@ pub async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Res
     answer.serve()
 }
 
+/// Several upstreams: the models of each (from its own `GET /models`, those its patterns admit) and the route
+/// names, each id once, in that order. An upstream that gives no list is left out (and logged); with none at
+/// all, the last one's error. Kept for `--models-cache` under the caller's key, which some upstreams may use.
+async fn merged(app: &AppState, caller_key: Option<UpstreamKey>) -> Result<Response, ApiError> {
+    let upstreams = app.engine.upstreams();
+    let slot = app.models.slot(caller_key.as_ref().map(|k| *TokenHash::of(k.expose()).as_bytes()));
+    let mut cached = slot.lock().await;
+    if let Some(answer) = cached.as_ref().filter(|a| a.at.elapsed() < app.models.ttl) {
+        return answer.clone().serve();
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut data = Vec::new();
+    let mut failure = None;
+    for upstream in upstreams.all() {
+        let answer = match fetch(app, upstream, upstream.key_for(caller_key.clone())).await {
+            Ok(answer) if answer.status.is_success() => answer,
+            Ok(answer) => {
+                tracing::warn!(
+                    upstream = upstream.name(),
+                    status = answer.status.as_u16(),
+                    "an upstream gave no list of models"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(upstream = upstream.name(), error = %e.message, "an upstream gave no list of models");
+                failure = Some(e);
+                continue;
+            }
+        };
+        let list: serde_json::Value = serde_json::from_slice(&answer.body).unwrap_or_default();
+        let models = list.get("data").and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
+        for model in models {
+            let Some(id) = model.get("id").and_then(serde_json::Value::as_str) else { continue };
+            if upstream.serves(id) && seen.insert(id.to_owned()) {
+                data.push(model);
+            }
+        }
+    }
+    for route in upstreams.route_names() {
+        if seen.insert(route.to_owned()) {
+            data.push(serde_json::json!({"id": route, "object": "model", "created": 0, "owned_by": "offload"}));
+        }
+    }
+    if data.is_empty()
+        && let Some(failure) = failure
+    {
+        return Err(failure);
+    }
+    let body = serde_json::json!({"object": "list", "data": data}).to_string();
+    let answer = Answer { at: Instant::now(), status: StatusCode::OK, body: Bytes::from(body), json: true };
+    *cached = Some(answer.clone());
+    drop(cached);
+    answer.serve()
+}
+
 /// One upstream call: its answer, or the error to answer when there is none.
-async fn fetch(app: &AppState, key: Option<UpstreamKey>) -> Result<Answer, ApiError> {
-    let upstream = app.engine.upstream();
+async fn fetch(app: &AppState, upstream: &Upstream, key: Option<UpstreamKey>) -> Result<Answer, ApiError> {
     let connect_timeout = app.engine.limits().max_connect_timeout.min(5.0);
     // The upstream client refuses redirects and bounds the body by `--max-upstream-reply-bytes`; a list of models
     // is bounded further, by MAX_BYTES.

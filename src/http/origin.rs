@@ -30,7 +30,8 @@ use axum::response::{IntoResponse, Response};
 const LOOPBACK: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
 
 /// The routes that create requests or spend the upstream key.
-const CREATES: [&str; 4] = ["/v1/stream-chatgpt", "/v1/async-chatgpt", "/v1/chat/completions", "/v1/models"];
+const CREATES: [&str; 5] =
+    ["/v1/stream-chatgpt", "/v1/async-chatgpt", "/v1/chat/completions", "/v1/responses", "/v1/models"];
 
 /// Which hosts an open server answers to, and which other origins may create on it.
 #[derive(Debug, Clone, Default)]

@@ -16,6 +16,10 @@ pub(super) async fn completions(State(state): State<Arc<MockState>>, headers: He
         return openai_error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request.");
     };
     state.record(Api::Chat, &headers, &request);
+    if let Some(response) = state.switch.fault().await {
+        guard.finish();
+        return response;
+    }
     let controls = Controls::of(&request);
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
         return openai_error(StatusCode::BAD_REQUEST, "'messages' is a required property");

@@ -14,6 +14,18 @@
 //! Both APIs read the same controls the same way (`controls.rs`); an error (`status`, `fail_first`) is OpenAI's
 //! error body, `{"error": {"message", "type", "param", "code"}}`.
 //!
+//! ## Failing on command (`fail.rs`)
+//!
+//! `POST /_mock/fail` sets faults of the whole mock process, for every following call of either API whatever its
+//! body, so that a test can make one of several upstreams fail while the others answer; each call replaces the
+//! setting, and answers it as `GET /_mock/fail` does: `{"status": 503}` makes every call answer that status (400
+//! to 599) at once with OpenAI's error body (and `Retry-After: 0` for 429), `"message"` its message;
+//! `{"hang_headers": true}` makes every call send no headers until a setting without it arrives (then the call
+//! answers `status` if it was set, else normally; at most 600 s); `"times": n` fails (or hangs) only the next n
+//! calls, then the switch is off; `{}` (or `{"status": null}`) turns it off. Anything else is a 400. Such calls are
+//! counted and kept like any other (`/_mock/stats`, `/_mock/requests`); a switched-off `/v1/responses` still
+//! answers its 404.
+//!
 //! ## Chat Completions (`chat.rs`)
 //!
 //! `POST /v1/chat/completions` (`messages` required, `n` choices, `stream`, `stream_options.include_usage`):
@@ -44,9 +56,11 @@
 //!
 //! ## Inspection
 //!
+//! `GET /v1/models` lists [`MockConfig::models`] (default `gpt-3.5-turbo`) as OpenAI's model objects.
 //! `GET /_mock/stats` counts calls of either API (`requests`, and per API `chat` and `responses`), completed
 //! responses and responses the client abandoned (the connection was dropped mid-way), and the calls to a
-//! switched-off `/v1/responses` (`not_found`, counted nowhere else); `GET /_mock/requests` shows the last calls
+//! switched-off `/v1/responses` (`not_found`) and to `/v1/models` (`models`, and `models_authorized` of them
+//! with `Bearer <expected_key>`), counted nowhere else; `GET /_mock/requests` shows the last calls
 //! received, of either API: the `path` called, the body, whether an `Authorization`
 //! header came (`"authorization": true`), and, when the mock was started with an [`MockConfig::expected_key`],
 //! whether it was `Bearer <that key>` (`"authorization_expected"`, else `null`). The header's value itself is
@@ -54,6 +68,7 @@
 
 mod chat;
 mod controls;
+mod fail;
 mod responses;
 #[cfg(test)]
 mod tests;
@@ -93,6 +108,10 @@ pub struct MockConfig {
     #[arg(long, env = "OFFLOAD_MOCK_NO_RESPONSES_API")]
     #[serde(default)]
     pub no_responses_api: bool,
+    /// The ids `GET /v1/models` lists [default: `gpt-3.5-turbo`].
+    #[arg(skip)]
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
     /// The key a test expects calls to carry; `/_mock/requests` tells whether each did, never what came.
     #[arg(skip)]
     #[serde(skip)]
@@ -109,6 +128,10 @@ pub struct MockStats {
     pub responses: AtomicU64,
     /// Calls of `/v1/responses` answered 404 because the API is switched off; not in `requests`.
     pub not_found: AtomicU64,
+    /// Calls of `GET /v1/models`; not in `requests`.
+    pub models: AtomicU64,
+    /// Of those, the calls that carried `Bearer <expected_key>`.
+    pub models_authorized: AtomicU64,
     pub completed: AtomicU64,
     pub disconnected: AtomicU64,
 }
@@ -135,6 +158,8 @@ struct MockState {
     recent: Mutex<VecDeque<Value>>,
     /// Calls seen per body (or `key`), for `fail_first`.
     seen: Mutex<std::collections::HashMap<String, u32>>,
+    /// The faults of the whole process, set by `POST /_mock/fail`.
+    switch: fail::Switch,
 }
 
 impl MockState {
@@ -149,18 +174,23 @@ impl MockState {
         Completion { state: self.clone(), done: false }
     }
 
-    /// Keeps the call for `/_mock/requests` (the last 32).
-    fn record(&self, api: Api, headers: &HeaderMap, request: &Value) {
-        let mut recent = self.recent.lock();
+    /// Whether the call's `Authorization` is `Bearer <expected_key>`; `None` without an expected key.
+    fn expected(&self, headers: &HeaderMap) -> Option<bool> {
         let authorization = headers.get(header::AUTHORIZATION);
-        let expected = self.defaults.expected_key.as_ref().map(|key| {
+        self.defaults.expected_key.as_ref().map(|key| {
             let wanted = format!("Bearer {}", key.expose());
             authorization.is_some_and(|v| bool::from(v.as_bytes().ct_eq(wanted.as_bytes())))
-        });
+        })
+    }
+
+    /// Keeps the call for `/_mock/requests` (the last 32).
+    fn record(&self, api: Api, headers: &HeaderMap, request: &Value) {
+        let expected = self.expected(headers);
+        let mut recent = self.recent.lock();
         recent.push_back(json!({
             "path": api.path(),
             "body": request,
-            "authorization": authorization.is_some(),
+            "authorization": headers.contains_key(header::AUTHORIZATION),
             "authorization_expected": expected,
         }));
         while recent.len() > 32 {
@@ -208,6 +238,7 @@ pub async fn spawn(addr: SocketAddr, defaults: MockConfig) -> std::io::Result<Mo
         stats: MockStats::default(),
         recent: Mutex::new(VecDeque::new()),
         seen: Mutex::default(),
+        switch: fail::Switch::default(),
     });
     let app = router(state.clone());
     // Like offload's own listener, so that the floor it gives benchmarks is not slowed by Nagle's algorithm.
@@ -226,12 +257,10 @@ fn router(state: Arc<MockState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/responses", post(responses::create))
-        .route(
-            "/v1/models",
-            get(|| async { Json(json!({"object": "list", "data": [{"id": "gpt-3.5-turbo", "object": "model"}]})) }),
-        )
+        .route("/v1/models", get(models))
         .route("/_mock/stats", get(stats))
         .route("/_mock/requests", get(recent))
+        .route("/_mock/fail", post(fail::set).get(fail::get))
         .with_state(state)
 }
 
@@ -242,9 +271,25 @@ async fn stats(State(state): State<Arc<MockState>>) -> Json<Value> {
         "chat": s.chat.load(Ordering::SeqCst),
         "responses": s.responses.load(Ordering::SeqCst),
         "not_found": s.not_found.load(Ordering::SeqCst),
+        "models": s.models.load(Ordering::SeqCst),
+        "models_authorized": s.models_authorized.load(Ordering::SeqCst),
         "completed": s.completed.load(Ordering::SeqCst),
         "disconnected": s.disconnected.load(Ordering::SeqCst),
     }))
+}
+
+/// `GET /v1/models`: OpenAI's list of model objects, of [`MockConfig::models`].
+async fn models(State(state): State<Arc<MockState>>, headers: HeaderMap) -> Json<Value> {
+    state.stats.models.fetch_add(1, Ordering::SeqCst);
+    if state.expected(&headers) == Some(true) {
+        state.stats.models_authorized.fetch_add(1, Ordering::SeqCst);
+    }
+    let ids = state.defaults.models.clone().unwrap_or_else(|| vec!["gpt-3.5-turbo".to_owned()]);
+    let data: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "mock"}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 async fn recent(State(state): State<Arc<MockState>>) -> Json<Value> {

@@ -22,6 +22,10 @@ pub(super) async fn create(State(state): State<Arc<MockState>>, headers: HeaderM
         return openai_error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request.");
     };
     state.record(Api::Responses, &headers, &request);
+    if let Some(response) = state.switch.fault().await {
+        guard.finish();
+        return response;
+    }
     let controls = Controls::of(&request);
     let Some(fields) = request.as_object() else {
         return openai_error(StatusCode::BAD_REQUEST, "The body of your request must be a JSON object.");

@@ -236,7 +236,7 @@ async fn the_switch_answers_404_like_an_upstream_without_the_api() {
     let stats = get_json(&server, "/_mock/stats").await;
     assert_eq!(
         stats,
-        json!({"requests": 1, "chat": 1, "responses": 0, "not_found": 1, "completed": 1, "disconnected": 0})
+        json!({"requests": 1, "chat": 1, "responses": 0, "not_found": 1, "models": 0, "models_authorized": 0, "completed": 1, "disconnected": 0})
     );
     assert_eq!(get_json(&server, "/_mock/requests").await.as_array().unwrap().len(), 1);
 }
@@ -252,7 +252,7 @@ async fn stats_and_requests_show_both_apis() {
     let stats = get_json(&server, "/_mock/stats").await;
     assert_eq!(
         stats,
-        json!({"requests": 3, "chat": 1, "responses": 2, "not_found": 0, "completed": 3, "disconnected": 0})
+        json!({"requests": 3, "chat": 1, "responses": 2, "not_found": 0, "models": 0, "models_authorized": 0, "completed": 3, "disconnected": 0})
     );
     let calls = get_json(&server, "/_mock/requests").await;
     let paths: Vec<&Value> = calls.as_array().unwrap().iter().map(|c| &c["path"]).collect();
@@ -260,4 +260,138 @@ async fn stats_and_requests_show_both_apis() {
     assert_eq!(calls[2]["body"], json!({"input": "hi"}));
     assert_eq!(calls[2]["authorization"], false);
     assert_eq!(calls[2]["authorization_expected"], Value::Null);
+}
+
+async fn set_fail(server: &MockServer, setting: Value) -> reqwest::Response {
+    post(server, "/_mock/fail", &setting).await
+}
+
+#[tokio::test]
+async fn the_switch_fails_every_call_of_both_apis_until_turned_off() {
+    let server = mock(MockConfig::default()).await;
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let response = set_fail(&server, json!({"status": 503})).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["status"], 503);
+    assert_eq!(get_json(&server, "/_mock/fail").await["status"], 503);
+    for (path, body) in [("/v1/chat/completions", &chat), ("/v1/responses", &json!({"input": "hi"}))] {
+        for _ in 0..2 {
+            let response = post(&server, path, body).await;
+            assert_eq!(response.status(), 503, "{path}");
+            assert!(response.headers().get("retry-after").is_none());
+            let error = response.json::<Value>().await.unwrap();
+            assert_eq!(error["error"]["type"], "server_error", "{error}");
+            assert!(error["error"]["message"].as_str().unwrap().contains("503"), "{error}");
+            assert!(error["error"].get("code").unwrap().is_null(), "{error}");
+        }
+    }
+    // A 429 says when to try again: at once.
+    set_fail(&server, json!({"status": 429, "message": "Slow down."})).await;
+    let response = post(&server, "/v1/chat/completions", &chat).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "0");
+    let error = response.json::<Value>().await.unwrap();
+    assert_eq!(error["error"]["message"], "Slow down.");
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+    // `{}` turns it off, and so does `{"status": null}`.
+    for off in [json!({}), json!({"status": null})] {
+        set_fail(&server, json!({"status": 500})).await;
+        let response = set_fail(&server, off).await;
+        assert_eq!(response.json::<Value>().await.unwrap()["status"], Value::Null);
+        let response = post(&server, "/v1/chat/completions", &chat).await;
+        assert_eq!(response.status(), 200);
+        assert!(response.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    }
+    // The failed calls count and are kept like the others, with their key.
+    let stats = get_json(&server, "/_mock/stats").await;
+    assert_eq!((&stats["requests"], &stats["chat"], &stats["responses"]), (&json!(7), &json!(5), &json!(2)));
+    assert_eq!((&stats["completed"], &stats["disconnected"]), (&json!(7), &json!(0)));
+    assert_eq!(get_json(&server, "/_mock/requests").await.as_array().unwrap().len(), 7);
+}
+
+#[tokio::test]
+async fn times_fails_only_the_next_calls() {
+    let server = mock(MockConfig::default()).await;
+    let body = json!({"input": "hi"});
+    set_fail(&server, json!({"status": 502, "times": 2})).await;
+    assert_eq!(post(&server, "/v1/responses", &body).await.status(), 502);
+    assert_eq!(get_json(&server, "/_mock/fail").await["times"], 1, "one left");
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(post(&server, "/v1/chat/completions", &chat).await.status(), 502);
+    assert_eq!(
+        get_json(&server, "/_mock/fail").await,
+        json!({"status": null, "hang_headers": false, "times": null, "message": null})
+    );
+    assert_eq!(post(&server, "/v1/responses", &body).await.status(), 200);
+    // Settings that make no sense are refused, and change nothing.
+    for bad in
+        [json!({"status": 200}), json!({"status": 503, "times": 0}), json!({"status": "503"}), json!({"fail": 1})]
+    {
+        let response = set_fail(&server, bad.clone()).await;
+        assert_eq!(response.status(), 400, "{bad}");
+        assert!(response.json::<Value>().await.unwrap()["error"]["message"].is_string());
+    }
+    assert_eq!(post(&server, "/v1/responses", &body).await.status(), 200);
+}
+
+#[tokio::test]
+async fn hang_headers_holds_calls_until_turned_off() {
+    let server = mock(MockConfig::default()).await;
+    set_fail(&server, json!({"hang_headers": true})).await;
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "mock": {"words": 2}});
+    // A call that waited long enough is given up by its client: the mock counts it as abandoned.
+    let url = format!("http://{}/v1/chat/completions", server.addr());
+    let client = reqwest::Client::new();
+    let given_up = client.post(&url).json(&chat).timeout(std::time::Duration::from_millis(200)).send().await;
+    assert!(given_up.unwrap_err().is_timeout());
+    // A waiting call goes on once the switch is turned off, with the answer it would have had.
+    let waiting = tokio::spawn({
+        let (client, url, chat) = (client.clone(), url.clone(), chat.clone());
+        async move { client.post(&url).json(&chat).send().await.unwrap() }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "no headers while it hangs");
+    set_fail(&server, json!({})).await;
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["choices"][0]["message"]["content"], "Hello from ");
+    // Hanging then failing: the status comes once released; `times` counts the hanging calls.
+    set_fail(&server, json!({"hang_headers": true, "status": 504, "times": 1})).await;
+    let waiting = tokio::spawn({
+        let (client, url, chat) = (client.clone(), url.clone(), chat.clone());
+        async move { client.post(&url).json(&chat).send().await.unwrap() }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(post(&server, "/v1/chat/completions", &chat).await.status(), 200, "only the first call hangs");
+    assert!(!waiting.is_finished());
+    set_fail(&server, json!({})).await;
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
+    assert_eq!(response.status(), 504);
+    // The call given up is counted too (as completed or abandoned, depending on when the mock saw it go).
+    let stats = get_json(&server, "/_mock/stats").await;
+    assert_eq!(stats["requests"], 4);
+    assert_eq!(get_json(&server, "/_mock/requests").await.as_array().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn models_lists_the_configured_ids() {
+    let server = mock(MockConfig { models: Some(vec!["a-1".into(), "b-2".into()]), ..MockConfig::default() }).await;
+    let list = get_json(&server, "/v1/models").await;
+    let ids: Vec<&Value> = list["data"].as_array().unwrap().iter().map(|m| &m["id"]).collect();
+    assert_eq!(ids, [&json!("a-1"), &json!("b-2")]);
+    assert_eq!(list["data"][0]["object"], "model");
+    assert_eq!(list["object"], "list");
+    let list = get_json(&mock(MockConfig::default()).await, "/v1/models").await;
+    assert_eq!(list["data"][0]["id"], "gpt-3.5-turbo");
+    assert_eq!(get_json(&server, "/_mock/stats").await["models"], 1);
+    // Calls with the expected key are counted apart.
+    let key = crate::domain::UpstreamKey::new("sk-mock-models-test").unwrap();
+    let server = mock(MockConfig { expected_key: Some(key), ..MockConfig::default() }).await;
+    let url = format!("http://{}/v1/models", server.addr());
+    for token in ["sk-mock-models-test", "sk-other"] {
+        reqwest::Client::new().get(&url).bearer_auth(token).send().await.unwrap();
+    }
+    reqwest::get(&url).await.unwrap();
+    let stats = get_json(&server, "/_mock/stats").await;
+    assert_eq!((&stats["models"], &stats["models_authorized"]), (&json!(3), &json!(1)));
 }

@@ -31,6 +31,11 @@ pub struct ServeArgs {
     /// share a few connections; https upstreams negotiate HTTP/2 by themselves.
     #[arg(long, env = "OFFLOAD_UPSTREAM_H2C", num_args = 0..=1, default_missing_value = "true")]
     pub upstream_h2c: Option<bool>,
+    /// Which API of the upstream gets Responses API requests: `auto` tries its Responses API and, if it answers
+    /// 404 or 405, translates to Chat Completions from then on (remembered per upstream); `responses` always sends
+    /// them as they are; `chat` always translates [default: auto].
+    #[arg(long, env = "OFFLOAD_UPSTREAM_API", value_parser = ["auto", "responses", "chat"])]
+    pub upstream_api: Option<String>,
     /// Server-side upstream key, used when a caller sends no X-OpenAI-API-Key.
     #[arg(long, env = "OFFLOAD_UPSTREAM_KEY", hide_env_values = true)]
     pub upstream_key: Option<String>,
@@ -44,6 +49,13 @@ pub struct ServeArgs {
     /// it off for non-streaming upstreams, which send their headers only with the whole reply [default: 0].
     #[arg(long, env = "OFFLOAD_UPSTREAM_HEADER_TIMEOUT")]
     pub upstream_header_timeout: Option<String>,
+    /// Failed attempts in a row (connect error, timeout before the headers, 429, 500, 502, 503, 504) after which
+    /// an upstream is skipped for `--breaker-cool-down`, then tried again with one call [default: 5].
+    #[arg(long, env = "OFFLOAD_BREAKER_FAILURES")]
+    pub breaker_failures: Option<u32>,
+    /// How long an upstream that failed `--breaker-failures` times in a row is skipped, e.g. `30s` [default: 30s].
+    #[arg(long, env = "OFFLOAD_BREAKER_COOL_DOWN")]
+    pub breaker_cool_down: Option<String>,
     /// Largest single event of an upstream event stream, in bytes; a larger one ends the request as
     /// `event_too_large`, keeping the events before it [default: 16777216].
     #[arg(long, env = "OFFLOAD_MAX_UPSTREAM_EVENT_BYTES")]

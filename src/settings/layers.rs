@@ -2,9 +2,9 @@
 //! over the defaults, into one record of the keys, [`Layered`], which [`super::Settings::resolve`] checks and
 //! nests per concern.
 //!
-//! The keys are flat, as in the file and the flags (`public_url`, `webhook_retry_for`, ...). The next issue's
-//! lists (`[[upstreams]]`, `[[routes]]` tables in the file) become `Vec` fields of [`Layered`], with
-//! `#[serde(default)]`: figment carries nested values through every layer as it carries these.
+//! The keys are flat, as in the file and the flags (`public_url`, `webhook_retry_for`, ...), except the file's
+//! lists of tables (`[[upstreams]]`, `[[routes]]`), which only the file gives: they are let through here and read
+//! from the file's text, with their line numbers, by [`super::upstreams`].
 
 use super::flags::ServeArgs;
 use super::parse::ConfigError;
@@ -23,8 +23,11 @@ listen = "127.0.0.1:8080"
 data_dir = "offload-data"
 upstream_url = "https://api.openai.com/v1"
 upstream_h2c = false
+upstream_api = "auto"
 upstream_retries = 2
 upstream_header_timeout = "0"
+breaker_failures = 5
+breaker_cool_down = "30s"
 max_upstream_event_bytes = 16777216
 max_upstream_reply_bytes = 67108864
 default_model = "gpt-3.5-turbo"
@@ -66,9 +69,18 @@ pub(super) struct Layered {
     pub data_dir: PathBuf,
     pub upstream_url: Url,
     pub upstream_h2c: bool,
+    pub upstream_api: String,
     pub upstream_key: Option<String>,
     pub upstream_retries: u32,
     pub upstream_header_timeout: String,
+    pub breaker_failures: u32,
+    pub breaker_cool_down: String,
+    /// `[[upstreams]]` and `[[routes]]`: let through here, read with their line numbers by
+    /// [`super::upstreams`].
+    #[serde(default, rename = "upstreams")]
+    pub _upstreams: Vec<serde::de::IgnoredAny>,
+    #[serde(default, rename = "routes")]
+    pub _routes: Vec<serde::de::IgnoredAny>,
     pub max_upstream_event_bytes: usize,
     pub max_upstream_reply_bytes: usize,
     pub default_model: String,

@@ -11,6 +11,7 @@ mod layers;
 mod parse;
 #[cfg(test)]
 mod tests;
+pub mod upstreams;
 
 pub use flags::ServeArgs;
 pub use parse::ConfigError;
@@ -22,7 +23,7 @@ use crate::engine::health::OutagePolicy;
 use crate::store::sqlite::Synchronous;
 use crate::store::{DatabaseUrl, StoreLocation};
 use crate::telemetry::LogFormat;
-use crate::upstream::ReplyLimits;
+use crate::upstream::{ReplyLimits, UpstreamApi};
 use crate::webhook::WebhookConfig;
 use crate::webhook::signature::WebhookSecret;
 use layers::Layered;
@@ -96,6 +97,8 @@ pub struct StoreSettings {
 pub struct UpstreamSettings {
     pub url: Url,
     pub h2c: bool,
+    /// Which API of the upstream gets Responses API requests.
+    pub api: UpstreamApi,
     pub key: Option<UpstreamKey>,
     pub retries: u32,
     /// `None`: an attempt waits for its headers as long as the request's timeout allows.
@@ -106,6 +109,12 @@ pub struct UpstreamSettings {
     pub mock: bool,
     /// How long `GET /v1/models` answers are reused, per upstream key (`ZERO`: not at all).
     pub models_cache: Duration,
+    /// The config file's `[[upstreams]]`: when it names any, they replace the one upstream of `url` and `key`.
+    pub named: Vec<upstreams::NamedUpstream>,
+    /// The config file's `[[routes]]`.
+    pub routes: Vec<crate::upstream::RouteSpec>,
+    /// When an upstream is skipped after failures.
+    pub breaker: crate::upstream::breaker::BreakerPolicy,
 }
 
 /// What callers may ask for and how much the node takes on.
@@ -149,7 +158,7 @@ impl Settings {
         let a = layers::layered(&args)?;
         let limits = LimitSettings::from(&a)?;
         let store = StoreSettings::from(&a)?;
-        let upstream = UpstreamSettings::from(&a)?;
+        let upstream = UpstreamSettings::from(&a, args.config.as_deref())?;
         let server = ServerSettings::from(&a)?;
         let webhooks = WebhookConfig {
             secret: a
@@ -243,7 +252,26 @@ impl StoreSettings {
 }
 
 impl UpstreamSettings {
-    fn from(a: &Layered) -> Result<Self, ConfigError> {
+    fn from(a: &Layered, config: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        let (named, routes) = match config {
+            Some(path) => {
+                let shown = path.display().to_string();
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::File { path: shown.clone(), reason: e.to_string() })?;
+                upstreams::read(&shown, &text, |name| std::env::var(name).ok())?
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        if !routes.is_empty() && named.is_empty() {
+            return Err(invalid("routes", "routes need `[[upstreams]]` in the config file to name their targets"));
+        }
+        if a.breaker_failures == 0 {
+            return Err(invalid("breaker_failures", "must be at least 1"));
+        }
+        let breaker = crate::upstream::breaker::BreakerPolicy {
+            failures: a.breaker_failures,
+            cool_down: duration("breaker_cool_down", &a.breaker_cool_down)?,
+        };
         let reply_limits =
             ReplyLimits { max_event_bytes: a.max_upstream_event_bytes, max_reply_bytes: a.max_upstream_reply_bytes };
         for (name, value) in [
@@ -254,15 +282,27 @@ impl UpstreamSettings {
                 return Err(invalid(name, format!("must be at least 1024 bytes, not {value}")));
             }
         }
+        let api = match a.upstream_api.as_str() {
+            "auto" => UpstreamApi::Auto,
+            "responses" => UpstreamApi::Responses,
+            "chat" => UpstreamApi::Chat,
+            other => {
+                return Err(invalid("upstream_api", format!("must be `auto`, `responses` or `chat`, not {other:?}")));
+            }
+        };
         Ok(Self {
             url: a.upstream_url.clone(),
             h2c: a.upstream_h2c,
+            api,
             key: a.upstream_key.as_deref().and_then(UpstreamKey::new),
             retries: a.upstream_retries,
             header_timeout: optional_duration("upstream_header_timeout", &a.upstream_header_timeout)?,
             reply_limits,
             mock: a.mock_upstream,
             models_cache: duration("models_cache", &a.models_cache)?,
+            named,
+            routes,
+            breaker,
         })
     }
 }

@@ -56,6 +56,7 @@ fn the_defaults_are_the_documented_ones() {
     assert!(s.store.cluster_secret.is_none() && s.store.advertise_url.is_none());
     assert_eq!(s.upstream.url.as_str(), "https://api.openai.com/v1");
     assert_eq!((s.upstream.retries, s.upstream.header_timeout, s.upstream.h2c), (2, None, false));
+    assert_eq!(s.upstream.api, UpstreamApi::Auto);
     assert!(s.upstream.key.is_none() && !s.upstream.mock);
     assert_eq!(s.upstream.models_cache, Duration::from_secs(60));
     assert_eq!(s.limits.request.default_model, "gpt-3.5-turbo");
@@ -172,4 +173,69 @@ fn bounds_below_one_second_are_refused() {
     assert!(err.to_string().contains("max_timeout"));
     let err = Settings::resolve(ServeArgs { max_connect_timeout: Some(1e20), ..ServeArgs::default() }).unwrap_err();
     assert!(err.to_string().contains("max_connect_timeout"));
+}
+
+#[test]
+fn the_upstream_api_is_auto_unless_a_flag_or_the_file_says_otherwise() {
+    assert_eq!(Settings::resolve(ServeArgs::default()).unwrap().upstream.api, UpstreamApi::Auto);
+    let (_dir, path) = file("upstream_api = \"chat\"\n");
+    let config = path.to_str().unwrap();
+    let s = Settings::resolve(ServeArgs { config: Some(path.clone()), ..ServeArgs::default() }).unwrap();
+    assert_eq!(s.upstream.api, UpstreamApi::Chat);
+    let Serve { args } = Serve::try_parse_from(["serve", "--config", config, "--upstream-api", "responses"]).unwrap();
+    assert_eq!(Settings::resolve(args).unwrap().upstream.api, UpstreamApi::Responses);
+    let Serve { args } = Serve::try_parse_from(["serve", "--upstream-api", "auto"]).unwrap();
+    assert_eq!(Settings::resolve(args).unwrap().upstream.api, UpstreamApi::Auto);
+}
+
+#[test]
+fn a_bad_upstream_api_is_refused_with_the_values_allowed() {
+    let err = Serve::try_parse_from(["serve", "--upstream-api", "both"]).err().unwrap().to_string();
+    assert!(err.contains("--upstream-api") && err.contains("auto, responses, chat"), "{err}");
+    let err = Settings::resolve(ServeArgs { upstream_api: Some("Chat".into()), ..ServeArgs::default() }).unwrap_err();
+    assert_eq!(err.to_string(), "invalid setting upstream_api: must be `auto`, `responses` or `chat`, not \"Chat\"");
+    let (_dir, path) = file("upstream_api = \"both\"\n");
+    let err = Settings::resolve(ServeArgs { config: Some(path), ..ServeArgs::default() }).unwrap_err();
+    assert!(err.to_string().contains("upstream_api") && err.to_string().contains("`auto`, `responses` or `chat`"));
+    let (_dir, path) = file("upstream_api = true\n");
+    let err = Settings::resolve(ServeArgs { config: Some(path), ..ServeArgs::default() }).unwrap_err();
+    assert!(matches!(err, ConfigError::File { .. }) && err.to_string().contains("upstream_api"), "{err}");
+}
+
+/// Set by [`the_upstream_api_comes_from_its_environment_variable`] for the copy of this test binary it runs:
+/// `OFFLOAD_UPSTREAM_API` is read there, where setting it cannot disturb other tests (nor needs `unsafe`).
+const ENV_CHILD: &str = "OFFLOAD_TEST_UPSTREAM_API_CHILD";
+
+#[test]
+fn the_upstream_api_comes_from_its_environment_variable() {
+    for (value, expect) in [("chat", "chat"), ("responses", "responses"), ("both", "refused")] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "settings::tests::upstream_api_environment_child", "--test-threads=1"])
+            .env("OFFLOAD_UPSTREAM_API", value)
+            .env(ENV_CHILD, expect)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("1 passed"), "{value}: {text}");
+    }
+}
+
+#[test]
+fn upstream_api_environment_child() {
+    let Ok(expect) = std::env::var(ENV_CHILD) else { return };
+    let parsed = Serve::try_parse_from(["serve"]);
+    match expect.as_str() {
+        "refused" => {
+            let err = parsed.err().unwrap().to_string();
+            assert!(err.contains("--upstream-api") && err.contains("auto, responses, chat"), "{err}");
+        }
+        api => {
+            let Serve { args } = parsed.unwrap();
+            let s = Settings::resolve(args).unwrap();
+            assert_eq!(serde_json::to_value(s.upstream.api).unwrap(), api);
+            // A flag wins over the environment.
+            let Serve { args } = Serve::try_parse_from(["serve", "--upstream-api", "auto"]).unwrap();
+            assert_eq!(Settings::resolve(args).unwrap().upstream.api, UpstreamApi::Auto);
+        }
+    }
 }

@@ -4,7 +4,7 @@
 use super::{StoreError, StoredRequest};
 use crate::document::model::Options;
 use crate::document::{Progress, RequestMeta};
-use crate::domain::{Access, Kind, Locator, NodeId, RequestId, TokenHash};
+use crate::domain::{Access, Format, Kind, Locator, NodeId, RequestId, TokenHash};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -16,6 +16,14 @@ struct MetaColumn {
     options: Options,
     #[serde(default)]
     from_status_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Format::is_chat")]
+    format: Format,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    history_items: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 pub(super) fn json_err(e: serde_json::Error) -> StoreError {
@@ -29,6 +37,8 @@ pub(super) fn encode_meta(meta: &RequestMeta) -> Result<String, StoreError> {
         conversation_id: meta.conversation_id.clone(),
         options: meta.options.clone(),
         from_status_url: meta.from_status_url.clone(),
+        format: meta.format,
+        history_items: meta.history_items,
     })
     .map_err(json_err)
 }
@@ -83,6 +93,8 @@ impl RequestRow {
                     .owner
                     .map(|b| b.try_into().map(NodeId::from_bytes).map_err(|_| corrupt("owner")))
                     .transpose()?,
+                format: column.format,
+                history_items: column.history_items,
             },
             progress: serde_json::from_str(&self.progress).map_err(json_err)?,
             body: self.body,

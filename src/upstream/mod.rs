@@ -9,10 +9,18 @@
 //! A hostile or misconfigured upstream changes nothing (issue 16): a redirect is never followed (it could point
 //! at an internal address; the answer is an upstream error), and what is read of a reply is bounded by
 //! [`ReplyLimits`]. The event stream is parsed in linear time by [`events::EventParser`].
+//!
+//! Two endpoints take calls ([`Endpoint`]): Chat Completions, and the Responses API for Responses API requests
+//! when the upstream has one ([`UpstreamApi`]; with `auto` it is tried and what the upstream answered is
+//! remembered, lock-free, for the life of the process).
 
+pub mod breaker;
 pub mod chat;
 pub mod events;
+mod pool;
 pub mod translate;
+
+pub use pool::{RouteSpec, Target, Upstreams};
 
 use crate::document::ResponseMeta;
 use crate::domain::UpstreamKey;
@@ -21,12 +29,52 @@ use parking_lot::Mutex;
 use rand::Rng;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 use url::Url;
 
+/// Which API of the upstream a Responses API request (`POST /v1/responses`) is sent to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamApi {
+    /// Try the upstream's Responses API; after a 404 or 405, translate to Chat Completions from then on.
+    #[default]
+    Auto,
+    /// Always send Responses API requests to the upstream's Responses API, as they are.
+    Responses,
+    /// Always translate Responses API requests to Chat Completions.
+    Chat,
+}
+
+/// Which endpoint a call goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `{base}/chat/completions`
+    ChatCompletions,
+    /// `{base}/responses`
+    Responses,
+}
+
+/// What an `auto` upstream answered to its Responses API, in [`Upstream::found`].
+const NOT_TRIED: u8 = 0;
+const HAS_RESPONSES: u8 = 1;
+const NO_RESPONSES: u8 = 2;
+
 pub struct Upstream {
+    /// Its name in the config file (`default` for the one the single-upstream settings describe).
+    name: String,
+    /// The models it serves (`None`: every model).
+    models: Option<globset::GlobSet>,
+    /// Whether a caller's own upstream key (`X-OpenAI-API-Key`) may be sent to it.
+    caller_keys: bool,
+    breaker: breaker::Breaker,
     chat_url: Url,
+    responses_url: Url,
     models_url: Url,
+    /// Where Responses API requests go.
+    api: UpstreamApi,
+    /// With `auto`: [`NOT_TRIED`], [`HAS_RESPONSES`] or [`NO_RESPONSES`].
+    found: AtomicU8,
     retries: Retries,
     limits: ReplyLimits,
     /// HTTP/2 with prior knowledge (for an `http://` upstream that speaks it).
@@ -114,8 +162,8 @@ impl WithoutUrlText for reqwest::Error {
 }
 
 impl Upstream {
-    /// `base` is the API base such as `https://api.openai.com/v1`; calls go to `{base}/chat/completions` (and
-    /// `{base}/models`).
+    /// `base` is the API base such as `https://api.openai.com/v1`; calls go to `{base}/chat/completions` or
+    /// `{base}/responses` (and `{base}/models`).
     pub fn new(base: &Url, server_key: Option<UpstreamKey>, h2c: bool) -> Self {
         let under = |name: &str| {
             let mut url = base.clone();
@@ -123,8 +171,15 @@ impl Upstream {
             url
         };
         Self {
+            name: "default".into(),
+            models: None,
+            caller_keys: true,
+            breaker: breaker::Breaker::new(breaker::BreakerPolicy::default()),
             chat_url: under("chat/completions"),
+            responses_url: under("responses"),
             models_url: under("models"),
+            api: UpstreamApi::default(),
+            found: AtomicU8::new(NOT_TRIED),
             retries: Retries::default(),
             limits: ReplyLimits::default(),
             h2c,
@@ -133,10 +188,68 @@ impl Upstream {
         }
     }
 
+    /// Names it, says which models it serves (`None`: every model), and whether callers' own upstream keys may be
+    /// sent to it.
+    pub fn named(mut self, name: &str, models: Option<globset::GlobSet>, caller_keys: bool) -> Self {
+        self.name = name.to_owned();
+        self.models = models;
+        self.caller_keys = caller_keys;
+        self
+    }
+
+    /// Sets when it is skipped after failures.
+    pub fn with_breaker(mut self, policy: breaker::BreakerPolicy) -> Self {
+        self.breaker = breaker::Breaker::new(policy);
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether it serves `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|set| set.is_match(model))
+    }
+
+    pub fn breaker(&self) -> &breaker::Breaker {
+        &self.breaker
+    }
+
     /// Sets how failures before the first chunk are retried.
     pub fn with_retries(mut self, retries: Retries) -> Self {
         self.retries = retries;
         self
+    }
+
+    /// Sets where Responses API requests go; with `auto`, nothing is known of the upstream yet.
+    pub fn with_api(mut self, api: UpstreamApi) -> Self {
+        self.api = api;
+        self.found = AtomicU8::new(NOT_TRIED);
+        self
+    }
+
+    /// Whether a Responses request goes to the upstream's Responses API: `Some(true)` yes, `Some(false)` no (it
+    /// is translated to Chat Completions), `None`: not known yet (setting `auto`, not yet tried): try it, and
+    /// tell the answer with [`Upstream::found_responses_api`].
+    pub fn has_responses_api(&self) -> Option<bool> {
+        match self.api {
+            UpstreamApi::Responses => Some(true),
+            UpstreamApi::Chat => Some(false),
+            UpstreamApi::Auto => match self.found.load(Ordering::Relaxed) {
+                HAS_RESPONSES => Some(true),
+                NO_RESPONSES => Some(false),
+                _ => None,
+            },
+        }
+    }
+
+    /// Remembers what an `auto` upstream answered to its Responses API: `false` after a 404 or 405, `true` after
+    /// any other answer. No effect unless the setting is `auto`.
+    pub fn found_responses_api(&self, has: bool) {
+        if self.api == UpstreamApi::Auto {
+            self.found.store(if has { HAS_RESPONSES } else { NO_RESPONSES }, Ordering::Relaxed);
+        }
     }
 
     pub fn retries(&self) -> &Retries {
@@ -153,9 +266,9 @@ impl Upstream {
         self.limits
     }
 
-    /// The caller's key wins over the server's.
+    /// An upstream that takes callers' keys gets the caller's, else its own; any other, only its own.
     pub fn key_for(&self, caller: Option<UpstreamKey>) -> Option<UpstreamKey> {
-        caller.or_else(|| self.server_key.clone())
+        caller.filter(|_| self.caller_keys).or_else(|| self.server_key.clone())
     }
 
     /// OpenAI itself refuses every call without a key, so a missing key is the caller's error at once.
@@ -184,18 +297,21 @@ impl Upstream {
         Ok(client)
     }
 
-    /// Sends the call; the key is moved in and dropped as soon as the headers are built.
+    /// Sends the call to `endpoint`; the key is moved in and dropped as soon as the headers are built.
     pub async fn send(
         &self,
+        endpoint: Endpoint,
         body: String,
         key: Option<UpstreamKey>,
         connect_timeout: f64,
     ) -> Result<reqwest::Response, CallError> {
         let client = self.client(Duration::from_secs_f64(connect_timeout))?;
-        let mut request = client
-            .post(self.chat_url.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .body(body);
+        let url = match endpoint {
+            Endpoint::ChatCompletions => &self.chat_url,
+            Endpoint::Responses => &self.responses_url,
+        };
+        let mut request =
+            client.post(url.clone()).header(CONTENT_TYPE, HeaderValue::from_static("application/json")).body(body);
         if let Some(key) = key {
             request = request.header(AUTHORIZATION, bearer(&key)?);
         }
@@ -380,5 +496,53 @@ mod tests {
         assert!(Retries::retryable_error(&CallError::ConnectTimeout(5.0)));
         assert!(Retries::retryable_error(&CallError::Unreachable("refused".into())));
         assert!(!Retries::retryable_error(&CallError::Failed("reset after the headers".into())));
+    }
+
+    fn upstream(base: &str, api: UpstreamApi) -> Upstream {
+        Upstream::new(&Url::parse(base).unwrap(), None, false).with_api(api)
+    }
+
+    #[test]
+    fn calls_go_under_the_base() {
+        let up = upstream("http://up.example/v1/", UpstreamApi::Auto);
+        assert_eq!(up.chat_url.as_str(), "http://up.example/v1/chat/completions");
+        assert_eq!(up.responses_url.as_str(), "http://up.example/v1/responses");
+        assert_eq!(up.models_url.as_str(), "http://up.example/v1/models");
+    }
+
+    #[test]
+    fn auto_tries_the_responses_api_and_remembers_the_answer() {
+        assert_eq!(Upstream::new(&Url::parse("http://up.example/v1").unwrap(), None, false).has_responses_api(), None);
+        let up = upstream("http://up.example/v1", UpstreamApi::Auto);
+        assert_eq!(up.has_responses_api(), None);
+        up.found_responses_api(false);
+        assert_eq!(up.has_responses_api(), Some(false));
+        let up = upstream("http://up.example/v1", UpstreamApi::Auto);
+        up.found_responses_api(true);
+        assert_eq!(up.has_responses_api(), Some(true));
+    }
+
+    #[test]
+    fn responses_and_chat_are_fixed_whatever_is_found() {
+        for (api, has) in [(UpstreamApi::Responses, true), (UpstreamApi::Chat, false)] {
+            let up = upstream("http://up.example/v1", api);
+            assert_eq!(up.has_responses_api(), Some(has));
+            up.found_responses_api(!has);
+            assert_eq!(up.has_responses_api(), Some(has), "{api:?}");
+            up.found_responses_api(has);
+            assert_eq!(up.has_responses_api(), Some(has), "{api:?}");
+        }
+    }
+
+    #[test]
+    fn the_setting_reads_and_writes_in_lowercase() {
+        for (api, text) in
+            [(UpstreamApi::Auto, "auto"), (UpstreamApi::Responses, "responses"), (UpstreamApi::Chat, "chat")]
+        {
+            assert_eq!(serde_json::to_string(&api).unwrap(), format!("\"{text}\""));
+            assert_eq!(serde_json::from_str::<UpstreamApi>(&format!("\"{text}\"")).unwrap(), api);
+        }
+        assert!(serde_json::from_str::<UpstreamApi>("\"Chat\"").is_err());
+        assert_eq!(UpstreamApi::default(), UpstreamApi::Auto);
     }
 }

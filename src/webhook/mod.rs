@@ -1,5 +1,6 @@
 //! Webhook delivery: once a request is final, its document is POSTed to its `webhook_url` as the form field
-//! `response`, signed per Standard Webhooks when a secret is configured.
+//! `response` (a Responses API request: an event in OpenAI's webhook shape, as JSON), signed per Standard
+//! Webhooks when a secret is configured.
 //!
 //! Deliveries are rows in the store, queued in the same transaction as the final status, so they survive a
 //! restart. The deliverer claims due rows with a lease (a crash mid-attempt means a retry, never a loss: delivery
@@ -11,7 +12,7 @@ pub mod signature;
 pub mod ssrf;
 
 use crate::document::{BodyView, Urls, render};
-use crate::domain::unix_now;
+use crate::domain::{Format, unix_now};
 use crate::store::{Store, WebhookJob, WebhookState, WebhookStatus, WebhookStore};
 use rand::Rng;
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
@@ -117,17 +118,22 @@ impl Deliverer {
                 return;
             }
         };
-        let body = request.body.as_deref().and_then(|b| serde_json::from_str::<&RawValue>(b).ok());
-        let doc =
-            render(&request.meta, &request.progress, body.map_or(BodyView::None, BodyView::Json), &self.urls, None);
-        let form = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("response", &String::from_utf8_lossy(&doc))
-            .finish();
-        let message_id = format!("msg_{}", hex::encode(job.id.as_bytes()));
+        let (message_id, content_type, payload) = match request.meta.format {
+            Format::Responses => openai_event(&request),
+            Format::Chat => {
+                let body = request.body.as_deref().and_then(|b| serde_json::from_str::<&RawValue>(b).ok());
+                let view = body.map_or(BodyView::None, BodyView::Json);
+                let doc = render(&request.meta, &request.progress, view, &self.urls, None);
+                let form = url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair("response", &String::from_utf8_lossy(&doc))
+                    .finish();
+                (format!("msg_{}", hex::encode(job.id.as_bytes())), "application/x-www-form-urlencoded", form)
+            }
+        };
         let now = unix_now();
         let timestamp = now as i64;
 
-        let outcome = self.send(&job.url, &message_id, timestamp, form).await;
+        let outcome = self.send(&job.url, &message_id, timestamp, content_type, payload).await;
         let mut status = job.status;
         status.attempts += 1;
         let first = *status.first_attempt_at.get_or_insert(now);
@@ -188,7 +194,7 @@ impl Deliverer {
         full.mul_f64(rand::rng().random_range(0.5..=1.0))
     }
 
-    async fn send(&self, url: &str, message_id: &str, timestamp: i64, form: String) -> Outcome {
+    async fn send(&self, url: &str, message_id: &str, timestamp: i64, content_type: &str, body: String) -> Outcome {
         let Ok(parsed) = url::Url::parse(url) else {
             return Outcome::Failed("the webhook URL is not valid".into());
         };
@@ -205,13 +211,13 @@ impl Deliverer {
         let mut request = self
             .client
             .post(parsed)
-            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(CONTENT_TYPE, content_type)
             .header("webhook-id", message_id)
             .header("webhook-timestamp", timestamp.to_string());
         if let Some(secret) = &self.config.secret {
-            request = request.header("webhook-signature", secret.sign(message_id, timestamp, &form));
+            request = request.header("webhook-signature", secret.sign(message_id, timestamp, &body));
         }
-        match request.body(form).send().await {
+        match request.body(body).send().await {
             Ok(response) => {
                 let retry_after = response
                     .headers()
@@ -224,6 +230,34 @@ impl Deliverer {
             Err(e) => Outcome::Failed(crate::upstream::describe(&e)),
         }
     }
+}
+
+/// A Responses API request's webhook, in OpenAI's shape: an `event` of type `response.completed`,
+/// `response.failed`, `response.cancelled` or `response.incomplete` naming the response, as JSON. Its id (also
+/// the `webhook-id`) and time are the same on every attempt.
+fn openai_event(request: &crate::store::StoredRequest) -> (String, &'static str, String) {
+    let id = request.meta.locator.id;
+    let status = request
+        .body
+        .as_deref()
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+        .and_then(|body| body.get("status").and_then(serde_json::Value::as_str).map(str::to_owned));
+    let kind = match (request.progress.status, status.as_deref()) {
+        (_, Some("incomplete")) => "response.incomplete",
+        (crate::domain::Status::Done, _) => "response.completed",
+        (crate::domain::Status::Stop, _) => "response.cancelled",
+        _ => "response.failed",
+    };
+    let event_id = format!("evt_{}", hex::encode(id.as_bytes()));
+    let created_at = request.progress.processed_at.unwrap_or(request.meta.created) as i64;
+    let event = serde_json::json!({
+        "id": event_id,
+        "object": "event",
+        "created_at": created_at,
+        "type": kind,
+        "data": {"id": id.response_id()},
+    });
+    (event_id, "application/json", event.to_string())
 }
 
 enum Outcome {

@@ -141,7 +141,9 @@ fn conforms(doc: &Value, answer: &Answer) -> (String, String, String) {
                 "application/json" => assert_valid(doc, schema, &answer.json(), &what),
                 "text/event-stream" => {
                     let events = sse_events(&answer.body);
-                    assert!(!events.is_empty(), "{what}: no events");
+                    // A response's events after a `starting_after` past its end are none at all.
+                    let may_be_empty = template == "/v1/responses/{id}";
+                    assert!(may_be_empty || !events.is_empty(), "{what}: no events");
                     for event in &events {
                         assert_valid(doc, schema, event, &what);
                     }
@@ -316,6 +318,121 @@ fn long_running() -> Value {
     json!({"messages": user("hi"), "mock": {"words": 500, "delay_ms": 20}})
 }
 
+const RESPONSES: &str = "/v1/responses";
+
+/// A Responses create body whose response runs in the background for about ten seconds.
+fn long_running_response() -> Value {
+    json!({"input": "hi", "background": true, "mock": {"words": 500, "delay_ms": 20}})
+}
+
+/// Creates a response (`POST /v1/responses`, 200) and returns its id.
+async fn response_id(app: &TestApp, body: Value) -> String {
+    let response = app.client.post(app.url(RESPONSES)).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let object: Value = response.json().await.unwrap();
+    object["id"].as_str().unwrap_or_else(|| panic!("no id in {object}")).to_owned()
+}
+
+/// `GET`, `DELETE`, `POST .../cancel` and `GET .../input_items` of the response `id`.
+fn response_reads(app: &TestApp, id: &str) -> [reqwest::RequestBuilder; 4] {
+    let (c, url) = (&app.client, app.url(&format!("{RESPONSES}/{id}")));
+    [c.get(&url), c.delete(&url), c.post(format!("{url}/cancel")), c.get(format!("{url}/input_items"))]
+}
+
+/// The calls of the Responses API on an open server: every answer but those of service keys, limits, the body's
+/// bounds and a failing store.
+async fn responses_answers(app: &TestApp) -> Vec<Answer> {
+    let c = &app.client;
+    let post = |body: Value| c.post(app.url(RESPONSES)).json(&body);
+    let mut answers = Vec::new();
+
+    // The four kinds of create; a continuation; the URLs of the request a response is recorded as.
+    let input = json!([
+        {"role": "user", "content": "hi"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "yes"}]},
+        {"role": "user", "content": "more"},
+    ]);
+    let body = json!({"input": input, "instructions": "Be brief.", "metadata": {"k": "v"}, "mock": {"words": 3}});
+    let sync = call(app, post(body)).await;
+    let id = sync.json()["id"].as_str().unwrap().to_owned();
+    let status_url = sync.headers["x-offload-status-url"].to_str().unwrap().to_owned();
+    answers.push(sync);
+    for body in [
+        json!({"input": "hi", "background": true, "mock": {"words": 3}}),
+        json!({"input": "hi", "stream": true, "mock": {"words": 3}}),
+        json!({"input": "hi", "background": true, "stream": true, "mock": {"words": 3}}),
+        json!({"input": "hi", "background": true, "stream": true, "mock": {"status": 400}}),
+        json!({"previous_response_id": id, "mock": {"words": 2}}),
+    ] {
+        answers.push(call(app, post(body)).await);
+    }
+    let base = status_url.trim_end_matches(".json");
+    for url in [status_url.clone(), format!("{base}.txt"), format!("{base}.raw")] {
+        answers.push(call(app, c.get(url)).await);
+    }
+
+    // The reads of a finished response, and what they refuse.
+    let url = |suffix: &str| app.url(&format!("{RESPONSES}/{id}{suffix}"));
+    let first_page = call(app, c.get(url("/input_items?limit=1"))).await;
+    let after = first_page.json()["last_id"].as_str().unwrap().to_owned();
+    answers.push(first_page);
+    for suffix in [
+        "",
+        "?stream=true",
+        "?stream=true&starting_after=3",
+        "?stream=1&starting_after=1000",
+        "/input_items",
+        "/input_items?limit=100&order=asc",
+        &format!("/input_items?after={after}"),
+        "?stream=maybe",
+        "?stream=true&starting_after=-1",
+        "/input_items?limit=0",
+        "/input_items?order=newest",
+        "/input_items?after=msg_unknown",
+    ] {
+        answers.push(call(app, c.get(url(suffix))).await);
+    }
+
+    // Cancel a running response (then again), and a finished one; delete both; then nothing of them is found.
+    let running = response_id(app, long_running_response()).await;
+    let cancel = |id: &str| c.post(app.url(&format!("{RESPONSES}/{id}/cancel")));
+    for request in [cancel(&running), cancel(&running), c.get(app.url(&format!("{RESPONSES}/{running}?stream=true")))] {
+        answers.push(call(app, request).await);
+    }
+    for id in [&running, &id] {
+        let [_, delete, cancel, _] = response_reads(app, id);
+        for request in [cancel, delete].into_iter().chain(response_reads(app, id)) {
+            answers.push(call(app, request).await);
+        }
+    }
+    // A path that is not UTF-8 once decoded.
+    for request in response_reads(app, "%ff") {
+        answers.push(call(app, request).await);
+    }
+
+    // The create errors a caller can cause.
+    let hi = json!({"input": "hi", "mock": {"words": 1}});
+    let unknown_previous = json!({"input": "more", "previous_response_id": format!("resp_{}", "0".repeat(32))});
+    for request in [
+        post(json!({"input": 5})),
+        post(json!(["input"])),
+        post(unknown_previous),
+        post(hi.clone()).header("X-Offload-Webhook-Url", "ftp://example.com/hook"),
+        post(hi.clone()).header("X-Offload-Access", "private"),
+        post(hi.clone()).header("X-Offload-On-Disconnect", "later"),
+        c.post(app.url(RESPONSES)).header("content-type", "text/plain").body("hi"),
+    ] {
+        answers.push(call(app, request).await);
+    }
+    // Every other status is the upstream's, passed on (a call without `background`).
+    let upstream = [400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 500, 502, 503, 504].map(|status| {
+        let body = json!({"input": "hi", "mock": {"status": status, "error_message": format!("Mock {status}.")}});
+        call(app, post(body))
+    });
+    answers.extend(futures_util::future::join_all(upstream).await);
+    answers
+}
+
 #[tokio::test]
 async fn every_documented_status_is_answered_and_every_answer_matches_the_document() {
     let doc = document();
@@ -428,11 +545,14 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     })
     .await;
     let json_of_length = |n: usize| format!("Content-Type: application/json\r\nContent-Length: {n}\r\n");
-    for create in CREATES {
+    for create in CREATES.into_iter().chain([RESPONSES]) {
         check(closing(raw_call(&small, Method::POST, create, &json_of_length(1025), b"").await));
     }
     let trickling = json_of_length(200);
-    let trickles = CREATES.map(|create| raw_call(&small, Method::POST, create, &trickling, b"{\"messages\": "));
+    let trickles = CREATES
+        .into_iter()
+        .chain([RESPONSES])
+        .map(|create| raw_call(&small, Method::POST, create, &trickling, b"{\"messages\": "));
     for answer in futures_util::future::join_all(trickles).await {
         check(closing(answer));
     }
@@ -466,6 +586,19 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     for request in openai_calls {
         check(call(&app, request).await);
     }
+    for answer in responses_answers(&app).await {
+        check(answer);
+    }
+    // The Responses API with keys: 401 without one (creates and reads), 429 for the key that has had its request
+    // of the day; 503 on a public address whose last key was revoked.
+    let create_response = |app: &TestApp| app.client.post(app.url(RESPONSES)).json(&json!({"input": "hi"}));
+    check(call(&keyed, create_response(&keyed)).await);
+    check(call(&keyed, create_response(&keyed).header("X-API-Key", &not_text)).await);
+    check(call(&keyed, create_response(&keyed).header("X-API-Key", &key)).await);
+    check(call(&public, create_response(&public)).await);
+    for request in response_reads(&keyed, &format!("resp_{}", "0".repeat(32))) {
+        check(call(&keyed, request).await);
+    }
 
     // 503 at capacity.
     let full = spawn_with(|a| a.max_in_flight = Some(1)).await;
@@ -473,6 +606,7 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     for create in CREATES {
         check(call(&full, full.client.post(full.url(create)).json(&json!({"messages": user("hi")}))).await);
     }
+    check(call(&full, full.client.post(full.url(RESPONSES)).json(&json!({"input": "hi"}))).await);
 
     // A store that fails. Reads: 500 from every endpoint of a stored request (a stopped one has left memory).
     let (flaky, store) = spawn_flaky().await;
@@ -480,8 +614,18 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     let stopped = flaky.stream(long_running()).await;
     assert_eq!(c.post(endpoint(&stopped, "stop_url")).send().await.unwrap().status(), 200);
     let (status, txt, raw, stop) = urls_of(&stopped);
+    // A finished response, once it has left memory (its reads go to the store).
+    let stored = response_id(&flaky, json!({"input": "hi", "mock": {"words": 2}})).await;
     store.fail_reads.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.get(flaky.url(&format!("{RESPONSES}/{stored}"))).send().await.unwrap().status() != 500 {
+        assert!(tokio::time::Instant::now() < deadline, "the finished response never left memory");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for request in [c.get(&status), c.delete(&status), c.get(&txt), c.get(&raw), c.get(&stop), c.post(&stop)] {
+        check(call(&flaky, request).await);
+    }
+    for request in response_reads(&flaky, &stored) {
         check(call(&flaky, request).await);
     }
     store.fail_reads.store(false, Ordering::SeqCst);
@@ -490,11 +634,16 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     for request in [c.get(&status), c.get(&txt), c.get(&raw)] {
         check(call(&flaky, request).await);
     }
+    for request in response_reads(&flaky, &stored) {
+        check(call(&flaky, request).await);
+    }
     store.reads_unreachable.store(false, Ordering::SeqCst);
     // Writes: once the chunks of a running request cannot be stored, /healthz and creates answer 503, and a stop
     // answers 503 once it has waited for its final status to be stored.
     let running =
         [flaky.stream(long_running()).await, flaky.stream(long_running()).await, flaky.stream(long_running()).await];
+    let running_responses =
+        [response_id(&flaky, long_running_response()).await, response_id(&flaky, long_running_response()).await];
     store.fail_writes.store(true, Ordering::SeqCst);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let health = loop {
@@ -509,14 +658,20 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     for create in CREATES {
         check(call(&flaky, c.post(flaky.url(create)).json(&json!({"messages": user("hi")}))).await);
     }
+    check(call(&flaky, c.post(flaky.url(RESPONSES)).json(&json!({"input": "hi"}))).await);
     let stops = [Method::GET, Method::POST]
         .into_iter()
         .zip(&running)
         .map(|(method, created)| call(&flaky, c.request(method, endpoint(created, "stop_url"))));
-    // A DELETE of a running request waits for its end to be stored the same way (at the same time as the stops).
+    // A DELETE of a running request waits for its end to be stored the same way (at the same time as the stops);
+    // so do a cancel and a DELETE of a running response.
     let delete = call(&flaky, c.delete(endpoint(&running[2], "status_url")));
-    let (stops, delete) = tokio::join!(futures_util::future::join_all(stops), delete);
-    for answer in stops.into_iter().chain([delete]) {
+    let [_, _, cancel_response, _] = response_reads(&flaky, &running_responses[0]);
+    let [_, delete_response, _, _] = response_reads(&flaky, &running_responses[1]);
+    let response_calls = [call(&flaky, cancel_response), call(&flaky, delete_response)];
+    let (stops, delete, response_calls) =
+        tokio::join!(futures_util::future::join_all(stops), delete, futures_util::future::join_all(response_calls));
+    for answer in stops.into_iter().chain([delete]).chain(response_calls) {
         check(answer);
     }
     store.fail_writes.store(false, Ordering::SeqCst);
@@ -546,6 +701,9 @@ async fn an_undocumented_method_is_405_and_options_on_a_request_url_names_its_me
     urls.extend(
         ["/", "/healthz", "/openapi.json", "/playground/app.js"].into_iter().chain(CREATES).map(|p| app.url(p)),
     );
+    let response = response_id(&app, json!({"input": "hi", "mock": {"words": 1}})).await;
+    urls.extend(["", "/cancel", "/input_items"].map(|suffix| app.url(&format!("{RESPONSES}/{response}{suffix}"))));
+    urls.push(app.url(RESPONSES));
     for url in urls {
         let path = reqwest::Url::parse(&url).unwrap().path().to_owned();
         let template = template_of(&doc, &path);
@@ -573,7 +731,7 @@ async fn an_undocumented_method_is_405_and_options_on_a_request_url_names_its_me
                     options.header("Origin", "https://example.com").header("Access-Control-Request-Method", "GET");
             }
             let answer = call(&app, options).await;
-            if preflight && CREATES.contains(&path.as_str()) {
+            if preflight && (CREATES.contains(&path.as_str()) || path == RESPONSES) {
                 // An open server refuses creates from other sites' pages, their preflights first (no CORS headers).
                 assert_eq!(answer.status, 403, "OPTIONS {path}: {}", answer.body);
                 assert!(!answer.headers.contains_key("access-control-allow-origin"), "OPTIONS {path}");
@@ -605,9 +763,10 @@ fn request_operations(stream: bool) -> Vec<(&'static str, &'static str)> {
 }
 
 /// The value of a link parameter: a runtime expression `$response.body#<pointer>` or `$response.header.<name>`,
-/// with the `#regex:` extractor (one capturing group) that stateful testers such as schemathesis apply to it.
+/// with or without the `#regex:` extractor (one capturing group) that stateful testers such as schemathesis apply
+/// to it.
 fn link_parameter(expression: &str, body: &Value, headers: &reqwest::header::HeaderMap) -> String {
-    let (source, pattern) = expression.split_once("#regex:").unwrap_or_else(|| panic!("no extractor: {expression}"));
+    let (source, pattern) = expression.split_once("#regex:").unwrap_or((expression, "^(.*)$"));
     let value = if let Some(pointer) = source.strip_prefix("$response.body#") {
         body.pointer(pointer).and_then(Value::as_str).unwrap_or_else(|| panic!("{pointer} not in {body}")).to_owned()
     } else if let Some(name) = source.strip_prefix("$response.header.") {
@@ -686,6 +845,39 @@ async fn every_create_answer_links_to_every_operation_on_its_request_and_the_lin
         let expected: BTreeSet<&str> = request_operations(stream).into_iter().map(|(id, _)| id).collect();
         assert_eq!(linked, expected, "{create} (stream: {stream}) links to every operation on its request");
     }
+}
+
+#[tokio::test]
+async fn the_responses_create_answer_links_to_every_operation_on_its_response_and_the_links_give_its_urls() {
+    let doc = document();
+    let app = spawn_app().await;
+    let body = json!({"input": "hi", "background": true, "mock": {"words": 2}});
+    let response = app.client.post(app.url(RESPONSES)).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    let body: Value = response.json().await.unwrap();
+    let id = body["id"].as_str().unwrap();
+    // Every operation under `/v1/responses/{id}`, by its path.
+    let mut expected = std::collections::BTreeMap::new();
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        if let Some(suffix) = template.strip_prefix("/v1/responses/{id}") {
+            for (_, operation) in item.as_object().unwrap().iter().filter(|(k, _)| *k != "parameters") {
+                expected.insert(operation["operationId"].as_str().unwrap().to_owned(), suffix.to_owned());
+            }
+        }
+    }
+    assert_eq!(expected.len(), 4, "{expected:?}");
+    let links = resolve(&doc, &doc["paths"][RESPONSES]["post"]["responses"]["200"])["links"].as_object().unwrap();
+    let mut linked = BTreeSet::new();
+    for link in links.values() {
+        let link = resolve(&doc, link);
+        let operation = link["operationId"].as_str().unwrap();
+        let suffix = expected.get(operation).unwrap_or_else(|| panic!("a link to {operation}: {link}"));
+        let path = fill_path(&doc, operation, link["parameters"].as_object().unwrap(), &body, &headers);
+        assert_eq!(path, format!("{RESPONSES}/{id}{suffix}"), "{operation}");
+        linked.insert(operation.to_owned());
+    }
+    assert_eq!(linked, expected.keys().cloned().collect::<BTreeSet<_>>());
 }
 
 /// A `messages` string is accepted when it holds a non-empty JSON array of objects with a string `role`: every

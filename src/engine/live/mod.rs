@@ -14,16 +14,24 @@
 //! makes it visible: the document's final status, the stream's named event and `[DONE]`, the 204 at the end.
 //! Whoever saw a final status therefore finds exactly the same after a crash.
 
+mod body;
 pub mod raw;
+mod taken;
+
+pub use body::{base_response, json_body};
+use taken::Kept;
+pub use taken::{End, Taken, Took};
 
 use super::sse;
 use crate::document::usage::Tokens;
-use crate::document::{Assembler, Attempt, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, ResponseMeta};
-use crate::domain::{Kind, Status};
+use crate::document::{Attempt, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, ResponseMeta, Served};
+use crate::domain::{Format, Kind, RequestId, Status};
 use crate::store::{RawCursor, WriteOp};
+use crate::upstream::translate::{Record, Source};
+use body::LiveBody;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use raw::{RawRecorder, Stored};
+use raw::RawRecorder;
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -37,44 +45,6 @@ pub enum CancelReason {
     Shutdown,
     /// The store has been failing for too long, or the writes held for it passed their bound (`engine::health`).
     StoreOutage,
-}
-
-/// The response body while the request runs.
-enum LiveBody {
-    None,
-    /// Stream request: the `chat.completion` assembled from the chunks so far.
-    Assembling(Box<Assembler>),
-    /// The whole body as valid JSON text (async requests, error responses).
-    Complete(Box<RawValue>),
-}
-
-impl LiveBody {
-    fn view(&self) -> BodyView<'_> {
-        match self {
-            LiveBody::None => BodyView::None,
-            LiveBody::Assembling(a) => BodyView::Assembled(a),
-            LiveBody::Complete(raw) => BodyView::Json(raw),
-        }
-    }
-
-    /// The body as JSON text, for the store.
-    fn to_json(&self) -> Option<String> {
-        match self {
-            LiveBody::None => None,
-            LiveBody::Assembling(a) => serde_json::to_string(&**a).ok(),
-            LiveBody::Complete(raw) => Some(raw.get().to_owned()),
-        }
-    }
-}
-
-/// Wraps any bytes as valid JSON: the JSON itself when it is JSON, else a JSON string of the text.
-pub fn json_body(bytes: &[u8]) -> Box<RawValue> {
-    let text = String::from_utf8_lossy(bytes);
-    // `from_string` checks that the text is JSON as it takes it (one pass over a body that may be large).
-    if let Ok(raw) = RawValue::from_string(text.trim().to_owned()) {
-        return raw;
-    }
-    serde_json::value::to_raw_value(&text).unwrap_or_else(|_| Box::<RawValue>::default())
 }
 
 struct LiveState {
@@ -92,6 +62,15 @@ struct LiveState {
     tokens: Option<Tokens>,
     /// The last rendering of each API's view of the request, with the version it shows.
     rendered: Vec<(&'static str, u64, Bytes)>,
+    /// A Responses request: its record as it ends, and the events that close it, fixed with the final state and
+    /// shown with it.
+    staged_response: Option<(Box<Record>, Vec<Bytes>)>,
+    /// Writes made while staging (the closing events), for the final write to carry.
+    outbox: Vec<WriteOp>,
+    /// A Responses request: the final body, for the terminal event readers are sent.
+    final_body: Option<Arc<str>>,
+    /// A Responses request: whether an upstream event gave events yet (the time to the first is measured).
+    output_seen: bool,
 }
 
 impl LiveState {
@@ -100,7 +79,8 @@ impl LiveState {
         self.staged.is_some() || self.progress.status.is_final()
     }
 
-    fn stage(&mut self, status: Status, error: Option<ErrorInfo>, now: f64) {
+    fn stage(&mut self, id: RequestId, status: Status, error: Option<ErrorInfo>, now: f64) {
+        self.stage_response(id, status, error.as_ref(), now);
         let mut progress = self.progress.clone();
         progress.status = status;
         progress.error = error;
@@ -135,33 +115,6 @@ pub enum Read {
     Wait,
 }
 
-/// How a request ended, as its event stream's end tells it.
-pub struct End {
-    pub status: Status,
-    pub error: Option<ErrorInfo>,
-    /// Events in the stream.
-    pub events: u64,
-}
-
-/// What one upstream event changed, as writes for the store, in order (raw pieces first, then the event).
-pub struct Taken {
-    raw: Vec<Stored>,
-    /// `None` once the request is final (a stop won the race: nothing after it is kept), or when the event is
-    /// kept out of the events (`hidden`).
-    pub event: Option<(u64, ChunkKind, Bytes)>,
-    /// A usage-only chunk the caller did not ask for: merged into the body, kept in the raw response, not an event.
-    pub hidden: bool,
-}
-
-impl Taken {
-    /// The writes that make it durable.
-    pub fn writes(&self, id: crate::domain::RequestId) -> impl Iterator<Item = WriteOp> + '_ {
-        let raw = self.raw.iter().map(move |(seq, piece)| WriteOp::Raw { id, seq: *seq, piece: piece.clone() });
-        let event = self.event.iter().map(move |(seq, _, data)| WriteOp::Event { id, seq: *seq, data: data.clone() });
-        raw.chain(event)
-    }
-}
-
 /// What the answer of a call shows so far, for an API that answers once it is known (`/v1/chat/completions`).
 #[derive(Clone, Copy, Debug)]
 pub struct Answering {
@@ -174,10 +127,7 @@ pub struct Answering {
 impl LiveRequest {
     /// `hide_usage`: see [`Taken::hidden`].
     pub fn new(meta: Arc<RequestMeta>, hide_usage: bool) -> Arc<Self> {
-        let body = match meta.locator.kind {
-            Kind::Stream => LiveBody::Assembling(Box::default()),
-            Kind::Async => LiveBody::None,
-        };
+        let body = LiveBody::for_request(&meta);
         Arc::new(Self {
             meta,
             hide_usage,
@@ -191,6 +141,10 @@ impl LiveRequest {
                 version: 0,
                 tokens: None,
                 rendered: Vec::new(),
+                staged_response: None,
+                outbox: Vec::new(),
+                final_body: None,
+                output_seen: false,
             }),
             changed: watch::channel(0).0,
             cancel: CancellationToken::new(),
@@ -254,16 +208,21 @@ impl LiveRequest {
 
     /// An attempt failed and the call is tried again: recorded in the document's `attempts`.
     pub fn attempt_failed(&self, attempt: Attempt) -> Option<WriteOp> {
-        self.transition(|p| p.attempts.push(attempt))
+        self.transition(|p| {
+            p.upstream =
+                attempt.upstream.clone().zip(attempt.model.clone()).map(|(name, model)| Served { name, model });
+            p.attempts.push(attempt);
+        })
     }
 
     /// The upstream answered with `meta` (the raw head is `head`): the writes of the head and the new state.
-    pub fn answered(&self, meta: ResponseMeta, head: Bytes) -> [Option<WriteOp>; 2] {
+    pub fn answered(&self, meta: ResponseMeta, head: Bytes, served: Served) -> [Option<WriteOp>; 2] {
         let (seq, piece) = self.update(|st| (false, st.raw.verbatim(head)));
         let head = WriteOp::Raw { id: self.id(), seq, piece };
         let kind = self.meta.locator.kind;
         let progress = self.transition(|p| {
             p.response = Some(meta);
+            p.upstream = Some(served);
             if kind == Kind::Async {
                 p.status = Status::Waiting;
             }
@@ -283,14 +242,35 @@ impl LiveRequest {
         let tokens = Tokens::of_json(json.get());
         self.update(|st| {
             st.tokens = tokens;
-            st.body = LiveBody::Complete(json);
+            match &mut st.body {
+                // The upstream's error answer: the response fails with its code and message, and stays the body.
+                LiveBody::Response(record) => {
+                    record.error_answer(&serde_json::from_str(json.get()).unwrap_or(serde_json::Value::Null));
+                }
+                body => *body = LiveBody::Complete(json),
+            }
             (true, ())
         })
     }
 
-    /// The body that follows is an event stream.
-    pub fn stream_started(&self) {
-        self.update(|st| (false, st.raw.start_stream()))
+    /// The body that follows is an event stream in `source`'s protocol: what to store (a Responses request's
+    /// first events).
+    pub fn stream_started(&self, source: Source) -> Vec<WriteOp> {
+        let id = self.id();
+        self.update(|st| match &mut st.body {
+            // Its events are not the upstream's: the raw response is kept as it came.
+            LiveBody::Response(record) => {
+                if st.staged.is_some() || st.progress.status.is_final() {
+                    return (false, Vec::new());
+                }
+                let events = record.start(source);
+                (true, st.push_events(id, events))
+            }
+            _ => {
+                st.raw.start_stream();
+                (false, Vec::new())
+            }
+        })
     }
 
     /// Bytes of a stream body as received (before they are parsed); what to store now, if anything.
@@ -300,22 +280,24 @@ impl LiveRequest {
     }
 
     /// One event of the stream, as the parser yielded it: recorded in the raw response, then appended to the
-    /// events (framed once for every reader) and to the assembled body.
+    /// events (framed once for every reader) and to the body.
     pub fn take_event(&self, data: &str) -> Taken {
         let created = self.meta.created;
         let hide_usage = self.hide_usage;
+        let id = self.id();
         self.update(|st| {
             let before = st.events.len() as u64;
             if st.closed() {
-                return (false, Taken { raw: st.raw.event(data, before), event: None, hidden: false });
+                return (false, Taken { raw: st.raw.event(data, before), kept: Kept::None, took: Took::Closed });
             }
             let kind = match &mut st.body {
                 LiveBody::Assembling(a) => a.apply(data),
+                LiveBody::Response(_) => return (true, st.take_response(id, data, created)),
                 _ => ChunkKind::Other,
             };
             if hide_usage && matches!(kind, ChunkKind::UsageOnly) {
                 // The body changed (its usage): readers of the document see it.
-                return (true, Taken { raw: st.raw.not_an_event(before), event: None, hidden: true });
+                return (true, Taken { raw: st.raw.not_an_event(before), kept: Kept::None, took: Took::More });
             }
             let raw = st.raw.event(data, before);
             let seq = st.events.len() as u64 + 1;
@@ -328,7 +310,17 @@ impl LiveRequest {
                 st.progress.status = Status::Streaming;
             }
             let stored = slice.unwrap_or_else(|| Bytes::copy_from_slice(data.as_bytes()));
-            (true, Taken { raw, event: Some((seq, kind, stored)), hidden: false })
+            let took = match kind {
+                ChunkKind::Error(error) => {
+                    let message = error.get("message").and_then(|m| m.as_str()).unwrap_or("no message");
+                    Took::Failed(ErrorInfo::new(
+                        "upstream_error",
+                        format!("The upstream reported an error mid-stream: {message}"),
+                    ))
+                }
+                _ => Took::More,
+            };
+            (true, Taken { raw, kept: Kept::One(seq, stored), took })
         })
     }
 
@@ -372,7 +364,12 @@ impl LiveRequest {
             return Read::Events(out, end as u64);
         }
         if st.progress.status.is_final() {
-            return Read::End(End { status: st.progress.status, error: st.progress.error.clone(), events: total });
+            return Read::End(End {
+                status: st.progress.status,
+                error: st.progress.error.clone(),
+                events: total,
+                body: st.final_body.clone(),
+            });
         }
         Read::Wait
     }
@@ -396,10 +393,12 @@ impl LiveRequest {
     /// The tokens the upstream reported for this request so far (its usage), if it did.
     pub fn tokens(&self) -> Option<Tokens> {
         let st = self.state.lock();
-        match &st.body {
-            LiveBody::Assembling(a) => a.tokens(),
-            _ => st.tokens.clone(),
-        }
+        st.body.tokens(st.tokens.as_ref())
+    }
+
+    /// The upstream the call went to, once it was sent.
+    pub fn upstream_name(&self) -> Option<String> {
+        self.state.lock().progress.upstream.as_ref().map(|served| served.name.clone())
     }
 
     /// The state shown to readers and the body as JSON text.
@@ -432,13 +431,14 @@ impl LiveRequest {
     /// running. A stop fixes the final state (`stop`) at once, so that no chunk received later is kept; it
     /// becomes visible once durable, like every final state.
     pub fn cancel_with(&self, reason: CancelReason, now: f64) -> bool {
+        let id = self.id();
         let cancelled = self.update(|st| {
             if st.closed() || st.cancel_reason.is_some() {
                 return (false, false);
             }
             st.cancel_reason = Some(reason);
             if reason == CancelReason::Stop {
-                st.stage(Status::Stop, None, now);
+                st.stage(id, Status::Stop, None, now);
             }
             (false, true)
         });
@@ -448,19 +448,29 @@ impl LiveRequest {
         cancelled
     }
 
-    /// Fixes the final state (unless a stop already did) without showing it, and returns what to store: the last
-    /// piece of the raw response if one is still unstored, then the final status with the body.
-    pub fn stage_final(&self, status: Status, error: Option<ErrorInfo>, now: f64) -> (Option<WriteOp>, WriteOp) {
+    /// Fixes the final state (unless a stop already did) without showing it, and returns what to store: what is
+    /// still unstored before it (the last piece of the raw response; a Responses request's closing events), then
+    /// the final status with the body.
+    pub fn stage_final(&self, status: Status, error: Option<ErrorInfo>, now: f64) -> (Vec<WriteOp>, WriteOp) {
         let id = self.id();
         let webhook_url = self.meta.options.webhook_url.clone();
         self.update(|st| {
             if st.staged.is_none() && !st.progress.status.is_final() {
-                st.stage(status, error, now);
+                st.stage(id, status, error, now);
             }
             let progress = st.staged.clone().unwrap_or_else(|| st.progress.clone());
-            let leftover = st.raw.finish().map(|(seq, piece)| WriteOp::Raw { id, seq, piece });
-            let finish = WriteOp::Finish { id, progress: Box::new(progress), body: st.body.to_json(), webhook_url };
-            (false, (leftover, finish))
+            let mut before: Vec<WriteOp> =
+                st.raw.finish().map(|(seq, piece)| WriteOp::Raw { id, seq, piece }).into_iter().collect();
+            before.append(&mut st.outbox);
+            let body = match &st.staged_response {
+                Some((record, _)) => serde_json::to_string(record.response()).ok(),
+                None => st.body.to_json(),
+            };
+            if self.meta.format == Format::Responses {
+                st.final_body = body.as_deref().map(Arc::from);
+            }
+            let finish = WriteOp::Finish { id, progress: Box::new(progress), body, webhook_url };
+            (false, (before, finish))
         })
     }
 
@@ -469,6 +479,10 @@ impl LiveRequest {
         self.update(|st| match st.staged.take() {
             Some(progress) => {
                 st.progress = progress;
+                if let Some((record, frames)) = st.staged_response.take() {
+                    st.events.extend(frames);
+                    st.body = LiveBody::Response(record);
+                }
                 (true, ())
             }
             None => (false, ()),

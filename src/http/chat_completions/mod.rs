@@ -9,77 +9,21 @@
 
 use crate::document::ErrorInfo;
 use crate::domain::{Kind, Status};
-use crate::engine::live::{CancelReason, End, LiveRequest};
-use crate::engine::{Created, Found};
+use crate::engine::live::{End, LiveRequest};
 use crate::http::AppState;
 use crate::http::error::ApiError;
 use crate::http::intake::{self, Incoming};
-use axum::body::{Body, Bytes};
+use crate::http::offload_headers::{OffloadHeaders, OnDisconnect, created_headers, live_answer};
+use axum::body::Bytes;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
 
-/// Where the answer's request can be read: its status document.
-pub const STATUS_URL: HeaderName = HeaderName::from_static("x-offload-status-url");
-/// Its event stream (stream requests), to resume from with `Last-Event-ID`.
-pub const STREAM_URL: HeaderName = HeaderName::from_static("x-offload-stream-url");
-/// Its bearer token (private requests, asked for with `X-Offload-Access: private`).
-pub const BEARER_TOKEN: HeaderName = HeaderName::from_static("x-offload-bearer-token");
-
-/// The `X-Offload-*` request headers.
-struct Offload {
-    access: Option<&'static str>,
-    webhook_url: Option<String>,
-    stop_on_disconnect: bool,
-}
-
-fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, ApiError> {
-    let Some(value) = headers.get(name) else { return Ok(None) };
-    let text =
-        value.to_str().map_err(|_| invalid_header(name, format!("The {name} header is not plain ASCII text.")))?;
-    Ok(Some(text.trim()))
-}
-
-fn invalid_header(name: &'static str, message: String) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "invalid_header", message).with_param(Some(name))
-}
-
-impl Offload {
-    fn parse(headers: &HeaderMap) -> Result<Self, ApiError> {
-        let access = match header_text(headers, "X-Offload-Access")? {
-            None => None,
-            Some(v) if v.eq_ignore_ascii_case("public") => Some("public"),
-            Some(v) if v.eq_ignore_ascii_case("private") => Some("private"),
-            Some(v) => {
-                return Err(invalid_header(
-                    "X-Offload-Access",
-                    format!("X-Offload-Access must be `public` or `private`, not {v:?}."),
-                ));
-            }
-        };
-        let stop_on_disconnect = match header_text(headers, "X-Offload-On-Disconnect")? {
-            None => false,
-            Some(v) if v.eq_ignore_ascii_case("continue") => false,
-            Some(v) if v.eq_ignore_ascii_case("stop") => true,
-            Some(v) => {
-                return Err(invalid_header(
-                    "X-Offload-On-Disconnect",
-                    format!(
-                        "X-Offload-On-Disconnect must be `continue` (the default: the call runs to its end) or `stop`, not {v:?}."
-                    ),
-                ));
-            }
-        };
-        let webhook_url = header_text(headers, "X-Offload-Webhook-Url")?.map(str::to_owned);
-        Ok(Self { access, webhook_url, stop_on_disconnect })
-    }
-}
-
 /// The Chat Completions body as a create body: `stream` taken out (it picks the kind), the `X-Offload-*` options
 /// put in.
-fn create_body(body: &[u8], offload: &Offload) -> Result<(Kind, Vec<u8>), ApiError> {
+fn create_body(body: &[u8], offload: &OffloadHeaders) -> Result<(Kind, Vec<u8>), ApiError> {
     let mut fields: Map<String, Value> = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -110,36 +54,16 @@ fn create_body(body: &[u8], offload: &Offload) -> Result<(Kind, Vec<u8>), ApiErr
     Ok((kind, bytes))
 }
 
-/// Stops the request when the caller goes away before its answer is complete, if it asked for that.
-struct OnDisconnect {
-    live: Arc<LiveRequest>,
-    stop: bool,
-}
-
-impl OnDisconnect {
-    fn answered(mut self) {
-        self.stop = false;
-    }
-}
-
-impl Drop for OnDisconnect {
-    fn drop(&mut self) {
-        if self.stop && self.live.cancel_with(CancelReason::Stop, crate::domain::unix_now()) {
-            tracing::info!(request = %self.live.meta.locator.id, "the caller disconnected: stopped (X-Offload-On-Disconnect: stop)");
-        }
-    }
-}
-
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let incoming: Incoming = intake::receive(&app, request).await?;
-    let offload = Offload::parse(&incoming.headers)?;
+    let offload = OffloadHeaders::parse(&incoming.headers)?;
     let (kind, body) = create_body(&incoming.body, &offload)?;
     let request = intake::parse(&body, &app)?;
     let created = intake::admit(&app, kind, &incoming, request).await?;
     let live = created.live.clone();
     let guard = OnDisconnect { live: live.clone(), stop: offload.stop_on_disconnect };
-    let headers = offload_headers(&app, &created);
+    let headers = created_headers(&app, &created);
 
     // Wait for the first chunk of a stream, or the end (durable) of anything else.
     let mut changes = live.subscribe();
@@ -147,6 +71,9 @@ pub async fn chat_completions(State(app): State<AppState>, request: Request) -> 
         changes.borrow_and_update();
         let now = live.answering();
         if now.status.is_final() || (kind == Kind::Stream && now.status == Status::Streaming) {
+            if let Some(upstream) = live.upstream_name().filter(|_| app.engine.upstreams().all().len() > 1) {
+                crate::telemetry::record_upstream(&upstream);
+            }
             let answered_ok = now.upstream_status.is_some_and(|code| (200..300).contains(&code));
             if kind == Kind::Stream && now.events > 0 && answered_ok {
                 return Ok(stream_answer(&app, live, guard, headers));
@@ -159,27 +86,6 @@ pub async fn chat_completions(State(app): State<AppState>, request: Request) -> 
             return Err(ApiError::internal(&"the request's state is gone"));
         }
     }
-}
-
-fn offload_headers(app: &AppState, created: &Created) -> HeaderMap {
-    let urls = app.engine.urls().endpoints(&created.meta);
-    let mut headers = HeaderMap::new();
-    let mut put = |name: HeaderName, value: &str| {
-        if let Ok(mut value) = HeaderValue::from_str(value) {
-            if name == BEARER_TOKEN {
-                value.set_sensitive(true);
-            }
-            headers.insert(name, value);
-        }
-    };
-    put(STATUS_URL, &urls.status_url);
-    if let Some(stream) = &urls.stream_events_url {
-        put(STREAM_URL, stream);
-    }
-    if let Some(bearer) = &created.bearer {
-        put(BEARER_TOKEN, bearer.as_str());
-    }
-    headers
 }
 
 /// The answer of a request that is final: the upstream's status and body when it answered (an error status, or
@@ -217,20 +123,8 @@ fn final_answer(live: &LiveRequest, mut headers: HeaderMap) -> Response {
 /// same as in the request's own event stream, to resume from there), then `data: [DONE]`. A request that ends in
 /// `error` sends `event: error` with `{"error": {...}}` before it, which the SDKs raise. The engine's one reader
 /// loop sends it; this API gives only its end.
-fn stream_answer(app: &AppState, live: Arc<LiveRequest>, guard: OnDisconnect, mut headers: HeaderMap) -> Response {
-    let events = app.engine.follow(Found::Live(live), 0, false, ending);
-    let body = async_stream::stream! {
-        let guard = guard;
-        let mut events = std::pin::pin!(events);
-        while let Some(bytes) = futures_util::StreamExt::next(&mut events).await {
-            yield bytes;
-        }
-        // The whole answer went out (or the server is closing): leaving now stops nothing.
-        guard.answered();
-    };
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    (StatusCode::OK, headers, Body::from_stream(body)).into_response()
+fn stream_answer(app: &AppState, live: Arc<LiveRequest>, guard: OnDisconnect, headers: HeaderMap) -> Response {
+    live_answer(app, live, guard, headers, ending, "text/event-stream")
 }
 
 /// This API's end of a stream.

@@ -6,6 +6,7 @@ use crate::domain::{Access, Kind, Suffix};
 use crate::engine::{Found, StopOutcome};
 use crate::http::AppState;
 use crate::http::error::{ApiError, ApiPath};
+use crate::http::forward::{Call, Located};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
@@ -84,33 +85,6 @@ fn authorize(meta: &RequestMeta, headers: &HeaderMap, stream_token: Option<&str>
     }))
 }
 
-/// The request a URL names, once the caller may see it: here, or relayed to the node that runs it.
-enum Located {
-    Here(Found),
-    /// The node that runs the request answered; its answer's head has come.
-    Relayed(reqwest::Response),
-    /// Another node runs the request and did not answer in time (or relayed the call here, where it does not
-    /// run): the store's view. Reads are served from it; a stop or DELETE of a request not final is refused, since
-    /// only its owner can end it.
-    Unreached(Found),
-}
-
-/// The call as it came, for relaying it.
-struct Call<'a> {
-    method: Method,
-    uri: &'a Uri,
-    headers: &'a HeaderMap,
-    /// Relayed here by a node of this cluster (a verified mark), this long ago: served here, never relayed again.
-    from_peer: Option<std::time::Duration>,
-}
-
-impl<'a> Call<'a> {
-    fn new(app: &AppState, method: Method, uri: &'a Uri, headers: &'a HeaderMap) -> Self {
-        let from_peer = crate::http::forward::relayed_by_peer(app.engine.peers(), &method, uri, headers);
-        Self { method, uri, headers, from_peer }
-    }
-}
-
 /// Finds the request, checks the caller's credentials, and, when another node runs it, relays the call to that
 /// node. If that node cannot be reached in time (it may have just died, or be frozen), the store's view is used.
 async fn locate(
@@ -121,35 +95,18 @@ async fn locate(
 ) -> Result<Located, ApiError> {
     let found = find(app, url).await?;
     authorize(found.meta(), call.headers, stream_token)?;
-    let (Some(address), Some(peers)) = (found.elsewhere(), app.engine.peers()) else {
-        return Ok(Located::Here(found));
-    };
-    if call.from_peer.is_some() {
-        // Relayed once already: this node answers with what it knows, so a call never goes round in circles.
-        return Ok(Located::Unreached(found.into_stored()));
-    }
-    match crate::http::forward::send(peers, address, call.method.clone(), call.uri, call.headers).await {
-        Ok(answer) => Ok(Located::Relayed(answer)),
-        Err(e) => {
-            tracing::warn!(error = %e, "answering from the store instead");
-            Ok(Located::Unreached(found.into_stored()))
-        }
-    }
+    Ok(call.locate(app.engine.peers(), found).await)
 }
 
-/// A stop or DELETE relayed by a peer is carried out only while that peer still waits for the answer: one that
-/// arrives later (this node was frozen, and reads it on waking) was already answered 503, and must not happen now.
+/// A stop or DELETE relayed by a peer that arrived too late to be carried out (see [`Call::in_time`]).
 fn in_time(call: &Call<'_>) -> Result<(), ApiError> {
-    match call.from_peer {
-        Some(age) if age > crate::cluster::RELAY_ACT_WITHIN => {
-            tracing::warn!(age = ?age, "refusing a relayed stop or delete that arrived after its sender gave up");
-            Err(ApiError::unavailable(
-                "unavailable",
-                "This call reached the node running the request too late (its sender had already answered); nothing was done. Retry.",
-            ))
-        }
-        _ => Ok(()),
+    if call.in_time() {
+        return Ok(());
     }
+    Err(ApiError::unavailable(
+        "unavailable",
+        "This call reached the node running the request too late (its sender had already answered); nothing was done. Retry.",
+    ))
 }
 
 fn relayed(answer: reqwest::Response) -> Result<Response, ApiError> {
@@ -203,7 +160,7 @@ pub async fn get(
 ) -> Result<Response, ApiError> {
     let url = parse_url(&kind, &rest)?;
     let stream_token = if url.suffix == Suffix::Events { query.stream_token.as_deref() } else { None };
-    let call = Call::new(&app, Method::GET, &uri, &headers);
+    let call = Call::new(app.engine.peers(), Method::GET, &uri, &headers);
     let found = match locate(&app, &url, &call, stream_token).await? {
         Located::Here(found) | Located::Unreached(found) => found,
         Located::Relayed(answer) if url.suffix == Suffix::Events && answer.status() == reqwest::StatusCode::OK => {
@@ -233,7 +190,7 @@ pub async fn post(
     if url.suffix != Suffix::Stop {
         return Err(only_get());
     }
-    let call = Call::new(&app, Method::POST, &uri, &headers);
+    let call = Call::new(app.engine.peers(), Method::POST, &uri, &headers);
     match locate(&app, &url, &call, None).await? {
         Located::Here(found) | Located::Unreached(found) => {
             in_time(&call)?;
@@ -257,7 +214,7 @@ pub async fn delete(
             "DELETE applies to a request's status URL (ending in .json).",
         ));
     }
-    let call = Call::new(&app, Method::DELETE, &uri, &headers);
+    let call = Call::new(app.engine.peers(), Method::DELETE, &uri, &headers);
     let found = match locate(&app, &url, &call, None).await? {
         Located::Here(found) => found,
         Located::Unreached(found) if !found.status().is_final() => {

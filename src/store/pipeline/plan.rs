@@ -228,6 +228,8 @@ mod tests {
             from_status_url: None,
             parameters: RawValue::from_string("{}".into()).unwrap(),
             owner: None,
+            format: crate::domain::Format::Chat,
+            history_items: 0,
         })
     }
 

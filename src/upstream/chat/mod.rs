@@ -41,6 +41,12 @@ pub fn error_message(body: &[u8]) -> Option<String> {
     value.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_owned)
 }
 
+/// The `error.code` of an error answer's body, if it has one.
+pub fn error_code(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    value.pointer("/error/code").and_then(|m| m.as_str()).map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

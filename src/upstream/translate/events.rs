@@ -44,17 +44,20 @@ pub enum End {
     Cancelled,
 }
 
+#[derive(Clone)]
 struct Part {
     refusal: bool,
     text: String,
     open: bool,
 }
 
+#[derive(Clone)]
 enum Body {
     Message { parts: Vec<Part> },
     Call { key: u64, call_id: String, name: String, arguments: String },
 }
 
+#[derive(Clone)]
 struct Item {
     id: String,
     body: Body,
@@ -63,6 +66,7 @@ struct Item {
 }
 
 /// Turns the chunks of one chat stream into the events of one response, and keeps the response object.
+#[derive(Clone)]
 pub struct ChatToResponses {
     base: Value,
     suffix: String,

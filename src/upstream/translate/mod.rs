@@ -14,6 +14,7 @@
 //! `input_tokens_details.{cached_tokens, cache_write_tokens}` and `output_tokens_details.reasoning_tokens`.
 
 mod events;
+pub mod record;
 mod request;
 mod state;
 
@@ -25,6 +26,7 @@ mod tests_properties;
 mod tests_request;
 
 pub use events::{ChatToResponses, End};
+pub use record::{Record, Signal, Source};
 pub use request::chat_request;
 pub use state::ResponseState;
 

@@ -15,8 +15,11 @@
 use super::End;
 use serde_json::{Value, json};
 
+#[derive(Clone)]
 pub struct ResponseState {
     response: Value,
+    /// When the response completed (Unix seconds), shown as `completed_at` by a `Completed` end.
+    completed_at: Option<i64>,
     next_sequence: u64,
     /// Items added and not yet done, by output index.
     open_items: Vec<usize>,
@@ -28,7 +31,29 @@ pub struct ResponseState {
 impl ResponseState {
     /// `base`: the response object before any event (what a poll shows until `response.created`).
     pub fn new(base: Value) -> Self {
-        Self { response: base, next_sequence: 0, open_items: Vec::new(), open_parts: Vec::new(), ended: false }
+        Self {
+            response: base,
+            completed_at: None,
+            next_sequence: 0,
+            open_items: Vec::new(),
+            open_parts: Vec::new(),
+            ended: false,
+        }
+    }
+
+    /// `response.created` (the object as it stands: `queued` or `in_progress`) and `response.in_progress`: the
+    /// start of a stream this server numbers itself.
+    pub fn start(&mut self) -> Vec<Value> {
+        let created = self.emit("response.created", json!({"response": self.response.clone()}));
+        let mut response = self.response.clone();
+        response["status"] = json!("in_progress");
+        let in_progress = self.emit("response.in_progress", json!({"response": response}));
+        vec![created, in_progress]
+    }
+
+    /// The time the response completed (Unix seconds), shown as `completed_at` if [`Self::end`] completes it.
+    pub fn completed_at(&mut self, at: i64) {
+        self.completed_at = Some(at);
     }
 
     /// The response object as it stands.
@@ -158,6 +183,9 @@ impl ResponseState {
             }
             if let End::Incomplete { reason } = &end {
                 fields.insert("incomplete_details".into(), json!({"reason": reason}));
+            }
+            if let (End::Completed, Some(at)) = (&end, self.completed_at) {
+                fields.insert("completed_at".into(), json!(at));
             }
         }
         match terminal {
