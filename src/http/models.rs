@@ -134,8 +134,13 @@ async fn merged(app: &AppState, caller_key: Option<UpstreamKey>) -> Result<Respo
     let mut seen = std::collections::HashSet::new();
     let mut data = Vec::new();
     let mut failure = None;
-    for upstream in upstreams.all() {
-        let answer = match fetch(app, upstream, upstream.key_for(caller_key.clone())).await {
+    // Asked together: one that is slow to answer delays the list by its own time only.
+    let answers = futures_util::future::join_all(
+        upstreams.all().iter().map(|upstream| fetch(app, upstream, upstream.key_for(caller_key.clone()))),
+    )
+    .await;
+    for (upstream, answer) in upstreams.all().iter().zip(answers) {
+        let answer = match answer {
             Ok(answer) if answer.status.is_success() => answer,
             Ok(answer) => {
                 tracing::warn!(
