@@ -53,6 +53,7 @@ fn owned_by(access: Access, owner: Option<NodeId>) -> Arc<RequestMeta> {
         owner,
         format: offload::domain::Format::Chat,
         history_items: 0,
+        traceparent: None,
     })
 }
 

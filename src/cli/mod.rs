@@ -56,7 +56,11 @@ impl Cli {
 
 pub async fn run() -> ExitCode {
     let cli = Cli::parse();
-    crate::telemetry::init(cli.log_format());
+    let otlp = match &cli.command {
+        Command::Serve(args) => args.otlp_endpoint(),
+        _ => None,
+    };
+    let tracer = crate::telemetry::init(cli.log_format(), otlp);
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Keys(command) => keys::run(command).await,
@@ -68,6 +72,9 @@ pub async fn run() -> ExitCode {
             Ok(())
         }
     };
+    if let Some(tracer) = tracer {
+        crate::telemetry::otel::shutdown(tracer).await;
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

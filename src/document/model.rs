@@ -29,6 +29,8 @@ pub struct RequestMeta {
     /// A Responses request: how many items at the start of its `input` are the conversation before it (resolved
     /// from `previous_response_id`), not the caller's own input.
     pub history_items: usize,
+    /// The W3C `traceparent` of the request's span, when traces are sent: its webhook attempts continue it.
+    pub traceparent: Option<String>,
 }
 
 /// The `options` object of the document.

@@ -11,8 +11,10 @@ use super::live::LiveRequest;
 use crate::document::{Attempt, ErrorInfo, Served};
 use crate::domain::UpstreamKey;
 use crate::store::pipeline::Receipt;
+use crate::telemetry::otel;
 use crate::upstream::{CallError, Endpoint, ReplyLimits, Retries, Target, Upstream, chat, retry_after};
 use serde_json::{Map, Value};
+use tracing::Instrument;
 
 /// What is sent upstream.
 pub(super) enum Bodies {
@@ -109,11 +111,18 @@ pub(super) async fn attempts(
         loop {
             let at = crate::domain::unix_now();
             let (endpoint, body) = bodies.pick(upstream, target.model.as_deref())?;
-            let sent = upstream.send(endpoint, body, key.clone(), connect_timeout);
+            let span = otel::http_span("upstream", upstream.url(endpoint), None);
+            let sent = upstream.send(endpoint, body, key.clone(), connect_timeout, otel::traceparent(&span));
             let answered = match retries.header_timeout {
-                Some(limit) => tokio::time::timeout(limit, sent).await.ok(),
-                None => Some(sent.await),
+                Some(limit) => tokio::time::timeout(limit, sent).instrument(span.clone()).await.ok(),
+                None => Some(sent.instrument(span.clone()).await),
             };
+            match &answered {
+                Some(Ok(response)) => otel::http_outcome(&span, Some(response.status().as_u16()), None),
+                Some(Err(e)) => otel::http_outcome(&span, None, Some(call_error_info(e).code.as_str())),
+                None => otel::http_outcome(&span, None, Some("timeout")),
+            }
+            drop(span);
             // The wait before another attempt here, if one may follow.
             let again = |retry_after| {
                 let delay = retries.delay(failed + 1, retry_after);

@@ -14,6 +14,7 @@ use crate::store::WriteOp;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use std::sync::Arc;
+use tracing::Instrument;
 
 impl Engine {
     /// Accepts a request and starts its upstream call. `held` (a service key's in-flight slot) is kept until the
@@ -74,6 +75,16 @@ impl Engine {
         let id = RequestId::generate();
         crate::telemetry::record_request_id(id);
         let created = unix_now();
+        // The request's span, continuing the caller's trace (a no-op while traces are not sent).
+        let provider = first.upstream.provider_name().to_owned();
+        let traced =
+            crate::telemetry::otel::request_span(&id.to_string(), &model, &provider, req.traceparent.as_deref());
+        let traceparent = crate::telemetry::otel::traceparent(&traced);
+        let log_span = crate::telemetry::request_log_span(id);
+        if let Some(trace_id) = crate::telemetry::otel::trace_id(&traced) {
+            crate::telemetry::record_trace_id(&trace_id);
+            log_span.record("trace_id", trace_id);
+        }
         // A request private to its service key is read with the key: it has no tokens of its own.
         let tokens = match (req.access, &req.key_hash) {
             (Access::Private, None) => {
@@ -111,6 +122,7 @@ impl Engine {
             owner: Some(inner.config.node),
             format: req.format,
             history_items,
+            traceparent,
         });
 
         // The upstream call starts while the insert commits; the answer waits for the insert, and the worker writes
@@ -118,16 +130,14 @@ impl Engine {
         let inserted = inner.persister.commit_soon(WriteOp::Insert(meta.clone()));
         let live = LiveRequest::new(meta.clone(), hide_usage);
         inner.hub.lock().insert(id, live.clone());
-        inner.tasks.spawn(crate::telemetry::within_request(
-            id,
-            worker::run(
-                inner.clone(),
-                live.clone(),
-                UpstreamCall { targets, caller_key, bodies: upstream_body, model },
-                (held, slot),
-                inserted.clone(),
-            ),
-        ));
+        let work = worker::run(
+            inner.clone(),
+            live.clone(),
+            UpstreamCall { targets, caller_key, bodies: upstream_body, model },
+            (held, slot),
+            inserted.clone(),
+        );
+        inner.tasks.spawn(work.instrument(traced).instrument(log_span));
         inserted.durable().await?;
         if !self.accepting() {
             // Shutdown began while this one was being accepted: it ends as interrupted like the others.

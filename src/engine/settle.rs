@@ -40,6 +40,7 @@ impl Inner {
     /// reader's eyes, and if the process dies meanwhile, recovery ends it as interrupted (nothing final was shown).
     pub(super) async fn settle(&self, live: &LiveRequest, status: Status, error: Option<ErrorInfo>) {
         crate::metrics::request_finished(status.as_str(), error.as_ref().map(|e| e.code.as_str()));
+        let error_code = error.as_ref().map(|e| e.code.clone());
         let id = live.meta.locator.id;
         let has_webhook = live.meta.options.webhook_url.is_some();
         let (before, finish) = live.stage_final(status, error, unix_now());
@@ -60,9 +61,13 @@ impl Inner {
             }
         }
         live.publish_final();
-        if let Some(tokens) = live.tokens() {
+        let tokens = live.tokens();
+        if let Some(tokens) = &tokens {
             let upstream = live.upstream_name();
             crate::metrics::tokens(upstream.as_deref().unwrap_or("none"), &tokens.model, tokens.input, tokens.output);
+        }
+        if crate::telemetry::otel::enabled() {
+            traced_end(live, status, error_code.as_deref(), tokens.map(|t| (t.input, t.output)));
         }
         if has_webhook {
             self.webhook_wake.notify_one();
@@ -70,4 +75,29 @@ impl Inner {
         self.hub.lock().remove(&id);
         live.settled.cancel();
     }
+}
+
+/// What the request's span says of its end: its status, and of the answer its model, id and finish reasons (read
+/// from the body, only when traces are sent).
+fn traced_end(live: &LiveRequest, status: Status, error_code: Option<&str>, tokens: Option<(u64, u64)>) {
+    use serde_json::Value;
+    let body: Value = live.snapshot().1.and_then(|b| serde_json::from_str(&b).ok()).unwrap_or_default();
+    let text = |value: &Value| value.as_str().map(str::to_owned);
+    let finish_reasons: Vec<String> = match body.get("choices").and_then(Value::as_array) {
+        Some(choices) => choices.iter().filter_map(|c| c.get("finish_reason").and_then(text)).collect(),
+        // A response object: `stop` when it completed, else why it is incomplete.
+        None => match body.get("status").and_then(Value::as_str) {
+            Some("completed") => vec!["stop".to_owned()],
+            Some("incomplete") => body.pointer("/incomplete_details/reason").and_then(text).into_iter().collect(),
+            _ => Vec::new(),
+        },
+    };
+    crate::telemetry::otel::request_ended(crate::telemetry::otel::Ended {
+        status: status.as_str(),
+        error_code,
+        response_model: body.get("model").and_then(Value::as_str),
+        response_id: body.get("id").and_then(Value::as_str),
+        finish_reasons,
+        tokens,
+    });
 }

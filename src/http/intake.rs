@@ -49,6 +49,8 @@ pub fn upstream_key(headers: &HeaderMap) -> Result<Option<UpstreamKey>, ApiError
 /// A create call whose caller was let in and whose body was read.
 pub struct Incoming {
     pub key: Option<ServiceKey>,
+    /// The call's W3C `traceparent`, when traces are sent and it is valid.
+    pub traceparent: Option<String>,
     pub upstream_key: Option<UpstreamKey>,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -82,7 +84,12 @@ pub async fn receive(app: &AppState, request: Request) -> Result<Incoming, ApiEr
     }
     let upstream_key = upstream_key(headers).map_err(|e| e.closing(http1))?;
     let body = read_body(body, app.body).await.map_err(|e| e.closing(http1))?;
-    Ok(Incoming { key, upstream_key, headers: parts.headers, body })
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| crate::telemetry::otel::enabled() && crate::telemetry::otel::valid(t))
+        .map(str::to_owned);
+    Ok(Incoming { key, traceparent, upstream_key, headers: parts.headers, body })
 }
 
 /// The caller's service key (`None` while the server runs open), or why the caller is refused.
@@ -164,7 +171,8 @@ pub async fn admit(
     app: &AppState,
     kind: Kind,
     incoming: &Incoming,
-    request: CreateRequest,
+    mut request: CreateRequest,
 ) -> Result<Created, ApiError> {
+    request.traceparent = incoming.traceparent.clone();
     Ok(app.engine.admit(incoming.key.as_ref(), kind, request, incoming.upstream_key.clone()).await?)
 }

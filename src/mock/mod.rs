@@ -62,7 +62,7 @@
 //! switched-off `/v1/responses` (`not_found`) and to `/v1/models` (`models`, and `models_authorized` of them
 //! with `Bearer <expected_key>`), counted nowhere else; `GET /_mock/requests` shows the last calls
 //! received, of either API: the `path` called, the body, whether an `Authorization`
-//! header came (`"authorization": true`), and, when the mock was started with an [`MockConfig::expected_key`],
+//! header came (`"authorization": true`), the W3C `traceparent` it carried (or `null`), and, when the mock was started with an [`MockConfig::expected_key`],
 //! whether it was `Bearer <that key>` (`"authorization_expected"`, else `null`). The header's value itself is
 //! never shown: it is the caller's upstream key.
 
@@ -191,6 +191,7 @@ impl MockState {
             "path": api.path(),
             "body": request,
             "authorization": headers.contains_key(header::AUTHORIZATION),
+            "traceparent": headers.get("traceparent").and_then(|v| v.to_str().ok()),
             "authorization_expected": expected,
         }));
         while recent.len() > 32 {

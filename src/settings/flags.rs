@@ -159,6 +159,11 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at `/metrics` on this address (its own listener; keep it private) [default: off].
     #[arg(long, env = "OFFLOAD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Send OpenTelemetry traces (OTLP over HTTP, protobuf) to this base URL, e.g. `http://127.0.0.1:4318`; spans
+    /// go to `URL/v1/traces`. Also read from the standard `OTEL_EXPORTER_OTLP_ENDPOINT`; the service name from
+    /// `OTEL_SERVICE_NAME` (default `offload`) [default: off].
+    #[arg(long, env = "OFFLOAD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<url::Url>,
     /// `text` (human-readable lines) or `json` (one JSON object a line) [default: text].
     #[arg(long, env = "OFFLOAD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,

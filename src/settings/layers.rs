@@ -112,6 +112,7 @@ pub(super) struct Layered {
     pub outage_limit: String,
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
+    pub otlp_endpoint: Option<Url>,
     pub key_cache_ttl: String,
     pub models_cache: String,
     pub allowed_hosts: Vec<String>,
@@ -169,6 +170,14 @@ fn file_over_defaults(args: &ServeArgs) -> Result<Figment, ConfigError> {
 pub(super) fn layered(args: &ServeArgs) -> Result<Layered, ConfigError> {
     let flags = Layer::serialized("flags or environment", args).map_err(ConfigError::Layers)?;
     file_over_defaults(args)?.merge(flags).extract().map_err(|e| ConfigError::Layers(e.to_string()))
+}
+
+/// Where traces go, from the file (a config file that cannot be read names none here).
+pub(super) fn file_otlp_endpoint(args: &ServeArgs) -> Option<Url> {
+    file_over_defaults(args)
+        .and_then(|figment| figment.extract::<Layered>().map_err(|e| ConfigError::Layers(e.to_string())))
+        .ok()
+        .and_then(|layered| layered.otlp_endpoint)
 }
 
 /// The log format of the file, else the default; a config file that cannot be read counts as text here.

@@ -150,6 +150,15 @@ impl ServeArgs {
     pub fn log_format(&self) -> LogFormat {
         self.log_format.unwrap_or_else(|| layers::file_log_format(self))
     }
+
+    /// Where traces go, known before the other settings (tracing starts with logging): the flag or
+    /// `OFFLOAD_OTLP_ENDPOINT`, else the file's `otlp_endpoint`, else the standard `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub fn otlp_endpoint(&self) -> Option<url::Url> {
+        self.otlp_endpoint.clone().or_else(|| layers::file_otlp_endpoint(self)).or_else(|| {
+            let standard = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok()?;
+            url::Url::parse(standard.trim()).ok()
+        })
+    }
 }
 
 impl Settings {

@@ -207,6 +207,19 @@ impl Upstream {
         &self.name
     }
 
+    /// Its provider as the GenAI conventions name it: `openai` for OpenAI's own API, else its name.
+    pub fn provider_name(&self) -> &str {
+        if self.chat_url.host_str() == Some("api.openai.com") { "openai" } else { &self.name }
+    }
+
+    /// Where `endpoint`'s calls go.
+    pub fn url(&self, endpoint: Endpoint) -> &Url {
+        match endpoint {
+            Endpoint::ChatCompletions => &self.chat_url,
+            Endpoint::Responses => &self.responses_url,
+        }
+    }
+
     /// Whether it serves `model`.
     pub fn serves(&self, model: &str) -> bool {
         self.models.as_ref().is_none_or(|set| set.is_match(model))
@@ -304,14 +317,16 @@ impl Upstream {
         body: String,
         key: Option<UpstreamKey>,
         connect_timeout: f64,
+        traceparent: Option<String>,
     ) -> Result<reqwest::Response, CallError> {
         let client = self.client(Duration::from_secs_f64(connect_timeout))?;
-        let url = match endpoint {
-            Endpoint::ChatCompletions => &self.chat_url,
-            Endpoint::Responses => &self.responses_url,
-        };
-        let mut request =
-            client.post(url.clone()).header(CONTENT_TYPE, HeaderValue::from_static("application/json")).body(body);
+        let mut request = client
+            .post(self.url(endpoint).clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(body);
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
         if let Some(key) = key {
             request = request.header(AUTHORIZATION, bearer(&key)?);
         }

@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// How deliveries are made and retried.
 #[derive(Debug, Clone)]
@@ -133,7 +134,19 @@ impl Deliverer {
         let now = unix_now();
         let timestamp = now as i64;
 
-        let outcome = self.send(&job.url, &message_id, timestamp, content_type, payload).await;
+        let span = url::Url::parse(&job.url)
+            .map(|url| crate::telemetry::otel::http_span("webhook", &url, request.meta.traceparent.as_deref()))
+            .unwrap_or_else(|_| tracing::Span::none());
+        let traceparent = crate::telemetry::otel::traceparent(&span);
+        let outcome = self
+            .send(&job.url, &message_id, timestamp, (content_type, payload), traceparent)
+            .instrument(span.clone())
+            .await;
+        match &outcome {
+            Outcome::Answered { code, .. } => crate::telemetry::otel::http_outcome(&span, Some(*code), None),
+            Outcome::Failed(_) => crate::telemetry::otel::http_outcome(&span, None, Some("unreachable")),
+        }
+        drop(span);
         let mut status = job.status;
         status.attempts += 1;
         let first = *status.first_attempt_at.get_or_insert(now);
@@ -194,7 +207,14 @@ impl Deliverer {
         full.mul_f64(rand::rng().random_range(0.5..=1.0))
     }
 
-    async fn send(&self, url: &str, message_id: &str, timestamp: i64, content_type: &str, body: String) -> Outcome {
+    async fn send(
+        &self,
+        url: &str,
+        message_id: &str,
+        timestamp: i64,
+        (content_type, body): (&str, String),
+        traceparent: Option<String>,
+    ) -> Outcome {
         let Ok(parsed) = url::Url::parse(url) else {
             return Outcome::Failed("the webhook URL is not valid".into());
         };
@@ -214,6 +234,9 @@ impl Deliverer {
             .header(CONTENT_TYPE, content_type)
             .header("webhook-id", message_id)
             .header("webhook-timestamp", timestamp.to_string());
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
         if let Some(secret) = &self.config.secret {
             request = request.header("webhook-signature", secret.sign(message_id, timestamp, &body));
         }

@@ -50,6 +50,8 @@ pub struct CreateRequest {
     /// A request private to the service key that made it (a Responses request made with one): the key's hash
     /// reads it, as its bearer token would.
     pub key_hash: Option<super::TokenHash>,
+    /// The create call's W3C `traceparent`, when it sent a valid one: the request's trace continues it.
+    pub traceparent: Option<String>,
 }
 
 /// `from_status_url` and its companions.
@@ -162,6 +164,7 @@ impl CreateRequest {
             format: super::Format::Chat,
             previous_response: None,
             key_hash: None,
+            traceparent: None,
         })
     }
 }

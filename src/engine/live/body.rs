@@ -122,6 +122,7 @@ impl LiveState {
             // Time to the first output, not to the events that open the stream.
             self.output_seen = true;
             crate::metrics::first_chunk(crate::domain::unix_now() - created);
+            crate::telemetry::otel::first_chunk(crate::domain::unix_now() - created);
         }
         let writes = self.push_events(id, events);
         Taken { raw: Vec::new(), kept: Kept::Writes(writes), took }

@@ -303,6 +303,7 @@ impl LiveRequest {
             let seq = st.events.len() as u64 + 1;
             if seq == 1 {
                 crate::metrics::first_chunk(crate::domain::unix_now() - created);
+                crate::telemetry::otel::first_chunk(crate::domain::unix_now() - created);
             }
             let (frame, slice) = sse::framed(seq, data);
             st.events.push(frame);

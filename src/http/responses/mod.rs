@@ -186,6 +186,7 @@ pub async fn create(State(app): State<AppState>, request: Request) -> Result<Res
         format: Format::Responses,
         previous_response: parsed.previous,
         key_hash,
+        traceparent: None,
     };
     let created = intake::admit(&app, Kind::Stream, &incoming, request).await?;
     let live = created.live.clone();

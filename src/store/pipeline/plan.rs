@@ -230,6 +230,7 @@ mod tests {
             owner: None,
             format: crate::domain::Format::Chat,
             history_items: 0,
+            traceparent: None,
         })
     }
 

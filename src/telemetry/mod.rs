@@ -6,6 +6,8 @@
 //! its id (`request_id`). A request's worker runs in a span of its own (`request`, with `request_id`), so every
 //! line about a request names it. Nothing here logs a URL, a query string or a header: tokens travel in them.
 
+pub mod otel;
+
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -37,22 +39,56 @@ impl LogFormat {
     }
 }
 
-pub fn init(format: LogFormat) {
+/// Starts logging (and, with an OTLP endpoint, tracing: the tracer provider is answered, to be shut down at the
+/// end so that the last spans are sent).
+pub fn init(format: LogFormat, otlp: Option<url::Url>) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use tracing_subscriber::filter::{FilterExt, filter_fn};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, fmt};
     let filter = std::env::var("OFFLOAD_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
+    // The log lines never show the spans made for traces.
+    let logged = filter.and(filter_fn(|meta| meta.target() != otel::TARGET));
+    let lines = match format {
+        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).boxed(),
+        LogFormat::Json => fmt::layer()
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
     };
+    let service = std::env::var("OTEL_SERVICE_NAME").ok().filter(|s| !s.trim().is_empty());
+    let provider = otlp.and_then(|endpoint| match otel::provider(&endpoint, service.as_deref().unwrap_or("offload")) {
+        Ok(provider) => Some(provider),
+        Err(e) => {
+            eprintln!("offload: traces are off: the OTLP exporter could not be built ({e})");
+            None
+        }
+    });
+    let traces = provider.as_ref().map(|provider| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("offload"))
+            .with_filter(filter_fn(|meta| meta.target() == otel::TARGET))
+    });
+    let _ = tracing_subscriber::registry().with(lines.with_filter(logged)).with(traces).try_init();
+    provider
 }
 
 /// Names the offloaded request the current HTTP call is about, on its span (and so on its access line).
 pub fn record_request_id(id: impl std::fmt::Display) {
     tracing::Span::current().record("request_id", tracing::field::display(id));
+}
+
+/// Names the trace the current call or request is part of, on its span.
+pub fn record_trace_id(trace_id: &str) {
+    tracing::Span::current().record("trace_id", trace_id);
 }
 
 /// Names the upstream (its name in the config) the current call or request goes to, on its span.
@@ -63,7 +99,18 @@ pub fn record_upstream(name: &str) {
 /// Runs a request's background work (its worker, a webhook attempt) in a span naming it. The span has no parent: the work outlives
 /// the HTTP call that started it.
 pub fn within_request<F: Future>(id: impl std::fmt::Display, work: F) -> tracing::instrument::Instrumented<F> {
-    work.instrument(tracing::info_span!(parent: None, "request", request_id = %id, upstream = tracing::field::Empty))
+    work.instrument(request_log_span(id))
+}
+
+/// The span of a request's log lines: its id, the upstream it went to, and (when traces are sent) its trace id.
+pub fn request_log_span(id: impl std::fmt::Display) -> tracing::Span {
+    tracing::info_span!(
+        parent: None,
+        "request",
+        request_id = %id,
+        upstream = tracing::field::Empty,
+        trace_id = tracing::field::Empty
+    )
 }
 
 /// The middleware around every route: the span, the access line and the HTTP metrics.
@@ -76,7 +123,8 @@ pub async fn observe(request: Request, next: Next) -> Response {
         method = %method,
         route = %route,
         request_id = tracing::field::Empty,
-        upstream = tracing::field::Empty
+        upstream = tracing::field::Empty,
+        trace_id = tracing::field::Empty
     );
     let in_flight = crate::metrics::http_in_flight();
     let response = next.run(request).instrument(span.clone()).await;
