@@ -29,6 +29,8 @@ pub struct RequestMeta {
     /// A Responses request: how many items at the start of its `input` are the conversation before it (resolved
     /// from `previous_response_id`), not the caller's own input.
     pub history_items: usize,
+    /// The id of the service key that created the request (`None` on an open server): whose usage it counts in.
+    pub key: Option<String>,
 }
 
 /// The `options` object of the document.

@@ -17,13 +17,13 @@ use std::sync::Arc;
 
 impl Engine {
     /// Accepts a request and starts its upstream call. `held` (a service key's in-flight slot) is kept until the
-    /// request is final.
+    /// request is final; `key` is the id of that service key, whose usage the request counts in.
     pub(super) async fn create(
         &self,
         kind: Kind,
         req: CreateRequest,
         caller_key: Option<UpstreamKey>,
-        held: Option<InFlightSlot>,
+        (held, key): (Option<InFlightSlot>, Option<String>),
     ) -> Result<Created, CreateError> {
         let inner = &self.inner;
         if !self.accepting() {
@@ -111,6 +111,7 @@ impl Engine {
             owner: Some(inner.config.node),
             format: req.format,
             history_items,
+            key,
         });
 
         // The upstream call starts while the insert commits; the answer waits for the insert, and the worker writes

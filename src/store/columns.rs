@@ -20,6 +20,8 @@ struct MetaColumn {
     format: Format,
     #[serde(default, skip_serializing_if = "is_zero")]
     history_items: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -39,6 +41,7 @@ pub(super) fn encode_meta(meta: &RequestMeta) -> Result<String, StoreError> {
         from_status_url: meta.from_status_url.clone(),
         format: meta.format,
         history_items: meta.history_items,
+        key: meta.key.clone(),
     })
     .map_err(json_err)
 }
@@ -95,6 +98,7 @@ impl RequestRow {
                     .transpose()?,
                 format: column.format,
                 history_items: column.history_items,
+                key: column.key,
             },
             progress: serde_json::from_str(&self.progress).map_err(json_err)?,
             body: self.body,
