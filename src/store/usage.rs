@@ -118,7 +118,7 @@ impl By {
     /// `key,model`). Nothing named: all three, every stored row as it is.
     pub fn parse<'a>(values: impl IntoIterator<Item = &'a str>) -> Result<Vec<By>, String> {
         let mut by = Vec::new();
-        for name in values.into_iter().flat_map(|v| v.split(',')).map(str::trim).filter(|n| !n.is_empty()) {
+        for name in values.into_iter().flat_map(|v| v.split(',')) {
             let field = match name {
                 "key" => By::Key,
                 "model" => By::Model,
@@ -137,8 +137,8 @@ impl By {
     }
 }
 
-/// The longest `since` in days (ten years).
-const SINCE_MAX_DAYS: u32 = 3660;
+/// The longest `since` in days (27 years: four digits).
+const SINCE_MAX_DAYS: u32 = 9999;
 
 /// The first UTC day counted for `since`: `Nd`, the last N days with today (`1d`: today only), or a day
 /// `YYYY-MM-DD`; `today` is the current UTC day.
@@ -148,13 +148,21 @@ pub fn since_day(since: &str, today: time::Date) -> Result<String, String> {
             "{since:?} is not a period: give a number of days such as 7d (today and the 6 before), or a day such as 2026-01-31"
         )
     };
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
     if let Some(days) = since.strip_suffix('d') {
+        if days.starts_with('0') || !(1..=4).any(|n| digits(days, n)) {
+            return Err(bad());
+        }
         let days: u32 = days.parse().map_err(|_| bad())?;
         if !(1..=SINCE_MAX_DAYS).contains(&days) {
             return Err(format!("since must be 1d to {SINCE_MAX_DAYS}d"));
         }
         let first = today - time::Duration::days(i64::from(days - 1));
         return Ok(format!("{:04}-{:02}-{:02}", first.year(), u8::from(first.month()), first.day()));
+    }
+    let shape: Vec<&str> = since.split('-').collect();
+    if !matches!(shape.as_slice(), [y, m, d] if digits(y, 4) && digits(m, 2) && digits(d, 2)) {
+        return Err(bad());
     }
     let mut parts = since.splitn(3, '-').map(str::parse::<u16>);
     let (Some(Ok(year)), Some(Ok(month)), Some(Ok(day))) = (parts.next(), parts.next(), parts.next()) else {
@@ -245,11 +253,12 @@ mod tests {
         assert_eq!(By::parse([]).unwrap(), [By::Key, By::Model, By::Day]);
         assert_eq!(By::parse(["day", "key,model"]).unwrap(), [By::Key, By::Model, By::Day]);
         assert!(By::parse(["colour"]).is_err());
+        assert!(By::parse([""]).is_err() && By::parse(["key,"]).is_err() && By::parse([" key"]).is_err());
         let today = time::Date::from_calendar_date(2026, time::Month::March, 2).unwrap();
         assert_eq!(since_day("1d", today).unwrap(), "2026-03-02");
         assert_eq!(since_day("7d", today).unwrap(), "2026-02-24");
         assert_eq!(since_day("2026-01-05", today).unwrap(), "2026-01-05");
-        for bad in ["0d", "d", "7", "2026-02-30", "2026-13-01", "x-y-z", "99999d"] {
+        for bad in ["0d", "d", "7", "07d", "+7d", "2026-02-30", "2026-13-01", "2026-1-05", "x-y-z", "10000d"] {
             assert!(since_day(bad, today).is_err(), "{bad}");
         }
     }
