@@ -25,6 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod support;
+#[path = "store_contract/usage.rs"]
+mod usage;
+use usage::*;
 
 use libtest_mimic::Trial;
 use support::harness::{self, Flavor};
@@ -54,6 +57,7 @@ fn owned_by(access: Access, owner: Option<NodeId>) -> Arc<RequestMeta> {
         format: offload::domain::Format::Chat,
         history_items: 0,
         traceparent: None,
+        key: None,
     })
 }
 
@@ -84,6 +88,7 @@ fn finish(id: RequestId, webhook_url: Option<&str>) -> WriteOp {
         progress: Box::new(progress(Status::Done)),
         body: None,
         webhook_url: webhook_url.map(str::to_owned),
+        usage: None,
     }
 }
 
@@ -214,6 +219,7 @@ pub async fn progress_and_finish_are_kept_and_unfinished_lists_only_the_running(
                 progress: Box::new(progress(Status::Error)),
                 body: Some("{\"ok\":true}".into()),
                 webhook_url: None,
+                usage: None,
             },
         ],
     )
@@ -320,6 +326,7 @@ pub async fn a_batch_has_the_effect_of_its_ops_applied_in_order(store: Arc<dyn S
                 progress: Box::new(progress(Status::Done)),
                 body: Some("{\"n\":1}".into()),
                 webhook_url: Some("https://h.example/n".into()),
+                usage: None,
             },
             WriteOp::Progress { id: o, progress: Box::new(progress(Status::Streaming)) },
             event(o, 1, b"\"c\""),
@@ -328,6 +335,7 @@ pub async fn a_batch_has_the_effect_of_its_ops_applied_in_order(store: Arc<dyn S
                 progress: Box::new(progress(Status::Error)),
                 body: Some("{}".into()),
                 webhook_url: None,
+                usage: None,
             },
             // After the final status nothing is kept: a final status never changes.
             WriteOp::Finish {
@@ -335,6 +343,7 @@ pub async fn a_batch_has_the_effect_of_its_ops_applied_in_order(store: Arc<dyn S
                 progress: Box::new(progress(Status::Done)),
                 body: Some("{\"o\":2}".into()),
                 webhook_url: Some("https://h.example/o".into()),
+                usage: None,
             },
             event(o, 2, b"\"d\""),
             // A request that does not exist: its writes are dropped, the rest of the batch stands.
@@ -447,6 +456,7 @@ pub async fn a_final_request_takes_no_more_writes(store: Arc<dyn Store>) {
         progress: Box::new(progress(Status::Error)),
         body: Some("{\"late\":true}".into()),
         webhook_url: Some("https://h.example/late".into()),
+        usage: None,
     };
     write(&store, vec![event(3), WriteOp::Progress { id, progress: Box::new(progress(Status::Streaming)) }, late])
         .await;
@@ -530,12 +540,14 @@ pub async fn two_handles_ending_one_request_at_once_store_one_final_status_and_o
             progress: Box::new(progress(Status::Done)),
             body: Some("{\"by\":\"a\"}".into()),
             webhook_url: Some("https://h.example/a".into()),
+            usage: None,
         };
         let interrupted = WriteOp::Finish {
             id,
             progress: Box::new(progress(Status::Error)),
             body: Some("{\"by\":\"b\"}".into()),
             webhook_url: Some("https://h.example/b".into()),
+            usage: None,
         };
         let (x, y) = tokio::join!(a.requests.write(Arc::from([done])), b.requests.write(Arc::from([interrupted])));
         x.unwrap();
@@ -768,8 +780,9 @@ pub async fn purging_deletes_only_requests_finished_before_the_cutoff(store: Arc
                 progress: Box::new(at(1_000.0)),
                 body: None,
                 webhook_url: Some("https://h.example".into()),
+                usage: None,
             },
-            WriteOp::Finish { id: r, progress: Box::new(at(5_000.0)), body: None, webhook_url: None },
+            WriteOp::Finish { id: r, progress: Box::new(at(5_000.0)), body: None, webhook_url: None, usage: None },
         ],
     )
     .await;
@@ -902,7 +915,9 @@ macro_rules! contract_suite {
                 writes_to_a_deleted_request_are_dropped,
                 keys_are_found_by_hash_listed_and_revoked,
                 charging_is_exact_under_concurrency_and_refunds_give_back,
-                orphans_are_the_unfinished_requests_of_nodes_that_are_gone
+                orphans_are_the_unfinished_requests_of_nodes_that_are_gone,
+                final_statuses_add_their_tokens_to_their_key_model_and_day_once,
+                key_limits_are_replaced_by_name_or_id_and_not_on_revoked_keys
             );
             // Nodes starting together each bring the schema up to date; they take turns.
             trials.push(harness::test(
@@ -924,7 +939,8 @@ macro_rules! contract_suite {
                 in_flight_slots_and_rates_are_exact_across_handles_and_refusals_take_nothing,
                 the_cluster_secret_is_one_for_every_handle_and_the_store_answers_a_ping,
                 paced_calls_share_the_rate_bucket_and_count_no_request,
-                two_handles_ending_one_request_at_once_store_one_final_status_and_one_webhook
+                two_handles_ending_one_request_at_once_store_one_final_status_and_one_webhook,
+                usage_adds_up_exactly_across_handles
             );
             trials
         }
@@ -1128,7 +1144,8 @@ async fn a_version_4_sqlite_store_is_upgraded_in_place_and_keeps_its_requests() 
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
+    assert!(stores.keys.usage(offload::store::usage::UsageOf::All, "2000-01-01").await.unwrap().is_empty());
 }
 
 contract_suite!(sqlite_store, sqlite(), harness::nothing);

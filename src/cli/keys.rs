@@ -40,6 +40,29 @@ pub enum KeysCommand {
         #[arg(long)]
         max_in_flight: Option<u32>,
         #[command(flatten)]
+        budgets: Budgets,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Change limits of a key by name or id (the others stay); `none` lifts a limit. Takes effect within a second.
+    Update {
+        name_or_id: String,
+        #[arg(long, value_name = "N|none")]
+        requests_per_day: Option<Limit>,
+        #[arg(long, value_name = "N|none")]
+        requests_per_month: Option<Limit>,
+        /// Requests per second.
+        #[arg(long, value_name = "RATE|none")]
+        rate: Option<Limit<f64>>,
+        #[arg(long, value_name = "N|none")]
+        max_in_flight: Option<Limit<u32>>,
+        /// Tokens (input plus output) per UTC day.
+        #[arg(long, value_name = "N|none")]
+        tokens_per_day: Option<Limit>,
+        /// Tokens (input plus output) per calendar month (UTC).
+        #[arg(long, value_name = "N|none")]
+        tokens_per_month: Option<Limit>,
+        #[command(flatten)]
         store: StoreArgs,
     },
     /// List keys with their limits and usage today and this month.
@@ -55,7 +78,39 @@ pub enum KeysCommand {
     },
 }
 
-async fn open(args: StoreArgs) -> Result<std::sync::Arc<dyn KeyStore>, String> {
+/// Token budgets of a new key.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Budgets {
+    /// Tokens (input plus output) per UTC day; past it, creates get 429 `token_quota_exceeded` until midnight UTC.
+    #[arg(long)]
+    tokens_per_day: Option<u64>,
+    /// Tokens (input plus output) per calendar month (UTC).
+    #[arg(long)]
+    tokens_per_month: Option<u64>,
+}
+
+/// A limit given to `keys update`: a value, or `none` to lift it.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit<T = u64>(Option<T>);
+
+impl<T: std::str::FromStr> std::str::FromStr for Limit<T> {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("none") {
+            return Ok(Self(None));
+        }
+        s.parse().map(|v| Self(Some(v))).map_err(|_| format!("{s:?} is not a number (or `none`)"))
+    }
+}
+
+/// Sets `limit` to what was given, if anything was.
+fn apply<T>(limit: &mut Option<T>, given: Option<Limit<T>>) {
+    if let Some(Limit(value)) = given {
+        *limit = value;
+    }
+}
+
+pub(crate) async fn open(args: StoreArgs) -> Result<std::sync::Arc<dyn KeyStore>, String> {
     let settings = Settings::resolve(ServeArgs {
         config: args.config,
         data_dir: args.data_dir,
@@ -75,7 +130,7 @@ pub async fn run(command: KeysCommand) -> Result<(), String> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let io = |e: std::io::Error| e.to_string();
     match command {
-        KeysCommand::Create { name, requests_per_day, requests_per_month, rate, max_in_flight, store } => {
+        KeysCommand::Create { name, requests_per_day, requests_per_month, rate, max_in_flight, budgets, store } => {
             if name.trim().is_empty() {
                 return Err("--name must not be empty".into());
             }
@@ -89,7 +144,14 @@ pub async fn run(command: KeysCommand) -> Result<(), String> {
                 name: name.trim().to_owned(),
                 created_at: now,
                 revoked_at: None,
-                limits: KeyLimits { requests_per_day, requests_per_month, rate, max_in_flight },
+                limits: KeyLimits {
+                    requests_per_day,
+                    requests_per_month,
+                    rate,
+                    max_in_flight,
+                    tokens_per_day: budgets.tokens_per_day,
+                    tokens_per_month: budgets.tokens_per_month,
+                },
             };
             store.create_key(&key, secret.hash()).await.map_err(|e| match e {
                 StoreError::Conflict(Conflict::KeyNameTaken) => {
@@ -106,15 +168,25 @@ pub async fn run(command: KeysCommand) -> Result<(), String> {
             let keys = store.keys(&periods).await.map_err(|e| e.to_string())?;
             writeln!(
                 out,
-                "{:<13} {:<20} {:<8} {:>9} {:>11} {:>6} {:>9} {:>7} {:>10}",
-                "ID", "NAME", "STATUS", "PER DAY", "PER MONTH", "RATE", "IN FLIGHT", "TODAY", "THIS MONTH"
+                "{:<13} {:<20} {:<8} {:>9} {:>11} {:>6} {:>9} {:>12} {:>14} {:>7} {:>10}",
+                "ID",
+                "NAME",
+                "STATUS",
+                "PER DAY",
+                "PER MONTH",
+                "RATE",
+                "IN FLIGHT",
+                "TOKENS/DAY",
+                "TOKENS/MONTH",
+                "TODAY",
+                "THIS MONTH"
             )
             .map_err(io)?;
             for (key, usage) in keys {
                 let l = &key.limits;
                 writeln!(
                     out,
-                    "{:<13} {:<20} {:<8} {:>9} {:>11} {:>6} {:>9} {:>7} {:>10}",
+                    "{:<13} {:<20} {:<8} {:>9} {:>11} {:>6} {:>9} {:>12} {:>14} {:>7} {:>10}",
                     key.id,
                     key.name,
                     if key.revoked_at.is_some() { "revoked" } else { "active" },
@@ -122,11 +194,46 @@ pub async fn run(command: KeysCommand) -> Result<(), String> {
                     limit(l.requests_per_month),
                     l.rate.map_or_else(|| "-".into(), |r| r.to_string()),
                     limit(l.max_in_flight.map(u64::from)),
+                    limit(l.tokens_per_day),
+                    limit(l.tokens_per_month),
                     usage.today,
                     usage.this_month
                 )
                 .map_err(io)?;
             }
+        }
+        KeysCommand::Update {
+            name_or_id,
+            requests_per_day,
+            requests_per_month,
+            rate,
+            max_in_flight,
+            tokens_per_day,
+            tokens_per_month,
+            store,
+        } => {
+            if rate.is_some_and(|Limit(r)| r.is_some_and(|r| !(r.is_finite() && r > 0.0))) {
+                return Err("--rate must be a positive number of requests per second (or none)".into());
+            }
+            let store = open(store).await?;
+            let (periods, _, _) = crate::keys::periods_now();
+            let keys = store.keys(&periods).await.map_err(|e| e.to_string())?;
+            let found = keys
+                .into_iter()
+                .map(|(key, _)| key)
+                .find(|key| key.revoked_at.is_none() && (key.name == name_or_id || key.id == name_or_id));
+            let Some(key) = found else { return Err(format!("no active key named {name_or_id:?}")) };
+            let mut limits = key.limits;
+            apply(&mut limits.requests_per_day, requests_per_day);
+            apply(&mut limits.requests_per_month, requests_per_month);
+            apply(&mut limits.rate, rate);
+            apply(&mut limits.max_in_flight, max_in_flight);
+            apply(&mut limits.tokens_per_day, tokens_per_day);
+            apply(&mut limits.tokens_per_month, tokens_per_month);
+            if !store.set_limits(&key.id, &limits).await.map_err(|e| e.to_string())? {
+                return Err(format!("no active key named {name_or_id:?}"));
+            }
+            writeln!(out, "updated {name_or_id}").map_err(io)?;
         }
         KeysCommand::Revoke { name_or_id, store } => {
             let store = open(store).await?;

@@ -1,7 +1,8 @@
-//! The command line: `offload serve`, `keys`, `mock-upstream`, the client (`chat`, `follow`, `status`,
+//! The command line: `offload serve`, `keys`, `usage`, `mock-upstream`, the client (`chat`, `follow`, `status`,
 //! `stop`) and `completions`.
 
 pub mod keys;
+pub mod usage;
 
 use crate::mock::MockConfig;
 use crate::settings::{ServeArgs, Settings};
@@ -26,6 +27,8 @@ enum Command {
     /// Manage service keys (while there are none the server runs open: on loopback, or with --allow-open).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Requests and tokens per service key, model and UTC day (the store's, all nodes').
+    Usage(usage::UsageArgs),
     /// Run the built-in OpenAI-compatible mock upstream on its own.
     MockUpstream {
         /// Address to listen on.
@@ -64,6 +67,7 @@ pub async fn run() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Keys(command) => keys::run(command).await,
+        Command::Usage(args) => usage::run(args).await,
         Command::MockUpstream { listen, defaults } => mock_upstream(listen, defaults).await,
         // The client reports its own errors plainly on stderr (not as log lines) and picks its exit codes.
         Command::Client(command) => return crate::client::run(command).await,

@@ -31,6 +31,8 @@ pub struct RequestMeta {
     pub history_items: usize,
     /// The W3C `traceparent` of the request's span, when traces are sent: its webhook attempts continue it.
     pub traceparent: Option<String>,
+    /// The id of the service key that created the request (`None` on an open server): whose usage it counts in.
+    pub key: Option<String>,
 }
 
 /// The `options` object of the document.

@@ -18,6 +18,11 @@ pub struct KeyLimits {
     /// Requests of this key running at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u32>,
+    /// Tokens (input plus output) per UTC day, and per calendar month (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_month: Option<u64>,
 }
 
 /// A key as stored: never the key itself, only its hash (kept apart).

@@ -38,7 +38,7 @@ impl Engine {
             None => None,
         };
         let held = admission.as_mut().and_then(|a| a.slot.take());
-        match self.create(kind, request, caller_key, held).await {
+        match self.create(kind, request, caller_key, (held, key.map(|k| k.id.clone()))).await {
             Ok(created) => Ok(created),
             Err(e) => {
                 if let (Some(admission), Some(key)) = (admission, key) {

@@ -18,13 +18,13 @@ use tracing::Instrument;
 
 impl Engine {
     /// Accepts a request and starts its upstream call. `held` (a service key's in-flight slot) is kept until the
-    /// request is final.
+    /// request is final; `key` is the id of that service key, whose usage the request counts in.
     pub(super) async fn create(
         &self,
         kind: Kind,
         req: CreateRequest,
         caller_key: Option<UpstreamKey>,
-        held: Option<InFlightSlot>,
+        (held, key): (Option<InFlightSlot>, Option<String>),
     ) -> Result<Created, CreateError> {
         let inner = &self.inner;
         if !self.accepting() {
@@ -123,6 +123,7 @@ impl Engine {
             format: req.format,
             history_items,
             traceparent,
+            key,
         });
 
         // The upstream call starts while the insert commits; the answer waits for the insert, and the worker writes

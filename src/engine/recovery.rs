@@ -3,8 +3,10 @@
 
 use super::live::base_response;
 use super::{Engine, worker};
+use crate::document::usage::Tokens;
 use crate::document::{Assembler, RequestMeta};
 use crate::domain::{Format, Kind, RequestId, Status, unix_now};
+use crate::store::usage::Tally;
 use crate::store::{StoreError, StoredRequest, WriteOp};
 use std::sync::Arc;
 
@@ -42,7 +44,10 @@ impl Engine {
             }
             progress.processed_at = Some(now);
             let webhook_url = request.meta.options.webhook_url.clone();
-            store.write(Arc::from([WriteOp::Finish { id, progress: Box::new(progress), body, webhook_url }])).await?;
+            let tokens = body.as_deref().and_then(Tokens::of_json);
+            let usage = Some(Box::new(Tally::of(&request.meta, tokens.as_ref(), now)));
+            let finish = WriteOp::Finish { id, progress: Box::new(progress), body, webhook_url, usage };
+            store.write(Arc::from([finish])).await?;
             tracing::warn!(request = %id, "request cut off by a previous crash ended as interrupted");
         }
         Ok(count)

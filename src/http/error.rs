@@ -183,6 +183,11 @@ impl From<Refusal> for ApiError {
                 err.retry_after = Some(retry_after.max(1));
                 err
             }
+            Refusal::Tokens { message, retry_after } => {
+                let mut err = Self::new(StatusCode::TOO_MANY_REQUESTS, "token_quota_exceeded", message);
+                err.retry_after = Some(retry_after.max(1));
+                err
+            }
             Refusal::Store(e) => CreateError::Store(e).into(),
         }
     }

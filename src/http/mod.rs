@@ -16,6 +16,7 @@ pub mod origin;
 pub mod playground;
 pub mod responses;
 pub mod server;
+pub mod usage;
 
 use crate::engine::Engine;
 use crate::keys::Gatekeeper;
@@ -73,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/async-chatgpt", post(offloadgpt::create::asynchronous))
         .route("/v1/chat/completions", post(chat_completions::chat_completions))
         .route("/v1/models", get(models::list))
+        .route("/v1/usage", get(usage::get))
         .route("/v1/responses", post(responses::create))
         .route("/v1/responses/{id}", get(responses::reads::get).delete(responses::reads::delete))
         .route("/v1/responses/{id}/cancel", post(responses::reads::cancel))

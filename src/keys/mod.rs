@@ -7,7 +7,10 @@
 //!
 //! Everything is kept in the store, so every limit is exact across all nodes of a cluster, as on one node.
 
+mod budget;
+
 use crate::domain::{NodeId, ServiceKey, TokenHash};
+use crate::store::usage::{UsageOf, UsageRow};
 use crate::store::{Admit, KeyStore, Periods, SlotId, StoreError};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -36,6 +39,11 @@ pub enum Refusal {
         message: String,
         retry_after: u64,
     },
+    /// A token budget is used up (429 `token_quota_exceeded`).
+    Tokens {
+        message: String,
+        retry_after: u64,
+    },
     Store(StoreError),
 }
 
@@ -45,6 +53,7 @@ impl Refusal {
         match self {
             Refusal::Missing | Refusal::Unknown => "key",
             Refusal::Limit { .. } => "rate",
+            Refusal::Tokens { .. } => "token_quota",
             Refusal::Store(_) => "store",
         }
     }
@@ -172,6 +181,9 @@ impl Gatekeeper {
     pub async fn admit(&self, key: &ServiceKey) -> Result<Admission, Refusal> {
         let limits = &key.limits;
         let (periods, to_midnight, to_month_end) = periods_now();
+        if limits.tokens_per_day.is_some() || limits.tokens_per_month.is_some() {
+            budget::check(&*self.keys, key, &periods, (to_midnight, to_month_end)).await?;
+        }
         let slot = SlotId::generate();
         let outcome = self.keys.admit(key, &periods, self.node, slot).await.map_err(Refusal::Store)?;
         if let Some(reason) = outcome.refusal_reason() {
@@ -229,6 +241,11 @@ impl Gatekeeper {
                 retry_after: wait.ceil().max(1.0) as u64,
             }),
         }
+    }
+
+    /// The usage rows of `of` from the day `since` on ([`KeyStore::usage`]).
+    pub async fn usage(&self, of: UsageOf<'_>, since: &str) -> Result<Vec<UsageRow>, StoreError> {
+        self.keys.usage(of, since).await
     }
 
     /// Takes back a call whose create failed after it was admitted.

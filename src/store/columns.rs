@@ -22,6 +22,8 @@ struct MetaColumn {
     history_items: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -42,6 +44,7 @@ pub(super) fn encode_meta(meta: &RequestMeta) -> Result<String, StoreError> {
         format: meta.format,
         history_items: meta.history_items,
         traceparent: meta.traceparent.clone(),
+        key: meta.key.clone(),
     })
     .map_err(json_err)
 }
@@ -99,6 +102,7 @@ impl RequestRow {
                 format: column.format,
                 history_items: column.history_items,
                 traceparent: column.traceparent,
+                key: column.key,
             },
             progress: serde_json::from_str(&self.progress).map_err(json_err)?,
             body: self.body,

@@ -19,9 +19,10 @@ pub mod nodes;
 pub mod pipeline;
 pub mod postgres;
 pub mod sqlite;
+pub mod usage;
 
 use crate::document::{Progress, RequestMeta};
-use crate::domain::{NodeId, RequestId, ServiceKey, TokenHash};
+use crate::domain::{KeyLimits, NodeId, RequestId, ServiceKey, TokenHash};
 use async_trait::async_trait;
 use bytes::Bytes;
 use nodes::NodeStore;
@@ -187,8 +188,15 @@ pub enum WriteOp {
     /// A status transition or new response facts.
     Progress { id: RequestId, progress: Box<Progress> },
     /// The final status, with the final body. With `webhook_url`, its delivery is queued in the same
-    /// transaction, so that no final status is ever stored without its webhook.
-    Finish { id: RequestId, progress: Box<Progress>, body: Option<String>, webhook_url: Option<String> },
+    /// transaction, so that no final status is ever stored without its webhook; with `usage`, the request and its
+    /// tokens are added to its key's row of the day ([`usage`]), in that transaction too and only when it applies.
+    Finish {
+        id: RequestId,
+        progress: Box<Progress>,
+        body: Option<String>,
+        webhook_url: Option<String>,
+        usage: Option<Box<usage::Tally>>,
+    },
 }
 
 impl WriteOp {
@@ -419,6 +427,13 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Revokes the key with this name or id; `false` when there is none (or it is already revoked).
     async fn revoke_key(&self, name_or_id: &str, at: i64) -> Result<bool, StoreError>;
+
+    /// Replaces the limits of the key with this name or id; `false` when there is none (or it is revoked).
+    async fn set_limits(&self, name_or_id: &str, limits: &KeyLimits) -> Result<bool, StoreError>;
+
+    /// The usage rows (requests and tokens per key, model and UTC day) of `of` from the day `since` on
+    /// (`YYYY-MM-DD`, or a month `YYYY-MM`), ordered by day, key (no key first) and model.
+    async fn usage(&self, of: usage::UsageOf<'_>, since: &str) -> Result<Vec<usage::UsageRow>, StoreError>;
 
     /// Whether any key that is not revoked exists (then every create needs one).
     async fn active_keys_exist(&self) -> Result<bool, StoreError>;

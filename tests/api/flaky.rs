@@ -4,9 +4,10 @@
 
 use super::helpers::*;
 use async_trait::async_trait;
-use offload::domain::{NodeId, RequestId, ServiceKey, TokenHash};
+use offload::domain::{KeyLimits, NodeId, RequestId, ServiceKey, TokenHash};
 use offload::store::nodes::{NodeRecord, NodeStore, Renewal};
 use offload::store::sqlite::{SqliteStore, Synchronous};
+use offload::store::usage::{UsageOf, UsageRow};
 use offload::store::{
     Admit, Charge, KeyStore, Periods, RawCursor, RawPage, SlotId, Store, StoreError, StoredRequest, Stores, Usage,
     WebhookJob, WebhookStatus, WebhookStore, WriteOp,
@@ -129,6 +130,13 @@ impl KeyStore for Flaky {
     }
     async fn revoke_key(&self, name_or_id: &str, at: i64) -> Result<bool, StoreError> {
         self.inner.revoke_key(name_or_id, at).await
+    }
+    async fn set_limits(&self, name_or_id: &str, limits: &KeyLimits) -> Result<bool, StoreError> {
+        self.inner.set_limits(name_or_id, limits).await
+    }
+    async fn usage(&self, of: UsageOf<'_>, since: &str) -> Result<Vec<UsageRow>, StoreError> {
+        self.reads()?;
+        self.inner.usage(of, since).await
     }
     async fn active_keys_exist(&self) -> Result<bool, StoreError> {
         self.inner.active_keys_exist().await

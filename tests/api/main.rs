@@ -12,6 +12,7 @@ mod hardening;
 mod helpers;
 mod hostile;
 mod hostile_upstream;
+mod key_usage;
 mod keys;
 mod lifecycle;
 mod limits;

@@ -447,6 +447,9 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     check(call(&app, c.get(app.url("/")).header("Accept", "text/html")).await);
     check(call(&app, c.get(app.url("/_offload/alive?nonce=00112233445566778899aabbccddeeff"))).await);
     check(call(&app, c.get(app.url("/_offload/alive?nonce=not-hex"))).await);
+    for query in ["", "?by=model&since=1d", "?by=colour"] {
+        check(call(&app, c.get(app.url(&format!("/v1/usage{query}")))).await);
+    }
 
     // The endpoints of a finished public stream request.
     let created =
@@ -582,6 +585,9 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
         check(call(&keyed, post().header("X-API-Key", &key)).await);
         check(call(&public, public.client.post(public.url(create)).json(&body)).await);
     }
+    check(call(&keyed, keyed.client.get(keyed.url("/v1/usage"))).await);
+    check(call(&keyed, keyed.client.get(keyed.url("/v1/usage")).bearer_auth(&key)).await);
+    check(call(&public, public.client.get(public.url("/v1/usage"))).await);
     let (openai_calls, _unreachable) = crate::openai::documented_calls(&app, &keyed, &public).await;
     for request in openai_calls {
         check(call(&app, request).await);
@@ -628,6 +634,7 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     for request in response_reads(&flaky, &stored) {
         check(call(&flaky, request).await);
     }
+    check(call(&flaky, c.get(flaky.url("/v1/usage"))).await);
     store.fail_reads.store(false, Ordering::SeqCst);
     // A store that does not answer: 503 from the reads of a stored request (the lookup fails; nothing changes).
     store.reads_unreachable.store(true, Ordering::SeqCst);
@@ -637,6 +644,7 @@ async fn every_documented_status_is_answered_and_every_answer_matches_the_docume
     for request in response_reads(&flaky, &stored) {
         check(call(&flaky, request).await);
     }
+    check(call(&flaky, c.get(flaky.url("/v1/usage"))).await);
     store.reads_unreachable.store(false, Ordering::SeqCst);
     // Writes: once the chunks of a running request cannot be stored, /healthz and creates answer 503, and a stop
     // answers 503 once it has waited for its final status to be stored.

@@ -55,17 +55,27 @@ impl LiveBody {
     pub(super) fn tokens(&self, whole: Option<&Tokens>) -> Option<Tokens> {
         match self {
             LiveBody::Assembling(a) => a.tokens(),
-            LiveBody::Response(record) => {
-                let response = record.response();
-                let model = response.get("model").and_then(Value::as_str);
-                Tokens::of_usage(model, response.get("usage")?)
-            }
+            LiveBody::Response(record) => record_tokens(record),
             _ => whole.cloned(),
         }
     }
 }
 
+fn record_tokens(record: &Record) -> Option<Tokens> {
+    let response = record.response();
+    let model = response.get("model").and_then(Value::as_str);
+    Tokens::of_usage(model, response.get("usage")?)
+}
+
 impl LiveState {
+    /// The tokens of the final state as it is staged (a Responses request's staged response, when there is one).
+    pub(super) fn final_tokens(&self) -> Option<Tokens> {
+        match &self.staged_response {
+            Some((record, _)) => record_tokens(record),
+            None => self.body.tokens(self.tokens.as_ref()),
+        }
+    }
+
     /// Frames Responses events numbered after the events so far; their writes go to the outbox. The frames are
     /// not added to the events: the caller does that (now, or when it shows the final state).
     fn frame_events(&mut self, id: RequestId, events: Vec<serde_json::Value>) -> Vec<Bytes> {

@@ -26,6 +26,7 @@ use super::sse;
 use crate::document::usage::Tokens;
 use crate::document::{Attempt, BodyView, ChunkKind, ErrorInfo, Progress, RequestMeta, ResponseMeta, Served};
 use crate::domain::{Format, Kind, RequestId, Status};
+use crate::store::usage::Tally;
 use crate::store::{RawCursor, WriteOp};
 use crate::upstream::translate::{Record, Source};
 use body::LiveBody;
@@ -470,7 +471,8 @@ impl LiveRequest {
             if self.meta.format == Format::Responses {
                 st.final_body = body.as_deref().map(Arc::from);
             }
-            let finish = WriteOp::Finish { id, progress: Box::new(progress), body, webhook_url };
+            let usage = Some(Box::new(Tally::of(&self.meta, st.final_tokens().as_ref(), now)));
+            let finish = WriteOp::Finish { id, progress: Box::new(progress), body, webhook_url, usage };
             (false, (before, finish))
         })
     }

@@ -20,6 +20,7 @@
 
 use crate::document::{Progress, RequestMeta};
 use crate::domain::RequestId;
+use crate::store::usage::Tally;
 use crate::store::{RawPiece, WriteOp};
 use std::collections::HashMap;
 
@@ -48,6 +49,8 @@ pub struct Outcome<'a> {
     pub finish: Option<Finish<'a>>,
     /// The webhook of the final status (there is at most one final status per request in a plan).
     pub hook: Option<Hook<'a>>,
+    /// What the final status adds to its key's usage (added when the final status applies, as the webhook).
+    pub usage: Option<&'a Tally>,
 }
 
 /// A new request, with what the batch leaves it with.
@@ -175,8 +178,9 @@ impl<'a> Plan<'a> {
                     seen.last_raw = seen.last_raw.max(*seq);
                 }
                 WriteOp::Progress { progress, .. } => seen.outcome.progress = Some(progress),
-                WriteOp::Finish { progress, body, webhook_url, .. } => {
+                WriteOp::Finish { progress, body, webhook_url, usage, .. } => {
                     seen.ended = true;
+                    seen.outcome.usage = usage.as_deref();
                     seen.outcome.progress = Some(progress);
                     seen.outcome.finish =
                         Some(Finish { body: body.as_deref(), final_at: progress.processed_at.map(|t| t as i64) });
@@ -231,6 +235,7 @@ mod tests {
             format: crate::domain::Format::Chat,
             history_items: 0,
             traceparent: None,
+            key: None,
         })
     }
 
@@ -246,7 +251,8 @@ mod tests {
     }
 
     fn finish(id: RequestId, status: Status, body: &str, hook: Option<&str>) -> WriteOp {
-        WriteOp::Finish { id, progress: progress(status), body: Some(body.into()), webhook_url: hook.map(Into::into) }
+        let webhook_url = hook.map(Into::into);
+        WriteOp::Finish { id, progress: progress(status), body: Some(body.into()), webhook_url, usage: None }
     }
 
     fn events(plan: &Plan<'_>) -> Vec<(RequestId, u64, String)> {

@@ -2,8 +2,9 @@
 //! the functions `offload_charge` and `offload_refund` of the schema (one round trip, one lock per key).
 
 use super::{PostgresStore, pg_err};
-use crate::domain::{NodeId, ServiceKey, TokenHash};
+use crate::domain::{KeyLimits, NodeId, ServiceKey, TokenHash};
 use crate::store::columns::json_err;
+use crate::store::usage::{UsageOf, UsageRow, key_column, key_of_column};
 use crate::store::{Admit, Charge, Conflict, KeyStore, Periods, SlotId, StoreError, Usage};
 use async_trait::async_trait;
 use tokio_postgres::error::SqlState;
@@ -98,6 +99,45 @@ impl KeyStore for PostgresStore {
             .await
             .map_err(pg_err)?;
         Ok(client.execute(&stmt, &[&name_or_id, &at]).await.map_err(pg_err)? > 0)
+    }
+
+    async fn set_limits(&self, name_or_id: &str, limits: &KeyLimits) -> Result<bool, StoreError> {
+        let limits = serde_json::to_string(limits).map_err(json_err)?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("UPDATE service_keys SET limits = $2 WHERE (name = $1 OR id = $1) AND revoked_at IS NULL")
+            .await
+            .map_err(pg_err)?;
+        Ok(client.execute(&stmt, &[&name_or_id, &limits]).await.map_err(pg_err)? > 0)
+    }
+
+    async fn usage(&self, of: UsageOf<'_>, since: &str) -> Result<Vec<UsageRow>, StoreError> {
+        let key = match of {
+            UsageOf::All => None,
+            UsageOf::Key(key) => Some(key_column(key)),
+        };
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT key_id, model, day, requests, input_tokens, output_tokens FROM token_usage
+                 WHERE day COLLATE \"C\" >= $1 AND ($2::text IS NULL OR key_id = $2)
+                 ORDER BY day COLLATE \"C\", key_id COLLATE \"C\", model COLLATE \"C\"",
+            )
+            .await
+            .map_err(pg_err)?;
+        let rows = client.query(&stmt, &[&since, &key]).await.map_err(pg_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(UsageRow {
+                    key: key_of_column(row.try_get(0).map_err(pg_err)?),
+                    model: row.try_get(1).map_err(pg_err)?,
+                    day: row.try_get(2).map_err(pg_err)?,
+                    requests: count(row, 3)?,
+                    input_tokens: count(row, 4)?,
+                    output_tokens: count(row, 5)?,
+                })
+            })
+            .collect()
     }
 
     async fn active_keys_exist(&self) -> Result<bool, StoreError> {

@@ -211,6 +211,19 @@ CREATE TABLE cluster_secret (
     secret bytea NOT NULL
 );
 "#,
+    r#"
+-- Requests and tokens per service key ('': none), model and UTC day, added to by every final status.
+CREATE TABLE token_usage (
+    key_id text NOT NULL,
+    model text NOT NULL,
+    day text NOT NULL,
+    requests bigint NOT NULL,
+    input_tokens bigint NOT NULL,
+    output_tokens bigint NOT NULL,
+    PRIMARY KEY (key_id, day, model)
+);
+CREATE INDEX token_usage_by_day ON token_usage (day);
+"#,
 ];
 
 pub struct PostgresStore {

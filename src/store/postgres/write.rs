@@ -6,6 +6,7 @@ use crate::document::Progress;
 use crate::domain::RequestId;
 use crate::store::columns::{encode_meta, encode_progress, json_err};
 use crate::store::pipeline::plan::{Finish, Plan};
+use crate::store::usage::key_column;
 use crate::store::{RawPiece, StoreError, WebhookStatus, WriteOp};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -21,7 +22,9 @@ use uuid::Uuid;
 /// - `upd` sets status and progress (and, for a final status, body and `final_at`) of locked requests that are
 ///   still not final when the update runs (two nodes ending one request at once: the second finds it final);
 /// - `ev` and `raw` write events and raw pieces of requests in `rk`; `hook` queues the webhook deliveries of
-///   requests this statement inserted or updated, so a delivery is queued once, by the write that ended it.
+///   requests this statement inserted or updated, so a delivery is queued once, by the write that ended it;
+/// - `tally` adds the finished requests to their (key, model, day) usage rows, likewise once (in a fixed order of
+///   rows, so that two nodes' batches lock them in the same order).
 ///
 /// `upd` joins `lk`, so a row is locked before it is updated in the same statement (locking a row this statement
 /// already updated would skip it).
@@ -62,6 +65,17 @@ WITH ins AS (
     SELECT u.id, u.url, 'pending', u.due, $30 FROM UNNEST($27::uuid[], $28::text[], $29::float8[]) AS u (id, url, due)
     JOIN (SELECT id FROM ins UNION ALL SELECT id FROM upd) w ON w.id = u.id
     ON CONFLICT (request_id) DO NOTHING
+), tally AS (
+    INSERT INTO token_usage (key_id, model, day, requests, input_tokens, output_tokens)
+    SELECT u.key_id, u.model, u.day, count(*), sum(u.input), sum(u.output)
+    FROM UNNEST($32::uuid[], $33::text[], $34::text[], $35::text[], $36::bigint[], $37::bigint[])
+        AS u (id, key_id, model, day, input, output)
+    JOIN (SELECT id FROM ins UNION ALL SELECT id FROM upd) w ON w.id = u.id
+    GROUP BY u.key_id, u.model, u.day
+    ORDER BY u.key_id, u.day, u.model
+    ON CONFLICT (key_id, day, model) DO UPDATE SET requests = token_usage.requests + EXCLUDED.requests,
+        input_tokens = token_usage.input_tokens + EXCLUDED.input_tokens,
+        output_tokens = token_usage.output_tokens + EXCLUDED.output_tokens
 )
 SELECT 1";
 
@@ -98,6 +112,12 @@ struct WriteParams<'a> {
     hook_url: Vec<&'a str>,
     hook_due: Vec<f64>,
     hook_status: String,
+    tally_id: Vec<Uuid>,
+    tally_key: Vec<&'a str>,
+    tally_model: Vec<&'a str>,
+    tally_day: Vec<&'a str>,
+    tally_input: Vec<i64>,
+    tally_output: Vec<i64>,
 }
 
 impl<'a> WriteParams<'a> {
@@ -150,6 +170,12 @@ impl<'a> WriteParams<'a> {
             hook_url: Vec::new(),
             hook_due: Vec::new(),
             hook_status: serde_json::to_string(&WebhookStatus::pending()).map_err(json_err)?,
+            tally_id: Vec::new(),
+            tally_key: Vec::new(),
+            tally_model: Vec::new(),
+            tally_day: Vec::new(),
+            tally_input: Vec::new(),
+            tally_output: Vec::new(),
         };
         for insert in &plan.inserts {
             let (meta, outcome) = (insert.meta, insert.outcome);
@@ -187,11 +213,19 @@ impl<'a> WriteParams<'a> {
                 p.hook_url.push(hook.url);
                 p.hook_due.push(hook.due);
             }
+            if let Some(tally) = outcome.usage.filter(|_| outcome.finish.is_some()) {
+                p.tally_id.push(uuid(id));
+                p.tally_key.push(key_column(tally.key.as_deref()));
+                p.tally_model.push(&tally.model);
+                p.tally_day.push(&tally.day);
+                p.tally_input.push(int(tally.input));
+                p.tally_output.push(int(tally.output));
+            }
         }
         Ok(p)
     }
 
-    fn as_params(&self) -> [&(dyn ToSql + Sync); 31] {
+    fn as_params(&self) -> [&(dyn ToSql + Sync); 37] {
         [
             &self.ins_id,
             &self.ins_kind,
@@ -224,6 +258,12 @@ impl<'a> WriteParams<'a> {
             &self.hook_due,
             &self.hook_status,
             &self.ins_owner,
+            &self.tally_id,
+            &self.tally_key,
+            &self.tally_model,
+            &self.tally_day,
+            &self.tally_input,
+            &self.tally_output,
         ]
     }
 }

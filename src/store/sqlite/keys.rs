@@ -2,6 +2,7 @@
 
 use super::{SqliteStore, db_err, json_err};
 use crate::domain::{KeyLimits, NodeId, ServiceKey, TokenHash, unix_now};
+use crate::store::usage::{UsageOf, UsageRow, key_column, key_of_column};
 use crate::store::{Admit, Charge, Conflict, KeyStore, Periods, SlotId, StoreError, Usage};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -152,6 +153,51 @@ impl KeyStore for SqliteStore {
                 )
                 .map_err(db_err)?;
             Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn set_limits(&self, name_or_id: &str, limits: &KeyLimits) -> Result<bool, StoreError> {
+        let (name_or_id, limits) = (name_or_id.to_owned(), serde_json::to_string(limits).map_err(json_err)?);
+        self.write_with(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE service_keys SET limits = ?2 WHERE (name = ?1 OR id = ?1) AND revoked_at IS NULL",
+                    params![name_or_id, limits],
+                )
+                .map_err(db_err)?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn usage(&self, of: UsageOf<'_>, since: &str) -> Result<Vec<UsageRow>, StoreError> {
+        let (key, since) = (
+            match of {
+                UsageOf::All => None,
+                UsageOf::Key(key) => Some(key_column(key).to_owned()),
+            },
+            since.to_owned(),
+        );
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT key_id, model, day, requests, input_tokens, output_tokens FROM token_usage
+                 WHERE day >= ?1 AND (?2 IS NULL OR key_id = ?2) ORDER BY day, key_id, model",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![since, key], |r| {
+                    Ok(UsageRow {
+                        key: key_of_column(r.get(0)?),
+                        model: r.get(1)?,
+                        day: r.get(2)?,
+                        requests: r.get(3)?,
+                        input_tokens: r.get(4)?,
+                        output_tokens: r.get(5)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(db_err)
         })
         .await
     }

@@ -56,6 +56,25 @@ PRAGMA user_version = 5;
     };
 }
 
+/// The table version 6 added: requests and tokens per service key (`''`: none), model and UTC day.
+macro_rules! version_6_tables {
+    () => {
+        "
+CREATE TABLE IF NOT EXISTS token_usage (
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    day TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    PRIMARY KEY (key_id, day, model)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS token_usage_by_day ON token_usage(day);
+PRAGMA user_version = 6;
+"
+    };
+}
+
 const SCHEMA: &str = concat!(
     "
 CREATE TABLE IF NOT EXISTS requests (
@@ -121,14 +140,16 @@ CREATE TABLE IF NOT EXISTS cluster_secret (
     secret BLOB NOT NULL
 );
 ",
-    version_5_tables!()
+    version_5_tables!(),
+    version_6_tables!()
 );
 
 /// The schema version this code reads and writes.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Upgrades from an older version, step by step; step `i` brings version `4 + i` to `5 + i`.
-const UPGRADES: &[&str] = &[concat!("ALTER TABLE requests ADD COLUMN owner BLOB;", version_5_tables!())];
+const UPGRADES: &[&str] =
+    &[concat!("ALTER TABLE requests ADD COLUMN owner BLOB;", version_5_tables!()), version_6_tables!()];
 
 /// The oldest version [`UPGRADES`] start from.
 const OLDEST_UPGRADABLE: i64 = 4;

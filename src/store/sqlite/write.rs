@@ -7,6 +7,7 @@ use crate::domain::RequestId;
 use crate::store::columns::{encode_meta, encode_progress};
 use crate::store::pipeline::plan::{Event, Existing, Insert, Plan, Raw};
 use crate::store::pipeline::serial::{SerialQueue, Urgent};
+use crate::store::usage::{Tally, key_column};
 use crate::store::{RawPiece, StoreError, WriteOp};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::collections::HashMap;
@@ -191,6 +192,9 @@ fn insert_one(tx: &Connection, insert: &Insert<'_>) -> Result<i64, StoreError> {
     if let Some(hook) = outcome.hook {
         super::webhooks::queue(tx, insert.id(), hook.url, hook.due)?;
     }
+    if let Some(tally) = outcome.usage.filter(|_| outcome.finish.is_some()) {
+        add_usage(tx, tally)?;
+    }
     Ok(key)
 }
 
@@ -216,11 +220,29 @@ fn update(tx: &Connection, key: i64, existing: &Existing<'_>) -> Result<(), Stor
         )
         .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json, finish.body, finish.final_at]))
         .map_err(db_err)?;
-    if changed > 0
-        && let Some(hook) = outcome.hook
-    {
-        super::webhooks::queue(tx, existing.id, hook.url, hook.due)?;
+    if changed > 0 {
+        if let Some(hook) = outcome.hook {
+            super::webhooks::queue(tx, existing.id, hook.url, hook.due)?;
+        }
+        if let Some(tally) = outcome.usage {
+            add_usage(tx, tally)?;
+        }
     }
+    Ok(())
+}
+
+/// Adds a finished request and its tokens to its (key, model, day) row.
+fn add_usage(tx: &Connection, tally: &Tally) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO token_usage (key_id, model, day, requests, input_tokens, output_tokens) VALUES (?1, ?2, ?3, 1, ?4, ?5)
+         ON CONFLICT (key_id, day, model) DO UPDATE SET requests = requests + 1,
+             input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens",
+    )
+    .and_then(|mut s| {
+        let (input, output) = (i64::try_from(tally.input).unwrap_or(i64::MAX), i64::try_from(tally.output).unwrap_or(i64::MAX));
+        s.execute(params![key_column(tally.key.as_deref()), tally.model, tally.day, input, output])
+    })
+    .map_err(db_err)?;
     Ok(())
 }
 
