@@ -24,6 +24,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "store_contract/sqlite_wal.rs"]
+mod sqlite_wal;
 mod support;
 #[path = "store_contract/usage.rs"]
 mod usage;
@@ -1159,6 +1161,12 @@ fn main() -> ExitCode {
         Flavor::CurrentThread,
         harness::nothing,
         a_version_4_sqlite_store_is_upgraded_in_place_and_keeps_its_requests,
+    ));
+    trials.push(harness::test(
+        "the_wal_is_started_over_after_a_checkpoint_by_the_store_itself",
+        Flavor::CurrentThread,
+        harness::nothing,
+        sqlite_wal::the_wal_is_started_over_after_a_checkpoint_by_the_store_itself,
     ));
     harness::run(trials)
 }

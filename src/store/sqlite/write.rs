@@ -69,7 +69,7 @@ enum Step<'p, 'a> {
 /// whole, and every write in it can be applied twice without harm (events and raw pieces replace themselves, a
 /// final status applies once and goes after everything of its request, nothing is written after it).
 fn execute(w: &mut Writer, plan: &Plan<'_>, inserted: &mut Vec<RequestId>, may_yield: bool) -> Result<(), StoreError> {
-    let Writer { conn, rkeys, queue } = w;
+    let Writer { conn, rkeys, queue, .. } = w;
     // IMMEDIATE: take the write lock before reading, so that a writer of another process (the `keys` command)
     // makes this one wait its turn instead of failing on a snapshot gone stale.
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;

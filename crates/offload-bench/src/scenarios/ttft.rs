@@ -41,6 +41,18 @@ pub struct PathTtft {
     pub added_p99_us: f64,
 }
 
+/// The names of the paths, as the table and the targets know them.
+pub const NGINX: &str = "through nginx (one proxy hop)";
+pub const ENTRY: &str = "offload POST /v1/chat/completions, stream (one round trip)";
+pub const TWO_STEP: &str = "offload POST /v1/stream-chatgpt, then the stream URL (two)";
+
+impl Ttft {
+    /// The summary of one path, if it was timed.
+    pub fn path(&self, name: &str) -> Option<&Summary> {
+        self.paths.iter().find(|p| p.path == name).map(|p| &p.summary)
+    }
+}
+
 fn mock_controls() -> serde_json::Value {
     json!({"words": 8})
 }
@@ -138,10 +150,10 @@ pub async fn run(ctx: &Ctx, samples: usize, flush: u64) -> Result<Ttft> {
     };
     let mut paths = vec![row("mock directly", floor.clone())];
     if nginx.is_some() {
-        paths.push(row("through nginx (one proxy hop)", hop.summary()));
+        paths.push(row(NGINX, hop.summary()));
     }
-    paths.push(row("offload POST /v1/chat/completions, stream (one round trip)", entry.summary()));
-    paths.push(row("offload POST /v1/stream-chatgpt, then the stream URL (two)", offload.clone()));
+    paths.push(row(ENTRY, entry.summary()));
+    paths.push(row(TWO_STEP, offload.clone()));
     drop(nginx);
     Ok(Ttft {
         paths,
