@@ -63,7 +63,8 @@ pub async fn run() -> ExitCode {
         Command::Serve(args) => args.otlp_endpoint(),
         _ => None,
     };
-    let tracer = crate::telemetry::init(cli.log_format(), otlp);
+    let serving = matches!(cli.command, Command::Serve(_));
+    let mut telemetry = crate::telemetry::init(cli.log_format(), otlp, serving);
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Keys(command) => keys::run(command).await,
@@ -76,16 +77,19 @@ pub async fn run() -> ExitCode {
             Ok(())
         }
     };
-    if let Some(tracer) = tracer {
+    if let Some(tracer) = telemetry.tracer.take() {
         crate::telemetry::otel::shutdown(tracer).await;
     }
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             tracing::error!("{message}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The last lines are written before the process ends.
+    drop(telemetry);
+    code
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {

@@ -39,10 +39,22 @@ impl LogFormat {
     }
 }
 
-/// Starts logging (and, with an OTLP endpoint, tracing: the tracer provider is answered, to be shut down at the
-/// end so that the last spans are sent).
-pub fn init(format: LogFormat, otlp: Option<url::Url>) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+/// What logging and tracing hold until the command ends.
+pub struct Started {
+    /// With an OTLP endpoint: the tracer provider, to be shut down at the end so that the last spans are sent.
+    pub tracer: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    /// The thread writing the server's log lines: dropping it writes what is left.
+    _lines: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
+/// Starts logging (and, with an OTLP endpoint, tracing). `off_the_request_path`: the lines are written to stderr by a
+/// thread of their own (the server: a write to a pipe costs a call tens of microseconds of its time to the first
+/// chunk, BENCHMARKS.md "Issue 21"); none is dropped, a full buffer makes the caller wait, and the last lines are
+/// written when the returned [`Started`] is dropped. A process killed outright may lose the last lines written
+/// before it.
+pub fn init(format: LogFormat, otlp: Option<url::Url>, off_the_request_path: bool) -> Started {
     use tracing_subscriber::filter::{FilterExt, filter_fn};
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{Layer, fmt};
@@ -53,10 +65,17 @@ pub fn init(format: LogFormat, otlp: Option<url::Url>) -> Option<opentelemetry_s
         .unwrap_or_else(|| EnvFilter::new("info"));
     // The log lines never show the spans made for traces.
     let logged = filter.and(filter_fn(|meta| meta.target() != otel::TARGET));
+    let (writer, guard) = if off_the_request_path {
+        let (writer, guard) =
+            tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stderr());
+        (BoxMakeWriter::new(writer), Some(guard))
+    } else {
+        (BoxMakeWriter::new(std::io::stderr), None)
+    };
     let lines = match format {
-        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).boxed(),
+        LogFormat::Text => fmt::layer().with_writer(writer).with_ansi(std::io::stderr().is_terminal()).boxed(),
         LogFormat::Json => fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .json()
             .flatten_event(true)
             .with_current_span(true)
@@ -78,7 +97,7 @@ pub fn init(format: LogFormat, otlp: Option<url::Url>) -> Option<opentelemetry_s
             .with_filter(filter_fn(|meta| meta.target() == otel::TARGET))
     });
     let _ = tracing_subscriber::registry().with(lines.with_filter(logged)).with(traces).try_init();
-    provider
+    Started { tracer: provider, _lines: guard }
 }
 
 /// Names the offloaded request the current HTTP call is about, on its span (and so on its access line).
