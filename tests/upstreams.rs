@@ -184,6 +184,15 @@ fn upstream(name: &str, url: &str, extra: &str) -> String {
 }
 
 /// The `fast` route: `a` with `gpt-4o-mini`, then `b` with `llama3.1:8b`.
+/// The two upstreams most tests use: `a` serves `gpt-*`, `b` serves `llama*`.
+fn gpt_and_llama(a: &MockServer, b: &MockServer) -> String {
+    [
+        upstream("a", a.api_base().as_str(), r#"models = ["gpt-*"]"#),
+        upstream("b", b.api_base().as_str(), r#"models = ["llama*"]"#),
+    ]
+    .concat()
+}
+
 const FAST: &str = r#"
 [[routes]]
 model = "fast"
@@ -321,12 +330,7 @@ async fn a_route_and_model_patterns_pick_the_upstream_the_model_sent_and_its_own
 #[tokio::test]
 async fn a_model_nothing_serves_is_a_400_naming_model_on_every_api() {
     let (a, b) = (mock(KEY_A).await, mock(KEY_B).await);
-    let config = [
-        upstream("a", a.api_base().as_str(), r#"models = ["gpt-*"]"#),
-        upstream("b", b.api_base().as_str(), r#"models = ["llama*"]"#),
-        FAST.to_owned(),
-    ]
-    .concat();
+    let config = [gpt_and_llama(&a, &b), FAST.to_owned()].concat();
     let server = serve(&config, &[]);
     for endpoint in ["stream-chatgpt", "async-chatgpt"] {
         let (status, body) = create(&server, endpoint, "claude-3-opus", json!({}), None).await;
@@ -359,8 +363,7 @@ async fn a_target_that_fails_before_its_body_passes_the_call_to_the_next_at_once
     let (a, b) = (mock(KEY_A).await, mock(KEY_B).await);
     let config = [
         "breaker_failures = 100\n".to_owned(),
-        upstream("a", a.api_base().as_str(), r#"models = ["gpt-*"]"#),
-        upstream("b", b.api_base().as_str(), r#"models = ["llama*"]"#),
+        gpt_and_llama(&a, &b),
         upstream("dead", &refused_url(), r#"models = ["never-*"]"#),
         FAST.to_owned(),
         "\n[[routes]]\nmodel = \"far\"\ntargets = [{ upstream = \"dead\", model = \"never-1\" }, { upstream = \"b\", model = \"llama3.1:8b\" }]\n"
@@ -445,8 +448,7 @@ async fn the_retries_apply_at_the_last_target_tried_when_the_later_ones_are_skip
     let (a, b) = (mock(KEY_A).await, mock(KEY_B).await);
     let config = [
         "breaker_failures = 1\nbreaker_cool_down = \"60s\"\n".to_owned(),
-        upstream("a", a.api_base().as_str(), r#"models = ["gpt-*"]"#),
-        upstream("b", b.api_base().as_str(), r#"models = ["llama*"]"#),
+        gpt_and_llama(&a, &b),
         FAST.to_owned(),
         "\n[[routes]]\nmodel = \"back\"\ntargets = [{ upstream = \"b\", model = \"llama3.1:8b\" }, { upstream = \"a\", model = \"gpt-4o\" }]\n"
             .to_owned(),
@@ -470,12 +472,7 @@ async fn the_retries_apply_at_the_last_target_tried_when_the_later_ones_are_skip
 #[tokio::test]
 async fn once_a_chunk_arrived_there_is_no_fallback() {
     let (a, b) = (mock(KEY_A).await, mock(KEY_B).await);
-    let config = [
-        upstream("a", a.api_base().as_str(), r#"models = ["gpt-*"]"#),
-        upstream("b", b.api_base().as_str(), r#"models = ["llama*"]"#),
-        FAST.to_owned(),
-    ]
-    .concat();
+    let config = [gpt_and_llama(&a, &b), FAST.to_owned()].concat();
     let server = serve(&config, &[]);
     let doc = run(&server, "fast", json!({"mock": {"words": 10, "drop_after": 2}})).await;
     assert_eq!(doc["status"], "error", "{doc}");
@@ -492,13 +489,9 @@ async fn once_a_chunk_arrived_there_is_no_fallback() {
 async fn the_breaker_skips_a_failing_upstream_then_tries_it_again_after_the_cool_down() {
     let (a, b) = (mock(KEY_A).await, mock(KEY_B).await);
     let cool_down = Duration::from_millis(1000);
-    let config = [
-        "breaker_failures = 2\nbreaker_cool_down = \"1s\"\n".to_owned(),
-        upstream("a", a.api_base().as_str(), r#"models = ["gpt-*"]"#),
-        upstream("b", b.api_base().as_str(), r#"models = ["llama*"]"#),
-        FAST.to_owned(),
-    ]
-    .concat();
+    let config =
+        ["breaker_failures = 2\nbreaker_cool_down = \"1s\"\n".to_owned(), gpt_and_llama(&a, &b), FAST.to_owned()]
+            .concat();
     let server = serve(&config, &["--upstream-retries", "0", "--metrics-listen", "127.0.0.1:0"]);
     let answered_by = async |server: &Server| {
         let (status, body) = chat(server, "fast").await;
@@ -549,13 +542,9 @@ async fn the_breaker_skips_a_failing_upstream_then_tries_it_again_after_the_cool
 #[tokio::test]
 async fn after_the_cool_down_one_call_only_tries_the_upstream_again() {
     let (a, b) = (mock(KEY_A).await, mock(KEY_B).await);
-    let config = [
-        "breaker_failures = 1\nbreaker_cool_down = \"1s\"\n".to_owned(),
-        upstream("a", a.api_base().as_str(), r#"models = ["gpt-*"]"#),
-        upstream("b", b.api_base().as_str(), r#"models = ["llama*"]"#),
-        FAST.to_owned(),
-    ]
-    .concat();
+    let config =
+        ["breaker_failures = 1\nbreaker_cool_down = \"1s\"\n".to_owned(), gpt_and_llama(&a, &b), FAST.to_owned()]
+            .concat();
     let server = serve(&config, &["--upstream-retries", "0", "--upstream-header-timeout", "700ms"]);
     fail(&a, json!({"status": 503})).await;
     let (status, body) = chat(&server, "fast").await;
@@ -585,12 +574,7 @@ async fn after_the_cool_down_one_call_only_tries_the_upstream_again() {
 #[tokio::test]
 async fn when_every_target_is_skipped_the_call_is_tried_anyway() {
     let (a, b) = (mock(KEY_A).await, mock(KEY_B).await);
-    let config = [
-        upstream("a", a.api_base().as_str(), r#"models = ["gpt-*"]"#),
-        upstream("b", b.api_base().as_str(), r#"models = ["llama*"]"#),
-        FAST.to_owned(),
-    ]
-    .concat();
+    let config = [gpt_and_llama(&a, &b), FAST.to_owned()].concat();
     // The breaker's settings as flags this time.
     let server = serve(&config, &["--upstream-retries", "0", "--breaker-failures", "2", "--breaker-cool-down", "60s"]);
     fail(&a, json!({"status": 503})).await;
