@@ -1146,7 +1146,7 @@ async fn a_version_4_sqlite_store_is_upgraded_in_place_and_keeps_its_requests() 
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
     assert!(stores.keys.usage(offload::store::usage::UsageOf::All, "2000-01-01").await.unwrap().is_empty());
 }
 

@@ -327,14 +327,13 @@ impl KeyStore for SqliteStore {
 
     async fn release_orphaned_slots(&self) -> Result<usize, StoreError> {
         self.write_with(|conn| {
-            conn.prepare_cached(
+            conn.prepare_cached(concat!(
                 "DELETE FROM key_slots
                  WHERE (node IS NULL OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = key_slots.node))
-                   AND NOT EXISTS (
-                       SELECT 1 FROM requests r
-                       WHERE r.owner = key_slots.node AND r.status NOT IN ('done', 'error', 'stop')
-                   )",
-            )
+                   AND NOT EXISTS (SELECT 1 FROM requests WHERE requests.owner = key_slots.node AND ",
+                super::unfinished!(),
+                ")"
+            ))
             .and_then(|mut s| s.execute([]))
             .map_err(db_err)
         })

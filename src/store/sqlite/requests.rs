@@ -208,8 +208,9 @@ impl Store for SqliteStore {
         self.read(|conn| {
             let mut stmt = conn
                 .prepare(&format!(
-                    "{SELECT_REQUEST} WHERE status NOT IN ('done', 'error', 'stop')
-                     AND (owner IS NULL OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = requests.owner))"
+                    "{SELECT_REQUEST} WHERE {}
+                     AND (owner IS NULL OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = requests.owner))",
+                    super::unfinished!()
                 ))
                 .map_err(db_err)?;
             let rows = stmt.query_map([], row_to_request).map_err(db_err)?;
@@ -220,9 +221,7 @@ impl Store for SqliteStore {
 
     async fn unfinished(&self) -> Result<Vec<StoredRequest>, StoreError> {
         self.read(|conn| {
-            let mut stmt = conn
-                .prepare(&format!("{SELECT_REQUEST} WHERE status NOT IN ('done', 'error', 'stop')"))
-                .map_err(db_err)?;
+            let mut stmt = conn.prepare(&format!("{SELECT_REQUEST} WHERE {}", super::unfinished!())).map_err(db_err)?;
             let rows = stmt.query_map([], row_to_request).map_err(db_err)?;
             rows.map(|r| r.map_err(db_err)?).collect()
         })

@@ -12,6 +12,24 @@ use crate::store::{RawPiece, StoreError, WriteOp};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::collections::HashMap;
 
+/// The key of a request not final yet.
+const LIVE_RKEY: &str = concat!("SELECT rkey FROM requests WHERE id = ?1 AND ", super::unfinished!());
+/// A new request.
+const INSERT_REQUEST: &str = "INSERT INTO requests (id, kind, access, created_at, bearer, stream_token, meta,
+     parameters, status, progress, body, final_at, owner)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+/// A running request's progress.
+const UPDATE_PROGRESS: &str =
+    concat!("UPDATE requests SET status = ?2, progress = ?3 WHERE rkey = ?1 AND ", super::unfinished!());
+/// A request's final write.
+const SETTLE: &str = concat!(
+    "UPDATE requests SET status = ?2, progress = ?3, body = ?4, final_at = ?5 WHERE rkey = ?1 AND ",
+    super::unfinished!()
+);
+/// The statements every request runs, for the test that none builds a temporary B-tree.
+#[cfg(test)]
+pub(super) const PER_REQUEST: [&str; 4] = [LIVE_RKEY, INSERT_REQUEST, UPDATE_PROGRESS, SETTLE];
+
 /// The internal key of a request that may still be written to: from the map of live requests, else from the
 /// table. `None` when the request is gone (deleted while a write for it was queued) or already final: such
 /// writes are dropped, so nothing of a final request ever changes and nothing is left orphaned.
@@ -20,7 +38,7 @@ fn rkey(conn: &Connection, rkeys: &mut HashMap<RequestId, i64>, id: RequestId) -
         return Ok(Some(*key));
     }
     let key: Option<i64> = conn
-        .prepare_cached("SELECT rkey FROM requests WHERE id = ?1 AND status NOT IN ('done', 'error', 'stop')")
+        .prepare_cached(LIVE_RKEY)
         .and_then(|mut s| s.query_row([id.as_bytes()], |r| r.get(0)).optional())
         .map_err(db_err)?;
     if let Some(key) = key {
@@ -165,29 +183,25 @@ fn insert_one(tx: &Connection, insert: &Insert<'_>) -> Result<i64, StoreError> {
     let progress = outcome.progress.unwrap_or(&pending);
     let (body, final_at) = outcome.finish.map_or((None, None), |f| (f.body, f.final_at));
     let (meta_json, progress_json) = (encode_meta(meta)?, encode_progress(progress)?);
-    tx.prepare_cached(
-        "INSERT INTO requests (id, kind, access, created_at, bearer, stream_token, meta, parameters, status, progress,
-             body, final_at, owner)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            meta.locator.id.as_bytes(),
-            meta.locator.kind.code(),
-            meta.locator.access.code(),
-            meta.locator.created_at,
-            meta.bearer.as_ref().map(|h| h.as_bytes().to_vec()),
-            meta.stream_token.as_ref().map(|h| h.as_bytes().to_vec()),
-            meta_json,
-            meta.parameters.get(),
-            progress.status.as_str(),
-            progress_json,
-            body,
-            final_at,
-            meta.owner.map(|n| n.as_bytes().to_vec()),
-        ])
-    })
-    .map_err(db_err)?;
+    tx.prepare_cached(INSERT_REQUEST)
+        .and_then(|mut s| {
+            s.execute(params![
+                meta.locator.id.as_bytes(),
+                meta.locator.kind.code(),
+                meta.locator.access.code(),
+                meta.locator.created_at,
+                meta.bearer.as_ref().map(|h| h.as_bytes().to_vec()),
+                meta.stream_token.as_ref().map(|h| h.as_bytes().to_vec()),
+                meta_json,
+                meta.parameters.get(),
+                progress.status.as_str(),
+                progress_json,
+                body,
+                final_at,
+                meta.owner.map(|n| n.as_bytes().to_vec()),
+            ])
+        })
+        .map_err(db_err)?;
     let key = tx.last_insert_rowid();
     if let Some(hook) = outcome.hook {
         super::webhooks::queue(tx, insert.id(), hook.url, hook.due)?;
@@ -206,18 +220,13 @@ fn update(tx: &Connection, key: i64, existing: &Existing<'_>) -> Result<(), Stor
     let Some(progress) = outcome.progress else { return Ok(()) };
     let json = encode_progress(progress)?;
     let Some(finish) = outcome.finish else {
-        tx.prepare_cached(
-            "UPDATE requests SET status = ?2, progress = ?3 WHERE rkey = ?1 AND status NOT IN ('done', 'error', 'stop')",
-        )
-        .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json]))
-        .map_err(db_err)?;
+        tx.prepare_cached(UPDATE_PROGRESS)
+            .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json]))
+            .map_err(db_err)?;
         return Ok(());
     };
     let changed = tx
-        .prepare_cached(
-            "UPDATE requests SET status = ?2, progress = ?3, body = ?4, final_at = ?5
-             WHERE rkey = ?1 AND status NOT IN ('done', 'error', 'stop')",
-        )
+        .prepare_cached(SETTLE)
         .and_then(|mut s| s.execute(params![key, progress.status.as_str(), json, finish.body, finish.final_at]))
         .map_err(db_err)?;
     if changed > 0 {
