@@ -83,7 +83,7 @@ impl IntoResponse for ApiError {
 
 /// The last word on every response: an error status whose body is not JSON (an extractor's or a layer's plain
 /// text, an empty 405) gets the JSON format of the contract, keeping its status and headers.
-pub async fn json_errors(response: Response) -> Response {
+pub fn json_errors(response: Response) -> Response {
     let status = response.status();
     let is_json = response
         .headers()

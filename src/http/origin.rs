@@ -3,7 +3,7 @@
 //! key), by a simple form-like POST that needs no preflight, or by a DNS name of the attacker's own that resolves
 //! to the server (DNS rebinding), under which the page is "same-origin" with it.
 //!
-//! While the server is open, [`guard`] answers:
+//! While the server is open, [`refusal`] answers:
 //! - only the names of this server: its public URL's host, its advertise URL's host (peers relay calls under
 //!   it), `localhost`, `127.0.0.1` and `[::1]`, with any port, and what `--allowed-hosts` adds; any other `Host`
 //!   is a 421 (a rebinding page's `Host` is its own name, so it never gets an answer);
@@ -21,9 +21,8 @@ use super::AppState;
 use super::error::ApiError;
 pub use crate::domain::host::{host_setting, origin_setting};
 use crate::domain::host::{name_of, normal_origin};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 /// The names every server answers to, with any port.
@@ -153,25 +152,26 @@ fn host_of(request: &Request) -> Option<String> {
     }
 }
 
-/// The middleware: see the module's comment.
-pub async fn guard(State(app): State<AppState>, request: Request, next: Next) -> Response {
-    // Every call passes here, `/healthz` and the reads of running requests included: while the store does not
-    // answer, the last answer serves, so that no call waits on it.
-    let open = if app.engine.store_answers() { app.gate.is_open().await } else { app.gate.was_open() };
-    if !open {
-        return next.run(request).await;
-    }
-    let host = host_of(&request);
+/// Whether the server is open (no service key), so that [`refusal`] applies. Every call asks, `/healthz` and the
+/// reads of running requests included: while the store does not answer, the last answer serves, so that no call
+/// waits on it.
+pub async fn is_open(app: &AppState) -> bool {
+    if app.engine.store_answers() { app.gate.is_open().await } else { app.gate.was_open() }
+}
+
+/// The answer refusing a call to an open server (see the module's comment), if it is refused.
+pub fn refusal(app: &AppState, request: &Request) -> Option<Response> {
+    let host = host_of(request);
     if let Err(refused) = app.web.check_host(host.as_deref()) {
-        return refused.into_response();
+        return Some(refused.into_response());
     }
     // Every method: the preflight too, so that the browser does not even send the call.
     if CREATES.contains(&request.uri().path())
         && let Err(refused) = app.web.check_origin(request.headers(), host.as_deref())
     {
-        return refused.into_response();
+        return Some(refused.into_response());
     }
-    next.run(request).await
+    None
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@
 pub mod otel;
 
 use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -132,8 +131,13 @@ pub fn request_log_span(id: impl std::fmt::Display) -> tracing::Span {
     )
 }
 
-/// The middleware around every route: the span, the access line and the HTTP metrics.
-pub async fn observe(request: Request, next: Next) -> Response {
+/// Around every route (the outermost part of the HTTP edge, `http::edge`): the span, the access line and the
+/// HTTP metrics of `inner`'s answer.
+pub async fn observe<F, Fut>(request: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let started = Instant::now();
     let method = request.method().clone();
     let route = route_of(&request);
@@ -146,7 +150,7 @@ pub async fn observe(request: Request, next: Next) -> Response {
         trace_id = tracing::field::Empty
     );
     let in_flight = crate::metrics::http_in_flight();
-    let response = next.run(request).instrument(span.clone()).await;
+    let response = inner(request).instrument(span.clone()).await;
     drop(in_flight);
     let elapsed = started.elapsed();
     let status = response.status();

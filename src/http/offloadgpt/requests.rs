@@ -388,16 +388,25 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
     }
 }
 
-/// Sets `Allow` on the 405s and `OPTIONS` answers of request URLs.
-pub async fn allow_by_ending(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+/// What `Allow` the 405s and `OPTIONS` answers of a request URL say (see [`Allow::answer`]).
+pub fn allow_of(request: &axum::extract::Request) -> Option<Allow> {
     let path = request.uri().path();
-    let allow = if path.contains("/r/") { allowed_methods(path) } else { None };
-    let options = request.method() == axum::http::Method::OPTIONS;
-    let mut response = next.run(request).await;
-    if let Some(allow) = allow
-        && (options || response.status() == StatusCode::METHOD_NOT_ALLOWED)
-    {
-        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    let methods = if path.contains("/r/") { allowed_methods(path) } else { None }?;
+    Some(Allow { methods, options: request.method() == axum::http::Method::OPTIONS })
+}
+
+/// The methods a request URL allows, and whether they were asked for (`OPTIONS`).
+pub struct Allow {
+    methods: &'static str,
+    options: bool,
+}
+
+impl Allow {
+    /// Says the allowed methods in the answer to `OPTIONS` and in a 405.
+    pub fn answer(self, mut response: Response) -> Response {
+        if self.options || response.status() == StatusCode::METHOD_NOT_ALLOWED {
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(self.methods));
+        }
+        response
     }
-    response
 }

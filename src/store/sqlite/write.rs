@@ -106,19 +106,43 @@ fn execute(w: &mut Writer, plan: &Plan<'_>, inserted: &mut Vec<RequestId>, may_y
             updates.push(Step::Update(key, existing));
         }
     }
-    let steps = plan.events.iter().map(Step::Event).chain(plan.raws.iter().map(Step::Raw)).chain(updates);
-    for step in steps {
-        if let Some(waiting) = may_yield.then(|| queue.urgent_due(opened)).flatten() {
-            join_and_commit(tx, rkeys, waiting)?;
-            tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
-            opened = std::time::Instant::now();
+    let mut steps =
+        plan.events.iter().map(Step::Event).chain(plan.raws.iter().map(Step::Raw)).chain(updates).peekable();
+    let yield_due = |opened| may_yield.then(|| queue.urgent_due(opened)).flatten();
+    while let Some(waiting) = run_steps(&tx, &keys, &mut steps, || yield_due(opened))? {
+        join_and_commit(tx, rkeys, waiting)?;
+        tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+        opened = std::time::Instant::now();
+    }
+    tx.commit().map_err(db_err)
+}
+
+/// Runs steps in `tx` until there are none left (`None`) or `yield_due` hands over creates waiting for the writer.
+fn run_steps<'p, 'a: 'p>(
+    tx: &Connection,
+    keys: &HashMap<RequestId, i64>,
+    steps: &mut std::iter::Peekable<impl Iterator<Item = Step<'p, 'a>>>,
+    yield_due: impl Fn() -> Option<Vec<Urgent>>,
+) -> Result<Option<Vec<Urgent>>, StoreError> {
+    // The events' statement, taken from the cache once per transaction rather than once per event (each take
+    // hashes the SQL text).
+    let mut insert_event = None;
+    while steps.peek().is_some() {
+        if let Some(waiting) = yield_due() {
+            return Ok(Some(waiting));
         }
+        let Some(step) = steps.next() else { break };
         match step {
             Step::Event(event) => {
                 let Some(key) = keys.get(&event.id) else { continue };
-                tx.prepare_cached("INSERT OR REPLACE INTO events (rkey, seq, data) VALUES (?1, ?2, ?3)")
-                    .and_then(|mut s| s.execute(params![key, event.seq, event.data]))
-                    .map_err(db_err)?;
+                let statement = match &mut insert_event {
+                    Some(statement) => statement,
+                    None => insert_event.insert(
+                        tx.prepare_cached("INSERT OR REPLACE INTO events (rkey, seq, data) VALUES (?1, ?2, ?3)")
+                            .map_err(db_err)?,
+                    ),
+                };
+                statement.execute(params![key, event.seq, event.data]).map_err(db_err)?;
             }
             Step::Raw(raw) => {
                 let Some(key) = keys.get(&raw.id) else { continue };
@@ -132,10 +156,10 @@ fn execute(w: &mut Writer, plan: &Plan<'_>, inserted: &mut Vec<RequestId>, may_y
                 .and_then(|mut s| s.execute(params![key, raw.seq, bytes, through]))
                 .map_err(db_err)?;
             }
-            Step::Update(key, existing) => update(&tx, key, existing)?,
+            Step::Update(key, existing) => update(tx, key, existing)?,
         }
     }
-    tx.commit().map_err(db_err)
+    Ok(None)
 }
 
 /// The inserts the schedule handed over join the transaction, which commits: one commit lets them in. If that
