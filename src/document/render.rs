@@ -219,5 +219,13 @@ pub fn render(
     };
     // Serialising plain structs, strings and already-valid JSON into a Vec cannot fail; an empty document
     // would still be answered as JSON-less 200, so fall back to a minimal valid object.
-    serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec())
+    // A document is about 1.5 KiB before its body: reserved at once rather than grown by doubling from nothing.
+    let mut out = Vec::with_capacity(DOCUMENT_CAPACITY);
+    match serde_json::to_writer(&mut out, &doc) {
+        Ok(()) => out,
+        Err(_) => b"{}".to_vec(),
+    }
 }
+
+/// What [`render`] reserves for a document.
+const DOCUMENT_CAPACITY: usize = 2048;
