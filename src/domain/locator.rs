@@ -126,20 +126,22 @@ impl Locator {
         url
     }
 
-    /// Writes the path of the request without suffix, e.g. `/1/r/pub/2023/06/01/11/07/06/<id>`, digit by digit: every create answer and status document carries three or four of these
-    /// URLs, and `format!` made them a tenth of a status read's instructions (measured; docs/DECISIONS.md).
+    /// Writes the path of the request without suffix, e.g. `/1/r/pub/2023/06/01/11/07/06/<id>`, without `fmt`:
+    /// every create answer and status document carries three or four of these URLs, and `format!` made them a
+    /// tenth of a status read's instructions (measured; docs/DECISIONS.md).
     fn push_path(&self, out: &mut String) {
         let [year, month, day, hour, minute, second] =
             UrlDate::of(self.created_at).map(|d| d.0).unwrap_or([1970, 1, 1, 0, 0, 0]);
+        let mut number = itoa::Buffer::new();
         out.push('/');
-        out.push(char::from(b'0' + self.kind.code() % 10));
+        out.push_str(number.format(self.kind.code()));
         out.push_str("/r/");
         out.push_str(self.access.segment());
         out.push('/');
-        push_digits(out, year, 4);
+        push_padded(out, number.format(year), 4);
         for part in [month, day, hour, minute, second] {
             out.push('/');
-            push_digits(out, part, 2);
+            push_padded(out, number.format(part), 2);
         }
         out.push('/');
         let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -150,19 +152,10 @@ impl Locator {
 /// The length of a path: `/1/r/priv/2023/06/01/11/07/06/` and a hyphenated UUID.
 const PATH_LEN: usize = 30 + uuid::fmt::Hyphenated::LENGTH;
 
-/// `value` in decimal, zero-padded to `width` digits (more when it needs more, as `{:0width$}` would).
-fn push_digits(out: &mut String, value: u16, width: usize) {
-    let mut digits = [b'0'; 5];
-    let (mut rest, mut at) = (value, digits.len());
-    while rest > 0 {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-    }
-    let start = at.min(digits.len() - width);
-    for &d in &digits[start..] {
-        out.push(char::from(d));
-    }
+/// `digits` zero-padded to `width` (as `{:0width$}` would).
+fn push_padded(out: &mut String, digits: &str, width: usize) {
+    out.extend(std::iter::repeat_n('0', width.saturating_sub(digits.len())));
+    out.push_str(digits);
 }
 
 #[cfg(test)]

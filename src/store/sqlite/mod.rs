@@ -45,6 +45,13 @@ macro_rules! unfinished {
 }
 pub(super) use unfinished;
 
+/// The index of the requests not final yet (recovery and takeover look them up), with [`unfinished`]'s condition.
+macro_rules! unfinished_index {
+    () => {
+        concat!("CREATE INDEX IF NOT EXISTS requests_unfinished ON requests(status) WHERE ", unfinished!(), ";")
+    };
+}
+
 /// The tables version 5 added (nodes, per-key in-flight slots and rate buckets): in the schema of a new store,
 /// and in the upgrade of a version 4 one.
 macro_rules! version_5_tables {
@@ -108,9 +115,9 @@ CREATE TABLE IF NOT EXISTS requests (
     final_at INTEGER,
     owner BLOB
 );
-CREATE INDEX IF NOT EXISTS requests_unfinished ON requests(status) WHERE ",
-    unfinished!(),
-    ";
+",
+    unfinished_index!(),
+    "
 CREATE INDEX IF NOT EXISTS requests_final_at ON requests(final_at) WHERE final_at IS NOT NULL;
 -- Rows in arrival order: with thousands of streams appending at once, a commit's chunks sit on a few
 -- consecutive pages instead of one page per stream; only the small index entries scatter.
@@ -170,13 +177,7 @@ const UPGRADES: &[&str] = &[
     concat!("ALTER TABLE requests ADD COLUMN owner BLOB;", version_5_tables!()),
     version_6_tables!(),
     // Version 7: the index of unfinished requests without a constant list (see [`unfinished`]).
-    concat!(
-        "DROP INDEX IF EXISTS requests_unfinished;
-CREATE INDEX requests_unfinished ON requests(status) WHERE ",
-        unfinished!(),
-        ";
-PRAGMA user_version = 7;"
-    ),
+    concat!("DROP INDEX IF EXISTS requests_unfinished;", unfinished_index!(), "PRAGMA user_version = 7;"),
 ];
 
 /// The oldest version [`UPGRADES`] start from.
