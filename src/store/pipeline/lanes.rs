@@ -21,6 +21,16 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// Failed tries of a slice before its writes are tried one by one to find one that can never be stored.
 const TRIES_BEFORE_SPLIT: u32 = 3;
 
+/// For how many flush intervals after its last write an emptied persister keeps looking at its queue once per
+/// interval (a timer it sets itself) rather than sleeping until a write wakes it. Under a steady flow of calls,
+/// the first write after each flush would otherwise wake this thread from the call's own path, in the middle of
+/// the call (BENCHMARKS.md, "Issue 21, fifth round"); a server that goes idle makes at most this many idle ticks
+/// and then sleeps until woken.
+const TICK_FOR: u32 = 4;
+
+/// The shortest flush interval ticked at: below it, a tick would cost more than the wake it saves.
+const TICK_MIN: Duration = Duration::from_millis(5);
+
 pub(super) type Ack = oneshot::Sender<Result<(), StoreError>>;
 
 pub(super) enum Cmd {
@@ -48,6 +58,8 @@ struct Lanes {
     /// Consecutive failed tries of the head slice, and when to try it again.
     retries: Backoff,
     retry_at: Option<Instant>,
+    /// When the last write or flush was taken from the queue.
+    last_taken: Option<Instant>,
 }
 
 impl Lanes {
@@ -60,10 +72,12 @@ impl Lanes {
             head: None,
             retries: RETRIES,
             retry_at: None,
+            last_taken: None,
         }
     }
 
     fn take(&mut self, cmd: Cmd) {
+        self.last_taken = Some(Instant::now());
         match cmd {
             Cmd::Bulk(op, ack) => {
                 self.bulk_since.get_or_insert_with(Instant::now);
@@ -88,6 +102,11 @@ impl Lanes {
             || self.bulk.len() >= SLICE
             || self.bulk_since.is_some_and(|since| since.elapsed() >= interval)
             || (self.bulk.is_empty() && !self.bulk_acks.is_empty())
+    }
+
+    /// Whether an emptied lane looks at the queue on a timer rather than waiting to be woken: writes came lately.
+    fn ticks(&self, interval: Duration) -> bool {
+        interval >= TICK_MIN && self.last_taken.is_some_and(|at| at.elapsed() < interval * TICK_FOR)
     }
 
     fn is_empty(&self) -> bool {
@@ -136,6 +155,8 @@ pub(super) async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc:
     let Handles { healthy, wake, held, retry_soon } = handles;
     let mut lanes = Lanes::new();
     let mut open = true;
+    // When the tick that just ended began: the writes it finds waiting arrived after that.
+    let mut ticked_from = None;
     while open || !lanes.is_empty() {
         crate::metrics::store_queue(lanes.queued() + rx.len());
         crate::metrics::store_held_bytes(held.load(Ordering::Relaxed));
@@ -157,6 +178,16 @@ pub(super) async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc:
                             continue;
                         }
                     }
+                }
+                // Writes came lately: look again in one interval, without being woken for the next one. Whatever
+                // arrived meanwhile has waited at most that long and is written at once (`ticked_from`).
+                None if lanes.is_empty() && rx.is_empty() && lanes.ticks(interval) => {
+                    ticked_from = Some(Instant::now());
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval) => {}
+                        _ = wake.notified() => {}
+                    }
+                    Woke::Due
                 }
                 None if lanes.is_empty() => tokio::select! {
                     cmd = rx.recv() => cmd.map_or(Woke::Closed, Woke::Cmd),
@@ -193,6 +224,12 @@ pub(super) async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc:
                     open = false;
                     break;
                 }
+            }
+        }
+        if let Some(from) = ticked_from.take() {
+            // The lane was empty when the tick began, so its writes all arrived since.
+            if lanes.bulk_since.is_some() {
+                lanes.bulk_since = Some(from);
             }
         }
         if !open {
@@ -298,5 +335,106 @@ fn describe(op: &WriteOp) -> String {
         WriteOp::Raw { id, seq, .. } => format!("raw piece {seq} of {id}"),
         WriteOp::Progress { id, .. } => format!("progress of {id}"),
         WriteOp::Finish { id, .. } => format!("final status of {id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The persister's schedule, on a store that records when each write reached it (tokio's clock paused, so the
+    //! times are exact).
+    use super::*;
+    use crate::domain::RequestId;
+    use crate::store::{RawCursor, RawPage, StoredRequest};
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use std::sync::Mutex;
+
+    /// Records the time of every write; knows nothing else.
+    #[derive(Default)]
+    struct Clock(Mutex<Vec<(u64, Instant)>>);
+
+    #[async_trait]
+    impl Store for Clock {
+        async fn write(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
+            let now = Instant::now();
+            for op in ops.iter() {
+                if let WriteOp::Event { seq, .. } = op {
+                    self.0.lock().unwrap().push((*seq, now));
+                }
+            }
+            Ok(())
+        }
+        async fn ping(&self, _: Duration) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn get(&self, _: RequestId) -> Result<Option<StoredRequest>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn head(&self, _: RequestId) -> Result<Option<StoredRequest>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn events(&self, _: RequestId, _: u64, _: usize) -> Result<Vec<(u64, String)>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn raw_page(&self, _: RequestId, _: RawCursor, _: usize) -> Result<RawPage, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn delete(&self, _: RequestId) -> Result<bool, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn unfinished(&self) -> Result<Vec<StoredRequest>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn orphans(&self) -> Result<Vec<StoredRequest>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn purge_finished(&self, _: i64, _: usize) -> Result<usize, StoreError> {
+            Err(StoreError::Closed)
+        }
+    }
+
+    const INTERVAL: Duration = Duration::from_millis(50);
+
+    /// Sends event `seq` and returns when it was sent.
+    async fn send(tx: &mpsc::Sender<Cmd>, seq: u64) -> Instant {
+        let op = WriteOp::Event { id: RequestId::generate(), seq, data: Bytes::from_static(b"{}") };
+        tx.send(Cmd::Bulk(op, None)).await.unwrap();
+        Instant::now()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_write_is_stored_within_one_interval_whether_the_persister_sleeps_or_ticks() {
+        let store = Arc::new(Clock::default());
+        let (tx, rx) = mpsc::channel(16);
+        let handles = Handles {
+            healthy: Arc::new(AtomicBool::new(true)),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            held: Arc::new(AtomicUsize::new(0)),
+            retry_soon: Arc::new(AtomicBool::new(false)),
+        };
+        let task = tokio::spawn(run(store.clone(), INTERVAL, rx, handles));
+        let mut sent = Vec::new();
+        // An idle persister, woken by the write.
+        sent.push(send(&tx, 1).await);
+        // Just after the first flush: the persister now ticks, and this write arrives in the middle of a tick.
+        tokio::time::sleep(INTERVAL + INTERVAL / 5).await;
+        sent.push(send(&tx, 2).await);
+        // Long after: the persister sleeps again until woken.
+        tokio::time::sleep(INTERVAL * TICK_FOR * 2).await;
+        sent.push(send(&tx, 3).await);
+        tokio::time::sleep(INTERVAL * 3).await;
+        drop(tx);
+        task.await.unwrap();
+        let written = store.0.lock().unwrap().clone();
+        assert_eq!(written.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [1, 2, 3]);
+        // The second write was found by the tick that was running when it came, not by a wake of its own (which
+        // would have started a full interval's wait).
+        assert!(written[1].1 - sent[1] < INTERVAL, "write 2 was not found by a tick");
+        // The third came long after the persister stopped ticking: it woke the persister, and waited the interval.
+        assert_eq!(written[2].1 - sent[2], INTERVAL, "write 3 was found by a tick: the idle persister kept ticking");
+        for ((seq, at), sent) in written.into_iter().zip(sent) {
+            let waited = at - sent;
+            assert!(waited <= INTERVAL, "write {seq} waited {waited:?}, more than the flush interval");
+        }
     }
 }
