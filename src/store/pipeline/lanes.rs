@@ -21,10 +21,10 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// Failed tries of a slice before its writes are tried one by one to find one that can never be stored.
 const TRIES_BEFORE_SPLIT: u32 = 3;
 
-/// For how many flush intervals after its last write an emptied persister keeps looking at its queue once per
-/// interval (a timer it sets itself) rather than sleeping until a write wakes it. Under a steady flow of calls,
-/// the first write after each flush would otherwise wake this thread from the call's own path, in the middle of
-/// the call (BENCHMARKS.md, "Issue 21, fifth round"); a server that goes idle makes at most this many idle ticks
+/// For how many flush intervals after its last write to the store an emptied persister keeps looking at its queue
+/// once per interval (a timer it sets itself) rather than sleeping until a write wakes it. Under a steady flow of
+/// calls, the first write after each flush would otherwise wake this thread from the call's own path, in the middle
+/// of the call (BENCHMARKS.md, "Issue 21, fifth round"); a server that goes idle makes at most this many idle ticks
 /// and then sleeps until woken.
 const TICK_FOR: u32 = 4;
 
@@ -58,8 +58,8 @@ struct Lanes {
     /// Consecutive failed tries of the head slice, and when to try it again.
     retries: Backoff,
     retry_at: Option<Instant>,
-    /// When the last write or flush was taken from the queue.
-    last_taken: Option<Instant>,
+    /// When a write to the store last left the bulk lane empty.
+    emptied: Option<Instant>,
 }
 
 impl Lanes {
@@ -72,12 +72,11 @@ impl Lanes {
             head: None,
             retries: RETRIES,
             retry_at: None,
-            last_taken: None,
+            emptied: None,
         }
     }
 
     fn take(&mut self, cmd: Cmd) {
-        self.last_taken = Some(Instant::now());
         match cmd {
             Cmd::Bulk(op, ack) => {
                 self.bulk_since.get_or_insert_with(Instant::now);
@@ -104,9 +103,9 @@ impl Lanes {
             || (self.bulk.is_empty() && !self.bulk_acks.is_empty())
     }
 
-    /// Whether an emptied lane looks at the queue on a timer rather than waiting to be woken: writes came lately.
+    /// Whether an emptied lane looks at the queue on a timer rather than waiting to be woken: it was written lately.
     fn ticks(&self, interval: Duration) -> bool {
-        interval >= TICK_MIN && self.last_taken.is_some_and(|at| at.elapsed() < interval * TICK_FOR)
+        interval >= TICK_MIN && self.emptied.is_some_and(|at| at.elapsed() < interval * TICK_FOR)
     }
 
     fn is_empty(&self) -> bool {
@@ -228,9 +227,7 @@ pub(super) async fn run(store: Arc<dyn Store>, interval: Duration, mut rx: mpsc:
         }
         if let Some(from) = ticked_from.take() {
             // The lane was empty when the tick began, so its writes all arrived since.
-            if lanes.bulk_since.is_some() {
-                lanes.bulk_since = Some(from);
-            }
+            lanes.bulk_since = lanes.bulk_since.map(|_| from);
         }
         if !open {
             lanes.flush_now = true;
@@ -302,6 +299,7 @@ async fn write_head_slice(store: &dyn Store, lanes: &mut Lanes, healthy: &Atomic
     if lanes.bulk.is_empty() {
         lanes.bulk_since = None;
         lanes.flush_now = !lanes.bulk_acks.is_empty();
+        lanes.emptied = Some(Instant::now());
     }
 }
 
