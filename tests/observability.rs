@@ -200,6 +200,17 @@ async fn metrics_move_with_traffic_and_labels_carry_no_ids_or_urls() {
     assert!(after.has("offload_store_queue_writes"));
     // Histograms are histograms (buckets), not summaries.
     assert!(after.value("offload_time_to_first_token_seconds_bucket", &[("le", "+Inf")]) >= 1.0);
+    // Durations have buckets below a millisecond, where a create and its insert fall: a 1 ms target is readable.
+    for le in ["0.0001", "0.00025", "0.0005", "0.00075", "0.001"] {
+        let bucket = format!("le=\"{le}\"");
+        assert!(
+            after
+                .0
+                .keys()
+                .any(|s| s.starts_with("offload_store_write_duration_seconds_bucket{") && s.contains(&bucket)),
+            "no store write bucket at {le} s"
+        );
+    }
 
     let id = id_of(&status_url);
     for value in after.label_values() {

@@ -8,9 +8,9 @@
 //!   webhooks, nodes, deletes), which must not run concurrently with a batch.
 //! - **A long batch lets inserts in** ([`SerialQueue::urgent_due`]): between two writes of a batch, once its
 //!   transaction has been open for [`YIELD_AFTER`] while inserts wait, the inserts are handed to it; it writes
-//!   them in its transaction, commits, and goes on in a new one. So a create waits for about a millisecond of
-//!   someone else's writes, not for a whole batch, and a steady stream of creates cannot split a batch into a
-//!   commit per write.
+//!   them in its transaction, commits, and goes on in a new one. So a create waits for about a tenth of a
+//!   millisecond of someone else's writes, not for a whole batch, and a steady stream of creates cannot split a
+//!   batch into a commit per write (at most one commit per [`YIELD_AFTER`] of the batch's own work).
 
 use crate::store::{StoreError, WriteOp};
 use parking_lot::{Condvar, Mutex};
@@ -18,8 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-/// How long a batch keeps its transaction open while creates wait.
-pub const YIELD_AFTER: Duration = Duration::from_millis(1);
+/// How long a batch keeps its transaction open while creates wait. A bulk batch at 2,000 creates a second takes
+/// about a millisecond; at 1 ms here most batches ended before letting inserts in, and a create that came during
+/// one waited for all of it (BENCHMARKS.md, "Issue 21, sixth round").
+pub const YIELD_AFTER: Duration = Duration::from_micros(100);
 
 /// A create's insert waiting for the thread, with whom to tell the outcome.
 pub type Urgent = (std::sync::Arc<[WriteOp]>, oneshot::Sender<Result<(), StoreError>>);
