@@ -24,6 +24,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "store_contract/sqlite_inline.rs"]
+mod sqlite_inline;
 #[path = "store_contract/sqlite_wal.rs"]
 mod sqlite_wal;
 mod support;
@@ -1167,6 +1169,12 @@ fn main() -> ExitCode {
         Flavor::CurrentThread,
         harness::nothing,
         sqlite_wal::the_wal_is_started_over_after_a_checkpoint_by_the_store_itself,
+    ));
+    trials.push(harness::test(
+        "an_insert_waiting_for_another_process_lock_does_not_hold_up_its_thread",
+        Flavor::CurrentThread,
+        harness::nothing,
+        sqlite_inline::an_insert_waiting_for_another_process_lock_does_not_hold_up_its_thread,
     ));
     harness::run(trials)
 }

@@ -27,6 +27,7 @@ impl Engine {
         (held, key): (Option<InFlightSlot>, Option<String>),
     ) -> Result<Created, CreateError> {
         let inner = &self.inner;
+        let waited_for_alone = !req.answer_waits_for_upstream;
         if !self.accepting() {
             return Err(CreateError::ShuttingDown);
         }
@@ -128,7 +129,7 @@ impl Engine {
 
         // The upstream call starts while the insert commits; the answer waits for the insert, and the worker writes
         // nothing (and drops the call) if it fails.
-        let inserted = inner.persister.commit_soon(WriteOp::Insert(meta.clone()));
+        let inserted = inner.persister.commit_soon(WriteOp::Insert(meta.clone()), waited_for_alone);
         let live = LiveRequest::new(meta.clone(), hide_usage);
         inner.hub.lock().insert(id, live.clone());
         let work = worker::run(

@@ -240,6 +240,13 @@ pub trait Store: Send + Sync + 'static {
         self.write(ops).await
     }
 
+    /// [`Self::write_urgent`] for an insert that is all its caller waits for (an OffloadGPT or Responses create,
+    /// not the OpenAI entry, whose answer waits for the upstream too): a store may commit it on the caller's
+    /// thread when that is quicker than handing it over.
+    async fn write_urgent_here(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
+        self.write_urgent(ops).await
+    }
+
     /// One real round trip to the database, bounded by `within`: whether the store answers right now (for
     /// `/healthz` and for refusing creates while it does not). A write of nothing is no such test: a store may
     /// answer it without reaching the database.

@@ -52,6 +52,10 @@ pub struct CreateRequest {
     pub key_hash: Option<super::TokenHash>,
     /// The create call's W3C `traceparent`, when it sent a valid one: the request's trace continues it.
     pub traceparent: Option<String>,
+    /// The create's answer waits for the upstream as well as for the insert (the OpenAI entry): the insert then
+    /// commits beside the upstream call rather than ahead of it on the caller's thread
+    /// ([`crate::store::Store::write_urgent_here`]). Set by the endpoint, never by the body.
+    pub answer_waits_for_upstream: bool,
 }
 
 /// `from_status_url` and its companions.
@@ -165,6 +169,7 @@ impl CreateRequest {
             previous_response: None,
             key_hash: None,
             traceparent: None,
+            answer_waits_for_upstream: false,
         })
     }
 }

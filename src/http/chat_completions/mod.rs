@@ -59,7 +59,8 @@ pub async fn chat_completions(State(app): State<AppState>, request: Request) -> 
     let incoming: Incoming = intake::receive(&app, request).await?;
     let offload = OffloadHeaders::parse(&incoming.headers)?;
     let (kind, body) = create_body(&incoming.body, &offload)?;
-    let request = intake::parse(&body, &app)?;
+    let mut request = intake::parse(&body, &app)?;
+    request.answer_waits_for_upstream = true;
     let created = intake::admit(&app, kind, &incoming, request).await?;
     let live = created.live.clone();
     let guard = OnDisconnect { live: live.clone(), stop: offload.stop_on_disconnect };

@@ -187,6 +187,8 @@ pub async fn create(State(app): State<AppState>, request: Request) -> Result<Res
         previous_response: parsed.previous,
         key_hash,
         traceparent: None,
+        // Only a background request without a stream is answered before the upstream's first event.
+        answer_waits_for_upstream: !parsed.background || parsed.stream,
     };
     let created = intake::admit(&app, Kind::Stream, &incoming, request).await?;
     let live = created.live.clone();

@@ -124,10 +124,10 @@ impl Persister {
 
     /// Queues a write to be made at once (ahead of the bulk lane) and returns its receipt, which resolves once
     /// it is durable: for a create's insert, whose upstream call starts while the insert commits.
-    pub fn commit_soon(&self, op: WriteOp) -> Receipt {
+    pub fn commit_soon(&self, op: WriteOp, waited_for_alone: bool) -> Receipt {
         let (store, healthy, wake) = (self.store.clone(), self.healthy.clone(), self.wake.clone());
         let write = async move {
-            let result = write_urgent(&*store, Arc::from([op])).await;
+            let result = write_urgent(&*store, Arc::from([op]), waited_for_alone).await;
             healthy.store(result.is_ok(), Ordering::SeqCst);
             if result.is_err() {
                 // An idle persister then looks at the store's health again, and probes it.
@@ -175,12 +175,19 @@ impl Receipt {
 
 /// A create's insert: a few quick tries, then the failure goes back to the caller (who answers 503), so that
 /// nobody waits on a store that is down.
-async fn write_urgent(store: &dyn Store, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
+/// `waited_for_alone`: the insert is all its caller waits for ([`Store::write_urgent_here`]).
+async fn write_urgent(store: &dyn Store, ops: Arc<[WriteOp]>, waited_for_alone: bool) -> Result<(), StoreError> {
     // Three tries within about 0.1 s.
     let mut backoff = Backoff::new(Duration::from_millis(30), Duration::from_millis(60));
     loop {
         let tries = backoff.failures() + 1;
-        match crate::metrics::store_write("create", ops.len(), store.write_urgent(ops.clone())).await {
+        let write = async {
+            match waited_for_alone {
+                true => store.write_urgent_here(ops.clone()).await,
+                false => store.write_urgent(ops.clone()).await,
+            }
+        };
+        match crate::metrics::store_write("create", ops.len(), write).await {
             Ok(()) => return Ok(()),
             Err(e) if tries >= 3 => {
                 tracing::error!(error = %e, writes = ops.len(), "could not store new requests; they are refused");

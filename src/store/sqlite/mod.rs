@@ -1,7 +1,8 @@
 //! The embedded store: one SQLite file in WAL mode.
 //!
-//! All writes run on one dedicated thread that owns the write connection (SQLite has a single writer anyway):
-//! it executes, one at a time, what the pipeline's schedule ([`crate::store::pipeline::serial`]) hands it; a
+//! All writes run on one dedicated thread that owns the write connection (SQLite has a single writer anyway),
+//! except a create's insert while that connection is free, which its caller commits ([`writer`]): the thread
+//! executes, one at a time, what the pipeline's schedule ([`crate::store::pipeline::serial`]) hands it; a
 //! batch is its plan ([`crate::store::pipeline::plan`]) in one transaction with cached statements, and read-modify-write operations such as charging a quota
 //! are exact because nothing else writes in between. Reads use a small pool of read connections on the blocking
 //! thread pool; WAL lets them run while the writer commits. Another process (the `offload keys` command) may
@@ -21,10 +22,10 @@ mod requests;
 mod tests;
 mod webhooks;
 mod write;
+mod writer;
 
 use super::StoreError;
 use crate::domain::RequestId;
-use crate::store::pipeline::serial::Next;
 use parking_lot::Mutex;
 use rusqlite::Connection;
 use std::collections::HashMap;
@@ -193,6 +194,7 @@ pub(super) struct Writer {
     rkeys: HashMap<RequestId, i64>,
     /// Where the writer finds its work; a long batch looks here between writes for creates waiting.
     queue: Arc<write::Queue>,
+    checkpoints: Arc<writer::Checkpoints>,
 }
 
 impl std::ops::Deref for Writer {
@@ -213,6 +215,7 @@ type WriteJob = Box<dyn FnOnce(&mut Writer) + Send>;
 
 pub struct SqliteStore {
     queue: Arc<write::Queue>,
+    shared: Arc<writer::Shared>,
     readers: Arc<ReadPool>,
 }
 
@@ -253,7 +256,7 @@ fn json_err(e: serde_json::Error) -> StoreError {
 
 fn open(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(db_err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+    conn.busy_timeout(writer::BUSY_TIMEOUT).map_err(db_err)?;
     Ok(conn)
 }
 
@@ -354,11 +357,17 @@ mod owner_only {
 /// otherwise corrupt the database). Left to itself that sync lands in whatever write comes next, a create's
 /// insert most often: the create then waits for the disk (measured: the two-round-trip time to first chunk's
 /// p99). So the writer starts the log over at once, with a write of its own, while no create waits for it.
-fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<ReadPool>, writer: std::sync::Weak<write::Queue>) {
+fn checkpoint_loop(
+    conn: Connection,
+    alive: std::sync::Weak<ReadPool>,
+    writer: std::sync::Weak<write::Queue>,
+    checkpoints: Arc<writer::Checkpoints>,
+) {
     while alive.strong_count() > 0 {
         std::thread::sleep(std::time::Duration::from_millis(250));
-        let frames =
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)));
+        let frames = checkpoints.checkpoint(|| {
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+        });
         match frames {
             // More than the restart's own frame: once idle, the server stops after one restart (the first write
             // after a quiet spell then starts the log over itself).
@@ -376,7 +385,8 @@ fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<ReadPool>, writer: s
 /// Starts the WAL over (see [`checkpoint_loop`]): the smallest write, the schema version set to what it is
 /// (checked at open), one page.
 fn restart_log(w: &mut Writer) {
-    if let Err(e) = w.conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")) {
+    let checkpoints = w.checkpoints.clone();
+    if let Err(e) = checkpoints.writing(|| w.conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))) {
         tracing::warn!(error = %e, "could not start the WAL over; the next write will");
     }
 }
@@ -439,28 +449,20 @@ impl SqliteStore {
         }
 
         let queue = Arc::new(write::Queue::default());
-        let mut writer = Writer { conn, rkeys: HashMap::new(), queue: queue.clone() };
-        std::thread::Builder::new()
-            .name("offload-sqlite-writer".into())
-            .spawn(move || {
-                // A plain executor: the schedule is the queue's (the pipeline's).
-                while let Some(next) = writer.queue.next() {
-                    match next {
-                        Next::Urgent(jobs) => write::run_urgent(&mut writer, jobs),
-                        Next::Job(job) => job(&mut writer),
-                    }
-                }
-            })
-            .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+        let checkpointed = Arc::new(writer::Checkpoints::default());
+        let writer = Writer { conn, rkeys: HashMap::new(), queue: queue.clone(), checkpoints: checkpointed.clone() };
+        let shared = Arc::new(writer::Shared::new(writer, synchronous == Synchronous::Normal));
+        // A plain executor: the schedule is the queue's (the pipeline's).
+        writer::start(shared.clone(), queue.clone())?;
         let readers = Arc::new(ReadPool { path: path.clone(), idle: Mutex::new(Vec::new()) });
         let checkpoints = open(&path)?;
         let alive = Arc::downgrade(&readers);
         let writer_queue = Arc::downgrade(&queue);
         std::thread::Builder::new()
             .name("offload-sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpoints, alive, writer_queue))
+            .spawn(move || checkpoint_loop(checkpoints, alive, writer_queue, checkpointed))
             .map_err(|e| StoreError::Database(format!("cannot start the checkpoint thread: {e}")))?;
-        Ok(Self { queue, readers })
+        Ok(Self { queue, shared, readers })
     }
 
     /// Runs `f` on the writer thread, after every write queued before it.

@@ -76,6 +76,13 @@ impl Store for SqliteStore {
         true
     }
 
+    async fn write_urgent_here(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
+        match self.shared.insert_here(&ops) {
+            Some(result) => result,
+            None => self.write_urgent(ops).await,
+        }
+    }
+
     async fn write_urgent(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
         let (done, wait) = tokio::sync::oneshot::channel();
         self.queue.push_urgent((ops, done))?;
