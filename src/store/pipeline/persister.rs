@@ -181,12 +181,8 @@ async fn write_urgent(store: &dyn Store, ops: Arc<[WriteOp]>, waited_for_alone: 
     let mut backoff = Backoff::new(Duration::from_millis(30), Duration::from_millis(60));
     loop {
         let tries = backoff.failures() + 1;
-        let write = async {
-            match waited_for_alone {
-                true => store.write_urgent_here(ops.clone()).await,
-                false => store.write_urgent(ops.clone()).await,
-            }
-        };
+        let write =
+            if waited_for_alone { store.write_urgent_here(ops.clone()) } else { store.write_urgent(ops.clone()) };
         match crate::metrics::store_write("create", ops.len(), write).await {
             Ok(()) => return Ok(()),
             Err(e) if tries >= 3 => {

@@ -449,18 +449,18 @@ impl SqliteStore {
         }
 
         let queue = Arc::new(write::Queue::default());
-        let checkpointed = Arc::new(writer::Checkpoints::default());
-        let writer = Writer { conn, rkeys: HashMap::new(), queue: queue.clone(), checkpoints: checkpointed.clone() };
+        let checkpoints = Arc::new(writer::Checkpoints::default());
+        let writer = Writer { conn, rkeys: HashMap::new(), queue: queue.clone(), checkpoints: checkpoints.clone() };
         let shared = Arc::new(writer::Shared::new(writer, synchronous == Synchronous::Normal));
         // A plain executor: the schedule is the queue's (the pipeline's).
         writer::start(shared.clone(), queue.clone())?;
         let readers = Arc::new(ReadPool { path: path.clone(), idle: Mutex::new(Vec::new()) });
-        let checkpoints = open(&path)?;
+        let checkpoint_conn = open(&path)?;
         let alive = Arc::downgrade(&readers);
         let writer_queue = Arc::downgrade(&queue);
         std::thread::Builder::new()
             .name("offload-sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpoints, alive, writer_queue, checkpointed))
+            .spawn(move || checkpoint_loop(checkpoint_conn, alive, writer_queue, checkpoints))
             .map_err(|e| StoreError::Database(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(Self { queue, shared, readers })
     }
