@@ -117,6 +117,11 @@ fn describe() {
         "Time of one store transaction, by lane (create, bulk)."
     );
     describe_counter!("offload_store_write_errors_total", "Store transactions that failed, by lane (create, bulk).");
+    describe_counter!(
+        "offload_store_create_inserts_total",
+        "Creates' inserts tried in the embedded SQLite store, by where they were committed: caller (on the create's \
+         own thread) or the writer thread, and why (with_upstream, writer_busy, checkpoint, full_sync, try_failed)."
+    );
     describe_gauge!("offload_store_queue_writes", "Writes waiting for the store.");
     describe_gauge!(
         "offload_store_held_bytes",
@@ -191,6 +196,8 @@ const UPSTREAM_STATUSES: &[&str] = &["200", "429", "500", "502", "503", "504"];
 const UPSTREAM_FAILURES: &[&str] = &["connect_timeout", "unreachable", "failed"];
 const LANES: &[&str] = &["create", "bulk"];
 const WEBHOOK_OUTCOMES: &[&str] = &["delivered", "retrying", "failed"];
+/// Where a create's insert was committed in the embedded store (`caller`), or why by its writer thread.
+const CREATE_INSERTS: &[&str] = &["caller", "with_upstream", "writer_busy", "checkpoint", "full_sync", "try_failed"];
 
 /// Every family, with every value of its closed label sets, at zero from the start: a dashboard or an alert that
 /// expects a series finds it before the first event (a counter that is absent until its first webhook reads as
@@ -226,6 +233,9 @@ fn zero() {
         let _ = histogram!("offload_store_batch_writes", "lane" => lane);
         let _ = histogram!("offload_store_write_duration_seconds", "lane" => lane);
         counter!("offload_store_write_errors_total", "lane" => lane).absolute(0);
+    }
+    for &via in CREATE_INSERTS {
+        counter!("offload_store_create_inserts_total", "via" => via).absolute(0);
     }
     gauge!("offload_store_queue_writes").set(0.0);
     gauge!("offload_store_held_bytes").set(0.0);
@@ -395,6 +405,12 @@ where
         counter!("offload_store_write_errors_total", "lane" => lane).increment(1);
     }
     result
+}
+
+/// A create's insert was committed on its caller's thread (`caller`), or handed to the embedded store's writer
+/// thread, for `via` (one of [`CREATE_INSERTS`]: the reason's `as_str()`).
+pub fn create_insert(via: &'static str) {
+    counter!("offload_store_create_inserts_total", "via" => via).increment(1);
 }
 
 /// Writes waiting for the store (read each time the writer looks for work).

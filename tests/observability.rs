@@ -427,6 +427,7 @@ async fn every_family_is_exported_at_zero_before_any_traffic() {
         "offload_store_queue_writes",
         "offload_store_held_bytes",
         "offload_store_reachable",
+        "offload_store_create_inserts_total",
         "offload_webhook_attempts_total",
         "offload_tokens_total",
     ] {
@@ -443,6 +444,11 @@ async fn every_family_is_exported_at_zero_before_any_traffic() {
         ("offload_upstream_failures_total", "reason", &["connect_timeout", "unreachable", "failed"]),
         ("offload_store_write_errors_total", "lane", &["create", "bulk"]),
         ("offload_store_batch_writes_count", "lane", &["create", "bulk"]),
+        (
+            "offload_store_create_inserts_total",
+            "via",
+            &["caller", "with_upstream", "writer_busy", "checkpoint", "full_sync", "try_failed"],
+        ),
         ("offload_requests_finished_total", "status", &["done", "error", "stop"]),
         ("offload_requests_finished_total", "error_code", &["none", "timeout", "interrupted", "other"]),
         ("offload_http_requests_total", "route", &["/v1/stream-chatgpt", "/{kind}/r/{*rest}", "unmatched"]),
@@ -534,4 +540,46 @@ async fn tokens_are_counted_by_model_with_a_bounded_label_set() {
             >= ((MODELS - 32) as u64 * WORDS) as f64,
         "the models past the first 32 count as other"
     );
+}
+
+/// Every create's insert is counted once, by where the embedded store committed it: its caller's thread, or the
+/// writer thread and why.
+#[tokio::test]
+async fn creates_inserts_are_counted_by_where_they_were_committed() {
+    let _turn = SERIAL.lock().await;
+    const VIA: [&str; 6] = ["caller", "with_upstream", "writer_busy", "checkpoint", "full_sync", "try_failed"];
+    let inserts = |s: &Scrape| VIA.map(|via| s.value("offload_store_create_inserts_total", &[("via", via)]));
+    let moved = |before: &[f64; 6], after: &[f64; 6], via: &str| {
+        let i = VIA.iter().position(|v| *v == via).unwrap();
+        after[i] - before[i]
+    };
+
+    let app = spawn(|_| {}).await;
+    let before = inserts(&app.scrape().await);
+    for i in 0..20 {
+        let endpoint = if i % 2 == 0 { "async-chatgpt" } else { "stream-chatgpt" };
+        let (status, created) = app.create(endpoint, json!({"messages": user("hi")})).await;
+        assert_eq!(status, 200, "{created}");
+    }
+    for _ in 0..3 {
+        let body = json!({"model": "gpt-4o-mini", "messages": user("hi")});
+        let response = app.client.post(format!("{}/v1/chat/completions", app.base)).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let after = inserts(&app.scrape().await);
+    let total: f64 = VIA.iter().map(|via| moved(&before, &after, via)).sum();
+    assert_eq!(total, 23.0, "each insert counted once: {VIA:?} {before:?} -> {after:?}");
+    assert_eq!(moved(&before, &after, "with_upstream"), 3.0, "the OpenAI entry's inserts go to the writer thread");
+    assert!(moved(&before, &after, "caller") >= 1.0, "one create at a time finds the connection free at times");
+    assert_eq!(moved(&before, &after, "full_sync"), 0.0);
+
+    let full = spawn(|a| a.sqlite_synchronous = Some("full".into())).await;
+    let before = inserts(&full.scrape().await);
+    for _ in 0..3 {
+        let (status, created) = full.create("async-chatgpt", json!({"messages": user("hi")})).await;
+        assert_eq!(status, 200, "{created}");
+    }
+    let after = inserts(&full.scrape().await);
+    assert_eq!(moved(&before, &after, "full_sync"), 3.0, "every commit syncs: none is tried on the caller's thread");
+    assert_eq!(moved(&before, &after, "caller"), 0.0);
 }

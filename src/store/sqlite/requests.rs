@@ -1,5 +1,6 @@
 //! The request family: requests, their events and raw responses.
 
+use super::writer::Handover;
 use super::{SqliteStore, Writer, db_err, write};
 use crate::domain::RequestId;
 use crate::store::columns::{RequestRow, event_text};
@@ -64,6 +65,17 @@ fn row_to_request(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredRequ
     .decode())
 }
 
+impl SqliteStore {
+    /// A create's insert committed by the writer thread (with the next inserts waiting, in one transaction), for
+    /// `why`.
+    async fn hand_over(&self, ops: Arc<[WriteOp]>, why: Handover) -> Result<(), StoreError> {
+        crate::metrics::create_insert(why.as_str());
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.queue.push_urgent((ops, done))?;
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
@@ -78,15 +90,16 @@ impl Store for SqliteStore {
 
     async fn write_urgent_here(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
         match self.shared.insert_here(&ops) {
-            Some(result) => result,
-            None => self.write_urgent(ops).await,
+            Ok(result) => {
+                crate::metrics::create_insert("caller");
+                result
+            }
+            Err(why) => self.hand_over(ops, why).await,
         }
     }
 
     async fn write_urgent(&self, ops: Arc<[WriteOp]>) -> Result<(), StoreError> {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        self.queue.push_urgent((ops, done))?;
-        wait.await.map_err(|_| StoreError::Closed)?
+        self.hand_over(ops, Handover::WithUpstream).await
     }
 
     async fn ping(&self, within: std::time::Duration) -> Result<(), StoreError> {

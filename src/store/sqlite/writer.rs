@@ -87,27 +87,55 @@ impl Shared {
     }
 
     /// Commits a create's insert on the caller's thread if the connection is free and nothing makes that slow;
-    /// `None` when the insert must go to the writer thread (also after a failed try, which is rolled back).
-    pub(super) fn insert_here(&self, ops: &[WriteOp]) -> Option<Result<(), StoreError>> {
+    /// else why it must go to the writer thread (also after a failed try, which is rolled back).
+    pub(super) fn insert_here(&self, ops: &[WriteOp]) -> Result<Result<(), StoreError>, Handover> {
         if !self.inline {
-            return None;
+            return Err(Handover::FullSync);
         }
-        let mut writer = self.writer.try_lock()?;
+        let mut writer = self.writer.try_lock().ok_or(Handover::WriterBusy)?;
         if !writer.checkpoints.log_settled() {
-            return None;
+            return Err(Handover::Checkpoint);
         }
         // Another process holding the write lock fails the try at once rather than blocking this thread.
-        writer.conn.busy_timeout(Duration::ZERO).ok()?;
+        writer.conn.busy_timeout(Duration::ZERO).map_err(|_| Handover::TryFailed)?;
         let result = write::apply(&mut writer, ops, false);
         if let Err(e) = writer.conn.busy_timeout(BUSY_TIMEOUT) {
             tracing::warn!(error = %e, "could not set the write connection's busy timeout back");
         }
         match result {
-            Ok(()) => Some(Ok(())),
+            Ok(()) => Ok(Ok(())),
             Err(e) => {
                 tracing::debug!(error = %e, "an insert tried on the caller's thread goes to the writer thread");
-                None
+                Err(Handover::TryFailed)
             }
+        }
+    }
+}
+
+/// Why a create's insert is committed by the writer thread rather than on its caller's thread: a label value of
+/// `offload_store_create_inserts_total` (whose `caller` counts those committed there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Handover {
+    /// The create's answer waits for the upstream too (the OpenAI entry): its insert is never tried here.
+    WithUpstream,
+    /// The writer thread held the connection (a batch, another create's insert, or a checkpoint's own write).
+    WriterBusy,
+    /// A checkpoint ran since the writer thread's last write: the next write may start the log over (a sync).
+    Checkpoint,
+    /// Every commit syncs the disk (`--sqlite-synchronous full`).
+    FullSync,
+    /// The try failed (another process held the database's write lock) and was rolled back.
+    TryFailed,
+}
+
+impl Handover {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Self::WithUpstream => "with_upstream",
+            Self::WriterBusy => "writer_busy",
+            Self::Checkpoint => "checkpoint",
+            Self::FullSync => "full_sync",
+            Self::TryFailed => "try_failed",
         }
     }
 }
@@ -123,7 +151,44 @@ pub(super) fn start(shared: Arc<Shared>, queue: Arc<write::Queue>) -> Result<(),
 
 #[cfg(test)]
 mod tests {
-    use super::Checkpoints;
+    use super::{Checkpoints, Handover};
+    use crate::store::sqlite::{SqliteStore, Synchronous};
+
+    /// Marks the log settled (as a write of the writer thread does) and tries an insert of nothing.
+    fn try_settled(store: &SqliteStore) -> Result<Result<(), crate::store::StoreError>, Handover> {
+        let checkpoints = store.shared.writer.lock().checkpoints.clone();
+        checkpoints.writing(|| ());
+        store.shared.insert_here(&[])
+    }
+
+    #[test]
+    fn an_insert_is_committed_on_its_callers_thread_unless_something_sends_it_to_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), Synchronous::Normal).unwrap();
+        // The checkpoint thread's checkpoint (every 250 ms) may fall between the two steps: a few tries.
+        assert!(
+            (0..10).any(|_| matches!(try_settled(&store), Ok(Ok(())))),
+            "committed here when nothing is in the way"
+        );
+
+        let held = store.shared.writer.lock();
+        assert_eq!(store.shared.insert_here(&[]).err(), Some(Handover::WriterBusy));
+        drop(held);
+
+        let checkpoints = store.shared.writer.lock().checkpoints.clone();
+        checkpoints.checkpoint(|| ());
+        assert_eq!(store.shared.insert_here(&[]).err(), Some(Handover::Checkpoint));
+
+        // Another process's write transaction: the try fails at once and is rolled back.
+        let other = rusqlite::Connection::open(dir.path().join("offload.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        assert!((0..10).any(|_| try_settled(&store).err() == Some(Handover::TryFailed)));
+        other.execute_batch("ROLLBACK").unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let full = SqliteStore::open(dir.path(), Synchronous::Full).unwrap();
+        assert_eq!(try_settled(&full).err(), Some(Handover::FullSync));
+    }
 
     #[test]
     fn the_log_is_settled_only_after_a_writer_thread_write_that_began_after_the_last_checkpoint() {
