@@ -197,8 +197,8 @@ const UPSTREAM_FAILURES: &[&str] = &["connect_timeout", "unreachable", "failed"]
 const LANES: &[&str] = &["create", "bulk"];
 const WEBHOOK_OUTCOMES: &[&str] = &["delivered", "retrying", "failed"];
 /// Where a create's insert was committed in the embedded store (`caller`), or why by its writer thread.
-const CREATE_INSERTS: &[&str] = &["caller", "with_upstream", "writer_busy", "checkpoint", "full_sync", "try_failed"];
-
+pub(crate) const CREATE_INSERTS: &[&str] =
+    &["caller", "with_upstream", "writer_busy", "checkpoint", "full_sync", "try_failed"];
 /// Every family, with every value of its closed label sets, at zero from the start: a dashboard or an alert that
 /// expects a series finds it before the first event (a counter that is absent until its first webhook reads as
 /// "no data", not as 0). Registering a series is enough: the recorder renders it with its current value, 0.

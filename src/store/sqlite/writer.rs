@@ -204,4 +204,18 @@ mod tests {
         checkpoints.writing(|| ());
         assert!(checkpoints.log_settled(), "a write that began after the checkpoint started the log over");
     }
+
+    #[test]
+    fn every_reason_for_a_handover_is_a_value_the_metrics_export_from_the_start() {
+        use Handover::*;
+        let reasons = [WithUpstream, WriterBusy, Checkpoint, FullSync, TryFailed];
+        // Written out as a match too, so that a new reason fails to compile here until it is listed above.
+        for reason in reasons {
+            match reason {
+                WithUpstream | WriterBusy | Checkpoint | FullSync | TryFailed => {}
+            }
+        }
+        let exported: Vec<&str> = std::iter::once("caller").chain(reasons.map(Handover::as_str)).collect();
+        assert_eq!(exported, crate::metrics::CREATE_INSERTS);
+    }
 }
