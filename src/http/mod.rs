@@ -5,6 +5,7 @@
 //! goes wrong.
 
 pub mod chat_completions;
+mod cores;
 pub mod error;
 pub mod forward;
 pub mod intake;

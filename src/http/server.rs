@@ -18,6 +18,7 @@
 //! starving it. When every connection is busy, the accept loop waits for one to end (and closes the newcomer if
 //! none ends within a second). Accept errors (out of file descriptors, say) back off instead of spinning.
 
+use super::cores::{Cores, Home};
 use axum::Router;
 use axum::body::Body;
 use hyper::body::{Frame, Incoming, SizeHint};
@@ -32,10 +33,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tower_service::Service;
 
 // The connection-level limits (see the module comment), set by `--header-timeout`, `--idle-timeout` and
@@ -61,6 +64,14 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ServerLimits, 
     let builders = Arc::new(Builders { h1: auto::Builder::new(TokioExecutor::new()).http1_only(), h2 });
     let registry = Arc::new(Registry::new(limits.max_connections));
     let mut connections = JoinSet::new();
+    let shared = Handle::current();
+    let cores = match Cores::for_current_runtime() {
+        Ok(cores) => Some(cores),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the connection threads; serving on the shared runtime");
+            None
+        }
+    };
     let mut last_warning: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
@@ -87,11 +98,21 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ServerLimits, 
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
         }
+        let Some(tcp) = unregistered(tcp) else { continue };
         let Some(slot) = registry.admit().await else {
             tracing::debug!("every connection is busy; closing a new one");
             continue;
         };
-        connections.spawn(connection(builders.clone(), tcp, router.clone(), slot, limits.clone(), closing.clone()));
+        let (builders, router, limits, closing) = (builders.clone(), router.clone(), limits.clone(), closing.clone());
+        match &cores {
+            Some(cores) => {
+                let placed = cores.place();
+                let handle = placed.handle.clone();
+                let home = Home::Core { shared: shared.clone(), _placed: placed };
+                connections.spawn_on(connection(builders, tcp, router, slot, limits, closing, home), &handle)
+            }
+            None => connections.spawn(connection(builders, tcp, router, slot, limits, closing, Home::Shared)),
+        };
     }
     while connections.join_next().await.is_some() {}
 }
@@ -136,15 +157,25 @@ async fn speaks_http2(tcp: &TcpStream) -> bool {
     }
 }
 
-/// Serves one connection under its watchdog.
+/// The socket taken off the runtime that accepted it, for the one that will serve it.
+fn unregistered(tcp: TcpStream) -> Option<std::net::TcpStream> {
+    tcp.into_std().map_err(|e| tracing::debug!(error = %e, "could not hand a connection over")).ok()
+}
+
+/// Serves one connection under its watchdog, once its protocol is known.
 async fn connection(
     builders: Arc<Builders>,
-    tcp: TcpStream,
+    tcp: std::net::TcpStream,
     router: Router,
     slot: Slot,
     limits: ServerLimits,
     closing: CancellationToken,
+    home: Home,
 ) {
+    let Ok(tcp) = TcpStream::from_std(tcp).map_err(|e| tracing::debug!(error = %e, "could not take a connection"))
+    else {
+        return;
+    };
     let state = slot.state.clone();
     // Nothing is in progress until the protocol is known: the first head's clock (from the accept), a shed or a
     // shutdown end the connection as they would end one that sent half a head.
@@ -157,6 +188,36 @@ async fn connection(
         () = state.shed.cancelled() => return,
         () = closing.cancelled() => return,
     };
+    let _home = match home {
+        // Its requests are the shared runtime's to spread over the cores (see `cores.rs`).
+        Home::Core { shared, _placed: placed } if http2 => {
+            drop(placed);
+            let Some(tcp) = unregistered(tcp) else { return };
+            let moved = shared.spawn(async move {
+                if let Ok(tcp) = TcpStream::from_std(tcp) {
+                    serve_http(&builders, tcp, true, router, slot, limits, closing).await;
+                }
+            });
+            // Aborted with this task (the server's end).
+            let _ = AbortOnDropHandle::new(moved).await;
+            return;
+        }
+        home => home,
+    };
+    serve_http(&builders, tcp, http2, router, slot, limits, closing).await;
+}
+
+/// Serves the connection's requests in `http2` or HTTP/1.1 until it ends, sheds or the server closes.
+async fn serve_http(
+    builders: &Builders,
+    tcp: TcpStream,
+    http2: bool,
+    router: Router,
+    slot: Slot,
+    limits: ServerLimits,
+    closing: CancellationToken,
+) {
+    let state = slot.state.clone();
     let builder = if http2 { &builders.h2 } else { &builders.h1 };
     let io = TokioIo::new(Watched { inner: tcp, state: state.clone() });
     let service_state = state.clone();

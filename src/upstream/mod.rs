@@ -30,6 +30,7 @@ use rand::Rng;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::thread::ThreadId;
 use std::time::Duration;
 use url::Url;
 
@@ -80,7 +81,8 @@ pub struct Upstream {
     /// HTTP/2 with prior knowledge (for an `http://` upstream that speaks it).
     h2c: bool,
     server_key: Option<UpstreamKey>,
-    clients: Mutex<HashMap<u64, reqwest::Client>>,
+    /// By connect timeout (milliseconds) and calling thread: see [`Upstream::client`].
+    clients: Mutex<HashMap<(u64, ThreadId), reqwest::Client>>,
 }
 
 /// Why the call did not get a response.
@@ -289,10 +291,14 @@ impl Upstream {
         self.chat_url.host_str() == Some("api.openai.com")
     }
 
+    /// The client for calls with this connect timeout from this thread. A client's connections are served by
+    /// tasks of the runtime that opened them; HTTP/1.1 connections are served each on a thread of its own runtime
+    /// (`http::cores`), so a client per thread keeps a call's upstream connection on the call's thread rather than
+    /// waking another for every chunk. One client (and its pool) per thread and connect timeout in use.
     fn client(&self, connect_timeout: Duration) -> Result<reqwest::Client, CallError> {
-        let millis = connect_timeout.as_millis() as u64;
+        let key = (connect_timeout.as_millis() as u64, std::thread::current().id());
         let mut clients = self.clients.lock();
-        if let Some(client) = clients.get(&millis) {
+        if let Some(client) = clients.get(&key) {
             return Ok(client.clone());
         }
         let mut builder = reqwest::Client::builder()
@@ -306,7 +312,7 @@ impl Upstream {
             builder = builder.http2_prior_knowledge();
         }
         let client = builder.build().map_err(|e| CallError::Failed(describe(&e)))?;
-        clients.insert(millis, client.clone());
+        clients.insert(key, client.clone());
         Ok(client)
     }
 
